@@ -1,0 +1,34 @@
+# The two quick-start commands (README): `make run` and `make test`.
+# Each creates .venv and installs the project when it is missing, so both work on a fresh machine.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision are pinned as a pair: this pair resolves from wheels on our machines and
+# imports together (a lone `pip install torchvision` can pull a build that does not match torch).
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+CONFIG ?=
+
+.PHONY: run test lint bench ui clean-home
+
+$(BIN)/llm2loss: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PAIR)
+	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" $(TORCH_PAIR)
+	touch $(BIN)/llm2loss
+
+run: $(BIN)/llm2loss
+	HF_HUB_OFFLINE=1 $(BIN)/llm2loss run $(if $(CONFIG),--config $(CONFIG),)
+
+test: $(BIN)/llm2loss
+	$(BIN)/ruff check llm2loss_pipeline tests bench
+	HF_HUB_OFFLINE=1 $(BIN)/dagster definitions validate -w workspace.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(BIN)/llm2loss
+	$(BIN)/ruff check llm2loss_pipeline tests bench
+	$(BIN)/ruff format --check llm2loss_pipeline tests bench
+
+ui: $(BIN)/llm2loss
+	HF_HUB_OFFLINE=1 $(BIN)/llm2loss ui $(if $(CONFIG),--config $(CONFIG),)

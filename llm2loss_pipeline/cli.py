@@ -1,0 +1,238 @@
+"""The `llm2loss` command: run the pipeline, generate a world, ask questions, open the UI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from llm2loss_pipeline import __version__
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return int(args.handler(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm2loss",
+        description="Where does your model fail, and whom does it treat worse? (LLM2Loss on Dagster)",
+    )
+    parser.add_argument("--version", action="version", version=f"llm2loss {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="materialize the whole asset graph (the main job)")
+    run.add_argument("--config", help="YAML configuration (default: the embedded default)")
+    run.add_argument("--home", help="artifact root (overrides the config and $LLM2LOSS_HOME)")
+    run.add_argument(
+        "--stage",
+        action="append",
+        choices=["prepare", "signals", "diagnose"],
+        help="run only these stages (repeatable; default: all three in order)",
+    )
+    run.add_argument(
+        "--shard", action="append", help="limit the signals stage to these shard keys (repeatable)"
+    )
+    run.add_argument("--quiet", action="store_true", help="print only the summary")
+    run.set_defaults(handler=_cmd_run)
+
+    world = commands.add_parser(
+        "generate-world", help="write a generated face world in the CelebA folder layout"
+    )
+    world.add_argument("out_dir", type=Path)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--n-identities", type=int, default=120)
+    world.add_argument("--images-per-identity", type=int, default=30)
+    world.add_argument("--image-size", type=int, default=64)
+    world.add_argument(
+        "--hard-attribute",
+        action="append",
+        default=[],
+        metavar="NAME=STRENGTH",
+        help="make images with this attribute harder for an identity model (repeatable)",
+    )
+    world.add_argument("--contact-sheet", type=Path, help="also write a PNG grid of sample faces")
+    world.set_defaults(handler=_cmd_generate_world)
+
+    check = commands.add_parser("check-config", help="validate a YAML configuration and print it")
+    check.add_argument("config")
+    check.set_defaults(handler=_cmd_check_config)
+
+    shards = commands.add_parser("shards", help="list the shard partitions of the manifest")
+    shards.add_argument("--home")
+    shards.set_defaults(handler=_cmd_shards)
+
+    ui = commands.add_parser("ui", help="open the Dagster UI on this project (dagster dev)")
+    ui.add_argument("--config", help="YAML configuration the UI's definitions load")
+    ui.add_argument("--home")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=_cmd_ui)
+
+    from llm2loss_pipeline.query_cli import register
+
+    register(commands)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"llm2loss: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _load_config(path: str | None, home: str | None):
+    from llm2loss_pipeline.core.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    if home:
+        config = config.model_copy(update={"home": home})
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from llm2loss_pipeline.core.storage import StorageError
+    from llm2loss_pipeline.defs.runner import STAGES, StageFailed, run_pipeline
+
+    config = _load_config(args.config, args.home)
+    console = Console(stderr=True, log_path=False)
+    started = time.monotonic()
+    status = console.status("starting", spinner="dots")
+
+    def on_stage(stage: str, shard: str | None, index: int, total: int) -> None:
+        label = f"{stage} {shard} ({index + 1}/{total})" if shard else stage
+        status.update(f"[bold]{label}[/]")
+        if not args.quiet:
+            console.log(f"[bold cyan]stage[/] {label}")
+
+    def on_message(message: str) -> None:
+        if not args.quiet:
+            console.log(message, markup=False, highlight=False)
+
+    try:
+        with status:
+            outcome = run_pipeline(
+                config,
+                args.stage or STAGES,
+                shards=args.shard,
+                on_message=on_message,
+                on_stage=on_stage,
+            )
+    except (StageFailed, StorageError, ValueError) as exc:
+        return _fail(str(exc))
+    elapsed = time.monotonic() - started
+    print(f"llm2loss: {len(outcome.runs)} run(s) in {elapsed:.0f}s; artifacts in {outcome.layout.home}")
+    _print_report_summary(outcome.layout)
+    return 0
+
+
+def _print_report_summary(layout) -> None:
+    from llm2loss_pipeline.core.steps.report import HEADLINE_KEYS
+
+    headline_path = layout.reports / "headline.json"
+    html = layout.reports / "report.html"
+    if not headline_path.exists() or not html.exists():
+        return
+    headline = json.loads(headline_path.read_text())
+    print(f"report:   {html}")
+    print(f"query it: duckdb {layout.duckdb}")
+    print("headline (estimated vs measured disparity across the 40 attributes):")
+    for name in HEADLINE_KEYS:
+        value = headline.get(name)
+        shown = "n/a" if value is None else (f"{value:.0f}" if name.startswith("n_") else f"{value:+.3f}")
+        print(f"  {name:<36} {shown}")
+
+
+def _cmd_generate_world(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from llm2loss_pipeline.core.config import format_validation_error
+    from llm2loss_pipeline.core.world import WorldConfig, contact_sheet, generate_world
+
+    hard: dict[str, float] = {}
+    for item in args.hard_attribute:
+        name, sep, value = item.partition("=")
+        try:
+            hard[name] = float(value) if sep else 1.0
+        except ValueError:
+            return _fail(f"--hard-attribute {item!r}: STRENGTH must be a number in [0, 1]")
+    try:
+        config = WorldConfig(
+            seed=args.seed,
+            n_identities=args.n_identities,
+            images_per_identity=args.images_per_identity,
+            image_size=args.image_size,
+            hard_attributes=hard,
+        )
+    except ValidationError as exc:
+        return _fail(format_validation_error(exc, "generate-world"))
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("drawing faces", total=None)
+        summary = generate_world(
+            config, args.out_dir, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    print(f"wrote {summary.n_images} images of {config.n_identities} identities to {args.out_dir}")
+    if args.contact_sheet:
+        contact_sheet(args.out_dir, args.contact_sheet)
+        print(f"contact sheet: {args.contact_sheet}")
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = _load_config(args.config, None)
+    print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from llm2loss_pipeline.core.layout import Layout
+
+    layout = Layout.at(args.home)
+    if not layout.manifest.exists():
+        return _fail(f"{layout.manifest} does not exist yet: run `llm2loss run --stage prepare`")
+    counts = pl.read_parquet(layout.manifest).group_by("shard").len().sort("shard")
+    for shard, n in counts.iter_rows():
+        print(f"{shard}\t{n}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from llm2loss_pipeline.core.layout import Layout
+    from llm2loss_pipeline.defs.runner import use_dagster_home
+
+    config = _load_config(args.config, args.home)
+    layout = Layout.at(config.home)
+    env = dict(os.environ)
+    env["DAGSTER_HOME"] = use_dagster_home(layout)
+    env["LLM2LOSS_HOME"] = str(layout.home)
+    if args.config:
+        env["LLM2LOSS_CONFIG"] = str(Path(args.config).resolve())
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    command = ["dagster", "dev", "-p", str(args.port)]
+    command += ["-w", str(workspace)] if workspace.exists() else ["-m", "llm2loss_pipeline.definitions"]
+    os.execvpe(command[0], command, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

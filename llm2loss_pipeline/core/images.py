@@ -1,0 +1,177 @@
+"""Loading images strictly: a bad file is an error that names it, never a silently padded picture.
+
+PIL decodes lazily and, with `ImageFile.LOAD_TRUNCATED_IMAGES` set (some libraries set it), fills
+the missing part of a truncated JPEG with grey. Here every image is decoded fully with that flag
+off, so truncation and corruption surface where the file is read, with the path in the message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+try:  # torch is only needed for the Dataset; the loaders work without it
+    import torch
+    from torch.utils.data import Dataset
+except ImportError:  # pragma: no cover - torch is a dependency of the package
+    torch = None  # type: ignore[assignment]
+    Dataset = object  # type: ignore[assignment,misc]
+
+PathLike = str | os.PathLike[str]
+_TRUNCATION_FLAG = threading.Lock()
+
+
+class ImageDecodeError(ValueError):
+    """An image file is missing, empty, truncated or not decodable."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _read_bytes(path: PathLike) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file does not exist") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(path, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageDecodeError(path, "zero-byte file")
+    return data
+
+
+def _decode(path: PathLike, data: bytes, draft: bool) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not a recognised image format (garbage bytes?)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        message = str(exc)
+        reason = "truncated image data" if "runcated" in message else f"corrupt header ({message})"
+        raise ImageDecodeError(path, reason) from None
+    if draft and image.format == "JPEG":
+        # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught.
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+    with _TRUNCATION_FLAG:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            image.load()
+        except OSError as exc:
+            message = str(exc)
+            reason = "truncated image data" if "runcated" in message else f"corrupt ({message})"
+            raise ImageDecodeError(path, reason) from None
+        except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageDecodeError(path, f"corrupt ({exc})") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha is composited on white, 16-bit grey is rescaled."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Read and fully decode an image, as RGB; raise ImageDecodeError naming the path if bad."""
+    data = _read_bytes(path)
+    return to_rgb(_decode(path, data, draft=False))
+
+
+def check_image(path: PathLike) -> str | None:
+    """The reason `path` is not a usable image, or None if it decodes (JPEGs at 1/8 scale)."""
+    try:
+        _decode(path, _read_bytes(path), draft=True)
+    except ImageDecodeError as exc:
+        return exc.reason
+    return None
+
+
+def scan_images(paths: Iterable[PathLike], workers: int = 4) -> list[tuple[str, str]]:
+    """Every bad image among `paths`, as (path, reason), in input order: one pass, all errors."""
+    items = [str(p) for p in paths]
+    if workers <= 1 or len(items) < 64:
+        reasons = [check_image(p) for p in items]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(check_image, items, chunksize=64))
+    return [(p, r) for p, r in zip(items, reasons, strict=True) if r is not None]
+
+
+OnBadImage = Literal["fail", "skip"]
+
+
+class ImageFolderDataset(Dataset):  # type: ignore[misc,valid-type]
+    """Images listed as (sample_id, path), yielding (position, tensor).
+
+    With on_bad_image="skip" a bad image yields (position, None); `collate_skipping` drops it and
+    reports its position, so a loader can record which samples had no result instead of dying.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[str, PathLike]],
+        transform: Callable[[Image.Image], Any],
+        on_bad_image: OnBadImage = "fail",
+    ) -> None:
+        if on_bad_image not in ("fail", "skip"):
+            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+        self.sample_ids = [sample_id for sample_id, _ in items]
+        self.paths = [str(path) for _, path in items]
+        self.transform = transform
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> tuple[int, Any]:
+        try:
+            image = load_image(self.paths[position])
+        except ImageDecodeError as exc:
+            if self.on_bad_image == "fail":
+                raise ImageDecodeError(
+                    exc.path, f"{exc.reason} (sample {self.sample_ids[position]})"
+                ) from None
+            return position, None
+        return position, self.transform(image)
+
+
+def collate_skipping(batch: Sequence[tuple[int, Any]]) -> tuple[Any, Any, list[int]]:
+    """(positions LongTensor, stacked tensors, skipped positions) for a batch with Nones.
+
+    When every item of the batch is bad, the stacked tensor is an empty float tensor of shape (0,).
+    """
+    good = [(position, tensor) for position, tensor in batch if tensor is not None]
+    skipped = [position for position, tensor in batch if tensor is None]
+    positions = torch.tensor([position for position, _ in good], dtype=torch.long)
+    stacked = torch.stack([tensor for _, tensor in good]) if good else torch.empty(0)
+    return positions, stacked, skipped

@@ -1,0 +1,420 @@
+"""The attribute language: one grammar for training captions, report prompts and text probes.
+
+Every text the pipeline feeds to the text tower comes from here, so that the captions the image
+tower learns from and the prompts the report asks with share their wording. A description is a
+noun phrase built from *phrases*, each tagged with the grammatical slot it fills:
+
+    [article] [adjectives] noun [with ...] [without ...] [wearing ...] [clauses]
+    "a smiling young woman with blond hair and bangs wearing glasses and a hat"
+
+Slots:
+    adj      an adjective before the noun ("young", "smiling", "chubby")
+    noun     the subject noun; only Male sets it ("man"/"woman"), otherwise "person"
+    with     things the face has ("blond hair", "a mustache"), joined as "with A, B and C"
+    without  things it lacks ("eyeglasses", "a hat"), joined as "without A or B"
+    wearing  worn items ("glasses", "a hat"), joined as "wearing A and B"
+    clause   a verbatim trailing phrase ("who is not smiling")
+
+`PHRASES` holds all wording: for each of the 40 CelebA attributes, the phrases for having it and
+for not having it, each written for that attribute. The first phrase of each list is canonical:
+deterministic descriptions and the report's first prompt pair use it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
+
+SLOTS = ("adj", "noun", "with", "without", "wearing", "clause")
+
+DEFAULT_TEMPLATE = "face of {}"
+
+TEMPLATES: tuple[str, ...] = (
+    "face of {}",
+    "a photo of {}",
+    "a close-up portrait of {}",
+    "a face image of {}",
+    "a picture of the face of {}",
+)
+"""Report prompt templates: each attribute is asked with every one, and the answers averaged."""
+
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "face of {}",
+    "a photo of {}",
+    "a cartoon portrait of {}",
+    "a picture showing {}",
+    "a drawing of {}",
+    "a close-up of {}",
+    "an illustration of {}",
+    "a headshot of {}",
+    "an image of the face of {}",
+)
+"""Training caption templates: varied so that the image tower learns the content, not the frame."""
+
+# attribute: (positive phrases, negative phrases), each "slot:text"; the first is canonical.
+PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "5_o_Clock_Shadow": (
+        ("with:a five o'clock shadow", "with:stubble", "with:a stubbly chin"),
+        ("adj:clean-shaven", "without:stubble", "with:a smooth chin"),
+    ),
+    "Arched_Eyebrows": (
+        ("with:arched eyebrows", "with:highly arched brows", "with:curved eyebrows"),
+        ("with:straight eyebrows", "with:flat eyebrows", "without:arched eyebrows"),
+    ),
+    "Attractive": (
+        ("adj:attractive", "adj:good-looking", "adj:beautiful"),
+        ("adj:unattractive", "adj:plain-looking", "adj:homely"),
+    ),
+    "Bags_Under_Eyes": (
+        ("with:bags under the eyes", "with:puffy eyes", "adj:tired-looking"),
+        ("without:bags under the eyes", "with:smooth skin under the eyes", "adj:fresh-faced"),
+    ),
+    "Bald": (
+        ("adj:bald", "with:a shaved head", "adj:hairless"),
+        ("with:a full head of hair", "clause:who is not bald", "with:hair on the head"),
+    ),
+    "Bangs": (
+        ("with:bangs", "with:a fringe", "with:hair covering the forehead"),
+        ("without:bangs", "with:a bare forehead", "without:a fringe"),
+    ),
+    "Big_Lips": (
+        ("with:big lips", "with:full lips", "with:thick lips"),
+        ("with:thin lips", "with:small lips", "without:big lips"),
+    ),
+    "Big_Nose": (
+        ("with:a big nose", "with:a large nose", "with:a prominent nose"),
+        ("with:a small nose", "with:a little nose", "without:a big nose"),
+    ),
+    "Black_Hair": (
+        ("with:black hair", "with:dark black hair", "adj:black-haired"),
+        ("without:black hair", "clause:whose hair is not black", "with:hair that is not black"),
+    ),
+    "Blond_Hair": (
+        ("with:blond hair", "adj:blonde", "with:golden hair"),
+        ("without:blond hair", "clause:whose hair is not blond", "with:hair that is not blond"),
+    ),
+    "Blurry": (
+        ("clause:in a blurry photo", "clause:out of focus", "clause:in a blurred picture"),
+        ("clause:in a sharp photo", "clause:in focus", "clause:in a crisp clear picture"),
+    ),
+    "Brown_Hair": (
+        ("with:brown hair", "adj:brown-haired", "with:chestnut hair"),
+        ("without:brown hair", "clause:whose hair is not brown", "with:hair that is not brown"),
+    ),
+    "Bushy_Eyebrows": (
+        ("with:bushy eyebrows", "with:thick eyebrows", "with:heavy brows"),
+        ("with:thin eyebrows", "with:sparse eyebrows", "without:bushy eyebrows"),
+    ),
+    "Chubby": (
+        ("adj:chubby", "adj:plump", "with:a round full face"),
+        ("adj:slim", "adj:thin", "adj:lean"),
+    ),
+    "Double_Chin": (
+        ("with:a double chin", "with:a fleshy chin", "with:a chin with two folds"),
+        ("without:a double chin", "with:a firm jawline", "with:a defined chin"),
+    ),
+    "Eyeglasses": (
+        ("wearing:eyeglasses", "wearing:glasses", "with:spectacles"),
+        ("without:eyeglasses", "clause:not wearing glasses", "without:spectacles"),
+    ),
+    "Goatee": (
+        ("with:a goatee", "with:a chin beard", "with:a small pointed beard"),
+        ("without:a goatee", "with:no chin beard", "without:a chin beard"),
+    ),
+    "Gray_Hair": (
+        ("with:gray hair", "adj:gray-haired", "with:silver hair"),
+        ("without:gray hair", "clause:whose hair is not gray", "with:hair that is not gray"),
+    ),
+    "Heavy_Makeup": (
+        ("wearing:heavy makeup", "wearing:a lot of makeup", "with:heavily made-up eyes"),
+        ("without:makeup", "wearing:no makeup", "with:a natural bare face"),
+    ),
+    "High_Cheekbones": (
+        ("with:high cheekbones", "with:prominent cheekbones", "with:chiselled cheekbones"),
+        ("with:low cheekbones", "with:flat cheekbones", "without:high cheekbones"),
+    ),
+    "Male": (
+        ("noun:man", "noun:male", "noun:guy"),
+        ("noun:woman", "noun:female", "noun:lady"),
+    ),
+    "Mouth_Slightly_Open": (
+        ("with:a slightly open mouth", "with:parted lips", "with:the mouth a little open"),
+        ("with:a closed mouth", "with:closed lips", "with:the mouth shut"),
+    ),
+    "Mustache": (
+        ("with:a mustache", "with:a moustache", "with:hair on the upper lip"),
+        ("without:a mustache", "with:a bare upper lip", "without:a moustache"),
+    ),
+    "Narrow_Eyes": (
+        ("with:narrow eyes", "with:squinting eyes", "with:slit eyes"),
+        ("with:wide open eyes", "with:big round eyes", "without:narrow eyes"),
+    ),
+    "No_Beard": (
+        ("without:a beard", "adj:beardless", "with:no beard"),
+        ("with:a beard", "adj:bearded", "with:a full beard"),
+    ),
+    "Oval_Face": (
+        ("with:an oval face", "with:an egg-shaped face", "with:an oval-shaped face"),
+        ("with:a round face", "with:a square face", "without:an oval face"),
+    ),
+    "Pale_Skin": (
+        ("with:pale skin", "adj:pale", "with:fair light skin"),
+        ("with:tanned skin", "with:dark skin", "without:pale skin"),
+    ),
+    "Pointy_Nose": (
+        ("with:a pointy nose", "with:a pointed nose", "with:a sharp nose"),
+        ("with:a rounded nose", "with:a blunt nose", "without:a pointy nose"),
+    ),
+    "Receding_Hairline": (
+        ("with:a receding hairline", "with:a high hairline", "with:thinning hair at the temples"),
+        ("with:a full hairline", "without:a receding hairline", "with:a low hairline"),
+    ),
+    "Rosy_Cheeks": (
+        ("with:rosy cheeks", "with:red cheeks", "with:blushing cheeks"),
+        ("with:pale cheeks", "without:rosy cheeks", "without:blush on the cheeks"),
+    ),
+    "Sideburns": (
+        ("with:sideburns", "with:long sideburns", "with:hair down the sides of the face"),
+        ("without:sideburns", "with:no sideburns", "with:shaved temples"),
+    ),
+    "Smiling": (
+        ("adj:smiling", "clause:who is smiling", "adj:happy"),
+        ("with:a neutral expression", "clause:not smiling", "adj:serious"),
+    ),
+    "Straight_Hair": (
+        ("with:straight hair", "with:sleek straight hair", "adj:straight-haired"),
+        ("without:straight hair", "with:curly hair", "clause:whose hair is not straight"),
+    ),
+    "Wavy_Hair": (
+        ("with:wavy hair", "with:curly hair", "with:hair in waves"),
+        ("without:wavy hair", "with:straight hair", "clause:whose hair is not wavy"),
+    ),
+    "Wearing_Earrings": (
+        ("wearing:earrings", "with:earrings", "wearing:ear jewelry"),
+        ("without:earrings", "clause:not wearing earrings", "with:bare earlobes"),
+    ),
+    "Wearing_Hat": (
+        ("wearing:a hat", "wearing:a cap", "with:a hat on the head"),
+        ("without:a hat", "clause:not wearing a hat", "adj:bareheaded"),
+    ),
+    "Wearing_Lipstick": (
+        ("wearing:lipstick", "with:painted lips", "with:red lipstick"),
+        ("without:lipstick", "clause:not wearing lipstick", "with:unpainted lips"),
+    ),
+    "Wearing_Necklace": (
+        ("wearing:a necklace", "with:a necklace", "wearing:a chain around the neck"),
+        ("without:a necklace", "clause:not wearing a necklace", "with:a bare neck"),
+    ),
+    "Wearing_Necktie": (
+        ("wearing:a necktie", "wearing:a tie", "with:a tie"),
+        ("without:a necktie", "clause:not wearing a tie", "without:a tie"),
+    ),
+    "Young": (
+        ("adj:young", "adj:youthful", "adj:young-looking"),
+        ("adj:old", "adj:elderly", "adj:older"),
+    ),
+}
+
+SALIENT_NEGATIVES: frozenset[str] = frozenset(
+    {"Male", "Young", "Smiling", "Eyeglasses", "Wearing_Hat", "Bald", "No_Beard", "Blurry"}
+)
+"""Attributes whose absence is itself visible and worth saying in a caption ("a woman",
+"an old person", "without glasses"), so captions mention them more often when False."""
+
+# Adjectives in English go opinion, shape, age, colour; participles such as "smiling" lead.
+_ADJECTIVE_ORDER: tuple[str, ...] = (
+    "Attractive",
+    "Smiling",
+    "Bags_Under_Eyes",
+    "Chubby",
+    "Young",
+    "Pale_Skin",
+    "Black_Hair",
+    "Blond_Hair",
+    "Brown_Hair",
+    "Gray_Hair",
+    "Straight_Hair",
+    "Bald",
+    "Wearing_Hat",
+    "5_o_Clock_Shadow",
+    "No_Beard",
+)
+
+
+@dataclass(frozen=True)
+class Phrase:
+    slot: str
+    text: str
+
+
+def _parse(attribute: str, raw: str) -> Phrase:
+    slot, sep, text = raw.partition(":")
+    if not sep or slot not in SLOTS or not text.strip():
+        raise ValueError(f"PHRASES[{attribute!r}]: {raw!r} is not 'slot:text' with a slot in {SLOTS}")
+    return Phrase(slot, text)
+
+
+def _build_table() -> dict[str, tuple[tuple[Phrase, ...], tuple[Phrase, ...]]]:
+    missing = set(CELEBA_ATTRIBUTES) - set(PHRASES)
+    extra = set(PHRASES) - set(CELEBA_ATTRIBUTES)
+    if missing or extra:
+        raise ValueError(f"PHRASES must cover the 40 CelebA attributes: missing {missing}, extra {extra}")
+    table = {}
+    for name in CELEBA_ATTRIBUTES:
+        positives, negatives = PHRASES[name]
+        if not positives or not negatives:
+            raise ValueError(f"PHRASES[{name!r}] needs at least one positive and one negative phrase")
+        table[name] = (
+            tuple(_parse(name, raw) for raw in positives),
+            tuple(_parse(name, raw) for raw in negatives),
+        )
+    return table
+
+
+_TABLE = _build_table()
+_ADJ_RANK = {name: rank for rank, name in enumerate(_ADJECTIVE_ORDER)}
+
+
+def phrases(attribute: str, value: bool) -> tuple[Phrase, ...]:
+    """The phrases saying that `attribute` is `value`; the first is canonical."""
+    positives, negatives = _TABLE[check_attribute(attribute)]
+    return positives if value else negatives
+
+
+def _article(words: str) -> str:
+    return "an" if words[:1].lower() in "aeiou" and not words.lower().startswith("one") else "a"
+
+
+def _join(items: Sequence[str], conjunction: str) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+
+
+def _realise(chosen: Sequence[tuple[str, Phrase]]) -> str:
+    """Put chosen (attribute, phrase) pairs into one noun phrase, following the slot order."""
+    by_slot: dict[str, list[tuple[str, str]]] = {slot: [] for slot in SLOTS}
+    for attribute, phrase in chosen:
+        by_slot[phrase.slot].append((attribute, phrase.text))
+    adjectives = [
+        text
+        for _, text in sorted(
+            by_slot["adj"], key=lambda item: _ADJ_RANK.get(item[0], len(_ADJ_RANK))
+        )
+    ]
+    nouns = [text for _, text in by_slot["noun"]]
+    noun = nouns[0] if nouns else "person"
+    head = " ".join([*adjectives, noun])
+    tail = []
+    if by_slot["with"]:
+        tail.append("with " + _join([text for _, text in by_slot["with"]], "and"))
+    if by_slot["without"]:
+        tail.append("without " + _join([text for _, text in by_slot["without"]], "or"))
+    if by_slot["wearing"]:
+        tail.append("wearing " + _join([text for _, text in by_slot["wearing"]], "and"))
+    tail.extend(text for _, text in by_slot["clause"])
+    separator = ", " if len(tail) > 2 else " "
+    words = f"{head} {separator.join(tail)}" if tail else head
+    return f"{_article(words)} {words}"
+
+
+def _apply_template(template: str, description: str) -> str:
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    return template.format(description)
+
+
+def describe(
+    values: Mapping[str, bool],
+    rng: random.Random | None = None,
+    template: str | None = None,
+) -> str:
+    """A sentence saying exactly the given attribute values.
+
+    Without `rng` the canonical phrase of each value and the template "face of {}" are used, so
+    the same values always give the same text; with `rng` synonyms and (unless `template` is
+    given) caption templates are drawn from it.
+    """
+    chosen: list[tuple[str, Phrase]] = []
+    for attribute in CELEBA_ATTRIBUTES:
+        if attribute not in values:
+            continue
+        options = phrases(attribute, bool(values[attribute]))
+        chosen.append((attribute, options[0] if rng is None else rng.choice(options)))
+    unknown = set(values) - set(CELEBA_ATTRIBUTES)
+    if unknown:
+        check_attribute(sorted(unknown)[0])
+    if template is None:
+        template = DEFAULT_TEMPLATE if rng is None else rng.choice(CAPTION_TEMPLATES)
+    return _apply_template(template, _realise(chosen))
+
+
+def composed_prompt(values: Mapping[str, bool], template: str = DEFAULT_TEMPLATE) -> str:
+    """A deterministic prompt for an intersectional probe, e.g. Male=True, Young=False ->
+    "face of an old man"."""
+    return describe(values, rng=None, template=template)
+
+
+def attribute_prompt_pairs(attribute: str) -> list[tuple[str, str]]:
+    """(positive, negative) prompts for one attribute: every report template with every
+    synonym pair (i-th positive phrase with i-th negative phrase). The first pair is canonical,
+    e.g. ("face of a person wearing eyeglasses", "face of a person without eyeglasses")."""
+    positives, negatives = _TABLE[check_attribute(attribute)]
+    n_pairs = max(len(positives), len(negatives))
+    pairs = []
+    for index in range(n_pairs):
+        positive = _realise([(attribute, positives[index % len(positives)])])
+        negative = _realise([(attribute, negatives[index % len(negatives)])])
+        for template in TEMPLATES:
+            pairs.append((_apply_template(template, positive), _apply_template(template, negative)))
+    return pairs
+
+
+def draw_caption(
+    attribute_row: Mapping[str, bool],
+    rng: random.Random,
+    max_attributes: int = 5,
+    p_positive: float = 0.6,
+    p_salient_negative: float = 0.35,
+    p_negative: float = 0.05,
+) -> tuple[str, dict[str, bool]]:
+    """A training caption for one image and the attribute values it states.
+
+    Each present attribute is mentioned with probability `p_positive`; absent attributes whose
+    absence is visible (`SALIENT_NEGATIVES`) with `p_salient_negative`, others rarely. At most
+    `max_attributes` are kept, positives first. A caption never comes out empty of content:
+    if nothing was drawn, one present attribute (or a salient absent one) is said. The stated
+    values let a trainer know which other images the same caption is also true of.
+    """
+    known = [name for name in CELEBA_ATTRIBUTES if name in attribute_row]
+    unknown = set(attribute_row) - set(CELEBA_ATTRIBUTES)
+    if unknown:
+        check_attribute(sorted(unknown)[0])
+    if not known:
+        raise ValueError("a caption needs at least one known attribute value")
+    present = [name for name in known if bool(attribute_row[name])]
+    absent = [name for name in known if not bool(attribute_row[name])]
+    picked_positive = [name for name in present if rng.random() < p_positive]
+    picked_negative = [
+        name
+        for name in absent
+        if rng.random() < (p_salient_negative if name in SALIENT_NEGATIVES else p_negative)
+    ]
+    rng.shuffle(picked_positive)
+    rng.shuffle(picked_negative)
+    picked = (picked_positive + picked_negative)[:max_attributes]
+    if not picked:
+        fallback = present or [name for name in absent if name in SALIENT_NEGATIVES] or absent
+        picked = [rng.choice(fallback)]
+    stated = {name: bool(attribute_row[name]) for name in picked}
+    return describe(stated, rng=rng), stated
+
+
+def caption_for(attribute_row: Mapping[str, bool], rng: random.Random) -> str:
+    """A training caption from a random subset of the image's attributes, in varied words and
+    templates (see `draw_caption`)."""
+    return draw_caption(attribute_row, rng)[0]

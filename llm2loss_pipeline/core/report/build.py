@@ -1,0 +1,450 @@
+"""The attribute disparity report, end to end: measure, estimate, correlate, write.
+
+`build_report` reads the Parquet tables under LLM2LOSS_HOME through DuckDB, asks the diagnosis
+heads about every attribute and attribute pair in one batched scoring call, and writes its tables
+(Parquet), figures (PNG), headline numbers (JSON) and a self-contained `report.html` to `out_dir`,
+each file atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.report import correlate, plots
+from llm2loss_pipeline.core.report.estimated import (
+    KINDS,
+    OVERALL,
+    AurocFn,
+    EncodeTexts,
+    PromptPairs,
+    ScorerLike,
+    collect_prompt_pairs,
+    member_diffs,
+    member_diffs_long,
+    member_groups,
+    score_texts_once,
+    summarize,
+    zero_shot_auroc,
+)
+from llm2loss_pipeline.core.report.html import render_html
+from llm2loss_pipeline.core.report.intersectional import (
+    CELLS,
+    ComposePrompt,
+    estimated_pair_cells,
+    frequent_pairs,
+    measured_pair_cells,
+    pair_cell_prompts,
+    pair_tables,
+    validate_pairs,
+)
+from llm2loss_pipeline.core.report.measured import (
+    EvalInputs,
+    ReportInputError,
+    check_inputs,
+    load_zero_shot_inputs,
+    measured_attribute_table,
+)
+from llm2loss_pipeline.core.sql import connect, run_sql
+from llm2loss_pipeline.core.storage import (
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
+
+TOP_K = 10
+N_STRONGEST = 4
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Everything the report computed, and where it was written.
+
+    Tables (polars): `attribute_table` (one row per attribute: measured, estimated by the whole
+    ensemble and per head kind, zero-shot AUROC, small_group, bh_significant),
+    `attribute_estimates` (attribute x member group), `member_diffs` (attribute x member),
+    `pair_table` (one row per pair with its four cells), `pair_cells`, `pair_estimates`,
+    `pair_member_diffs`, `correlations` (tables 1, 2, 3 and pairs, long form).
+    """
+
+    eval_split: str
+    alpha: float
+    min_group_size: int
+    n_eval_samples: int
+    n_members: int
+    attribute_table: pl.DataFrame
+    attribute_estimates: pl.DataFrame
+    member_diffs: pl.DataFrame
+    pair_table: pl.DataFrame
+    pair_cells: pl.DataFrame
+    pair_estimates: pl.DataFrame
+    pair_member_diffs: pl.DataFrame
+    correlations: pl.DataFrame
+    headline: dict[str, float]
+    top_attributes: list[str]
+    files: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, name: str) -> pl.DataFrame:
+        """The rows of one correlation table: "table1", "table2", "table3" or "pairs"."""
+        return self.correlations.filter(pl.col("table") == name)
+
+
+def _default_prompt_functions() -> tuple[PromptPairs, ComposePrompt, Sequence[str]]:
+    from llm2loss_pipeline.core import prompts
+
+    templates = getattr(prompts, "TEMPLATES", None) or (prompts.DEFAULT_TEMPLATE,)
+    return prompts.attribute_prompt_pairs, prompts.composed_prompt, tuple(templates)
+
+
+def _default_auroc() -> AurocFn:
+    from llm2loss_pipeline.core.metrics import auroc
+
+    return auroc
+
+
+def _attribute_table(
+    measured: pl.DataFrame, estimates: pl.DataFrame, zero_shot: pl.DataFrame
+) -> pl.DataFrame:
+    overall = estimates.filter(pl.col("group") == OVERALL).select(
+        "attribute",
+        *[
+            pl.col(c).alias(f"est_{c}")
+            for c in ("mean", "std", "min", "q1", "median", "q3", "max", "p_positive")
+        ],
+        pl.col("p_value").alias("est_p_value"),
+        pl.col("q_value").alias("est_q_value"),
+        "bh_significant",
+    )
+    table = measured.join(overall, on="attribute", how="left", maintain_order="left")
+    for kind in KINDS:
+        part = estimates.filter(pl.col("group") == kind).select(
+            "attribute",
+            pl.col("mean").alias(f"est_mean_{kind}"),
+            pl.col("p_positive").alias(f"est_p_positive_{kind}"),
+            pl.col("bh_significant").alias(f"bh_significant_{kind}"),
+        )
+        table = table.join(part, on="attribute", how="left", maintain_order="left")
+        table = table.with_columns(
+            pl.col(f"est_mean_{kind}").cast(pl.Float64).fill_null(float("nan")),
+            pl.col(f"est_p_positive_{kind}").cast(pl.Float64).fill_null(float("nan")),
+        )
+    table = table.join(
+        zero_shot.select("attribute", "zero_shot_auroc"),
+        on="attribute",
+        how="left",
+        maintain_order="left",
+    ).with_columns(pl.col("zero_shot_auroc").fill_null(float("nan")))
+    return table.with_columns(
+        pl.col("est_mean").rank(method="ordinal", descending=True).cast(pl.Int64).alias("est_rank")
+    )
+
+
+def _headline(
+    table: pl.DataFrame,
+    correlations: pl.DataFrame,
+    pair_table: pl.DataFrame,
+    n_members: int,
+    n_eval: int,
+) -> dict[str, float]:
+    def pick(kind: str, group: str, estimate: str, measure: str, stat: str) -> float:
+        rows = correlations.filter(
+            (pl.col("table") == kind)
+            & (pl.col("group") == group)
+            & (pl.col("estimate") == estimate)
+            & (pl.col("measure") == measure)
+        )
+        return float(rows[stat][0]) if rows.height else math.nan
+
+    headline: dict[str, float] = {}
+    # the whole ensemble and each head kind (kind x arch rows stay in the correlations table)
+    for group in (OVERALL, *KINDS):
+        for estimate, short, stats in (
+            ("signed", "signed", ("spearman", "pearson", "kendall")),
+            ("absolute", "abs", ("spearman",)),
+        ):
+            for stat in stats:
+                headline[f"{stat}_{short}_{group}"] = pick("table2", group, estimate, "loss", stat)
+                headline[f"{stat}_{short}_{group}_p"] = pick(
+                    "table2", group, estimate, "loss", f"{stat}_p"
+                )
+    for metric in ("loss", "auroc", "accuracy"):
+        headline[f"spearman_zero_shot_vs_gt_rmm_{metric}"] = pick(
+            "table3", "encoder", "zero_shot_auroc", metric, "spearman"
+        )
+    zero_shot = table["zero_shot_auroc"].to_numpy()
+    finite = zero_shot[np.isfinite(zero_shot)]
+    headline["zero_shot_mean_auroc"] = float(finite.mean()) if finite.size else math.nan
+    headline["n_bh_significant"] = float(table["bh_significant"].fill_null(False).sum())
+    headline["n_attributes"] = float(table.height)
+    headline["n_small_groups"] = float(table["small_group"].sum())
+    headline["n_members"] = float(n_members)
+    headline["n_eval_samples"] = float(n_eval)
+    headline["n_pairs"] = float(pair_table.height)
+    headline["pair_spearman_signed_overall"] = pick("pairs", OVERALL, "signed", "loss", "spearman")
+    headline["pair_spearman_gap_overall"] = pick("pairs", OVERALL, "gap", "loss", "spearman")
+    agrees = pair_table["worst_cell_agrees"].drop_nulls()
+    headline["pair_worst_cell_agreement"] = float(agrees.mean()) if agrees.len() else math.nan
+    headline["n_pairs_bh_significant"] = float(pair_table["bh_significant"].fill_null(False).sum())
+    return headline
+
+
+def build_report(
+    layout: Layout,
+    scorer: ScorerLike,
+    encode_texts: EncodeTexts | None,
+    *,
+    eval_split: str = "test",
+    pairs: Sequence[Sequence[str]] | None = None,
+    n_pairs: int = 10,
+    min_group_size: int = 20,
+    alpha: float = 0.05,
+    out_dir: str | Path | None = None,
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    prompt_pairs: PromptPairs | None = None,
+    compose_prompt: ComposePrompt | None = None,
+    pair_templates: Sequence[str] | None = None,
+    auroc_fn: AurocFn | None = None,
+    embeddings: tuple[Sequence[str], np.ndarray] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ReportResult:
+    """Build the attribute disparity report of the black box on `eval_split`.
+
+    scorer: the diagnosis heads (`members`, `score_texts(texts) -> [members, texts]`).
+    encode_texts: the encoder's text tower (texts -> [texts, dim], L2-normalised) for the
+        zero-shot AUROC; None skips it (NaN column, noted).
+    pairs: attribute pairs for the intersectional table; None takes the `n_pairs` most frequent
+        co-occurring positive pairs of the split; [] skips pairs.
+    prompt_pairs / compose_prompt / pair_templates / auroc_fn: default to
+        `core.prompts.attribute_prompt_pairs`, `core.prompts.composed_prompt`,
+        `core.prompts.TEMPLATES` and `core.metrics.auroc` (injectable for tests).
+    embeddings: precomputed (sample ids, [N, dim] image embeddings) of the split, instead of
+        reading the image_embeddings shards.
+    out_dir: where files go (default `layout.reports`).
+    """
+    say = log or (lambda _message: None)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if prompt_pairs is None or compose_prompt is None or pair_templates is None:
+        default_pairs, default_compose, default_templates = _default_prompt_functions()
+        prompt_pairs = prompt_pairs or default_pairs
+        compose_prompt = compose_prompt or default_compose
+        pair_templates = pair_templates or default_templates
+    out = Path(out_dir) if out_dir is not None else layout.reports
+    members = list(scorer.members)
+    groups = member_groups(members)
+    notes: list[str] = []
+
+    inputs = EvalInputs.from_layout(layout)
+    con = connect(None)
+    try:
+        coverage = check_inputs(con, inputs, eval_split, attributes)
+        say(f"measuring {len(attributes)} attributes on {coverage['n_losses']} samples")
+        measured = measured_attribute_table(con, inputs, eval_split, min_group_size, attributes)
+        chosen = validate_pairs(
+            pairs if pairs is not None else frequent_pairs(con, inputs, eval_split, n_pairs)
+        )
+        cells = measured_pair_cells(con, inputs, eval_split, chosen, min_group_size, attributes)
+        zero_shot_data = None
+        if encode_texts is not None:
+            zero_shot_data = _zero_shot_data(con, inputs, eval_split, attributes, embeddings)
+    finally:
+        con.close()
+
+    prompts_by_attribute = collect_prompt_pairs(attributes, prompt_pairs)
+    pair_prompts = pair_cell_prompts(chosen, compose_prompt, pair_templates)
+    texts = [t for pairs_ in prompts_by_attribute.values() for pair in pairs_ for t in pair]
+    texts += [t for by_cell in pair_prompts.values() for ts in by_cell.values() for t in ts]
+    say(f"scoring {len(set(texts))} prompts with {len(members)} heads")
+    scores = score_texts_once(scorer, texts)
+
+    diffs = member_diffs(scores, prompts_by_attribute)
+    attribute_estimates = summarize(diffs, list(attributes), groups, alpha)
+    diffs_long = member_diffs_long(diffs, list(attributes), members)
+    if chosen:
+        cells_est = estimated_pair_cells(scores, pair_prompts)
+    else:
+        cells_est = np.zeros((len(members), 0, len(CELLS)))
+    pair_table, pair_estimates, pair_diffs = pair_tables(
+        cells, cells_est, chosen, members, groups, alpha
+    )
+
+    if zero_shot_data is not None:
+        say("zero-shot attribute classification")
+        _, image_embeddings, labels = zero_shot_data
+        zero_shot = zero_shot_auroc(
+            image_embeddings,
+            labels,
+            prompts_by_attribute,
+            encode_texts,  # type: ignore[arg-type]
+            auroc_fn or _default_auroc(),
+        )
+    else:
+        notes.append("no text encoder was given: the zero-shot AUROC column is empty")
+        zero_shot = pl.DataFrame(
+            {"attribute": list(attributes), "zero_shot_auroc": [math.nan] * len(attributes)}
+        )
+
+    table = _attribute_table(measured, attribute_estimates, zero_shot)
+    correlations = pl.concat(
+        [
+            correlate.table2(measured, attribute_estimates, groups),
+            correlate.table3(table),
+            correlate.table1(table, attribute_estimates, groups),
+            correlate.pair_correlations(pair_table, pair_estimates, groups),
+        ]
+    )
+    headline = _headline(table, correlations, pair_table, len(members), coverage["n_losses"])
+    top = (
+        table.filter(pl.col("est_mean").is_not_nan())
+        .sort("est_mean", descending=True)["attribute"]
+        .head(TOP_K)
+        .to_list()
+    )
+    small = table.filter(pl.col("small_group"))["attribute"].to_list()
+    if small:
+        notes.append(
+            f"small groups (< {min_group_size} samples on one side), kept and flagged: "
+            + ", ".join(small)
+        )
+
+    result = ReportResult(
+        eval_split=eval_split,
+        alpha=alpha,
+        min_group_size=min_group_size,
+        n_eval_samples=coverage["n_losses"],
+        n_members=len(members),
+        attribute_table=table,
+        attribute_estimates=attribute_estimates,
+        member_diffs=diffs_long,
+        pair_table=pair_table,
+        pair_cells=cells,
+        pair_estimates=pair_estimates,
+        pair_member_diffs=pair_diffs,
+        correlations=correlations,
+        headline=headline,
+        top_attributes=top,
+        notes=notes,
+    )
+    say(f"writing the report to {out}")
+    return write_report(result, out, groups)
+
+
+def _zero_shot_data(con, inputs, split, attributes, embeddings):
+    if embeddings is None:
+        return load_zero_shot_inputs(con, inputs, split, attributes)
+    ids, matrix = embeddings
+    matrix = np.asarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] != len(ids):
+        raise ReportInputError(
+            f"precomputed embeddings have shape {matrix.shape} for {len(ids)} sample ids"
+        )
+    params = {"split": split, "attribute_names": list(attributes)}
+    frame = run_sql(con, "eval_join", params, inputs.tables())
+    position = {sample: i for i, sample in enumerate(frame["sample_id"].to_list())}
+    missing = [sample for sample in ids if sample not in position]
+    if missing:
+        raise ReportInputError(
+            f"precomputed embedding of sample {missing[0]} is not in split {split!r} "
+            f"({len(missing)} such samples)"
+        )
+    rows = np.array([position[sample] for sample in ids], dtype=np.int64)
+    labels = {name: frame[name].to_numpy().astype(bool)[rows] for name in attributes}
+    return list(ids), matrix, labels
+
+
+def write_report(result: ReportResult, out: Path, groups) -> ReportResult:
+    """Write tables, figures, headline and report.html under `out`; return the result with paths."""
+    files: dict[str, Path] = {}
+    for name, frame in (
+        ("attribute_disparity", result.attribute_table),
+        ("pair_disparity", result.pair_table),
+        ("correlations", result.correlations),
+        ("attribute_estimates", result.attribute_estimates),
+        ("member_diffs", result.member_diffs),
+        ("pair_cells", result.pair_cells),
+        ("pair_estimates", result.pair_estimates),
+        ("pair_member_diffs", result.pair_member_diffs),
+    ):
+        files[name] = write_parquet_atomic(frame, out / f"{name}.parquet")
+    # strict JSON has no NaN: an undefined number is written as null
+    headline = {k: (None if math.isnan(v) else v) for k, v in result.headline.items()}
+    files["headline"] = write_json_atomic(out / "headline.json", headline)
+
+    table = result.attribute_table
+    files["estimated_vs_measured"] = plots.scatter_estimated_vs_measured(
+        table, result.attribute_estimates, groups, out / "estimated_vs_measured.png"
+    )
+    files["attribute_bars"] = plots.attribute_bars(table, out / "attribute_bars.png")
+    strongest = (
+        table.filter(pl.col("est_mean").is_not_nan())
+        .sort(pl.col("est_mean").abs(), descending=True)["attribute"]
+        .head(N_STRONGEST)
+        .to_list()
+    )
+    files["strongest_attributes"] = plots.member_boxes(
+        result.member_diffs,
+        strongest,
+        "attribute",
+        out / "strongest_attributes.png",
+        "Strongest estimated attribute disparities: h(with) - h(without) per member",
+    )
+    if result.pair_table.height:
+        strongest_pairs = (
+            result.pair_table.sort(pl.col("est_signed_mean").abs(), descending=True)["pair"]
+            .head(N_STRONGEST)
+            .to_list()
+        )
+        files["strongest_pairs"] = plots.member_boxes(
+            result.pair_member_diffs,
+            strongest_pairs,
+            "pair",
+            out / "strongest_pairs.png",
+            "Strongest estimated pair disparities: h(A & B) - h(neither) per member",
+        )
+    with_figures = dataclasses.replace(result, files=files)
+    files["report_html"] = write_text_atomic(out / "report.html", render_html(with_figures))
+    return dataclasses.replace(result, files=dict(files))
+
+
+def _markdown(frame: pl.DataFrame, columns: Sequence[str], digits: int = 3) -> str:
+    def cell(value: object) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "yes" if value else ""
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "–"
+            return f"{value:.2e}" if value != 0 and abs(value) < 1e-3 else f"{value:.{digits}f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame.select(columns).iter_rows():
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_tables(result: ReportResult) -> dict[str, str]:
+    """Markdown for Dagster metadata: Table 2 (loss), Table 3, and the top 10 of Table 4."""
+    stats = ["group", "estimate", "n", "pearson", "pearson_p", "spearman", "spearman_p"]
+    stats += ["kendall", "kendall_p"]
+    table2 = result.table("table2").filter(pl.col("measure") == "loss")
+    table3 = result.table("table3")
+    top = result.attribute_table.sort("est_mean", descending=True, nulls_last=True).head(TOP_K)
+    columns4 = ["attribute", "n_true", "n_false", "loss_true", "loss_false", "gap_loss"]
+    columns4 += ["gt_rmm_auroc", "est_mean", "est_q1", "est_q3", "est_p_positive"]
+    columns4 += ["bh_significant", "zero_shot_auroc", "small_group"]
+    return {
+        "table2": _markdown(table2, stats),
+        "table3": _markdown(table3, ["measure", *stats[2:]]),
+        "table4_top10": _markdown(top, columns4),
+    }

@@ -1,0 +1,269 @@
+"""A self-contained `report.html`: tables, plain-language reading guide, and embedded figures.
+
+Figures are embedded as base64 PNG so the file travels alone (e-mail, artifact store). Every
+piece of text that comes from data (attribute names, notes, paths) goes through `html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+if TYPE_CHECKING:
+    from llm2loss_pipeline.core.report.build import ReportResult
+
+Format = Callable[[Any], str]
+
+AUROC_DEFINITION = (
+    "AUROC of a group = the mean over its samples of the one-vs-rest ranking AUROC of the "
+    "sample's true identity among all identity logits: the fraction of the other identities whose "
+    "logit is below the true identity's logit (ties count half). 1 = the true identity outranks "
+    "every other, 0.5 = chance."
+)
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def num(digits: int = 4) -> Format:
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if isinstance(value, bool):
+            return "yes" if value else ""
+        if isinstance(value, int):
+            return str(value)
+        if value != 0 and abs(value) < 10 ** (-digits):
+            return f"{value:.{max(1, digits - 2)}e}"
+        return f"{value:.{digits}f}"
+
+    return fmt
+
+
+def text(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    return str(value)
+
+
+def p_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def html_table(
+    frame: pl.DataFrame,
+    columns: Sequence[tuple[str, str, Format]],
+    row_class: Callable[[Mapping[str, Any]], str] | None = None,
+) -> str:
+    """A `<table>` of `frame` showing `columns` as (column, header, formatter)."""
+    head = "".join(f"<th>{_esc(header)}</th>" for _, header, _ in columns)
+    body = []
+    for row in frame.iter_rows(named=True):
+        css = row_class(row) if row_class else ""
+        cells = "".join(f"<td>{_esc(fmt(row[column]))}</td>" for column, _, fmt in columns)
+        body.append(f'<tr class="{_esc(css)}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def image_tag(path: Path, alt: str) -> str:
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+CORRELATION_COLUMNS: list[tuple[str, str, Format]] = [
+    ("group", "heads", text),
+    ("estimate", "estimate", text),
+    ("measure", "measured by", text),
+    ("n", "n", text),
+    ("pearson", "Pearson r", num(3)),
+    ("pearson_p", "p", p_value),
+    ("spearman", "Spearman ρ", num(3)),
+    ("spearman_p", "p", p_value),
+    ("kendall", "Kendall τ", num(3)),
+    ("kendall_p", "p", p_value),
+    ("note", "note", text),
+]
+
+ATTRIBUTE_COLUMNS: list[tuple[str, str, Format]] = [
+    ("attribute", "attribute", text),
+    ("n_true", "n with", text),
+    ("n_false", "n without", text),
+    ("loss_true", "loss with", num(4)),
+    ("loss_false", "loss without", num(4)),
+    ("accuracy_true", "acc with", num(4)),
+    ("accuracy_false", "acc without", num(4)),
+    ("auroc_true", "AUROC with", num(4)),
+    ("auroc_false", "AUROC without", num(4)),
+    ("gap_loss", "loss gap (signed)", num(4)),
+    ("gt_rmm_auroc", "GT-RMM AUROC", num(4)),
+    ("gt_rmm_accuracy", "GT-RMM acc", num(4)),
+    ("est_mean", "est. disparity", num(3)),
+    ("est_q1", "q1", num(3)),
+    ("est_median", "median", num(3)),
+    ("est_q3", "q3", num(3)),
+    ("est_p_positive", "P(>0)", num(2)),
+    ("est_q_value", "BH q", p_value),
+    ("bh_significant", "BH sig.", text),
+    ("est_mean_regressor", "est. regressor", num(3)),
+    ("est_mean_ranker", "est. ranker", num(3)),
+    ("zero_shot_auroc", "0-shot AUROC", num(3)),
+    ("small_group", "small group", text),
+]
+
+PAIR_COLUMNS: list[tuple[str, str, Format]] = [
+    ("pair", "pair (A & B)", text),
+    ("n_TT", "n A&B", text),
+    ("n_TF", "n A&¬B", text),
+    ("n_FT", "n ¬A&B", text),
+    ("n_FF", "n ¬A&¬B", text),
+    ("loss_TT", "loss A&B", num(4)),
+    ("loss_TF", "loss A&¬B", num(4)),
+    ("loss_FT", "loss ¬A&B", num(4)),
+    ("loss_FF", "loss ¬A&¬B", num(4)),
+    ("measured_signed", "measured TT-FF", num(4)),
+    ("est_signed_mean", "est. TT-FF", num(3)),
+    ("est_signed_q1", "q1", num(3)),
+    ("est_signed_q3", "q3", num(3)),
+    ("est_p_positive", "P(>0)", num(2)),
+    ("bh_significant", "BH sig.", text),
+    ("worst_cell_measured", "worst cell (measured)", text),
+    ("worst_cell_estimated", "worst cell (estimated)", text),
+    ("small_group", "small group", text),
+]
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f0f0f0; position: sticky; top: 0; }
+td:first-child, th:first-child { text-align: left; }
+tr.small td { color: #999; font-style: italic; }
+tr.significant td:first-child { font-weight: bold; }
+.headline li { margin: 0.2em 0; }
+.guide { background: #f7f7fb; padding: 0.6em 1.2em; border-left: 4px solid #88a; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+"""
+
+
+def _attribute_row_class(row: Mapping[str, Any]) -> str:
+    classes = []
+    if row.get("small_group"):
+        classes.append("small")
+    if row.get("bh_significant"):
+        classes.append("significant")
+    return " ".join(classes)
+
+
+def _headline(result: ReportResult) -> str:
+    h = result.headline
+    f3 = num(3)
+    items = [
+        f"Spearman ρ between estimated and measured (signed loss) disparity across attributes: "
+        f"regressor heads {f3(h.get('spearman_signed_regressor'))} "
+        f"(p {p_value(h.get('spearman_signed_regressor_p'))}), ranker heads "
+        f"{f3(h.get('spearman_signed_ranker'))} (p {p_value(h.get('spearman_signed_ranker_p'))}), "
+        f"whole ensemble {f3(h.get('spearman_signed_overall'))} "
+        f"(p {p_value(h.get('spearman_signed_overall_p'))}).",
+        f"{int(h.get('n_bh_significant', 0))} of {int(h.get('n_attributes', 0))} attributes have "
+        f"an estimated disparity significantly different from zero (BH, α = {result.alpha}).",
+        "Mean zero-shot AUROC of the encoder over attributes: "
+        f"{f3(h.get('zero_shot_mean_auroc'))}.",
+        f"{int(h.get('n_small_groups', 0))} attribute(s) have a group smaller than "
+        f"{result.min_group_size} samples on the {result.eval_split!s} split (kept, greyed out).",
+    ]
+    top = ", ".join(a.replace("_", " ") for a in result.top_attributes[:5])
+    items.append(f"Largest estimated disparities (worse with the attribute): {top}.")
+    return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
+
+
+def _guide(result: ReportResult) -> str:
+    paragraphs = [
+        "Measured disparity: the black box's performance on the evaluation split for faces with "
+        "the attribute minus without it. Signed gaps are oriented so that positive always means "
+        "worse with the attribute (higher loss, lower accuracy, lower AUROC). GT-RMM is the "
+        "Rawlsian max-min gap |perf(with) - perf(without)|.",
+        AUROC_DEFINITION,
+        "Estimated disparity: the diagnosis heads never see these labels. Each ensemble member "
+        "reads the text embeddings of prompts such as 'face of a person wearing eyeglasses' and "
+        "'face of a person without eyeglasses' and estimates the black box's loss on faces like "
+        "each; the estimated disparity is the difference (with minus without), averaged over "
+        "prompt wordings, in standardized loss units. Positive = the heads expect the model to do "
+        "worse on faces with the attribute.",
+        "P(>0): the fraction of ensemble members whose estimate is above zero (ties count half). "
+        "Near 1 or 0 means the members agree on the direction; near 0.5 means they do not.",
+        "BH significance: a two-sided one-sample t-test over the members' estimates asks whether "
+        "the disparity is nonzero; the p-values of all attributes (and separately of all pairs) "
+        "are corrected with the Benjamini-Hochberg procedure, so that on average at most "
+        f"{result.alpha:.0%} of the attributes marked significant are false discoveries. "
+        "It measures agreement between members trained with different seeds, not "
+        "sampling error of the data.",
+        "Zero-shot AUROC: how well the encoder alone tells the attribute from its absence "
+        "(image-text similarity to the positive minus the negative prompts). It shows where the "
+        "encoder's language prior is strong, and so where the estimates can be trusted most.",
+        "Small groups (fewer than "
+        f"{result.min_group_size} samples on one side) are shown greyed and are left out of the "
+        "correlations, because their measured gaps are mostly noise.",
+    ]
+    return "<div class='guide'>" + "".join(f"<p>{_esc(p)}</p>" for p in paragraphs) + "</div>"
+
+
+def render_html(result: ReportResult) -> str:
+    corr = result.correlations
+    table2_loss = corr.filter((pl.col("table") == "table2") & (pl.col("measure") == "loss"))
+    table2_rest = corr.filter((pl.col("table") == "table2") & (pl.col("measure") != "loss"))
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>LLM2Loss attribute disparity report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>LLM2Loss attribute disparity report</h1>",
+        f"<p>Evaluation split: <b>{_esc(result.eval_split)}</b>; "
+        f"{_esc(result.n_eval_samples)} samples; {_esc(result.n_members)} ensemble members.</p>",
+        "<h2>Headline</h2>",
+        _headline(result),
+        "<h2>How to read this report</h2>",
+        _guide(result),
+        "<h2>Table 2: estimated vs measured disparity (measured by mean loss)</h2>",
+        html_table(table2_loss, CORRELATION_COLUMNS),
+        "<details><summary>Table 2 with accuracy- and AUROC-based measured disparity</summary>",
+        html_table(table2_rest, CORRELATION_COLUMNS),
+        "</details>",
+        "<h2>Table 3: zero-shot AUROC vs measured |disparity| (GT-RMM)</h2>",
+        html_table(corr.filter(pl.col("table") == "table3"), CORRELATION_COLUMNS),
+        "<h2>Table 1: disparity over-estimation vs zero-shot AUROC</h2>",
+        "<p>Over-estimation = z(|estimated|) - z(GT-RMM of loss), z-scores across attributes.</p>",
+        html_table(corr.filter(pl.col("table") == "table1"), CORRELATION_COLUMNS),
+        "<h2>Table 4: per attribute</h2>",
+        "<p>Sorted by estimated disparity (whole ensemble). Greyed rows: small groups.</p>",
+        html_table(
+            result.attribute_table.sort("est_mean", descending=True, nulls_last=True),
+            ATTRIBUTE_COLUMNS,
+            _attribute_row_class,
+        ),
+        "<h2>Attribute pairs (intersectional)</h2>",
+        "<p>Cells: TT = both attributes, TF = first only, FT = second only, FF = neither. "
+        "Signed disparity = loss(TT) - loss(FF); worst cell = highest loss among cells with at "
+        f"least {_esc(result.min_group_size)} samples.</p>",
+        html_table(result.pair_table, PAIR_COLUMNS, _attribute_row_class),
+        html_table(corr.filter(pl.col("table") == "pairs"), CORRELATION_COLUMNS),
+        "<h2>Figures</h2>",
+    ]
+    for name, path in result.files.items():
+        if str(path).endswith(".png"):
+            parts.append(f"<h3>{_esc(name.replace('_', ' '))}</h3>{image_tag(path, name)}")
+    if result.notes:
+        parts.append("<h2>Notes</h2><ul>")
+        parts.extend(f"<li>{_esc(note)}</li>" for note in result.notes)
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,134 @@
+"""The report's figures, drawn with matplotlib's Agg canvas and written atomically as PNG.
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot), so drawing holds no global
+state and works in worker processes without a display.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from llm2loss_pipeline.core.report.estimated import KINDS, MemberGroup
+from llm2loss_pipeline.core.stats import prob_positive
+from llm2loss_pipeline.core.storage import write_bytes_atomic
+
+DPI = 100
+_KIND_COLOURS = {"regressor": "#1f77b4", "ranker": "#d62728", "overall": "#444444"}
+
+
+def save_png(figure: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _label(attribute: str) -> str:
+    return attribute.replace("_", " ")
+
+
+def scatter_estimated_vs_measured(
+    table: pl.DataFrame,
+    estimates: pl.DataFrame,
+    groups: Sequence[MemberGroup],
+    path: str | Path,
+    measure: str = "gap_loss",
+) -> Path:
+    """Estimated (ensemble mean diff) vs measured disparity, one panel per head kind + overall.
+
+    Hollow markers are small groups (left out of the correlations).
+    """
+    panels = [g for g in groups if g.arch is None]
+    figure = Figure(figsize=(5.2 * len(panels), 4.8))
+    for position, group in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), position + 1)
+        est = estimates.filter(pl.col("group") == group.name).select("attribute", "mean")
+        joined = table.select("attribute", measure, "small_group").join(est, on="attribute")
+        x = joined[measure].to_numpy().astype(float)
+        y = joined["mean"].to_numpy().astype(float)
+        small = joined["small_group"].to_numpy()
+        colour = _KIND_COLOURS.get(group.name, "#2ca02c")
+        axes.scatter(x[~small], y[~small], color=colour, s=22)
+        axes.scatter(x[small], y[small], facecolors="none", edgecolors=colour, s=22)
+        for xi, yi, name in zip(x, y, joined["attribute"].to_list(), strict=True):
+            if np.isfinite(xi) and np.isfinite(yi):
+                axes.annotate(
+                    _label(name),
+                    (xi, yi),
+                    fontsize=6,
+                    alpha=0.8,
+                    xytext=(2, 2),
+                    textcoords="offset points",
+                )
+        axes.axhline(0, color="#999999", linewidth=0.8)
+        axes.axvline(0, color="#999999", linewidth=0.8)
+        axes.set_xlabel(f"measured {measure.replace('_', ' ')} (with - without)")
+        axes.set_ylabel("estimated disparity (standardized loss)")
+        axes.set_title(f"{group.name} ({len(group.positions)} members)")
+    figure.suptitle("Estimated vs measured disparity per attribute (positive = worse with it)")
+    return save_png(figure, path)
+
+
+def attribute_bars(table: pl.DataFrame, path: str | Path) -> Path:
+    """Ensemble-mean estimated disparity per attribute, sorted, with the members' q1-q3 range."""
+    ordered = table.sort("est_mean", nulls_last=True)
+    names = [_label(a) for a in ordered["attribute"].to_list()]
+    mean = ordered["est_mean"].to_numpy().astype(float)
+    q1 = ordered["est_q1"].to_numpy().astype(float)
+    q3 = ordered["est_q3"].to_numpy().astype(float)
+    significant = ordered["bh_significant"].to_numpy()
+    figure = Figure(figsize=(7.5, max(3.0, 0.22 * len(names) + 1.2)))
+    axes = figure.add_subplot(1, 1, 1)
+    positions = np.arange(len(names))
+    colours = ["#d62728" if s else "#9fb4cc" for s in significant]
+    axes.barh(positions, mean, color=colours, height=0.7)
+    axes.hlines(positions, q1, q3, color="black", linewidth=1.2)
+    axes.scatter(q1, positions, marker="|", color="black", s=30)
+    axes.scatter(q3, positions, marker="|", color="black", s=30)
+    axes.axvline(0, color="#666666", linewidth=0.8)
+    axes.set_yticks(positions, names, fontsize=7)
+    axes.set_xlabel("estimated disparity: h(with) - h(without), ensemble mean; whisker = q1..q3")
+    axes.set_title("Estimated disparity per attribute (red: BH-significant)")
+    return save_png(figure, path)
+
+
+def member_boxes(
+    diffs: pl.DataFrame,
+    items: Sequence[str],
+    item_column: str,
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Figure-2 style: per item, a box of the members' diffs for each head kind, with zero."""
+    figure = Figure(figsize=(3.4 * max(1, len(items)), 3.8))
+    for position, item in enumerate(items):
+        axes = figure.add_subplot(1, max(1, len(items)), position + 1)
+        sub = diffs.filter(pl.col(item_column) == item)
+        present = sorted(
+            set(sub["kind"].to_list()),
+            key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k),
+        )
+        data = [sub.filter(pl.col("kind") == k)["diff"].to_numpy() for k in present]
+        boxes = axes.boxplot(data, whis=(0, 100), patch_artist=True, widths=0.6)
+        labels = [
+            f"{k}\nP(>0)={float(prob_positive(v)):.2f}" for k, v in zip(present, data, strict=True)
+        ]
+        axes.set_xticks(range(1, len(present) + 1), labels, fontsize=8)
+        for patch, kind in zip(boxes["boxes"], present, strict=True):
+            patch.set_facecolor(_KIND_COLOURS.get(kind, "#2ca02c"))
+            patch.set_alpha(0.5)
+        for x, values in enumerate(data, start=1):
+            axes.scatter(np.full(values.size, x), values, s=10, color="black", zorder=3)
+        axes.axhline(0, color="#666666", linewidth=0.8)
+        axes.set_title(_label(item), fontsize=8)
+        if position == 0:
+            axes.set_ylabel("h(text 1) - h(text 2) per member")
+    figure.suptitle(title)
+    return save_png(figure, path)

@@ -1,0 +1,262 @@
+"""Black-box steps: obtain the model under diagnosis, then its loss on every sample of a shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.config import DatasetConfig
+from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.steps.tables import items_of, read_manifest, shard_rows
+from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
+
+LOSSES_TABLE = "per_sample_losses"
+
+
+@dataclass(frozen=True)
+class BlackBoxResult:
+    source: str
+    path: Path
+    sha256: str
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    curve_png: Path | None = None
+
+
+@dataclass(frozen=True)
+class ShardTableResult:
+    frame: pl.DataFrame
+    path: Path
+    sha256: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    dropped: list[Any] = field(default_factory=list)
+    skipped: list[Any] = field(default_factory=list)
+
+
+def reference_path(layout: Layout) -> Path:
+    """Where a model that is not trained here (user model, loss table) is recorded."""
+    return layout.black_box.parent / "reference.json"
+
+
+def _label_map(config: BlackBoxConfig, manifest: pl.DataFrame) -> dict[int, int]:
+    from llm2loss_pipeline.core.blackbox.labels import builtin_label_map, read_label_map
+
+    if config.label_map_path:
+        return read_label_map(config.label_map_path)
+    return builtin_label_map(manifest.filter(pl.col("split") == "train")["identity"].to_list())
+
+
+def fit_black_box(
+    layout: Layout,
+    config: BlackBoxConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None = None,
+) -> BlackBoxResult:
+    manifest = read_manifest(layout)
+    if config.source == "builtin":
+        return _train_builtin(layout, manifest, config, device, progress)
+    if config.source == "loss_table":
+        return _record_loss_table(layout, manifest, config)
+    return _record_user_model(layout, manifest, config, device)
+
+
+def _train_builtin(
+    layout: Layout,
+    manifest: pl.DataFrame,
+    config: BlackBoxConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None,
+) -> BlackBoxResult:
+    from llm2loss_pipeline.core.blackbox.checkpoint import plot_training_curve, save_black_box
+    from llm2loss_pipeline.core.blackbox.labels import map_labels
+    from llm2loss_pipeline.core.blackbox.train import train_classifier
+
+    label_map = _label_map(config, manifest)
+    train = manifest.filter(pl.col("split") == "train").sort("index")
+    valid = manifest.filter(pl.col("split") == "valid").sort("index")
+    model, result = train_classifier(
+        items_of(train),
+        map_labels(train["identity"].to_numpy(), label_map, sample_ids=train["sample_id"]),
+        items_of(valid),
+        map_labels(valid["identity"].to_numpy(), label_map, sample_ids=valid["sample_id"]),
+        config,
+        device,
+        progress,
+        num_classes=max(label_map.values()) + 1,
+    )
+    sidecar = save_black_box(
+        model,
+        layout.black_box,
+        arch=config.arch,
+        num_classes=max(label_map.values()) + 1,
+        image_size=config.image_size,
+        label_map=label_map,
+        config=config,
+        train_result=result,
+    )
+    reference_path(layout).unlink(missing_ok=True)
+    curve_png = plot_training_curve(result, layout.black_box.parent / "training_curve.png")
+    return BlackBoxResult(
+        source="builtin",
+        path=layout.black_box,
+        sha256=sidecar["sha256"],
+        metrics={
+            key: value
+            for key, value in sidecar["metrics"].items()
+            if isinstance(value, int | float) and value is not None
+        },
+        curve=[{k: v for k, v in row.items() if k != "lr"} for row in sidecar["curve"]],
+        curve_png=curve_png,
+    )
+
+
+def _record_user_model(
+    layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig, device: DeviceSpec
+) -> BlackBoxResult:
+    from llm2loss_pipeline.core.blackbox.labels import label_map_to_json, num_outputs_needed
+    from llm2loss_pipeline.core.blackbox.user_model import load_user_model
+    from llm2loss_pipeline.core.images import load_image
+
+    label_map = _label_map(config, manifest)
+    probe = load_image(manifest["path"][0])
+    loaded = load_user_model(
+        config, num_outputs_needed(label_map), probe_image=probe, device=device.torch_device()
+    )
+    digest = _state_digest(loaded.model)
+    reference = {
+        "source": config.source,
+        "entry_point": config.entry_point,
+        "torchscript_path": config.torchscript_path,
+        "label_map": label_map_to_json(label_map),
+        "weights_sha256": digest,
+        "sha256": digest,
+    }
+    path = write_json_atomic(reference_path(layout), reference)
+    return BlackBoxResult(source=config.source, path=path, sha256=digest, metrics={})
+
+
+def _record_loss_table(
+    layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig
+) -> BlackBoxResult:
+    from llm2loss_pipeline.core.blackbox.loss_table import read_loss_table
+
+    assert config.loss_table_path is not None  # guaranteed by BlackBoxConfig
+    table = read_loss_table(config.loss_table_path, manifest)
+    copy = write_parquet_atomic(table, layout.black_box.parent / "loss_table.parquet")
+    digest = sha256_file(copy)
+    write_json_atomic(
+        reference_path(layout),
+        {"source": "loss_table", "loss_table_path": config.loss_table_path, "sha256": digest},
+    )
+    return BlackBoxResult(
+        source="loss_table",
+        path=copy,
+        sha256=digest,
+        metrics={"mean_loss": float(table["loss"].mean()), "n_samples": float(table.height)},
+    )
+
+
+def _state_digest(model: Any) -> str:
+    """A content hash of a module's weights (names, dtypes, shapes and bytes), in a fixed order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def shard_losses(
+    layout: Layout,
+    shard: str,
+    config: BlackBoxConfig,
+    dataset: DatasetConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None = None,
+) -> ShardTableResult:
+    manifest = read_manifest(layout)
+    rows = shard_rows(manifest, shard)
+    dropped: list[Any] = []
+    skipped: list[Any] = []
+    if config.source == "loss_table":
+        from llm2loss_pipeline.core.blackbox.loss_table import split_loss_table
+
+        table = pl.read_parquet(_required(layout.black_box.parent / "loss_table.parquet"))
+        frame = split_loss_table(table, manifest, shard)
+    else:
+        from llm2loss_pipeline.core.blackbox.labels import map_labels
+        from llm2loss_pipeline.core.blackbox.losses import compute_losses
+
+        loaded, label_map = _load_black_box(layout, manifest, config, device)
+        labels = map_labels(rows["identity"].to_numpy(), label_map, sample_ids=rows["sample_id"])
+        result = compute_losses(
+            loaded,
+            items_of(rows),
+            labels,
+            rows["split"].to_list(),
+            device_spec=device,
+            on_bad_image=dataset.on_bad_image,
+            nonfinite=config.nonfinite,
+            progress=progress,
+            loss=config.loss,
+        )
+        frame, dropped, skipped = result.frame, list(result.dropped), list(result.skipped)
+    path = write_parquet_atomic(frame, layout.shard_table(LOSSES_TABLE, shard))
+    return ShardTableResult(
+        frame=frame,
+        path=path,
+        sha256=sha256_file(path),
+        summary=loss_summary(frame),
+        dropped=dropped,
+        skipped=skipped,
+    )
+
+
+def _required(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize black_box_model first")
+    return path
+
+
+def _load_black_box(
+    layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig, device: DeviceSpec
+) -> tuple[Any, dict[int, int]]:
+    from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
+    from llm2loss_pipeline.core.blackbox.labels import label_map_from_json, num_outputs_needed
+    from llm2loss_pipeline.core.blackbox.user_model import load_user_model
+
+    torch_device = device.torch_device()
+    if config.source == "builtin":
+        loaded = load_black_box(_required(layout.black_box), torch_device)
+        assert loaded.label_map is not None
+        return loaded, loaded.label_map
+    reference = json.loads(_required(reference_path(layout)).read_text())
+    label_map = label_map_from_json(reference["label_map"])
+    loaded = load_user_model(config, num_outputs_needed(label_map), device=torch_device)
+    if _state_digest(loaded.model) != reference["weights_sha256"]:
+        raise ValueError(
+            f"the user model {config.entry_point or config.torchscript_path} changed since "
+            "black_box_model was materialized: rematerialize black_box_model"
+        )
+    return loaded, label_map
+
+
+def loss_summary(frame: pl.DataFrame) -> dict[str, Any]:
+    by_split = frame.group_by("split").agg(pl.col("loss").mean()).sort("split")
+    accuracy = frame["correct"].mean() if frame["correct"].null_count() < frame.height else None
+    return {
+        "mean_loss": float(frame["loss"].mean()) if frame.height else float("nan"),
+        "accuracy": float(accuracy) if accuracy is not None else float("nan"),
+        "mean_loss_by_split": {split: float(loss) for split, loss in by_split.iter_rows()},
+    }
+

@@ -1,0 +1,213 @@
+"""Diagnosis step: train the head ensemble on image embeddings, validate it on held-out losses."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.steps.black_box import LOSSES_TABLE
+from llm2loss_pipeline.core.steps.encoder import EMBEDDINGS_TABLE
+from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards
+from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
+
+CAPTION_CORPUS_SIZE = 2000
+"""Training captions embedded to estimate the text modality's mean (plus every attribute
+prompt); the mean is stable long before this many."""
+
+
+@dataclass(frozen=True)
+class HeadsResult:
+    path: Path
+    sha256: str
+    train_split: str
+    eval_split: str
+    n_train: int
+    n_eval: int
+    member_metrics: list[dict[str, Any]]
+    kind_metrics: list[dict[str, Any]]
+    gap_effect: list[dict[str, Any]]
+    headline: dict[str, float] = field(default_factory=dict)
+
+
+def metrics_dir(layout: Layout) -> Path:
+    return layout.models / "heads_metrics"
+
+
+def member_metrics_path(layout: Layout) -> Path:
+    return metrics_dir(layout) / "member_metrics.parquet"
+
+
+def read_kind_metrics(layout: Layout) -> list[dict[str, Any]]:
+    path = metrics_dir(layout) / "kind_metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize diagnosis_heads first")
+    return json.loads(path.read_text())
+
+
+def training_frame(layout: Layout) -> pl.DataFrame:
+    """Losses joined with embeddings and attributes, one row per sample with both signals."""
+    manifest = read_manifest(layout)
+    losses = read_shards(layout, LOSSES_TABLE, manifest).select("sample_id", "split", "loss")
+    embeddings = read_shards(layout, EMBEDDINGS_TABLE, manifest)
+    frame = losses.join(embeddings, on="sample_id", how="inner")
+    if layout.attributes.exists():
+        frame = frame.join(pl.read_parquet(layout.attributes), on="sample_id", how="left")
+    return frame
+
+
+def _split(frame: pl.DataFrame, split: str, what: str) -> pl.DataFrame:
+    rows = frame.filter(pl.col("split") == split)
+    if rows.height < 10:
+        raise ValueError(
+            f"heads.{what} is {split!r}, which has {rows.height} samples with both a loss and an "
+            "embedding; at least 10 are needed (choose another split)"
+        )
+    return rows
+
+
+def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
+    """Texts whose mean embedding stands for 'the text modality' of this data set."""
+    from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
+
+    texts = [text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair]
+    if all(name in frame.columns for name in CELEBA_ATTRIBUTES):
+        sample = frame.head(CAPTION_CORPUS_SIZE).select(CELEBA_ATTRIBUTES).to_dicts()
+        rng = random.Random(seed)
+        texts += [caption_for(row, rng) for row in sample]
+    return texts
+
+
+def fit_heads(
+    layout: Layout,
+    config: HeadsConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None = None,
+) -> HeadsResult:
+    from llm2loss_pipeline.core.encoder import load_encoder
+    from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
+    from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble
+    from llm2loss_pipeline.core.heads.gap import fit_gap
+    from llm2loss_pipeline.core.heads.train import train_ensemble
+
+    frame = training_frame(layout)
+    train = _split(frame, config.train_split, "train_split")
+    held_out = _split(frame, config.eval_split, "eval_split")
+    train_emb = train["embedding"].to_numpy().astype(np.float32)
+    eval_emb = held_out["embedding"].to_numpy().astype(np.float32)
+    train_loss = train["loss"].to_numpy()
+    eval_loss = held_out["loss"].to_numpy()
+
+    encoder = load_encoder(layout.encoder_dir)
+    corpus = encoder.encode_texts(text_corpus(train, config.base_seed))
+    gap = fit_gap(train_emb, corpus, config.modality_gap)
+    torch_device = device.torch_device()
+    ensemble = train_ensemble(
+        gap.image(train_emb), train_loss, config, progress, device=torch_device
+    )
+    evaluation = evaluate_ensemble(ensemble, gap.image(eval_emb), eval_loss)
+    members = evaluation["members"]
+    save_ensemble(
+        ensemble,
+        gap,
+        layout.heads_dir,
+        embedding_dim=encoder.embed_dim,
+        encoder_sha256=str(encoder.sha256),
+        metrics=members,
+        extra_meta={
+            "train_split": config.train_split,
+            "eval_split": config.eval_split,
+            "n_train": train.height,
+            "n_eval": held_out.height,
+        },
+    )
+    kind_rows = [{"group": name, **values} for name, values in evaluation["groups"].items()]
+    gap_rows = gap_effect_rows(train, held_out, gap, config, encoder, torch_device)
+
+    write_parquet_atomic(pl.DataFrame(members), member_metrics_path(layout))
+    write_json_atomic(metrics_dir(layout) / "kind_metrics.json", kind_rows)
+    write_json_atomic(metrics_dir(layout) / "gap_effect.json", gap_rows)
+    headline = {
+        f"heldout_spearman_{row['group']}": float(row["ensemble_spearman"]) for row in kind_rows
+    }
+    for row in gap_rows:
+        headline[f"gap_{row['modality_gap']}_disparity_spearman"] = row["disparity_spearman"]
+    return HeadsResult(
+        path=layout.heads_dir,
+        sha256=sha256_file(layout.heads_dir / "ensemble.json"),
+        train_split=config.train_split,
+        eval_split=config.eval_split,
+        n_train=train.height,
+        n_eval=held_out.height,
+        member_metrics=members,
+        kind_metrics=kind_rows,
+        gap_effect=gap_rows,
+        headline=headline,
+    )
+
+
+def gap_effect_rows(
+    train: pl.DataFrame,
+    held_out: pl.DataFrame,
+    gap: Any,
+    config: HeadsConfig,
+    encoder: Any,
+    device: Any,
+) -> list[dict[str, Any]]:
+    """The measured effect of centring each modality: heads trained both ways, same data.
+
+    For each mode: the held-out Spearman of the ensemble on images (centring should not hurt it)
+    and the correlation, across attributes, between the disparity estimated from text and the
+    one measured on held-out samples (what centring is for).
+    """
+    from llm2loss_pipeline.core.heads.gap import measure_gap_effect
+    from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
+
+    present = [name for name in CELEBA_ATTRIBUTES if name in held_out.columns]
+    if not present:
+        return []
+    labels = held_out.select(present).fill_null(False).to_numpy().astype(bool)
+    usable = [i for i in range(len(present)) if 0 < labels[:, i].sum() < len(labels)]
+    if len(usable) < 3:
+        return []
+    prompts = [attribute_prompt_pairs(present[i])[0] for i in usable]
+    corpus = encoder.encode_texts(text_corpus(train, config.base_seed))
+    effect = measure_gap_effect(
+        train_embeddings=train["embedding"].to_numpy().astype(np.float32),
+        train_losses=train["loss"].to_numpy(),
+        eval_embeddings=held_out["embedding"].to_numpy().astype(np.float32),
+        eval_losses=held_out["loss"].to_numpy(),
+        eval_labels=labels[:, usable],
+        prompts=prompts,
+        encode_texts=encoder.encode_texts,
+        text_corpus_embeddings=corpus,
+        config=config,
+        device=str(device),
+    )
+    rows = []
+    for mode in ("center", "none"):
+        if mode not in effect:
+            continue
+        correlation = effect[mode]["correlation"]
+        rows.append(
+            {
+                "modality_gap": mode,
+                "heldout_ensemble_spearman": float(effect[mode]["heldout_ensemble_spearman"]),
+                "disparity_spearman": float(correlation["spearman"]["r"]),
+                "disparity_pearson": float(correlation["pearson"]["r"]),
+                "gap_norm": float(effect[mode]["gap_norm"]),
+                "n_attributes": len(usable),
+            }
+        )
+    return rows
+

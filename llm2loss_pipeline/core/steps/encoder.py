@@ -1,0 +1,166 @@
+"""Encoder steps: obtain the language-compatible encoder, then embed every sample of a shard."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from llm2loss_pipeline.core.config import DatasetConfig
+from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.steps.tables import items_of, read_manifest, read_shards, shard_rows
+from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
+
+EMBEDDINGS_TABLE = "image_embeddings"
+VALIDATION_SAMPLE = 2000
+"""Validation images used for the encoder's zero-shot and retrieval metrics (enough for stable
+AUROCs; all of them would cost a full embedding pass of the valid split on real data)."""
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    mode: str
+    path: Path
+    sha256: str
+    embed_dim: int
+    load_snippet: str
+    metrics: dict[str, float]
+    zero_shot_auroc: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EmbeddingShardResult:
+    frame: pl.DataFrame
+    path: Path
+    sha256: str
+    embed_dim: int
+    encoder_sha256: str
+    skipped: list[Any] = field(default_factory=list)
+
+
+def _rows_with_attributes(layout: Layout, rows: pl.DataFrame) -> list[dict[str, bool]]:
+    if not layout.attributes.exists():
+        raise FileNotFoundError(
+            f"{layout.attributes} is missing: materialize celeba_attributes first (llm2loss run)"
+        )
+    attributes = pl.read_parquet(layout.attributes)
+    joined = rows.select("sample_id", "index").join(attributes, on="sample_id", how="left")
+    return joined.sort("index").drop("sample_id", "index").to_dicts()
+
+
+def fit_encoder(
+    layout: Layout,
+    config: EncoderConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None = None,
+) -> EncoderResult:
+    from llm2loss_pipeline.core.encoder import build_encoder, save_encoder, train_caption_tuned
+    from llm2loss_pipeline.core.encoder.checkpoint import loading_snippet
+
+    manifest = read_manifest(layout)
+    encoder = build_encoder(config, device.torch_device())
+    metrics: dict[str, Any] = {}
+    if config.mode == "caption_tuned":
+        train = manifest.filter(pl.col("split") == "train").sort("index")
+        training = train_caption_tuned(
+            encoder,
+            items_of(train),
+            _rows_with_attributes(layout, train),
+            config,
+            device,
+            progress=progress,
+        )
+        metrics.update(
+            {k: v for k, v in training.items() if isinstance(v, int | float) and k != "epochs"}
+        )
+    zero_shot, validation = evaluate_encoder(layout, encoder, manifest, device, config.seed)
+    metrics.update(validation)
+    encoder.metrics = {**metrics, "zero_shot_auroc": zero_shot}
+    sidecar = save_encoder(encoder, layout.encoder_dir)
+    return EncoderResult(
+        mode=config.mode,
+        path=layout.encoder_dir,
+        sha256=sidecar["sha256"],
+        embed_dim=encoder.embed_dim,
+        load_snippet=loading_snippet(layout.encoder_dir),
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        zero_shot_auroc=zero_shot,
+    )
+
+
+def evaluate_encoder(
+    layout: Layout, encoder: Any, manifest: pl.DataFrame, device: DeviceSpec, seed: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Zero-shot attribute AUROC and caption retrieval on (a sample of) the validation split."""
+    from llm2loss_pipeline.core.encoder import embed_images, retrieval_accuracy, zero_shot_auroc
+    from llm2loss_pipeline.core.prompts import caption_for
+
+    valid = manifest.filter(pl.col("split") == "valid").sort("index")
+    if valid.height > VALIDATION_SAMPLE:
+        valid = valid.sample(VALIDATION_SAMPLE, seed=seed).sort("index")
+    rows = _rows_with_attributes(layout, valid)
+    embedded = embed_images(encoder, items_of(valid), device, on_bad_image="skip")
+    keep = set(embedded.sample_ids)
+    rows = [row for sid, row in zip(valid["sample_id"], rows, strict=True) if sid in keep]
+    zero_shot = zero_shot_auroc(embedded.embeddings, pl.DataFrame(rows), encoder.encode_texts)
+    rng = random.Random(seed)
+    captions = [caption_for(row, rng) for row in rows]
+    retrieval = retrieval_accuracy(embedded.embeddings, captions, encoder.encode_texts)
+    finite = [value for value in zero_shot.values() if np.isfinite(value)]
+    summary = {
+        f"retrieval_{key}": float(value)
+        for key, value in retrieval.items()
+        if isinstance(value, int | float)
+    }
+    summary["zero_shot_auroc_mean"] = float(np.mean(finite)) if finite else float("nan")
+    summary["n_validation_images"] = float(len(rows))
+    return {k: float(v) for k, v in zero_shot.items()}, summary
+
+
+def shard_embeddings(
+    layout: Layout,
+    shard: str,
+    dataset: DatasetConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None = None,
+) -> EmbeddingShardResult:
+    from llm2loss_pipeline.core.encoder import embed_images, load_encoder
+
+    rows = shard_rows(read_manifest(layout), shard)
+    encoder = load_encoder(layout.encoder_dir, device.torch_device())
+    result = embed_images(
+        encoder, items_of(rows), device, on_bad_image=dataset.on_bad_image, progress=progress
+    )
+    frame = embedding_frame(result.sample_ids, result.embeddings)
+    path = write_parquet_atomic(frame, layout.shard_table(EMBEDDINGS_TABLE, shard))
+    return EmbeddingShardResult(
+        frame=frame,
+        path=path,
+        sha256=sha256_file(path),
+        embed_dim=encoder.embed_dim,
+        encoder_sha256=str(encoder.sha256),
+        skipped=list(result.skipped),
+    )
+
+
+def embedding_frame(sample_ids: list[str], embeddings: np.ndarray) -> pl.DataFrame:
+    dim = int(embeddings.shape[1])
+    return pl.DataFrame(
+        {
+            "sample_id": pl.Series(sample_ids, dtype=pl.Utf8),
+            "embedding": pl.Series(embeddings.astype(np.float32), dtype=pl.Array(pl.Float32, dim)),
+        }
+    )
+
+
+def read_embeddings(layout: Layout, manifest: pl.DataFrame) -> tuple[list[str], np.ndarray]:
+    """Every shard's embeddings, in manifest order."""
+    frame = read_shards(layout, EMBEDDINGS_TABLE, manifest)
+    return frame["sample_id"].to_list(), frame["embedding"].to_numpy().astype(np.float32)

@@ -1,0 +1,162 @@
+"""Report step: measured vs text-estimated disparity on every attribute, and its checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.config import ReportConfig
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.storage import sha256_file
+
+HEADLINE_KEYS = (
+    "spearman_signed_overall",
+    "spearman_signed_regressor",
+    "spearman_signed_ranker",
+    "pearson_signed_overall",
+    "kendall_signed_overall",
+    "spearman_abs_overall",
+    "spearman_zero_shot_vs_gt_rmm_loss",
+    "zero_shot_mean_auroc",
+    "pair_spearman_signed_overall",
+    "n_bh_significant",
+    "n_small_groups",
+)
+"""What `llm2loss run` prints at the end; the full set is in reports/headline.json."""
+
+
+@dataclass(frozen=True)
+class ReportStepResult:
+    html_path: Path
+    duckdb_path: Path
+    sha256: str
+    headline: dict[str, float]
+    top_attributes: list[str]
+    markdown: dict[str, str]
+    plots: dict[str, Path] = field(default_factory=dict)
+    views: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    message: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def attribute_table_path(layout: Layout) -> Path:
+    return layout.reports / "attribute_disparity.parquet"
+
+
+def make_report(
+    layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
+) -> ReportStepResult:
+    from llm2loss_pipeline.core.report import build_report, markdown_tables, publish_views
+    from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
+    from llm2loss_pipeline.diagnoser import Diagnoser
+
+    diagnoser = Diagnoser.load(layout.home)
+    result = build_report(
+        layout,
+        diagnoser,
+        diagnoser.encode_texts,
+        eval_split=config.eval_split,
+        pairs=[pair.split(":") for pair in config.pairs] or None,
+        n_pairs=config.n_pairs,
+        min_group_size=config.min_group_size,
+        alpha=config.alpha,
+        out_dir=layout.reports,
+        log=log,
+    )
+    published = publish_views(layout.duckdb, layout, member_metrics=member_metrics_path(layout))
+    html = result.files["report_html"]
+    return ReportStepResult(
+        html_path=html,
+        duckdb_path=published.db_path,
+        sha256=sha256_file(attribute_table_path(layout)),
+        headline=dict(result.headline),
+        top_attributes=list(result.top_attributes),
+        markdown=markdown_tables(result),
+        plots={name: path for name, path in result.files.items() if str(path).endswith(".png")},
+        views=sorted(published.views),
+    )
+
+
+def _attribute_table(layout: Layout) -> pl.DataFrame:
+    path = attribute_table_path(layout)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: materialize attribute_disparity_report first")
+    return pl.read_parquet(path)
+
+
+def check_complete(layout: Layout) -> CheckOutcome:
+    """One row per CelebA attribute, and every number finite where its group is measurable."""
+    table = _attribute_table(layout)
+    missing = sorted(set(CELEBA_ATTRIBUTES) - set(table["attribute"].to_list()))
+    measurable = table.filter(~pl.col("small_group"))
+    numeric = [
+        name
+        for name, dtype in measurable.schema.items()
+        if dtype.is_float() and name != "zero_shot_auroc"
+    ]
+    bad = {
+        name: measurable.filter(~pl.col(name).is_finite())["attribute"].to_list()
+        for name in numeric
+    }
+    bad = {name: rows for name, rows in bad.items() if rows}
+    passed = table.height == len(CELEBA_ATTRIBUTES) and not missing and not bad
+    message = (
+        f"{table.height} rows, all finite"
+        if passed
+        else f"{table.height} rows; missing {missing}; non-finite {bad}"
+    )
+    return CheckOutcome(
+        passed, message, {"rows": table.height, "non_finite_columns": len(bad), "missing": len(missing)}
+    )
+
+
+def check_group_sizes(layout: Layout, min_group_size: int) -> CheckOutcome:
+    table = _attribute_table(layout)
+    small = table.filter(pl.col("small_group"))["attribute"].to_list()
+    return CheckOutcome(
+        passed=not small,
+        message=(
+            f"every attribute has at least {min_group_size} samples on both sides"
+            if not small
+            else f"{len(small)} attribute(s) have a group under {min_group_size} samples and are "
+            f"marked small_group in the report: {', '.join(small)}"
+        ),
+        metadata={"n_small_groups": len(small), "min_group_size": min_group_size},
+    )
+
+
+def check_heads_floor(layout: Layout, floor: float) -> CheckOutcome:
+    from llm2loss_pipeline.core.steps.diagnosis import read_kind_metrics
+
+    rows = read_kind_metrics(layout)
+    below = {
+        row["group"]: row["ensemble_spearman"]
+        for row in rows
+        if not (row["ensemble_spearman"] >= floor)  # NaN counts as below
+    }
+    values = {row["group"]: row["ensemble_spearman"] for row in rows}
+    return CheckOutcome(
+        passed=not below,
+        message=(
+            f"held-out ensemble Spearman is at least {floor} for every head group"
+            if not below
+            else f"held-out ensemble Spearman under {floor}: "
+            + ", ".join(f"{group} {_fmt(value)}" for group, value in below.items())
+        ),
+        metadata={f"spearman_{group}": float(value) for group, value in values.items()},
+    )
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.3f}"

@@ -1,0 +1,50 @@
+"""Reading the manifest and the per-shard tables that the steps share."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from llm2loss_pipeline.core.layout import Layout
+
+
+def read_manifest(layout: Layout) -> pl.DataFrame:
+    if not layout.manifest.exists():
+        raise FileNotFoundError(
+            f"{layout.manifest} is missing: materialize dataset_manifest first (llm2loss run)"
+        )
+    return pl.read_parquet(layout.manifest)
+
+
+def shard_rows(manifest: pl.DataFrame, shard: str) -> pl.DataFrame:
+    rows = manifest.filter(pl.col("shard") == shard).sort("index")
+    if rows.is_empty():
+        known = manifest["shard"].unique().sort().to_list()
+        raise ValueError(
+            f"shard {shard!r} is not in the manifest (it has {known[0]} .. {known[-1]}); "
+            "the manifest changed since the partition was created: rematerialize dataset_manifest"
+        )
+    return rows
+
+
+def items_of(rows: pl.DataFrame) -> list[tuple[str, str]]:
+    return list(zip(rows["sample_id"].to_list(), rows["path"].to_list(), strict=True))
+
+
+def read_shards(layout: Layout, table: str, manifest: pl.DataFrame) -> pl.DataFrame:
+    """All shards of a per-shard table that the current manifest names, in manifest order.
+
+    Files of shards the manifest no longer has are ignored; a shard the manifest has but whose
+    file is missing is an error that names it, since silently reading part of the data would
+    bias every downstream number.
+    """
+    keys = manifest["shard"].unique(maintain_order=True).to_list()
+    missing = [key for key in keys if not layout.shard_table(table, key).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{table} has no file for {len(missing)} of {len(keys)} shards ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): backfill them, e.g. "
+            f"llm2loss run --stage signals --shard {missing[0]}"
+        )
+    frames = [pl.read_parquet(layout.shard_table(table, key)) for key in keys]
+    order = manifest.select("sample_id", "index")
+    return pl.concat(frames).join(order, on="sample_id", how="left").sort("index").drop("index")

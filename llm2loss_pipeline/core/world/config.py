@@ -1,0 +1,147 @@
+"""What a generated face world is: its size, its seed, and which attributes are made harder."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+
+GENERATOR_VERSION = 1
+"""Bumped whenever the drawing or the sampling changes, so that a cached world is regenerated."""
+
+
+class WorldConfig(BaseModel):
+    """A generated world of cartoon faces, written in the exact CelebA folder layout.
+
+    Every identity gets `images_per_identity` image slots, split per identity into train, valid and
+    test by `split_fractions` (each split gets at least one image). The same config always gives
+    byte-identical files.
+
+    `hard_attributes` maps a CelebA attribute name to a strength `s` in [0, 1]. It makes images
+    that HAVE the attribute harder for an identity classifier through the data alone (no loss is
+    touched), while the attribute itself stays visible. For each such image, with
+    `s` the largest strength among the image's positive hard attributes:
+
+    (a) identity-cue corruption:
+        - occluders: with probability `0.35 + 0.6*s`, `1 + round(2*s)` opaque or noise patches of
+          size `(0.25 + 0.3*s)` face widths are drawn over identity cues (eyes, nose, mouth,
+          forehead, cheeks, jaw), never over the region that shows the attribute itself, and
+          before accessories (glasses, hats, earrings, necklaces, neckties) are drawn, so an
+          occluded face still shows its eyeglasses;
+        - identity traits are perturbed for that image: eye colour, background colour family,
+          clothing colour and nose shape are redrawn with probability `0.5*s`; face proportions,
+          eye spacing, mouth width and (except for Pale_Skin faces) skin tone are jittered by
+          amounts proportional to `s`;
+        - pixel noise with standard deviation `1.5 + 12*s` (0-255 scale) instead of 1.5, and a
+          Gaussian blur of radius `0.7*s` pixels (per 64 pixels of image size; Blurry images use
+          1.2-2.2);
+        - pose jitter (shift, scale, rotation) multiplied by `1 + 1.5*s`.
+    (b) the attribute's positive rate is raised: every non-zero rate `r` of its rule becomes
+        `r + 0.5*s*max(0, 0.35 - r)`, so small groups become big enough to measure. Derived
+        attributes (No_Beard) keep their rule.
+    (c) fewer training images: an identity with a hard identity-level attribute keeps
+        `max(1, round(n_train * (1 - 0.5*s)))` of its train images; for a hard image-level
+        attribute, each identity drops `floor(0.5*s * k)` of its `k` train images that have it
+        (keeping at least one train image). Dropped images are never generated; valid and test
+        images are never dropped.
+
+    world.json records, per hard attribute, these numbers and what they did (rates before and
+    after, images affected, train images dropped).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    n_identities: int = Field(default=120, ge=2)
+    images_per_identity: int = Field(default=30, ge=3)
+    image_size: int = Field(default=64, ge=16, le=512)
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    hard_attributes: dict[str, float] = Field(default_factory=dict)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not (fraction > 0) for fraction in value):
+            raise ValueError(f"every split fraction must be > 0, got {value}")
+        if not math.isclose(sum(value), 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must sum to 1, got {value} (sum {sum(value)})")
+        return value
+
+    @field_validator("hard_attributes")
+    @classmethod
+    def _known_attributes(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, strength in value.items():
+            if name not in CELEBA_ATTRIBUTES:
+                raise ValueError(
+                    f"hard_attributes key {name!r} is not a CelebA attribute; "
+                    "expected one of the 40 names, e.g. 'Eyeglasses'"
+                )
+            if not (0.0 <= strength <= 1.0):
+                raise ValueError(
+                    f"hard_attributes[{name!r}] = {strength} is outside [0, 1] (a strength)"
+                )
+        return dict(sorted(value.items()))
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train, valid and test counts for `n` images: rounded, then each split given at least one."""
+    counts = [max(1, round(n * fraction)) for fraction in fractions]
+    while sum(counts) > n:
+        largest = max(range(3), key=lambda i: (counts[i], -i))
+        if counts[largest] <= 1:
+            break
+        counts[largest] -= 1
+    while sum(counts) < n:
+        counts[0] += 1
+    return counts[0], counts[1], counts[2]
+
+
+@dataclass(frozen=True)
+class HardEffect:
+    """The concrete knobs that a hard-attribute strength turns (see WorldConfig)."""
+
+    strength: float
+    occlusion_probability: float
+    occluder_count: int
+    occluder_size: float
+    trait_redraw_probability: float
+    noise_sigma: float
+    blur_radius_per_64px: float
+    pose_jitter_scale: float
+    train_fraction_kept: float
+
+    @classmethod
+    def of(cls, strength: float) -> HardEffect:
+        s = float(strength)
+        return cls(
+            strength=s,
+            occlusion_probability=0.0 if s <= 0 else min(1.0, 0.35 + 0.6 * s),
+            occluder_count=1 + round(2 * s),
+            occluder_size=0.25 + 0.3 * s,
+            trait_redraw_probability=0.5 * s,
+            noise_sigma=1.5 + 12.0 * s,
+            blur_radius_per_64px=0.7 * s,
+            pose_jitter_scale=1.0 + 1.5 * s,
+            train_fraction_kept=1.0 - 0.5 * s,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+NO_HARDNESS = HardEffect.of(0.0)
+
+
+def boosted_rate(rate: float, strength: float) -> float:
+    """Effect (b): raise a non-zero positive rate towards 0.35, by half the way at strength 1."""
+    if rate <= 0.0 or strength <= 0.0:
+        return rate
+    return rate + 0.5 * strength * max(0.0, 0.35 - rate)

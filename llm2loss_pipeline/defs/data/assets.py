@@ -1,0 +1,87 @@
+"""Dataset assets: the manifest of every sample and the CelebA attribute table."""
+
+# No `from __future__ import annotations` here: Dagster inspects the `context` annotation.
+import dagster as dg
+
+from llm2loss_pipeline.core.steps import data as steps
+from llm2loss_pipeline.defs.metadata import markdown_table, table_metadata
+from llm2loss_pipeline.defs.partitions import sync_shard_partitions
+from llm2loss_pipeline.defs.progress import progress_logger
+from llm2loss_pipeline.defs.resources import DatasetResource, StorageResource, WorldResource
+
+OWNERS = ["team:ml-diagnostics"]
+
+
+@dg.asset(
+    group_name="data",
+    kinds={"parquet", "python"},
+    owners=OWNERS,
+    code_version="manifest-v1",
+    description=(
+        "Every sample: id, image path, split, identity and shard. Generates the offline face world "
+        "when dataset.source is 'generated', else reads a CelebA root. Registers the shard "
+        "partitions of the per-sample assets."
+    ),
+)
+def dataset_manifest(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    dataset: DatasetResource,
+    world: WorldResource,
+) -> dg.MaterializeResult:
+    layout = storage.layout()
+    result = steps.prepare_dataset(
+        layout, dataset.spec(), world.spec(), progress=progress_logger(context, "world images")
+    )
+    added, removed = sync_shard_partitions(context.instance, result.shard_keys)
+    context.log.info(
+        f"{result.manifest.height} samples in {len(result.shard_keys)} shards "
+        f"({added} shard partitions added, {removed} removed)"
+    )
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(result.manifest_sha256),
+        metadata={
+            **table_metadata(result.manifest, layout.manifest),
+            "dataset_root": dg.MetadataValue.path(str(result.root)),
+            "source": result.source,
+            "n_identities": result.n_identities,
+            "n_shards": len(result.shard_keys),
+            "split_sizes": dg.MetadataValue.json(result.split_sizes),
+            **(
+                {"contact_sheet": dg.MetadataValue.path(str(result.contact_sheet))}
+                if result.contact_sheet
+                else {}
+            ),
+        },
+    )
+
+
+@dg.asset(
+    deps=[dataset_manifest],
+    group_name="data",
+    kinds={"parquet", "duckdb"},
+    owners=OWNERS,
+    code_version="attributes-v1",
+    description=(
+        "The 40 CelebA attributes per sample (boolean columns), with per-attribute counts by split "
+        "computed in DuckDB (assets_sql/attribute_counts_by_split.sql)."
+    ),
+)
+def celeba_attributes(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    dataset: DatasetResource,
+    world: WorldResource,
+) -> dg.MaterializeResult:
+    layout = storage.layout()
+    result = steps.summarize_attributes(layout, dataset.spec(), world.spec())
+    context.log.info(f"{result.attributes.height} rows of 40 attributes")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(result.attributes_sha256),
+        metadata={
+            **table_metadata(result.attributes, layout.attributes),
+            "positive_rate_by_split": dg.MetadataValue.md(
+                markdown_table(result.rates_by_split.to_dicts())
+            ),
+        },
+    )

@@ -1,0 +1,99 @@
+"""Model assets: the black box under diagnosis and the language-compatible encoder."""
+
+# No `from __future__ import annotations` here: Dagster inspects the `context` annotation.
+import dagster as dg
+
+from llm2loss_pipeline.core.steps import black_box as black_box_steps
+from llm2loss_pipeline.core.steps import encoder as encoder_steps
+from llm2loss_pipeline.defs.data.assets import OWNERS, celeba_attributes, dataset_manifest
+from llm2loss_pipeline.defs.metadata import float_metadata, markdown_table, png_markdown
+from llm2loss_pipeline.defs.placement import GPU_OP_TAGS, GPU_POOL
+from llm2loss_pipeline.defs.progress import progress_logger
+from llm2loss_pipeline.defs.resources import (
+    BlackBoxResource,
+    DeviceResource,
+    EncoderResource,
+    StorageResource,
+)
+
+
+@dg.asset(
+    deps=[dataset_manifest],
+    group_name="models",
+    kinds={"pytorch", "safetensors"},
+    owners=OWNERS,
+    code_version="black-box-v1",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description=(
+        "The model f under diagnosis: the built-in identity classifier trained on the train split, "
+        "the user's own model (entry point or TorchScript), or a ready loss table. Saved as "
+        "safetensors with a JSON sidecar (architecture, label map, sha256, curves)."
+    ),
+)
+def black_box_model(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    black_box: BlackBoxResource,
+    black_box_device: DeviceResource,
+) -> dg.MaterializeResult:
+    result = black_box_steps.fit_black_box(
+        storage.layout(),
+        black_box.spec(),
+        black_box_device.spec(),
+        progress=progress_logger(context, "black box training"),
+    )
+    metadata = {
+        "source": result.source,
+        "checkpoint": dg.MetadataValue.path(str(result.path)),
+        "sha256": result.sha256,
+        **float_metadata(result.metrics),
+    }
+    if result.curve:
+        metadata["training_curve"] = dg.MetadataValue.md(markdown_table(result.curve))
+    if result.curve_png:
+        metadata["training_curve_plot"] = png_markdown(result.curve_png, "training curve")
+    return dg.MaterializeResult(data_version=dg.DataVersion(result.sha256), metadata=metadata)
+
+
+@dg.asset(
+    deps=[dataset_manifest, celeba_attributes],
+    group_name="models",
+    kinds={"pytorch", "safetensors"},
+    owners=OWNERS,
+    code_version="encoder-v1",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description=(
+        "The encoder g (image tower) and g~ (text tower): a pretrained open_clip model, or the "
+        "offline default whose frozen text tower is all-MiniLM-L6-v2 and whose small image tower "
+        "is trained contrastively on attribute captions. Saved as an open_clip-loadable folder."
+    ),
+)
+def semantic_encoder(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    encoder: EncoderResource,
+    encoder_device: DeviceResource,
+) -> dg.MaterializeResult:
+    result = encoder_steps.fit_encoder(
+        storage.layout(),
+        encoder.spec(),
+        encoder_device.spec(),
+        progress=progress_logger(context, "encoder training"),
+    )
+    metadata = {
+        "mode": result.mode,
+        "checkpoint": dg.MetadataValue.path(str(result.path)),
+        "sha256": result.sha256,
+        "embedding_dim": result.embed_dim,
+        "load_with_open_clip": dg.MetadataValue.md(f"```python\n{result.load_snippet}\n```"),
+        **float_metadata(result.metrics),
+    }
+    if result.zero_shot_auroc:
+        rows = [
+            {"attribute": name, "zero_shot_auroc": value}
+            for name, value in sorted(result.zero_shot_auroc.items(), key=lambda kv: -kv[1])
+        ]
+        metadata["zero_shot_auroc"] = dg.MetadataValue.md(markdown_table(rows))
+    return dg.MaterializeResult(data_version=dg.DataVersion(result.sha256), metadata=metadata)

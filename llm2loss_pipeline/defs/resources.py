@@ -1,0 +1,107 @@
+"""Dagster resources generated from the core configuration models.
+
+The pydantic models in `core/` are the single source of truth for every setting (name, default,
+range). Each resource class here is derived from one of them field by field, so the launchpad shows
+the same keys as the YAML file, and `spec()` re-validates the values through the core model (a bad
+value typed in the launchpad fails with the same message as in the YAML).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, get_origin
+
+import dagster as dg
+from pydantic import BaseModel, Field, create_model
+
+from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.config import DatasetConfig, PipelineConfig, ReportConfig
+from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.storage import ensure_writable_dir, resolve_home
+from llm2loss_pipeline.core.world.config import WorldConfig
+
+
+class _SettingsResource(dg.ConfigurableResource):
+    model: ClassVar[type[BaseModel]]
+
+    def spec(self) -> Any:
+        return self.model.model_validate(self.model_dump())
+
+
+def _settings_resource(model: type[BaseModel], name: str, doc: str) -> type[_SettingsResource]:
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        annotation = info.annotation
+        default = info.get_default(call_default_factory=True)
+        # Dagster config has lists, not fixed-length tuples; the core model turns them back.
+        if get_origin(annotation) is tuple:
+            annotation = list[annotation.__args__[0]]  # type: ignore[union-attr]
+            default = list(default)
+        fields[field_name] = (annotation, Field(default=default, description=info.description))
+    resource = create_model(name, __base__=_SettingsResource, __doc__=doc, **fields)
+    resource.model = model
+    resource.__module__ = __name__
+    return resource
+
+
+WorldResource = _settings_resource(
+    WorldConfig, "WorldResource", "The generated face world (used when dataset.source is generated)."
+)
+DatasetResource = _settings_resource(
+    DatasetConfig, "DatasetResource", "Which images to diagnose and how they are sharded."
+)
+BlackBoxResource = _settings_resource(
+    BlackBoxConfig, "BlackBoxResource", "The model under diagnosis and its task loss."
+)
+EncoderResource = _settings_resource(
+    EncoderConfig, "EncoderResource", "The language-compatible encoder g (open_clip)."
+)
+HeadsResource = _settings_resource(
+    HeadsConfig, "HeadsResource", "The ensemble of diagnosis heads h."
+)
+ReportResource = _settings_resource(
+    ReportConfig, "ReportResource", "How disparities are measured and judged."
+)
+DeviceResource = _settings_resource(
+    DeviceSpec,
+    "DeviceResource",
+    "Where a model-running asset runs: device (cpu, cuda, cuda:N, auto), precision, batching.",
+)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The artifact root. Empty means $LLM2LOSS_HOME, else ./.llm2loss."""
+
+    home: str = Field("", description="artifact root; empty: $LLM2LOSS_HOME or ./.llm2loss")
+
+    def layout(self) -> Layout:
+        layout = Layout(resolve_home(self.home or None))
+        ensure_writable_dir(layout.home)
+        return layout
+
+
+DEVICE_KEYS = {
+    "black_box": "black_box_device",
+    "encoder": "encoder_device",
+    "losses": "losses_device",
+    "embeddings": "embeddings_device",
+    "heads": "heads_device",
+}
+
+
+def build_resources(config: PipelineConfig) -> dict[str, Any]:
+    """Resource instances for one validated configuration."""
+    resources: dict[str, Any] = {
+        "storage": StorageResource(home=config.home or ""),
+        "dataset": DatasetResource(**config.dataset.model_dump()),
+        "world": WorldResource(**config.world.model_dump()),
+        "black_box": BlackBoxResource(**config.black_box.model_dump()),
+        "encoder": EncoderResource(**config.encoder.model_dump()),
+        "heads": HeadsResource(**config.heads.model_dump()),
+        "report": ReportResource(**config.report.model_dump()),
+    }
+    for section, key in DEVICE_KEYS.items():
+        resources[key] = DeviceResource(**getattr(config.devices, section).model_dump())
+    return resources

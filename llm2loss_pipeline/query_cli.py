@@ -1,0 +1,234 @@
+"""`llm2loss compare` and `llm2loss rank`: text questions to the trained heads, from the shell.
+
+    llm2loss compare "face of an old male" "face of a young female" [--json] [--plot out.png]
+    llm2loss rank "a person wearing glasses" "a person wearing a hat" [--file prompts.txt | -]
+
+`register(subparsers)` adds both commands to the main `llm2loss` parser (cli.py); each handler
+returns the exit code: 0, or 2 after printing one clear line to stderr for a problem the user can
+fix (nothing materialized yet, an empty text, heads from another encoder, an unreadable file).
+`python -m llm2loss_pipeline.query_cli ...` runs the two commands on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 2
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing, unreadable or holds no prompts."""
+
+
+def register(subparsers: Any) -> None:
+    """Add `compare` and `rank` to an argparse subparsers object (handler in `handler`)."""
+    compare = subparsers.add_parser(
+        "compare",
+        help="compare the expected loss on two kinds of input described in text",
+        description="Distribution over the head ensemble of h(A) - h(B); > 0: worse on A.",
+    )
+    compare.add_argument("text_a", metavar="TEXT_A")
+    compare.add_argument("text_b", metavar="TEXT_B")
+    _common(compare)
+    compare.set_defaults(handler=run_compare)
+
+    rank = subparsers.add_parser(
+        "rank",
+        help="order text descriptions by expected loss, worst first",
+        description="Order texts by the ensemble-mean estimated loss, with member intervals.",
+    )
+    rank.add_argument("texts", nargs="*", metavar="TEXT")
+    rank.add_argument(
+        "--file",
+        metavar="FILE",
+        help="one prompt per line ('-' reads stdin); blank lines and lines starting with # skipped",
+    )
+    _common(rank)
+    rank.set_defaults(handler=run_rank)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", help="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
+    parser.add_argument("--device", default="cpu", help="device for the text encoder (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also write a chart to this PNG file")
+
+
+def load_diagnoser(home: str | None, device: str):
+    """The Diagnoser for `home` (a seam that tests replace)."""
+    from llm2loss_pipeline.diagnoser import Diagnoser
+
+    return Diagnoser.load(home, device=device)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"llm2loss {command}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    from llm2loss_pipeline.core.storage import StorageError
+
+    return (ValueError, StorageError, OSError)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    try:
+        diagnoser = load_diagnoser(args.home, args.device)
+        comparison = diagnoser.compare(args.text_a, args.text_b)
+        if args.plot:
+            from llm2loss_pipeline.core.heads.plots import plot_comparison
+
+            plot_comparison(comparison, args.plot)
+    except _handled_errors() as exc:
+        return _fail("compare", str(exc))
+    if args.json:
+        print(json.dumps(_json_safe(comparison.to_dict()), indent=2))
+    else:
+        _print_comparison(comparison)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    try:
+        texts = list(args.texts)
+        if args.file:
+            texts = read_prompts(args.file) + texts
+        if not texts:
+            raise ValueError("no texts to rank: give them as arguments or with --file FILE")
+        diagnoser = load_diagnoser(args.home, args.device)
+        ranking = diagnoser.rank(texts)
+        if args.plot:
+            from llm2loss_pipeline.core.heads.plots import plot_ranking
+
+            plot_ranking(ranking, args.plot)
+    except _handled_errors() as exc:
+        return _fail("rank", str(exc))
+    if args.json:
+        print(json.dumps(_json_safe(ranking), indent=2))
+    else:
+        _print_ranking(ranking, n_members=len(diagnoser.members))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def read_prompts(source: str) -> list[str]:
+    """Prompts from a file or stdin ('-'): one per line, blank lines and # comments skipped."""
+    name = "stdin" if source == "-" else source
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PromptFileError(f"prompt file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptFileError(f"prompt file {path} is not UTF-8 text ({exc.reason})") from exc
+    prompts = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not prompts:
+        raise PromptFileError(
+            f"prompt file {name} has no prompts "
+            "(one per line; blank lines and # comments are skipped)"
+        )
+    return prompts
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf become null so that the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(value) for value in obj]
+    return obj
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _print_comparison(comparison: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"A: {comparison.text_a}", markup=False, soft_wrap=True)
+    console.print(f"B: {comparison.text_b}", markup=False, soft_wrap=True)
+    table = Table(title="h(A) - h(B) over ensemble members (> 0: worse on A)", title_justify="left")
+    for column in ("group", "n", "mean", "min", "q1", "median", "q3", "max", "P(A worse)"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for name, stats in comparison.groups.items():
+        table.add_row(
+            name,
+            str(stats.n),
+            *(
+                f"{value:+.3f}"
+                for value in (stats.mean, stats.min, stats.q1, stats.median, stats.q3, stats.max)
+            ),
+            f"{stats.p_greater:.2f}",
+        )
+    console.print(table)
+    console.print(comparison.verdict, markup=False, soft_wrap=True)
+    console.print(
+        "units: standard deviations of each member's predicted loss over the training images",
+        style="dim",
+        soft_wrap=True,
+    )
+
+
+def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(
+        title=f"estimated loss by text, worst first ({n_members} members)", title_justify="left"
+    )
+    kinds = [name for name in ranking[0]["groups"] if name != "overall"] if ranking else []
+    for column in ("rank", "text", "mean", "q1 .. q3", "min .. max", *(f"{k} mean" for k in kinds)):
+        table.add_column(column, justify="left" if column == "text" else "right", overflow="fold")
+    for row in ranking:
+        table.add_row(
+            str(row["rank"]),
+            row["text"],
+            f"{row['mean']:+.3f}",
+            f"{row['q1']:+.2f} .. {row['q3']:+.2f}",
+            f"{row['min']:+.2f} .. {row['max']:+.2f}",
+            *(f"{row['groups'][k]['mean']:+.3f}" for k in kinds),
+        )
+    console.print(table)
+    console.print(
+        "units: standard deviations of each member's predicted loss above its training average",
+        style="dim",
+        soft_wrap=True,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm2loss", description="Query the LLM2Loss heads.")
+    register(parser.add_subparsers(title="commands", metavar="COMMAND", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
