@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm2loss",
-        description="Where does your model fail, and whom does it treat worse? (LLM2Loss on Dagster)",
+        description="Where does your model fail, and whom does it treat worse? (LLM2Loss)",
     )
     parser.add_argument("--version", action="version", version=f"llm2loss {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -135,7 +135,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (StageFailed, StorageError, ValueError) as exc:
         return _fail(str(exc))
     elapsed = time.monotonic() - started
-    print(f"llm2loss: {len(outcome.runs)} run(s) in {elapsed:.0f}s; artifacts in {outcome.layout.home}")
+    runs = len(outcome.runs)
+    print(f"llm2loss: {runs} run(s) in {elapsed:.0f}s; artifacts in {outcome.layout.home}")
     _print_report_summary(outcome.layout)
     return 0
 
@@ -153,7 +154,11 @@ def _print_report_summary(layout) -> None:
     print("headline (estimated vs measured disparity across the 40 attributes):")
     for name in HEADLINE_KEYS:
         value = headline.get(name)
-        shown = "n/a" if value is None else (f"{value:.0f}" if name.startswith("n_") else f"{value:+.3f}")
+        shown = (
+            "n/a"
+            if value is None
+            else (f"{value:.0f}" if name.startswith("n_") else f"{value:+.3f}")
+        )
         print(f"  {name:<36} {shown}")
 
 
@@ -185,7 +190,9 @@ def _cmd_generate_world(args: argparse.Namespace) -> int:
     with Progress(transient=True) as bar:
         task = bar.add_task("drawing faces", total=None)
         summary = generate_world(
-            config, args.out_dir, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            config,
+            args.out_dir,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     print(f"wrote {summary.n_images} images of {config.n_identities} identities to {args.out_dir}")
     if args.contact_sheet:
@@ -229,7 +236,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         env["LLM2LOSS_CONFIG"] = str(Path(args.config).resolve())
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     command = ["dagster", "dev", "-p", str(args.port)]
-    command += ["-w", str(workspace)] if workspace.exists() else ["-m", "llm2loss_pipeline.definitions"]
+    command += (
+        ["-w", str(workspace)] if workspace.exists() else ["-m", "llm2loss_pipeline.definitions"]
+    )
     os.execvpe(command[0], command, env)
     return 0
 

@@ -15,6 +15,7 @@ import dagster as dg
 from llm2loss_pipeline.core.config import PipelineConfig, load_config
 from llm2loss_pipeline.defs.data.assets import celeba_attributes, dataset_manifest
 from llm2loss_pipeline.defs.diagnosis.assets import diagnosis_heads
+from llm2loss_pipeline.defs.executors import executor_from_env
 from llm2loss_pipeline.defs.jobs import JOBS
 from llm2loss_pipeline.defs.models.assets import black_box_model, semantic_encoder
 from llm2loss_pipeline.defs.report.assets import attribute_disparity_report
@@ -49,6 +50,7 @@ def build_definitions(
         jobs=JOBS,
         resources=build_resources(config),
         loggers=dict(loggers) if loggers else None,
+        executor=executor_from_env(),
     )
 
 

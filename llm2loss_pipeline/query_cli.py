@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_ERROR = 2
+PIPE_WIDTH = 120
+WIDE = 110
 
 
 class PromptFileError(ValueError):
@@ -161,7 +163,8 @@ def _json_safe(obj: Any) -> Any:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    # a pipe or file gets 120 columns rather than rich's 80, so tables keep one line per row
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def _print_comparison(comparison: Any) -> None:
@@ -172,7 +175,7 @@ def _print_comparison(comparison: Any) -> None:
     console.print(f"B: {comparison.text_b}", markup=False, soft_wrap=True)
     table = Table(title="h(A) - h(B) over ensemble members (> 0: worse on A)", title_justify="left")
     for column in ("group", "n", "mean", "min", "q1", "median", "q3", "max", "P(A worse)"):
-        table.add_column(column, justify="left" if column == "group" else "right")
+        table.add_column(column, justify="left" if column == "group" else "right", no_wrap=True)
     for name, stats in comparison.groups.items():
         table.add_row(
             name,
@@ -200,8 +203,13 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
         title=f"estimated loss by text, worst first ({n_members} members)", title_justify="left"
     )
     kinds = [name for name in ranking[0]["groups"] if name != "overall"] if ranking else []
+    if console.width < WIDE:
+        kinds = []  # a narrow terminal keeps the text readable instead
     for column in ("rank", "text", "mean", "q1 .. q3", "min .. max", *(f"{k} mean" for k in kinds)):
-        table.add_column(column, justify="left" if column == "text" else "right", overflow="fold")
+        if column == "text":
+            table.add_column(column, justify="left", overflow="fold", ratio=1, min_width=20)
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for row in ranking:
         table.add_row(
             str(row["rank"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import polars as pl
@@ -20,7 +21,12 @@ from llm2loss_pipeline.core.blackbox.loss_table import (
     read_loss_table,
     split_loss_table,
 )
-from llm2loss_pipeline.core.blackbox.losses import LOSS_SCHEMA, compute_losses, true_class_auroc
+from llm2loss_pipeline.core.blackbox.losses import (
+    LOSS_SCHEMA,
+    compute_losses,
+    prefetched,
+    true_class_auroc,
+)
 from llm2loss_pipeline.core.blackbox.train import train_classifier
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.images import ImageDecodeError
@@ -251,6 +257,35 @@ def test_progress_reports_every_batch(setup):
     losses(setup, progress=lambda done, total, message: seen.append((done, total)))
     batches = math.ceil(len(setup[2]) / CPU.batch_size)
     assert seen == [(i, batches) for i in range(1, batches + 1)]
+
+
+def test_worker_processes_give_the_same_table(setup):
+    _, _, items, labels, splits, model = setup
+    spec = DeviceSpec(device="cpu", batch_size=16, num_workers=1)
+    frame = compute_losses(model, items, labels, splits, PREPROCESS, spec).frame
+    assert frame.equals(losses(setup).frame)
+
+
+def test_loss_pass_restores_the_thread_count(setup):
+    before = torch.get_num_threads()
+    losses(setup, threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_prefetched_keeps_order_reraises_and_stops():
+    assert list(prefetched(range(10), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError("decoder exploded")
+
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        list(prefetched(failing()))
+    endless = prefetched(iter(range(10**9)), depth=1)
+    assert next(endless) == 0
+    endless.close()  # the consumer stops early: the producer thread must end too
+    names = [thread.name for thread in threading.enumerate()]
+    assert "llm2loss-prefetch" not in names
 
 
 # ready loss tables

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
 
@@ -68,15 +69,25 @@ class _Tokens:
     line: np.ndarray  # 0-based line of each token
     n_lines: int  # up to the last line that holds a token: trailing blank lines do not count
 
-    def strings(self, tokens: np.ndarray) -> list[str]:
-        data = self.data
-        return [
-            data[s:e].decode("utf-8")
-            for s, e in zip(self.starts[tokens].tolist(), self.ends[tokens].tolist(), strict=True)
-        ]
+    def strings(self, tokens: np.ndarray, name: str = "") -> pl.Series:
+        """The tokens as a polars String Series, built from the bytes without Python strings."""
+        starts = self.starts[tokens]
+        lengths = self.ends[tokens] - starts
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        chars = np.frombuffer(self.data, dtype=np.uint8)[gather]
+        array = pa.LargeStringArray.from_buffers(
+            lengths.size, pa.py_buffer(offsets), pa.py_buffer(chars)
+        )
+        return pl.Series(name, array, dtype=pl.String)
 
     def line_text(self, line: int) -> str:
-        return self.data.split(b"\n")[line].decode("utf-8").strip()
+        start = 0
+        for _ in range(line):
+            start = self.data.index(b"\n", start) + 1
+        end = self.data.find(b"\n", start)
+        return self.data[start : end if end >= 0 else None].decode("utf-8").strip()
 
     def per_line(self) -> np.ndarray:
         return np.bincount(self.line, minlength=self.n_lines)
@@ -165,7 +176,7 @@ def read_attribute_file(path: Path) -> pl.DataFrame:
     if count != n_rows:
         raise _fail(path, 1, f"the count line says {count} images but the file has {n_rows} rows")
     rows = tokens.rows(first_line=2, expected=41)
-    ids = pl.Series("sample_id", tokens.strings(rows[:, 0]), dtype=pl.String)
+    ids = tokens.strings(rows[:, 0], "sample_id")
     _check_unique(path, ids, first_line=3)
     positive, negative = _signs(tokens, rows[:, 1:])
     invalid = ~(positive | negative)
@@ -188,9 +199,9 @@ def _read_pairs(path: Path, value_name: str) -> pl.DataFrame:
     if tokens.n_lines == 0:
         raise _fail(path, 1, "file is empty")
     rows = tokens.rows(first_line=0, expected=2)
-    ids = pl.Series("sample_id", tokens.strings(rows[:, 0]), dtype=pl.String)
+    ids = tokens.strings(rows[:, 0], "sample_id")
     _check_unique(path, ids, first_line=1)
-    texts = pl.Series(value_name, tokens.strings(rows[:, 1]), dtype=pl.String)
+    texts = tokens.strings(rows[:, 1], value_name)
     values = texts.cast(pl.Int64, strict=False)
     invalid = values.is_null()
     if invalid.any():

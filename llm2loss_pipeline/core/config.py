@@ -121,7 +121,9 @@ class DevicesConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    home: str | None = Field(None, description="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
+    home: str | None = Field(
+        None, description="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)"
+    )
     dataset: DatasetConfig = DatasetConfig()
     world: WorldConfig = WorldConfig()
     black_box: BlackBoxConfig = BlackBoxConfig()

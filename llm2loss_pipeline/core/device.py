@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PRECISIONS = ("fp32", "bf16", "fp16")

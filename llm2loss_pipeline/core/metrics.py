@@ -36,7 +36,8 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
             f"auroc: {scores_arr.size} scores but {labels_arr.size} labels; they must pair up"
         )
     if np.isnan(scores_arr).any():
-        raise ValueError(f"auroc: scores contain NaN at positions {np.flatnonzero(np.isnan(scores_arr))[:5].tolist()}")
+        where = np.flatnonzero(np.isnan(scores_arr))[:5].tolist()
+        raise ValueError(f"auroc: scores contain NaN at positions {where}")
     positive = labels_arr.astype(bool)
     n_pos = int(positive.sum())
     n_neg = positive.size - n_pos

@@ -4,7 +4,7 @@ Every text the pipeline feeds to the text tower comes from here, so that the cap
 tower learns from and the prompts the report asks with share their wording. A description is a
 noun phrase built from *phrases*, each tagged with the grammatical slot it fills:
 
-    [article] [adjectives] noun [with ...] [without ...] [wearing ...] [clauses]
+    [article] [adjectives] noun [with ...] [without ...] [wearing ...] [who is ...] [clauses]
     "a smiling young woman with blond hair and bangs wearing glasses and a hat"
 
 Slots:
@@ -13,7 +13,8 @@ Slots:
     with     things the face has ("blond hair", "a mustache"), joined as "with A, B and C"
     without  things it lacks ("eyeglasses", "a hat"), joined as "without A or B"
     wearing  worn items ("glasses", "a hat"), joined as "wearing A and B"
-    clause   a verbatim trailing phrase ("who is not smiling")
+    who      predicates ("not smiling", "not wearing a tie"), joined as "who is A and B"
+    clause   a verbatim trailing phrase ("whose hair is not blond", "in a blurry photo")
 
 `PHRASES` holds all wording: for each of the 40 CelebA attributes, the phrases for having it and
 for not having it, each written for that attribute. The first phrase of each list is canonical:
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
 
-SLOTS = ("adj", "noun", "with", "without", "wearing", "clause")
+SLOTS = ("adj", "noun", "with", "without", "wearing", "who", "clause")
 
 DEFAULT_TEMPLATE = "face of {}"
 
@@ -75,7 +76,7 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "Bald": (
         ("adj:bald", "with:a shaved head", "adj:hairless"),
-        ("with:a full head of hair", "clause:who is not bald", "with:hair on the head"),
+        ("with:a full head of hair", "who:not bald", "with:hair on the head"),
     ),
     "Bangs": (
         ("with:bangs", "with:a fringe", "with:hair covering the forehead"),
@@ -119,7 +120,7 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "Eyeglasses": (
         ("wearing:eyeglasses", "wearing:glasses", "with:spectacles"),
-        ("without:eyeglasses", "clause:not wearing glasses", "without:spectacles"),
+        ("without:eyeglasses", "who:not wearing glasses", "without:spectacles"),
     ),
     "Goatee": (
         ("with:a goatee", "with:a chin beard", "with:a small pointed beard"),
@@ -182,8 +183,8 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("without:sideburns", "with:no sideburns", "with:shaved temples"),
     ),
     "Smiling": (
-        ("adj:smiling", "clause:who is smiling", "adj:happy"),
-        ("with:a neutral expression", "clause:not smiling", "adj:serious"),
+        ("adj:smiling", "who:smiling", "adj:happy"),
+        ("with:a neutral expression", "who:not smiling", "adj:serious"),
     ),
     "Straight_Hair": (
         ("with:straight hair", "with:sleek straight hair", "adj:straight-haired"),
@@ -195,23 +196,23 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "Wearing_Earrings": (
         ("wearing:earrings", "with:earrings", "wearing:ear jewelry"),
-        ("without:earrings", "clause:not wearing earrings", "with:bare earlobes"),
+        ("without:earrings", "who:not wearing earrings", "with:bare earlobes"),
     ),
     "Wearing_Hat": (
         ("wearing:a hat", "wearing:a cap", "with:a hat on the head"),
-        ("without:a hat", "clause:not wearing a hat", "adj:bareheaded"),
+        ("without:a hat", "who:not wearing a hat", "adj:bareheaded"),
     ),
     "Wearing_Lipstick": (
         ("wearing:lipstick", "with:painted lips", "with:red lipstick"),
-        ("without:lipstick", "clause:not wearing lipstick", "with:unpainted lips"),
+        ("without:lipstick", "who:not wearing lipstick", "with:unpainted lips"),
     ),
     "Wearing_Necklace": (
         ("wearing:a necklace", "with:a necklace", "wearing:a chain around the neck"),
-        ("without:a necklace", "clause:not wearing a necklace", "with:a bare neck"),
+        ("without:a necklace", "who:not wearing a necklace", "with:a bare neck"),
     ),
     "Wearing_Necktie": (
         ("wearing:a necktie", "wearing:a tie", "with:a tie"),
-        ("without:a necktie", "clause:not wearing a tie", "without:a tie"),
+        ("without:a necktie", "who:not wearing a tie", "without:a tie"),
     ),
     "Young": (
         ("adj:young", "adj:youthful", "adj:young-looking"),
@@ -254,7 +255,9 @@ class Phrase:
 def _parse(attribute: str, raw: str) -> Phrase:
     slot, sep, text = raw.partition(":")
     if not sep or slot not in SLOTS or not text.strip():
-        raise ValueError(f"PHRASES[{attribute!r}]: {raw!r} is not 'slot:text' with a slot in {SLOTS}")
+        raise ValueError(
+            f"PHRASES[{attribute!r}]: {raw!r} is not 'slot:text' with a slot in {SLOTS}"
+        )
     return Phrase(slot, text)
 
 
@@ -262,12 +265,16 @@ def _build_table() -> dict[str, tuple[tuple[Phrase, ...], tuple[Phrase, ...]]]:
     missing = set(CELEBA_ATTRIBUTES) - set(PHRASES)
     extra = set(PHRASES) - set(CELEBA_ATTRIBUTES)
     if missing or extra:
-        raise ValueError(f"PHRASES must cover the 40 CelebA attributes: missing {missing}, extra {extra}")
+        raise ValueError(
+            f"PHRASES must cover the 40 CelebA attributes: missing {missing}, extra {extra}"
+        )
     table = {}
     for name in CELEBA_ATTRIBUTES:
         positives, negatives = PHRASES[name]
         if not positives or not negatives:
-            raise ValueError(f"PHRASES[{name!r}] needs at least one positive and one negative phrase")
+            raise ValueError(
+                f"PHRASES[{name!r}] needs at least one positive and one negative phrase"
+            )
         table[name] = (
             tuple(_parse(name, raw) for raw in positives),
             tuple(_parse(name, raw) for raw in negatives),
@@ -316,6 +323,8 @@ def _realise(chosen: Sequence[tuple[str, Phrase]]) -> str:
         tail.append("without " + _join([text for _, text in by_slot["without"]], "or"))
     if by_slot["wearing"]:
         tail.append("wearing " + _join([text for _, text in by_slot["wearing"]], "and"))
+    if by_slot["who"]:
+        tail.append("who is " + _join([text for _, text in by_slot["who"]], "and"))
     tail.extend(text for _, text in by_slot["clause"])
     separator = ", " if len(tail) > 2 else " "
     words = f"{head} {separator.join(tail)}" if tail else head

@@ -25,7 +25,9 @@ signals_job = dg.define_asset_job(
     description="Per-sample losses and image embeddings of one shard.",
 )
 diagnose_job = dg.define_asset_job(
-    "diagnose", selection=DIAGNOSE, description="Diagnosis heads and the attribute disparity report."
+    "diagnose",
+    selection=DIAGNOSE,
+    description="Diagnosis heads and the attribute disparity report.",
 )
 
 JOBS = [prepare_job, signals_job, diagnose_job]

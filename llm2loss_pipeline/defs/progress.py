@@ -22,7 +22,7 @@ def progress_logger(
     def report(*args: object) -> None:
         counts = [arg for arg in args if isinstance(arg, int) and not isinstance(arg, bool)]
         texts = [arg for arg in args if isinstance(arg, str)]
-        done, total = (counts + [0, 0])[:2]
+        done, total = [*counts, 0, 0][:2]
         now = time.monotonic()
         if done not in (0, total) and now - last[0] < every_seconds:
             return

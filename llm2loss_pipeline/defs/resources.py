@@ -47,7 +47,9 @@ def _settings_resource(model: type[BaseModel], name: str, doc: str) -> type[_Set
 
 
 WorldResource = _settings_resource(
-    WorldConfig, "WorldResource", "The generated face world (used when dataset.source is generated)."
+    WorldConfig,
+    "WorldResource",
+    "The generated face world (used when dataset.source is generated).",
 )
 DatasetResource = _settings_resource(
     DatasetConfig, "DatasetResource", "Which images to diagnose and how they are sharded."

@@ -137,8 +137,8 @@ def _failure_message(outcome: dg.ExecuteInProcessResult, stage: str, partition: 
             rerun = f"llm2loss run --stage {stage}" + (f" --shard {partition}" if partition else "")
             return (
                 f"asset step {event.step_key}{where} failed in run {outcome.run_id}:\n  {message}\n"
-                f"Fix the cause, then rerun with: {rerun} (the run's full log is in the Dagster UI: "
-                "llm2loss ui)"
+                f"Fix the cause, then rerun with: {rerun} "
+                "(the run's full log is in the Dagster UI: llm2loss ui)"
             )
     return f"stage {stage}{where} failed in run {outcome.run_id} (see llm2loss ui)"
 

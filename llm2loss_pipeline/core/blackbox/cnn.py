@@ -27,13 +27,17 @@ class InputNormalize(nn.Module):
         super().__init__()
         # Not persistent: the constants are recorded in the checkpoint sidecar, not as weights.
         shape = (1, 3, 1, 1)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape), False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape), False)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(shape)
+        std_t = torch.tensor(std, dtype=torch.float32).view(shape)
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift.
+        self.register_buffer("scale_u8", 1.0 / (255.0 * std_t), False)
+        self.register_buffer("scale", 1.0 / std_t, False)
+        self.register_buffer("shift", -mean_t / std_t, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
-            x = x.to(torch.float32).div_(255.0)
-        return (x - self.mean) / self.std
+            return torch.addcmul(self.shift, x.to(torch.float32), self.scale_u8)
+        return torch.addcmul(self.shift, x, self.scale)
 
 
 class ImageClassifier(nn.Module):

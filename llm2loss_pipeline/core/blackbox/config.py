@@ -36,7 +36,7 @@ class BlackBoxConfig(BaseModel):
     # the built-in classifier
     arch: Arch = Field("small_cnn", description="small_cnn (CPU, generated world) or resnet18")
     image_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
-    epochs: int = Field(14, ge=1, le=1000)
+    epochs: int = Field(16, ge=1, le=1000)
     lr: float = Field(4e-3, gt=0.0, le=10.0, description="peak learning rate (AdamW, one-cycle)")
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     batch_size: int = Field(64, ge=2, le=65536)

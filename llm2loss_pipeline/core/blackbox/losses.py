@@ -13,8 +13,12 @@ autocast: bf16 logits would quantise small losses to a handful of values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from queue import Empty, Full, Queue
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -38,6 +42,7 @@ LOSS_SCHEMA: dict[str, pl.DataType] = {
     "true_class_auroc": pl.Float64(),
 }
 MAX_NAMED = 10
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -171,13 +176,16 @@ def _compute(
         **spec.loader_kwargs(device),
     )
     total_batches = len(loader)
+    # Without worker processes, decode the next batch on a thread while this one runs: PIL's
+    # decoder and torch's kernels both release the GIL, so the two overlap on separate cores.
+    batches = prefetched(loader) if spec.num_workers == 0 else loader
 
     kept: list[torch.Tensor] = []
     outputs: dict[str, list[torch.Tensor]] = {"logp": [], "pred": [], "auroc": []}
     skipped_positions: list[int] = []
     num_classes: int | None = None
     with torch.inference_mode():
-        for batch_no, (positions, x, skipped) in enumerate(loader, start=1):
+        for batch_no, (positions, x, skipped) in enumerate(batches, start=1):
             skipped_positions.extend(int(p) for p in skipped)
             if x is not None and len(positions):
                 targets = targets_cpu[positions].to(device, non_blocking=True)
@@ -235,6 +243,49 @@ def _compute(
         schema=LOSS_SCHEMA,
     )
     return LossResult(frame=frame, dropped=dropped_ids, skipped=skipped_ids)
+
+
+def prefetched(iterable: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `iterable` on a background thread, up to `depth` items ahead.
+
+    Exceptions from the producer are re-raised in the consumer; when the consumer stops early
+    (an error in the loop body), the producer thread is told to stop and is joined.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        queue.put((item, None), timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="llm2loss-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(Empty):
+                queue.get_nowait()  # unblock a producer waiting on a full queue
+            thread.join(timeout=0.05)
 
 
 def _checked_scores(scores: object, batch: int) -> torch.Tensor:

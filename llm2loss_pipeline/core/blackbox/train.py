@@ -113,6 +113,7 @@ class _Images:
         self.device_spec = device_spec
         self.on_bad_image = on_bad_image
         self.skipped: list[str] = []
+        self._skipped_set: set[str] = set()
         self.cache: torch.Tensor | None = None
         labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if len(self.items) * 3 * image_size * image_size <= cache_limit_bytes:
@@ -148,7 +149,8 @@ class _Images:
     def _note_skipped(self, skipped: Any) -> None:
         for position in skipped:
             sample_id = self.items[int(position)][0]
-            if sample_id not in self.skipped:
+            if sample_id not in self._skipped_set:  # streamed epochs meet the same bad files
+                self._skipped_set.add(sample_id)
                 self.skipped.append(sample_id)
 
     def _decode_all(self) -> tuple[torch.Tensor, torch.Tensor]:

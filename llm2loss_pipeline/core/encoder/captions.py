@@ -108,7 +108,7 @@ def build_caption_pool(
     stated = np.zeros((n_pool, n_attributes), dtype=bool)
     values = np.zeros((n_pool, n_attributes), dtype=bool)
     column = {name: index for index, name in enumerate(CELEBA_ATTRIBUTES)}
-    for image, row in enumerate(attribute_rows):
+    for row in attribute_rows:
         for _ in range(captions_per_image):
             text, said = draw_caption(row, rng)
             j = len(texts)

@@ -87,9 +87,8 @@ def _state_dict(encoder: Encoder) -> dict[str, torch.Tensor]:
 def save_encoder(encoder: Encoder, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Write `encoder` to `out_dir` atomically; return the sidecar (also in `out_dir/encoder.json`)
     and set `encoder.sha256`."""
-    from safetensors.torch import save_file
-
     import open_clip
+    from safetensors.torch import save_file
 
     final = Path(out_dir).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +205,9 @@ def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "
     if not weights.is_file():
         raise StorageError(f"{weights} is missing: the encoder folder {folder} is incomplete")
     if not (folder / OPEN_CLIP_CONFIG).is_file():
-        raise StorageError(f"{folder / OPEN_CLIP_CONFIG} is missing: the encoder folder is incomplete")
+        raise StorageError(
+            f"{folder / OPEN_CLIP_CONFIG} is missing: the encoder folder is incomplete"
+        )
     actual = sha256_file(weights)
     if actual != sidecar["sha256"]:
         raise StorageError(

@@ -40,7 +40,7 @@ class EncoderConfig(BaseModel):
         "tower) or pretrained (any open_clip model)",
     )
 
-    # ---- pretrained mode -------------------------------------------------------------------------
+    # ---- pretrained mode ------------------------------------------------------------------
     model_name: str = Field(
         "ViT-B-32",
         description="pretrained: open_clip model name, or 'hf-hub:org/repo' / 'local-dir:/path'",
@@ -53,7 +53,7 @@ class EncoderConfig(BaseModel):
     )
     cache_dir: str | None = Field(None, description="pretrained: where open_clip caches weights")
 
-    # ---- caption_tuned mode: architecture ------------------------------------------------------------
+    # ---- caption_tuned mode: architecture -------------------------------------------------
     text_model_dir: str | None = Field(
         None,
         description="caption_tuned: a local Hugging Face sentence-model folder (default: the one "
@@ -84,7 +84,7 @@ class EncoderConfig(BaseModel):
         24, ge=8, le=256, description="caption_tuned: width of one attention head"
     )
 
-    # ---- caption_tuned mode: training --------------------------------------------------------------
+    # ---- caption_tuned mode: training -----------------------------------------------------
     epochs: int = Field(12, ge=1, le=10_000, description="passes over the training images")
     lr: float = Field(2e-3, gt=0.0, le=1.0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.05, ge=0.0, le=1.0, description="AdamW decoupled weight decay")

@@ -69,7 +69,9 @@ def _attribute_columns(attribute_matrix: Any, n: int) -> dict[str, np.ndarray]:
             continue
         values = columns[name]
         if values.shape != (n,):
-            raise ValueError(f"attribute {name!r} has {values.shape} labels for {n} image embeddings")
+            raise ValueError(
+                f"attribute {name!r} has {values.shape} labels for {n} image embeddings"
+            )
         if values.dtype != bool:
             if values.dtype == object or np.isnan(values.astype(np.float64)).any():
                 raise ValueError(f"attribute {name!r} has missing labels")

@@ -1,8 +1,9 @@
 """The one entry point that builds the semantic encoder: `build_encoder(config, device)`.
 
-In the spirit of open_clip's own `factory.py`: a config goes in, an `Encoder` (model in eval mode,
-its own preprocessing transform, its tokenizer) comes out. Loading a saved encoder goes through
-open_clip's `local-dir:` schema (see `checkpoint.py`), so what we save is what plain open_clip loads.
+In the spirit of open_clip's own `factory.py`: a config goes in, an `Encoder` (model in eval
+mode, its own preprocessing transform, its tokenizer) comes out. Loading a saved encoder goes
+through open_clip's `local-dir:` schema (see `checkpoint.py`), so what we save is what plain
+open_clip loads.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def default_text_model_dir() -> Path:
 def resolve_text_model_dir(config: EncoderConfig) -> Path:
     folder = Path(config.text_model_dir) if config.text_model_dir else default_text_model_dir()
     folder = folder.expanduser().resolve()
-    missing = [name for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    missing = [
+        name for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()
+    ]
     if missing:
         raise FileNotFoundError(
             f"text_model_dir {folder} is not a Hugging Face model folder: missing {missing}"
@@ -150,7 +153,9 @@ class Encoder:
         self._warn_truncated(texts, tokens)
         pad_id = _pad_token_id(self.tokenizer)
         trim = pad_id is not None and _is_hf_text_tower(self.model)
-        lengths = (tokens != pad_id).sum(dim=1) if trim else torch.full((len(texts),), tokens.shape[1])
+        lengths = (
+            (tokens != pad_id).sum(dim=1) if trim else torch.full((len(texts),), tokens.shape[1])
+        )
         order = torch.argsort(lengths, stable=True)
         with torch.inference_mode():
             for start in range(0, len(texts), TEXT_BATCH_SIZE):
@@ -178,7 +183,7 @@ class Encoder:
                     stacklevel=4,
                 )
 
-    # ---- images ------------------------------------------------------------------------------------
+    # ---- images --------------------------------------------------------------------------
 
     def encode_image_tensors(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of preprocessed images [n, 3, H, W]."""
@@ -208,7 +213,7 @@ def _untruncated_length(tokenizer: Any, text: str) -> int | None:
     return None
 
 
-# ---- building ----------------------------------------------------------------------------------------
+# ---- building ------------------------------------------------------------------------------
 
 
 def caption_tuned_model_cfg(config: EncoderConfig, text_model_dir: Path) -> dict[str, Any]:
@@ -265,7 +270,13 @@ def _build_caption_tuned(config: EncoderConfig, device: torch.device) -> Encoder
     model.to(device)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     return Encoder(
-        model, preprocess, tokenizer, config, model_cfg, preprocess_cfg, device,
+        model,
+        preprocess,
+        tokenizer,
+        config,
+        model_cfg,
+        preprocess_cfg,
+        device,
         text_model_dir=text_dir,
     )
 

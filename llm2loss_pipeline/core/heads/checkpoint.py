@@ -46,6 +46,7 @@ INDEX = "ensemble.json"
 GAP_FILE = "gap.safetensors"
 FORMAT = "llm2loss-heads/1"
 STALE_AFTER_S = 3600.0
+PER_MEMBER_TRAINING = ("best_epoch", "holdout_spearman")
 REMEDY = "rematerialize diagnosis_heads: llm2loss run"
 
 
@@ -104,6 +105,11 @@ def save_ensemble(
                     "std": float(ensemble.out_std[member.index]),
                 },
                 "metrics": dict(metrics[member.index]) if metrics is not None else {},
+                "training": {
+                    key: ensemble.training[key][member.index]
+                    for key in PER_MEMBER_TRAINING
+                    if key in ensemble.training
+                },
             }
             path = staging / f"{member.name}.safetensors"
             sidecars.append(save_checkpoint(path, ensemble.member_tensors(member.index), meta))
@@ -111,6 +117,11 @@ def save_ensemble(
         index = {
             **common,
             "n_members": len(ensemble),
+            "training": {
+                key: value
+                for key, value in ensemble.training.items()
+                if key not in PER_MEMBER_TRAINING
+            },
             "members": [
                 {**m.to_dict(), "file": side["weights_file"], "sha256": side["sha256"]}
                 for m, side in zip(ensemble.members, sidecars, strict=True)
@@ -195,6 +206,7 @@ def load_ensemble(
     members: list[MemberInfo] = []
     tensors: list[dict[str, torch.Tensor]] = []
     means, stds = [], []
+    training: dict[str, Any] = dict(index.get("training") or {})
     for position, entry in enumerate(entries):
         path = folder / str(entry.get("file"))
         weights, meta = load_checkpoint(path)
@@ -205,6 +217,8 @@ def load_ensemble(
             raise StorageError(f"{path}: sidecar disagrees with {folder / INDEX}")
         members.append(member)
         tensors.append(weights)
+        for key, value in (meta.get("training") or {}).items():
+            training.setdefault(key, []).append(value)
         means.append(float(meta["standardization"]["mean"]))
         stds.append(float(meta["standardization"]["std"]))
     if len(members) != index.get("n_members"):
@@ -223,7 +237,14 @@ def load_ensemble(
                     f"{folder}: {arch} member tensors are malformed ({exc})"
                 ) from exc
     ensemble = HeadEnsemble(
-        members, params, np.array(means), np.array(stds), scaler, config, expected_dim
+        members,
+        params,
+        np.array(means),
+        np.array(stds),
+        scaler,
+        config,
+        expected_dim,
+        training=training,
     )
 
     gap_path = folder / str(gap_entry.get("file", GAP_FILE))

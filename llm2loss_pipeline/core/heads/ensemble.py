@@ -104,8 +104,10 @@ class HeadEnsemble:
         scaler: TargetScaler,
         config: HeadsConfig,
         embedding_dim: int,
+        training: dict[str, Any] | None = None,
     ) -> None:
         self.members = list(members)
+        self.training = dict(training or {})
         self.params = params
         self.out_mean = np.asarray(out_mean, dtype=np.float64)
         self.out_std = np.asarray(out_std, dtype=np.float64)
@@ -207,4 +209,8 @@ class HeadEnsemble:
             self.scaler,
             self.config,
             self.embedding_dim,
+            training={
+                key: [value[i] for i in indices] if isinstance(value, list) else value
+                for key, value in self.training.items()
+            },
         )

@@ -69,6 +69,9 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike[str]) -> 
                 member_values, [y] * len(member_values), s=10, color="black", alpha=0.6, zorder=4
             )
         ax.axvline(0.0, color="crimson", lw=1.2, ls="--", zorder=0)
+        low, high = min(0.0, *comparison.diffs), max(0.0, *comparison.diffs)
+        pad = 0.08 * (high - low) or 1.0
+        ax.set_xlim(low - pad, high + pad)  # zero is always in view
         labels = [
             f"{name}\nP(A worse)={comparison.groups[name].p_greater:.2f}"
             for name in reversed(names)

@@ -19,6 +19,12 @@ Objectives (paper eq. 1-4):
   so a ranker's output bias has no gradient; it is held at 0 (otherwise rounding residues of a
   zero gradient, normalised by Adam, would make it drift by up to lr per step).
 
+Schedule and selection: AdamW with a cosine decay of the learning rate to 0 over all steps; a
+fixed 10% of the training split (`holdout_fraction`) is held back, and after every epoch each
+member's Spearman on it decides whether that member's parameters are kept (early stopping per
+member, applied by masked copies so members stay independent). Linear heads typically keep a late
+epoch, mlp heads an early one.
+
 Inputs are scaled by sqrt(d) during training so that coordinates of unit-norm embeddings have unit
 variance (Adam's step size is per coordinate); the factor is folded into the first layer afterwards,
 so the finished heads take the unit-norm embeddings directly.
@@ -40,12 +46,15 @@ from llm2loss_pipeline.core.heads.ensemble import (
     HeadEnsemble,
     MemberInfo,
     member_grid,
+    shared_forward,
     stack_forward,
 )
 from llm2loss_pipeline.core.heads.scaling import check_losses, fit_transform
 
 Progress = Callable[[int, int], None]
 OUTPUT_BIAS = {"linear": "bias", "mlp": "b2"}
+MIN_HOLDOUT = 32
+HOLDOUT_SEED = 0x11E55
 
 
 def member_stream_seed(member: MemberInfo) -> int:
@@ -83,6 +92,19 @@ def _init_member(
     }
 
 
+def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, holdout rows) of the training split; the holdout is empty when it would be tiny.
+
+    The split depends only on n and the fraction (a fixed generator), so every member, whatever its
+    seed, fits on the same rows and is selected on the same rows.
+    """
+    n_holdout = round(n * fraction)
+    if n_holdout < MIN_HOLDOUT or n - n_holdout < 2:
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
 def train_ensemble(
     embeddings: np.ndarray,
     losses: np.ndarray,
@@ -111,29 +133,11 @@ def train_ensemble(
     scaler, targets_np = fit_transform(l_np, config.target_scaling)
     device = torch.device(device)
     chosen = list(members) if members is not None else member_grid(config)
+    if not chosen:
+        raise ValueError("no members to train: `members` is empty")
     order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks are contiguous rows
     generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
-
-    params: dict[str, dict[str, torch.Tensor]] = {}
-    frozen_bias: dict[str, torch.Tensor] = {}  # ranker rows of each stack's output bias
-    for arch in ARCHS:
-        inits = []
-        for m, g in zip(order, generators, strict=True):
-            if m.arch == arch:
-                init = _init_member(arch, dim, config.hidden, g)
-                if m.kind == "ranker":
-                    init[OUTPUT_BIAS[arch]] = torch.zeros(())
-                inits.append(init)
-        rankers = [
-            i for i, m in enumerate(m for m in order if m.arch == arch) if m.kind == "ranker"
-        ]
-        if rankers:
-            frozen_bias[arch] = torch.tensor(rankers, device=device)
-        if inits:
-            params[arch] = {
-                name: torch.stack([p[name] for p in inits]).to(device).requires_grad_(True)
-                for name in inits[0]
-            }
+    params, frozen_bias = _initial_stacks(order, generators, dim, config.hidden, device)
     arch_counts = [(arch, sum(m.arch == arch for m in order)) for arch in ARCHS]
     reg_rows = torch.tensor(
         [r for r, m in enumerate(order) if m.kind == "regressor"], device=device
@@ -144,6 +148,9 @@ def train_ensemble(
     x = torch.from_numpy(x_np).to(device) * math.sqrt(dim)
     targets = torch.from_numpy(targets_np).to(device)
     raw = torch.from_numpy(l_np.astype(np.float32)).to(device)
+    fit_np, holdout_np = holdout_split(n, config.holdout_fraction)
+    fit_rows = torch.from_numpy(fit_np).to(device)
+    selector = _Selector(x, l_np, holdout_np, arch_counts, params, device)
     optimizer = torch.optim.AdamW(
         [t for stack in params.values() for t in stack.values()],
         lr=config.lr,
@@ -151,24 +158,33 @@ def train_ensemble(
     )
     k = config.pairs_per_sample
     batch = config.batch_size
-    epochs = config.effective_epochs(n)
+    n_fit = len(fit_np)
+    epochs = config.effective_epochs(n_fit)
+    total_steps = epochs * -(-n_fit // batch)
+    step = 0
+
+    def forward(xb: torch.Tensor) -> torch.Tensor:
+        outs, row = [], 0
+        for arch, count in arch_counts:
+            if count:
+                outs.append(stack_forward(arch, params[arch], xb[row : row + count]))
+                row += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
     for epoch in range(epochs):
-        perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+        perms = torch.stack([torch.randperm(n_fit, generator=g) for g in generators]).to(device)
+        perms = fit_rows[perms]
         partners = (
-            torch.stack([torch.rand(n * k, generator=generators[r]) for r in rank_rows]).to(device)
+            torch.stack([torch.rand(n_fit * k, generator=generators[r]) for r in rank_rows]).to(
+                device
+            )
             if rank_rows
             else None
         )
-        for start in range(0, n, batch):
+        for start in range(0, n_fit, batch):
             idx = perms[:, start : start + batch]
             size = idx.shape[1]
-            xb = x[idx]
-            outs, row = [], 0
-            for arch, count in arch_counts:
-                if count:
-                    outs.append(stack_forward(arch, params[arch], xb[row : row + count]))
-                    row += count
-            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+            out = forward(x[idx])
             objective = out.new_zeros(())
             if len(reg_rows):
                 err = out[reg_rows] - targets[idx[reg_rows]]
@@ -179,37 +195,149 @@ def train_ensemble(
                     raw[idx[rank_rows_t]],
                     partners[:, start * k : (start + size) * k],
                 )
+            for group in optimizer.param_groups:  # cosine decay, the same for every member
+                group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             for arch, rows in frozen_bias.items():
                 params[arch][OUTPUT_BIAS[arch]].grad[rows] = 0.0
             optimizer.step()
+        selector.update(epoch + 1)
         if progress is not None:
             progress(epoch + 1, epochs)
 
+    best = selector.best_params()
     with torch.no_grad():
-        scale = math.sqrt(dim)
-        final: dict[str, dict[str, torch.Tensor]] = {}
-        for arch, stack in params.items():
-            final[arch] = {name: t.detach().clone() for name, t in stack.items()}
-            final[arch]["weight" if arch == "linear" else "w1"].mul_(scale)
+        for arch, stack in best.items():
+            stack["weight" if arch == "linear" else "w1"].mul_(math.sqrt(dim))
     indexed = sorted(order, key=lambda m: m.index)
     renumbered = [MemberInfo(i, m.kind, m.arch, m.seed) for i, m in enumerate(indexed)]
-    provisional = HeadEnsemble(
+    position = [order.index(m) for m in indexed]
+    training = {
+        "epochs": epochs,
+        "steps": total_steps,
+        "n_fit": n_fit,
+        "n_holdout": len(holdout_np),
+        "best_epoch": [int(selector.best_epoch[p]) for p in position],
+        "holdout_spearman": [
+            None if np.isnan(selector.best_score[p]) else float(selector.best_score[p])
+            for p in position
+        ],
+    }
+    ensemble = HeadEnsemble(
         renumbered,
-        _reorder(final, order, indexed),
+        _reorder(best, order, indexed),
         np.zeros(len(order)),
         np.ones(len(order)),
         scaler,
         config,
         dim,
+        training=training,
     )
-    outputs = provisional.predict(x_np).astype(np.float64)
+    outputs = ensemble.predict(x_np).astype(np.float64)
     std = outputs.std(axis=1)
-    std = np.where(std > 0.0, std, 1.0)  # a constant member stays constant; avoid 0/0
-    provisional.out_mean = outputs.mean(axis=1)
-    provisional.out_std = std
-    return provisional
+    ensemble.out_mean = outputs.mean(axis=1)
+    ensemble.out_std = np.where(std > 0.0, std, 1.0)  # a constant member stays constant
+    return ensemble
+
+
+def _initial_stacks(
+    order: list[MemberInfo],
+    generators: list[torch.Generator],
+    dim: int,
+    hidden: int,
+    device: torch.device,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Stacked initial parameters per architecture, and the ranker rows whose bias stays 0."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    frozen_bias: dict[str, torch.Tensor] = {}
+    for arch in ARCHS:
+        of_arch = [(m, g) for m, g in zip(order, generators, strict=True) if m.arch == arch]
+        if not of_arch:
+            continue
+        inits = []
+        for m, g in of_arch:
+            init = _init_member(arch, dim, hidden, g)
+            if m.kind == "ranker":
+                init[OUTPUT_BIAS[arch]] = torch.zeros(())
+            inits.append(init)
+        params[arch] = {
+            name: torch.stack([p[name] for p in inits]).to(device).requires_grad_(True)
+            for name in inits[0]
+        }
+        rankers = [row for row, (m, _) in enumerate(of_arch) if m.kind == "ranker"]
+        if rankers:
+            frozen_bias[arch] = torch.tensor(rankers, device=device)
+    return params, frozen_bias
+
+
+class _Selector:
+    """Early stopping per member: keep each member's parameters from its best holdout epoch.
+
+    The score is the Spearman correlation between the member's output and the loss on the holdout
+    rows, the quantity the heads are judged by; ties keep the earlier epoch. Without a holdout the
+    last epoch is kept.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        losses: np.ndarray,
+        holdout: np.ndarray,
+        arch_counts: list[tuple[str, int]],
+        params: dict[str, dict[str, torch.Tensor]],
+        device: torch.device,
+    ) -> None:
+        from scipy.stats import rankdata
+
+        self.params = params
+        self.arch_counts = arch_counts
+        members = sum(count for _, count in arch_counts)
+        self.best_score = np.full(members, np.nan)
+        self.best_epoch = np.zeros(members, dtype=int)
+        self.best = {
+            arch: {n: t.detach().clone() for n, t in s.items()} for arch, s in params.items()
+        }
+        self.x = x[torch.from_numpy(holdout).to(device)] if len(holdout) else None
+        if self.x is not None:
+            ranks = rankdata(losses[holdout]) - (len(holdout) + 1) / 2.0
+            norm = np.linalg.norm(ranks)
+            self.loss_ranks = (
+                torch.from_numpy(ranks / norm if norm > 0 else ranks).float().to(device)
+            )
+
+    @torch.no_grad()
+    def update(self, epoch: int) -> None:
+        if self.x is None:
+            self.best = {
+                a: {n: t.detach().clone() for n, t in s.items()} for a, s in self.params.items()
+            }
+            self.best_epoch[:] = epoch
+            return
+        scores = []
+        for arch, count in self.arch_counts:
+            if count:
+                scores.append(shared_forward(arch, self.params[arch], self.x))
+        out = torch.cat(scores)  # [M, h]
+        ranks = out.argsort(dim=1).argsort(dim=1).float()
+        ranks = ranks - ranks.mean(dim=1, keepdim=True)
+        spearman = (ranks @ self.loss_ranks) / ranks.norm(dim=1).clamp_min(1e-12)
+        spearman = torch.where(out.std(dim=1) > 0, spearman, torch.full_like(spearman, -1.0))
+        score = spearman.double().cpu().numpy()
+        improved = ~(score <= self.best_score)  # NaN (no score yet) counts as improved
+        self.best_score = np.where(improved, score, self.best_score)
+        self.best_epoch = np.where(improved, epoch, self.best_epoch)
+        row = 0
+        for arch, count in self.arch_counts:
+            if count:
+                mask = torch.from_numpy(improved[row : row + count]).to(out.device)
+                for name, tensor in self.params[arch].items():
+                    self.best[arch][name][mask] = tensor.detach()[mask]
+                row += count
+
+    def best_params(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {arch: {n: t.clone() for n, t in s.items()} for arch, s in self.best.items()}
 
 
 def _ranker_objective(

@@ -149,7 +149,8 @@ def _record_loss_table(
     from llm2loss_pipeline.core.blackbox.loss_table import read_loss_table
 
     assert config.loss_table_path is not None  # guaranteed by BlackBoxConfig
-    table = read_loss_table(config.loss_table_path, manifest)
+    label_map = _label_map(config, manifest) if config.label_map_path else None
+    table = read_loss_table(config.loss_table_path, manifest, label_map=label_map)
     copy = write_parquet_atomic(table, layout.black_box.parent / "loss_table.parquet")
     digest = sha256_file(copy)
     write_json_atomic(
@@ -209,6 +210,7 @@ def shard_losses(
             nonfinite=config.nonfinite,
             progress=progress,
             loss=config.loss,
+            threads=config.cpu_threads,
         )
         frame, dropped, skipped = result.frame, list(result.dropped), list(result.skipped)
     path = write_parquet_atomic(frame, layout.shard_table(LOSSES_TABLE, shard))
@@ -259,4 +261,3 @@ def loss_summary(frame: pl.DataFrame) -> dict[str, Any]:
         "accuracy": float(accuracy) if accuracy is not None else float("nan"),
         "mean_loss_by_split": {split: float(loss) for split, loss in by_split.iter_rows()},
     }
-

@@ -80,7 +80,9 @@ def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
     """Texts whose mean embedding stands for 'the text modality' of this data set."""
     from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
 
-    texts = [text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair]
+    texts = [
+        text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair
+    ]
     if all(name in frame.columns for name in CELEBA_ATTRIBUTES):
         sample = frame.head(CAPTION_CORPUS_SIZE).select(CELEBA_ATTRIBUTES).to_dicts()
         rng = random.Random(seed)
@@ -210,4 +212,3 @@ def gap_effect_rows(
             }
         )
     return rows
-

@@ -117,7 +117,9 @@ def check_complete(layout: Layout) -> CheckOutcome:
         else f"{table.height} rows; missing {missing}; non-finite {bad}"
     )
     return CheckOutcome(
-        passed, message, {"rows": table.height, "non_finite_columns": len(bad), "missing": len(missing)}
+        passed,
+        message,
+        {"rows": table.height, "non_finite_columns": len(bad), "missing": len(missing)},
     )
 
 

@@ -41,8 +41,8 @@ def read_shards(layout: Layout, table: str, manifest: pl.DataFrame) -> pl.DataFr
     missing = [key for key in keys if not layout.shard_table(table, key).exists()]
     if missing:
         raise FileNotFoundError(
-            f"{table} has no file for {len(missing)} of {len(keys)} shards ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}): backfill them, e.g. "
+            f"{table} has no file for {len(missing)} of {len(keys)} shards "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): backfill them, e.g. "
             f"llm2loss run --stage signals --shard {missing[0]}"
         )
     frames = [pl.read_parquet(layout.shard_table(table, key)) for key in keys]

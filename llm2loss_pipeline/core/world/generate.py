@@ -15,6 +15,8 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,18 +239,30 @@ def _render_all(
 ) -> None:
     total, done = len(jobs), 0
     if workers <= 1 or total <= CHUNK:
-        results: Iterator[int] = map(_render_chunk, _chunks(jobs, folder))
-        for count in results:
+        for count in map(_render_chunk, _chunks(jobs, folder)):
             done += count
             if progress is not None:
                 progress(done, total)
         return
+    # 'spawn' starts clean interpreters: safe even when the caller runs threads (torch, polars),
+    # where 'fork' can deadlock. A worker that cannot start breaks the pool with an error
+    # instead of being restarted forever, as multiprocessing.Pool would.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=min(workers, -(-total // CHUNK))) as pool:
-        for count in pool.imap(_render_chunk, _chunks(jobs, folder)):
+    executor = ProcessPoolExecutor(max_workers=min(workers, -(-total // CHUNK)), mp_context=context)
+    try:
+        for count in executor.map(_render_chunk, _chunks(jobs, folder)):
             done += count
             if progress is not None:
                 progress(done, total)
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            f"the {workers} image-drawing worker processes stopped unexpectedly ({exc}); "
+            "run with workers=1 to draw in this process"
+        ) from exc
+    finally:
+        # Cancel what has not started and wait for the chunks in flight (a fraction of a second),
+        # so that no worker writes into the folder after it is removed.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _attribute_table(plan: WorldPlan) -> str:

@@ -1,9 +1,9 @@
 """Drawing one cartoon face with PIL, from an identity's traits and an image's attributes.
 
 The face is drawn at `supersample` times the output size on a canvas with a margin, then
-box-downscaled (which antialiases every edge), rotated about the face centre and cropped. Positions are
-given in face units: `u` across (1 = half the face width), `v` down (1 = half the face height),
-both from the face centre.
+box-downscaled (which antialiases every edge), rotated about the face centre and cropped.
+Positions are given in face units: `u` across (1 = half the face width), `v` down (1 = half the
+face height), both from the face centre.
 
 Each drawing component takes its randomness from its own stream, seeded by (world seed,
 identity, image slot, component name), so whether one component is drawn never shifts the

@@ -3,6 +3,8 @@
 `ATTRIBUTE_RULES` is the single place that says, for every CelebA attribute, whether it is fixed
 per identity or drawn per image, its base rate, what it depends on, and how (or whether) it is
 drawn. Sampling walks the table in order, so a rule may only depend on rules above it.
+All 40 attributes are written to the files; all but Attractive are drawn (Oval_Face and
+High_Cheekbones only lightly); Attractive is sampled from Young and Male alone.
 
 Randomness is drawn so that changing one attribute's rate changes as little else as possible:
 every identity draws one uniform per rule and a fixed vector of trait uniforms, every image one

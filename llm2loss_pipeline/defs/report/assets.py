@@ -14,7 +14,13 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
 
 
 @dg.asset(
-    deps=[diagnosis_heads, per_sample_losses, image_embeddings, celeba_attributes, semantic_encoder],
+    deps=[
+        diagnosis_heads,
+        per_sample_losses,
+        image_embeddings,
+        celeba_attributes,
+        semantic_encoder,
+    ],
     group_name="report",
     kinds={"duckdb", "html"},
     owners=OWNERS,

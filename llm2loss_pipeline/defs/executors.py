@@ -1,0 +1,33 @@
+"""Which executor runs the steps: chosen per deployment with $LLM2LOSS_EXECUTOR.
+
+- `multiprocess` (default): Dagster's multiprocess executor on one machine.
+- `k8s`: `dagster_k8s.k8s_job_executor`, one Kubernetes job per step; GPU steps get the
+  `dagster-k8s/config` requests of defs/placement.py.
+- `celery`: `dagster_celery.celery_executor`, steps as Celery tasks on a broker (Redis, RabbitMQ);
+  GPU steps go to the `gpu` queue (`dagster-celery/queue` tag), which only GPU workers consume.
+
+The integrations are imported only when chosen, so the embedded default needs neither.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+EXECUTORS = ("multiprocess", "k8s", "celery")
+
+
+def executor_from_env() -> dg.ExecutorDefinition:
+    name = os.environ.get("LLM2LOSS_EXECUTOR", "multiprocess")
+    if name == "multiprocess":
+        return dg.multiprocess_executor
+    if name == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if name == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor
+    raise ValueError(f"LLM2LOSS_EXECUTOR must be one of {EXECUTORS}, got {name!r}")

@@ -1,0 +1,308 @@
+"""The public query API and the `compare` / `rank` commands, against a fake text encoder.
+
+The fake encoder maps each word to a fixed random direction and a text to the normalised sum of
+its words plus a text-modality offset; images are the normalised sum of their attributes' words plus
+an image-modality offset. The planted black box does worst on images with glasses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm2loss_pipeline import diagnoser as diagnoser_module
+from llm2loss_pipeline.core.heads import (
+    HeadMismatchError,
+    HeadsConfig,
+    fit_gap,
+    save_ensemble,
+    train_ensemble,
+)
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.diagnoser import Diagnoser, NotMaterializedError
+from llm2loss_pipeline.query_cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DIM = 32
+SHA = "5" * 64
+FAKE_FILE = "fake_encoder.json"
+GLASSES = "a person wearing glasses"
+HAT = "a person wearing a hat"
+SMILING = "a smiling person"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def word_vector(word: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(DIM)
+    return vector / np.linalg.norm(vector)
+
+
+TEXT_OFFSET = 2.0 * word_vector("<text modality>")
+IMAGE_OFFSET = 2.0 * word_vector("<image modality>")
+
+
+class FakeEncoder:
+    def __init__(self, sha256: str = SHA, dim: int = DIM) -> None:
+        self.sha256 = sha256
+        self.embed_dim = dim
+        self.calls: list[list[str]] = []
+
+    def encode_texts(self, texts):
+        texts = list(texts)
+        self.calls.append(texts)
+        rows = [sum(word_vector(w) for w in t.lower().split()) + TEXT_OFFSET for t in texts]
+        emb = np.array(rows, dtype=np.float32).reshape(len(texts), DIM)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def fake_loader(encoder_dir: Path, device: str) -> FakeEncoder:
+    record = json.loads((encoder_dir / FAKE_FILE).read_text())
+    return FakeEncoder(record["sha256"], record["dim"])
+
+
+def write_fake_encoder(home: Path, sha256: str = SHA) -> None:
+    folder = Layout.at(home).encoder_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAKE_FILE).write_text(json.dumps({"sha256": sha256, "dim": DIM}))
+
+
+def captions(labels: np.ndarray) -> list[str]:
+    words = ["glasses", "hat", "smiling"]
+    return [
+        " ".join(["a", "person", *(w for w, on in zip(words, row, strict=True) if on)])
+        for row in labels
+    ]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    n = 800
+    labels = rng.random((n, 3)) < 0.5
+    attribute_words = np.stack([word_vector(w) for w in ("glasses", "hat", "smiling")])
+    emb = word_vector("person") + labels @ attribute_words + IMAGE_OFFSET
+    emb = emb + 0.3 * rng.standard_normal((n, DIM))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    losses = np.exp(labels @ np.array([1.5, 0.2, -0.5]) + 0.3 * rng.standard_normal(n))
+    gap = fit_gap(emb, FakeEncoder().encode_texts(captions(labels)), "center")
+    config = HeadsConfig(n_seeds=2, epochs=10, batch_size=128)
+    ensemble = train_ensemble(gap.image(emb), losses, config)
+    root = tmp_path_factory.mktemp("home")
+    save_ensemble(ensemble, gap, Layout.at(root).heads_dir, embedding_dim=DIM, encoder_sha256=SHA)
+    write_fake_encoder(root)
+    return root
+
+
+@pytest.fixture()
+def diagnoser(home) -> Diagnoser:
+    return Diagnoser.load(home, encoder_loader=fake_loader)
+
+
+@pytest.fixture()
+def cli_home(home, monkeypatch) -> Path:
+    monkeypatch.setattr(diagnoser_module, "default_encoder_loader", fake_loader)
+    return home
+
+
+# the Python API
+
+
+def test_compare_finds_the_planted_failure(diagnoser):
+    assert len(diagnoser.members) == 8
+    result = diagnoser.compare(GLASSES, HAT)
+    assert result.p_greater >= 0.8
+    assert result.overall.mean > 0.5
+    assert result.verdict.startswith(f"the model is expected to do worse on A ({GLASSES!r})")
+    assert set(result.groups) == {"regressor", "ranker", "overall"}
+    mirrored = diagnoser.compare(HAT, GLASSES)
+    assert mirrored.p_greater == pytest.approx(1.0 - result.p_greater)
+    assert mirrored.overall.q1 == pytest.approx(-result.overall.q3)
+
+
+def test_rank_and_estimate(diagnoser):
+    rows = diagnoser.rank([SMILING, GLASSES, HAT])
+    assert rows[0]["text"] == GLASSES
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["min"] <= row["q1"] <= row["median"] <= row["q3"] <= row["max"]
+    estimates = diagnoser.estimate([GLASSES, SMILING])
+    assert [e["text"] for e in estimates] == [GLASSES, SMILING]
+    assert estimates[0]["mean"] > estimates[1]["mean"]
+    assert set(estimates[0]["groups"]) == {"regressor", "ranker", "overall"}
+    assert estimates[0]["groups"]["ranker"]["n"] == 4 and estimates[0]["std"] >= 0
+
+
+def test_scores_are_standardised_cached_and_batched(home):
+    encoder = FakeEncoder()
+    diag = Diagnoser.load(home, encoder_loader=lambda folder, device: encoder)
+    scores = diag.score_texts([GLASSES, HAT, GLASSES])
+    assert scores.shape == (8, 3)
+    np.testing.assert_array_equal(scores[:, 0], scores[:, 2])
+    assert encoder.calls == [[GLASSES, HAT]]  # one batch, each distinct text once
+    diag.score_texts([HAT])
+    assert len(encoder.calls) == 1  # cached
+    pairs = [(GLASSES, SMILING), (HAT, "a person"), (SMILING, "a person")]
+    many = diag.compare_many(pairs)
+    assert encoder.calls[1] == [SMILING, "a person"]  # only the new texts, in one call
+    for (a, b), result in zip(pairs, many, strict=True):
+        single = diag.compare(a, b)
+        assert result.diffs == single.diffs and (result.text_a, result.text_b) == (a, b)
+
+
+def test_standardised_scores_match_the_ensemble_directly(home, diagnoser):
+    texts = [GLASSES, HAT]
+    expected = diagnoser.ensemble.standardized(
+        diagnoser.gap.text(FakeEncoder().encode_texts(texts))
+    )
+    np.testing.assert_allclose(diagnoser.score_texts(texts), expected)
+
+
+def test_empty_texts_are_named(diagnoser):
+    with pytest.raises(ValueError, match="text B is empty"):
+        diagnoser.compare(GLASSES, "   ")
+    with pytest.raises(ValueError, match="text 2 is empty"):
+        diagnoser.rank([GLASSES, ""])
+    with pytest.raises(ValueError, match="text A of pair 2 is empty"):
+        diagnoser.compare_many([(GLASSES, HAT), ("", HAT)])
+
+
+def test_nothing_materialized_names_what_and_the_command(tmp_path):
+    with pytest.raises(NotMaterializedError) as caught:
+        Diagnoser.load(tmp_path / "empty", encoder_loader=fake_loader)
+    message = str(caught.value)
+    assert "the encoder" in message and "the diagnosis heads" in message
+    assert "llm2loss run" in message
+
+
+def test_heads_from_another_encoder_are_refused(home):
+    with pytest.raises(HeadMismatchError, match="rematerialize diagnosis_heads"):
+        Diagnoser.load(home, encoder_loader=lambda folder, device: FakeEncoder(sha256="6" * 64))
+    with pytest.raises(HeadMismatchError, match="dim 48"):
+        Diagnoser.load(home, encoder_loader=lambda folder, device: FakeEncoder(dim=48))
+
+
+def test_package_import_stays_light_and_exports_diagnoser():
+    code = (
+        "import sys, llm2loss_pipeline\n"
+        "assert 'torch' not in sys.modules, 'import llm2loss_pipeline imported torch'\n"
+        "from llm2loss_pipeline import Diagnoser\n"
+        "assert Diagnoser.__name__ == 'Diagnoser'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# the command line
+
+
+def test_cli_compare_prints_a_table_and_the_verdict(cli_home, capsys):
+    assert main(["compare", GLASSES, HAT, "--home", str(cli_home)]) == 0
+    out = capsys.readouterr().out
+    assert f"A: {GLASSES}" in out and f"B: {HAT}" in out
+    for word in ("regressor", "ranker", "overall", "median", "P(A worse)"):
+        assert word in out
+    assert f"the model is expected to do worse on A ({GLASSES!r})" in out
+
+
+def test_cli_compare_json_and_plot(cli_home, capsys, tmp_path):
+    plot = tmp_path / "cmp.png"
+    assert (
+        main(["compare", GLASSES, HAT, "--home", str(cli_home), "--json", "--plot", str(plot)]) == 0
+    )
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["text_a"] == GLASSES and data["p_a_worse"] >= 0.8
+    assert data["groups"]["overall"]["n"] == 8 and len(data["members"]) == 8
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    assert str(plot) in captured.err
+
+
+def test_cli_rank_from_arguments_file_and_stdin(cli_home, capsys, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# planted failures\n\n{HAT}\n  {GLASSES}  \n")
+    assert main(["rank", SMILING, "--file", str(prompts), "--home", str(cli_home), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["text"] for r in rows) == sorted([HAT, GLASSES, SMILING])
+    assert rows[0]["text"] == GLASSES
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{SMILING}\n# skipped\n{GLASSES}\n"))
+    plot = tmp_path / "rank.png"
+    assert main(["rank", "--file", "-", "--home", str(cli_home), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert GLASSES in out and SMILING in out and "skipped" not in out
+    assert out.index(GLASSES) < out.index(SMILING)  # worst first
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "", HAT], "text A is empty"),
+        (["rank", GLASSES, "  "], "text 2 is empty"),
+        (
+            ["rank", "--file", "/nonexistent/prompts.txt"],
+            "prompt file /nonexistent/prompts.txt does not exist",
+        ),
+        (["rank"], "no texts to rank"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(cli_home, capsys, argv, message):
+    assert main([*argv, "--home", str(cli_home)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_empty_prompt_file(cli_home, capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    assert main(["rank", "--file", str(empty), "--home", str(cli_home)]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+
+
+def test_cli_nothing_materialized(tmp_path, capsys):
+    assert main(["compare", GLASSES, HAT, "--home", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not materialized yet" in err and "llm2loss run" in err
+
+
+def test_cli_heads_from_another_encoder(home, capsys, monkeypatch, tmp_path):
+    other = tmp_path / "other"
+    (other / "models").mkdir(parents=True)
+    os.symlink(Layout.at(home).heads_dir, Layout.at(other).heads_dir)
+    write_fake_encoder(other, sha256="7" * 64)
+    monkeypatch.setattr(diagnoser_module, "default_encoder_loader", fake_loader)
+    assert main(["rank", GLASSES, "--home", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "heads were trained on encoder 555555555555 (dim 32)" in err
+    assert "rematerialize diagnosis_heads: llm2loss run" in err
+
+
+def test_module_entry_point_reports_errors_without_a_traceback(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm2loss_pipeline.query_cli",
+            "compare",
+            "a",
+            "b",
+            "--home",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    assert "llm2loss compare: error:" in done.stderr and "llm2loss run" in done.stderr
+    assert "Traceback" not in done.stderr
