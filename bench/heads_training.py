@@ -6,7 +6,8 @@
 
 Both arms run the same code (`train_ensemble`): the batched arm trains all members at once, the
 sequential arm calls it once per member (`members=[m]`, M=1). Members are independent, so both arms
-produce the same weights (the largest difference is printed) and only the time differs.
+produce the same members up to float rounding (printed: how closely each member's outputs agree
+between the arms) and only the time differs.
 
 The data are random unit-norm embeddings with a planted heavy-tailed loss,
 `l = exp(a z) * LogNormal(0, s)` with z the standardised projection on a hidden direction.
@@ -60,6 +61,7 @@ def bench_speed(args: argparse.Namespace) -> None:
         f"batch={args.batch_size} threads={torch.get_num_threads()} device={args.device}",
         flush=True,
     )
+    train_ensemble(x[:512], losses[:512], config, device=args.device)  # warm-up: imports, kernels
     timings: dict[str, float] = {}
     start = time.perf_counter()
     batched = train_ensemble(x, losses, config, device=args.device)
@@ -89,12 +91,20 @@ def bench_speed(args: argparse.Namespace) -> None:
             f"ratio {per_arch[arch] / arch_batched:5.2f} x"
         )
 
-    worst = 0.0
-    for member, single in zip(grid, alone, strict=True):
-        a = batched.member_tensors(member.index)
-        b = single.member_tensors(0)
-        worst = max(worst, *((a[k] - b[k]).abs().max().item() for k in a))
-    print(f"largest weight difference batched vs alone: {worst:.3g}")
+    probe = x[:2000]
+    batched_z = batched.standardized(probe)
+    agreement = [
+        float(np.corrcoef(batched_z[m.index], single.standardized(probe)[0])[0, 1])
+        for m, single in zip(grid, alone, strict=True)
+    ]
+    other_epoch = sum(
+        single.training["best_epoch"][0] != batched.training["best_epoch"][m.index]
+        for m, single in zip(grid, alone, strict=True)
+    )
+    print(
+        f"same members either way: min correlation of a member's outputs batched vs alone "
+        f"{min(agreement):.6f}; members whose holdout picked another epoch: {other_epoch}"
+    )
 
 
 def compare_scaling(args: argparse.Namespace) -> None:

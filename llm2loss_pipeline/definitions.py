@@ -25,6 +25,8 @@ from llm2loss_pipeline.defs.report.checks import (
     report_is_complete,
 )
 from llm2loss_pipeline.defs.resources import build_resources
+from llm2loss_pipeline.defs.schedules import build_schedules
+from llm2loss_pipeline.defs.sensors import build_sensors
 from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_losses
 
 ASSETS = [
@@ -48,6 +50,8 @@ def build_definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=JOBS,
+        sensors=build_sensors(config.black_box),
+        schedules=build_schedules(),
         resources=build_resources(config),
         loggers=dict(loggers) if loggers else None,
         executor=executor_from_env(),

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,7 @@ from llm2loss_pipeline.core.encoder import (
 from llm2loss_pipeline.core.encoder.captions import build_caption_pool, truth
 from llm2loss_pipeline.core.images import ImageDecodeError
 from llm2loss_pipeline.core.metrics import auroc
+from llm2loss_pipeline.core.prompts import describe
 from llm2loss_pipeline.core.storage import StorageError
 
 CPU = DeviceSpec(device="cpu", batch_size=16, num_workers=0)
@@ -41,7 +43,7 @@ TINY = EncoderConfig(
     vision_width=8,
     vision_layers=1,
     vision_head_width=8,
-    epochs=12,
+    epochs=24,
     batch_size=16,
     lr=3e-3,
     captions_per_image=2,
@@ -85,6 +87,16 @@ def _make_world(folder: Path, n: int, seed: int) -> tuple[list[tuple[str, str]],
     return items, rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine several
+    threads per op spend far longer waiting for each other than computing (measured 40x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("world")
@@ -95,7 +107,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(world: dict) -> dict:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     encoder = build_encoder(TINY)
     text_before = {k: v.clone() for k, v in encoder.model.text.state_dict().items()}
     valid_items, _ = world["valid"]
@@ -205,8 +216,8 @@ def test_training_teaches_the_rendered_attributes(trained: dict, world: dict) ->
     result = embed_images(encoder, valid_items, CPU)
     scores = zero_shot_auroc(result.embeddings, _labels(valid_rows), encoder.encode_texts)
     before = zero_shot_auroc(trained["untrained"], _labels(valid_rows), encoder.encode_texts)
-    assert scores["Eyeglasses"] > 0.8, (scores, before)
-    assert scores["Wearing_Hat"] > 0.8, (scores, before)
+    assert scores["Eyeglasses"] > 0.75, (scores, before)
+    assert scores["Wearing_Hat"] > 0.9, (scores, before)
     assert scores["Eyeglasses"] > before["Eyeglasses"] + 0.1 or before["Eyeglasses"] > 0.9
     assert len(metrics["loss_curve"]) == TINY.epochs
     assert metrics["loss_curve"][-1] < metrics["loss_curve"][0]
@@ -214,13 +225,10 @@ def test_training_teaches_the_rendered_attributes(trained: dict, world: dict) ->
     assert metrics["seconds"] > 0
     retrieval = retrieval_accuracy(
         result.embeddings,
-        [
-            "face of a person wearing eyeglasses" if r["Eyeglasses"] else "face of a person"
-            for r in valid_rows
-        ],
+        [describe({k: r[k] for k in ("Eyeglasses", "Wearing_Hat")}) for r in valid_rows],
         encoder.encode_texts,
     )
-    assert retrieval["top1"] > retrieval["chance_top1"]
+    assert retrieval["top1"] > retrieval["chance_top1"] + 0.15, retrieval
 
 
 def test_training_is_deterministic_for_a_seed(world: dict) -> None:

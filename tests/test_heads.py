@@ -281,7 +281,7 @@ def test_measure_gap_effect_recovers_planted_disparities():
         prompts=[(f"with {a}", f"without {a}") for a in range(n_attr)],
         encode_texts=encode,
         text_corpus_embeddings=corpus,
-        config=HeadsConfig(n_seeds=1, epochs=5, batch_size=128),
+        config=HeadsConfig(n_seeds=1, epochs=5, min_steps=0, batch_size=128),
     )
     assert set(result) == {"measured_disparity", "center", "none"}
     centred = result["center"]

@@ -44,8 +44,6 @@ TEMPLATES: tuple[str, ...] = (
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "{}",
-    "face of {}",
-    "a photo of {}",
     "a cartoon portrait of {}",
     "a picture showing {}",
     "a drawing of {}",
@@ -53,8 +51,11 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "an illustration of {}",
     "a headshot of {}",
     "an image of the face of {}",
+    "a portrait of {}",
+    "a snapshot of {}",
 )
-"""Training caption templates: varied so that the image tower learns the content, not the frame."""
+"""Training caption templates: varied so that the image tower learns the content, not the frame.
+Disjoint from `TEMPLATES`, so the report's prompts are never training captions verbatim."""
 
 # attribute: (positive phrases, negative phrases), each "slot:text"; the first is canonical.
 PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -421,6 +422,26 @@ def draw_caption(
         picked = [rng.choice(fallback)]
     stated = {name: bool(attribute_row[name]) for name in picked}
     return describe(stated, rng=rng), stated
+
+
+def attribute_statements(
+    rng: random.Random, templates_per_phrase: int = 2
+) -> list[tuple[str, dict[str, bool]]]:
+    """Single-attribute captions: every phrase of every attribute value, each in
+    `templates_per_phrase` caption templates drawn from `rng`, with the value it states.
+
+    They are true of every image with that value, so one small set serves all images and teaches
+    each attribute, and its negation, on its own.
+    """
+    statements = []
+    for attribute in CELEBA_ATTRIBUTES:
+        for value in (True, False):
+            for phrase in phrases(attribute, value):
+                description = _realise([(attribute, phrase)])
+                for template in rng.sample(CAPTION_TEMPLATES, templates_per_phrase):
+                    text = _apply_template(template, description)
+                    statements.append((text, {attribute: value}))
+    return statements
 
 
 def caption_for(attribute_row: Mapping[str, bool], rng: random.Random) -> str:

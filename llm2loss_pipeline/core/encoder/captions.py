@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.prompts import caption_for, draw_caption
+from llm2loss_pipeline.core.prompts import attribute_statements, caption_for, draw_caption
 
 CANDIDATES = 8192
 """Pool captions checked against each image for truth (a fixed random sample when larger)."""
@@ -95,27 +95,33 @@ def build_caption_pool(
     captions_per_image: int,
     seed: int,
     max_true_per_image: int = 48,
+    statements: bool = True,
 ) -> CaptionPool:
-    """Write `captions_per_image` captions per image and index which captions are true of which
-    image, deterministically for `seed`."""
+    """Write `captions_per_image` captions per image (plus, with `statements`, the shared
+    single-attribute captions of `prompts.attribute_statements` at the end of the pool) and index
+    which per-image captions are true of which image, deterministically for `seed`."""
     if not attribute_rows:
         raise ValueError("no attribute rows: the caption-tuned encoder needs attributes to caption")
     rows, known = attribute_matrix(attribute_rows)
     rng = random.Random(seed)
     n_images, n_attributes = rows.shape
     n_pool = n_images * captions_per_image
-    texts: list[str] = []
-    stated = np.zeros((n_pool, n_attributes), dtype=bool)
-    values = np.zeros((n_pool, n_attributes), dtype=bool)
+    drawn = [draw_caption(row, rng) for row in attribute_rows for _ in range(captions_per_image)]
+    if statements:
+        present = known.any(axis=0)
+        drawn += [
+            (text, said)
+            for text, said in attribute_statements(rng)
+            if all(present[CELEBA_ATTRIBUTES.index(name)] for name in said)
+        ]
+    texts = [text for text, _ in drawn]
+    stated = np.zeros((len(drawn), n_attributes), dtype=bool)
+    values = np.zeros((len(drawn), n_attributes), dtype=bool)
     column = {name: index for index, name in enumerate(CELEBA_ATTRIBUTES)}
-    for row in attribute_rows:
-        for _ in range(captions_per_image):
-            text, said = draw_caption(row, rng)
-            j = len(texts)
-            texts.append(text)
-            for name, value in said.items():
-                stated[j, column[name]] = True
-                values[j, column[name]] = value
+    for j, (_, said) in enumerate(drawn):
+        for name, value in said.items():
+            stated[j, column[name]] = True
+            values[j, column[name]] = value
 
     np_rng = np.random.default_rng(seed)
     candidates = np.arange(n_pool)

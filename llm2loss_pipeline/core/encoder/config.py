@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODES: tuple[str, ...] = ("caption_tuned", "pretrained")
 VISION_ARCHS: tuple[str, ...] = ("resnet", "vit")
 TEXT_PROJECTIONS: tuple[str, ...] = ("identity", "linear")
-LOSSES: tuple[str, ...] = ("consistent", "soft", "clip")
+LOSSES: tuple[str, ...] = ("pool", "sigmoid", "consistent", "soft", "clip")
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -98,13 +98,18 @@ class EncoderConfig(BaseModel):
         le=256,
         description="captions written per training image and embedded once (the expensive part)",
     )
+    statement_captions: bool = Field(
+        True,
+        description="add the single-attribute captions (every phrase of every attribute value, "
+        "true of every image with that value) to the caption pool",
+    )
     share_captions: bool = Field(
         True,
         description="pair an image also with other images' captions that are true of it "
         "(every value they state holds), not only with its own",
     )
     loss: str = Field(
-        "consistent",
+        "pool",
         description="consistent (multi-positive InfoNCE: a caption is a positive of every image "
         "in the batch it is true of), soft (targets from caption-caption similarity) or clip "
         "(one-hot InfoNCE)",

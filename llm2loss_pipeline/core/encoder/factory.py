@@ -156,15 +156,14 @@ class Encoder:
         lengths = (
             (tokens != pad_id).sum(dim=1) if trim else torch.full((len(texts),), tokens.shape[1])
         )
-        order = torch.argsort(lengths, stable=True)
         with torch.inference_mode():
-            for start in range(0, len(texts), TEXT_BATCH_SIZE):
-                index = order[start : start + TEXT_BATCH_SIZE]
+            for index in _equal_length_batches(lengths, TEXT_BATCH_SIZE):
                 batch = tokens[index]
                 if trim:
-                    # padded positions are masked out and mean pooling ignores them: cutting the
-                    # common padding leaves the embedding unchanged and saves most of the compute
-                    batch = batch[:, : max(int(lengths[index].max()), 1)]
+                    # a Hugging Face tower masks padding out and mean-pools real tokens only, so
+                    # texts of one token length need no padding at all: that saves most of the
+                    # compute, and a text's embedding does not depend on its batch companions
+                    batch = batch[:, : max(int(lengths[index[0]]), 1)]
                 features = self.model.encode_text(batch.to(self.device), normalize=True)
                 features = features.float().cpu().numpy()
                 for row, position in enumerate(index.tolist()):
@@ -189,6 +188,23 @@ class Encoder:
         """L2-normalised image embeddings of preprocessed images [n, 3, H, W]."""
         with torch.inference_mode():
             return self.model.encode_image(images.to(self.device), normalize=True)
+
+
+def _equal_length_batches(lengths: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Indices of texts grouped by token length, in batches of at most `batch_size`."""
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order]
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while (
+            stop < len(order)
+            and stop - start < batch_size
+            and sorted_lengths[stop] == sorted_lengths[start]
+        ):
+            stop += 1
+        yield order[start:stop]
+        start = stop
 
 
 def _is_hf_text_tower(model: torch.nn.Module) -> bool:
@@ -230,6 +246,8 @@ def caption_tuned_model_cfg(config: EncoderConfig, text_model_dir: Path) -> dict
         },
         "custom_text": True,
         "init_logit_scale": math.log(1.0 / config.init_temperature),
+        # the sigmoid loss needs a bias: most captions of the pool are false of any one image
+        **({"init_logit_bias": -10.0} if config.loss == "sigmoid" else {}),
     }
 
 

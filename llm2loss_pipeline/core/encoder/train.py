@@ -120,6 +120,41 @@ def contrastive_loss(
     return (image_to_text + text_to_image) / 2
 
 
+def pool_loss(
+    image_features: torch.Tensor,
+    pool_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    truth: torch.Tensor,
+    captions: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-positive InfoNCE of each image against the whole caption pool (`truth[i, j]` = 1
+    where pool caption j is true of image i), plus captions-to-images within the batch
+    (`captions[i]` = the pool index of the caption drawn for image i)."""
+    logits = logit_scale.exp() * image_features @ pool_features.T
+    with torch.no_grad():
+        image_target = truth / truth.sum(dim=1, keepdim=True)
+        batch_truth = truth[:, captions].T  # [caption of image j, image i]
+        text_target = batch_truth / batch_truth.sum(dim=1, keepdim=True)
+    image_to_text = -(image_target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_to_image = -(text_target * F.log_softmax(logits[:, captions].T, dim=1)).sum(1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def sigmoid_pool_loss(
+    image_features: torch.Tensor,
+    pool_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    truth: torch.Tensor,
+) -> torch.Tensor:
+    """SigLIP-style pairwise loss of each image against the whole caption pool: every caption is
+    a binary question "is this true of the image?" (`truth[i, j]`), answered by
+    sigmoid(scale * cos + bias)."""
+    logits = logit_scale.exp() * image_features @ pool_features.T + logit_bias
+    signs = 2.0 * truth - 1.0
+    return -F.logsigmoid(signs * logits).sum(dim=1).mean() / truth.sum(dim=1).mean()
+
+
 def _lr_at(step: int, total: int, config: EncoderConfig) -> float:
     warmup = max(1, round(config.warmup_fraction * total))
     if step < warmup:
@@ -161,7 +196,12 @@ def train_caption_tuned(
     images = load_image_tensors(encoder, items, device_spec, progress)
     loaded = time.perf_counter()
 
-    pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
+    pool = build_caption_pool(
+        attribute_rows,
+        config.captions_per_image,
+        config.seed,
+        statements=config.statement_captions,
+    )
     if progress is not None:
         progress("embed captions", 0, pool.n_unique_texts)
     pool = embed_pool(pool, encoder.encode_texts)
@@ -181,6 +221,8 @@ def train_caption_tuned(
     total_steps = steps_per_epoch * config.epochs
     shift = max(1, round(4 * config.image_size / 64)) if config.augment else 0
     parameters = [p for p in model.visual.parameters() if p.requires_grad] + [model.logit_scale]
+    if getattr(model, "logit_bias", None) is not None:
+        parameters.append(model.logit_bias)
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -216,19 +258,30 @@ def train_caption_tuned(
                     truth = truth_table(
                         rows[index], known[index], stated[captions], values[captions]
                     ).to(device)
+                elif config.loss in ("pool", "sigmoid"):
+                    truth = truth_table(rows[index], known[index], stated, values).to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total_steps, config)
                 with device_spec.autocast(device):
                     features = model.visual(x.to(device, non_blocking=True))
                 features = F.normalize(features.float(), dim=-1)
-                loss = contrastive_loss(
-                    features,
-                    text,
-                    model.logit_scale,
-                    config.loss,
-                    config.soft_target_temperature,
-                    truth,
-                )
+                if config.loss == "pool":
+                    loss = pool_loss(
+                        features, caption_embeddings, model.logit_scale, truth, captions
+                    )
+                elif config.loss == "sigmoid":
+                    loss = sigmoid_pool_loss(
+                        features, caption_embeddings, model.logit_scale, model.logit_bias, truth
+                    )
+                else:
+                    loss = contrastive_loss(
+                        features,
+                        text,
+                        model.logit_scale,
+                        config.loss,
+                        config.soft_target_temperature,
+                        truth,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
