@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     run = commands.add_parser("run", help="materialize the whole asset graph (the main job)")
-    run.add_argument("--config", help="YAML configuration (default: the embedded default)")
+    run.add_argument(
+        "--config",
+        default=os.environ.get("LLM2LOSS_CONFIG") or None,
+        help="YAML configuration (default: $LLM2LOSS_CONFIG, else the embedded default)",
+    )
     run.add_argument("--home", help="artifact root (overrides the config and $LLM2LOSS_HOME)")
     run.add_argument(
         "--stage",

@@ -189,15 +189,6 @@ def test_a_registry_version_materializes_the_black_box_from_that_file(prepared, 
     assert run.asset_selection == {dg.AssetKey("black_box_model")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core: per_sample_losses loads the black box named by its own run's black_box config "
-        "(the deployment default), not the version black_box_model recorded in "
-        "models/black_box/reference.json, so automation-launched loss runs after a registry "
-        "version silently use the previous built-in model"
-    ),
-)
 def test_losses_launched_by_automation_use_the_registry_version(prepared, tmp_path) -> None:
     config, instance, layout, shards, _ = prepared
     request, outcome = _registry_run(prepared, tmp_path)

@@ -128,3 +128,8 @@ def test_build_definitions_from_config_applies_values() -> None:
     resources = built.resources
     assert resources["world"].n_identities == 7
     assert resources["losses_device"].device == "cpu"
+    # a launchpad edit of one key must keep the file's other values: they are the defaults
+    job = built.resolve_job_def("prepare")
+    world = job.run_config_schema.config_type.fields["resources"].config_type.fields["world"]
+    fields = world.config_type.fields["config"].config_type.fields
+    assert fields["n_identities"].default_value == 7

@@ -162,7 +162,10 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert 0.0 <= result["overall"]["p_greater"] <= 1.0
+    assert 0.0 <= result["p_a_worse"] <= 1.0
+    assert set(result["groups"]) >= {"regressor", "ranker", "overall"}
+    assert len(result["members"]) == 8
+    assert result["verdict"]
     ranked = subprocess.run(
         [*cli, "rank", "--file", "-", "--home", str(layout.home)],
         input="face of a person wearing eyeglasses\nface of a smiling person\n",

@@ -424,26 +424,6 @@ def draw_caption(
     return describe(stated, rng=rng), stated
 
 
-def attribute_statements(
-    rng: random.Random, templates_per_phrase: int = 2
-) -> list[tuple[str, dict[str, bool]]]:
-    """Single-attribute captions: every phrase of every attribute value, each in
-    `templates_per_phrase` caption templates drawn from `rng`, with the value it states.
-
-    They are true of every image with that value, so one small set serves all images and teaches
-    each attribute, and its negation, on its own.
-    """
-    statements = []
-    for attribute in CELEBA_ATTRIBUTES:
-        for value in (True, False):
-            for phrase in phrases(attribute, value):
-                description = _realise([(attribute, phrase)])
-                for template in rng.sample(CAPTION_TEMPLATES, templates_per_phrase):
-                    text = _apply_template(template, description)
-                    statements.append((text, {attribute: value}))
-    return statements
-
-
 def caption_for(attribute_row: Mapping[str, bool], rng: random.Random) -> str:
     """A training caption from a random subset of the image's attributes, in varied words and
     templates (see `draw_caption`)."""

@@ -109,7 +109,10 @@ def connect(
     db_path: str | os.PathLike[str] | None = None, *, read_only: bool = False
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection: in memory when `db_path` is None, else the file (created if absent)."""
-    config = {"python_enable_replacements": False}
+    # One thread: DuckDB's parallel aggregates add floating-point partial sums in whatever order
+    # its threads finish, so avg/var_samp of the same rows could differ in the last bit from run
+    # to run; the pipeline's tables are small enough that one thread costs nothing measurable.
+    config = {"python_enable_replacements": False, "threads": 1}
     database = ":memory:" if db_path is None else str(db_path)
     try:
         con = duckdb.connect(database, read_only=read_only, config=config)

@@ -30,17 +30,28 @@ class _SettingsResource(dg.ConfigurableResource):
         return self.model.model_validate(self.model_dump())
 
 
-def _settings_resource(model: type[BaseModel], name: str, doc: str) -> type[_SettingsResource]:
+def _settings_resource(
+    model: type[BaseModel],
+    name: str,
+    doc: str,
+    base: type[_SettingsResource] = _SettingsResource,
+    values: BaseModel | None = None,
+) -> type[_SettingsResource]:
+    """A resource class with `model`'s fields; defaults from `values` when given, else the model's."""
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
         annotation = info.annotation
-        default = info.get_default(call_default_factory=True)
+        default = (
+            getattr(values, field_name)
+            if values is not None
+            else info.get_default(call_default_factory=True)
+        )
         # Dagster config has lists, not fixed-length tuples; the core model turns them back.
         if get_origin(annotation) is tuple:
             annotation = list[annotation.__args__[0]]  # type: ignore[union-attr]
             default = list(default)
         fields[field_name] = (annotation, Field(default=default, description=info.description))
-    resource = create_model(name, __base__=_SettingsResource, __doc__=doc, **fields)
+    resource = create_model(name, __base__=base, __doc__=doc, **fields)
     resource.model = model
     resource.__module__ = __name__
     return resource
@@ -93,17 +104,30 @@ DEVICE_KEYS = {
 }
 
 
+def configured(resource: type[_SettingsResource], values: BaseModel) -> _SettingsResource:
+    """An instance of a subclass of `resource` whose field defaults are `values`.
+
+    Run config replaces a resource's configuration as a whole, and keys it leaves out take the
+    class defaults; with the configured values as the defaults, a launchpad edit of one key keeps
+    every other value of the YAML file.
+    """
+    subclass = _settings_resource(
+        resource.model, resource.__name__, resource.__doc__ or "", base=resource, values=values
+    )
+    return subclass()
+
+
 def build_resources(config: PipelineConfig) -> dict[str, Any]:
     """Resource instances for one validated configuration."""
     resources: dict[str, Any] = {
         "storage": StorageResource(home=config.home or ""),
-        "dataset": DatasetResource(**config.dataset.model_dump()),
-        "world": WorldResource(**config.world.model_dump()),
-        "black_box": BlackBoxResource(**config.black_box.model_dump()),
-        "encoder": EncoderResource(**config.encoder.model_dump()),
-        "heads": HeadsResource(**config.heads.model_dump()),
-        "report": ReportResource(**config.report.model_dump()),
+        "dataset": configured(DatasetResource, config.dataset),
+        "world": configured(WorldResource, config.world),
+        "black_box": configured(BlackBoxResource, config.black_box),
+        "encoder": configured(EncoderResource, config.encoder),
+        "heads": configured(HeadsResource, config.heads),
+        "report": configured(ReportResource, config.report),
     }
     for section, key in DEVICE_KEYS.items():
-        resources[key] = DeviceResource(**getattr(config.devices, section).model_dump())
+        resources[key] = configured(DeviceResource, getattr(config.devices, section))
     return resources

@@ -338,8 +338,10 @@ def _train(
         optimizer = torch.optim.AdamW(
             _parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.99)
         )
+        # OneCycleLR divides by the length of its warm-up phase, which is zero (ZeroDivisionError)
+        # or negative for 4 steps or fewer: such short runs follow the start of an 8-step cycle.
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=config.lr, total_steps=max(total_steps, 8), pct_start=0.25
         )
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         generator = torch.Generator().manual_seed(config.seed)

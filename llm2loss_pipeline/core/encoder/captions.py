@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.prompts import attribute_statements, caption_for, draw_caption
+from llm2loss_pipeline.core.prompts import caption_for, draw_caption
 
 CANDIDATES = 8192
 """Pool captions checked against each image for truth (a fixed random sample when larger)."""
@@ -95,11 +95,9 @@ def build_caption_pool(
     captions_per_image: int,
     seed: int,
     max_true_per_image: int = 48,
-    statements: bool = True,
 ) -> CaptionPool:
-    """Write `captions_per_image` captions per image (plus, with `statements`, the shared
-    single-attribute captions of `prompts.attribute_statements` at the end of the pool) and index
-    which per-image captions are true of which image, deterministically for `seed`."""
+    """Write `captions_per_image` captions per image and index which captions are true of which
+    image, deterministically for `seed`."""
     if not attribute_rows:
         raise ValueError("no attribute rows: the caption-tuned encoder needs attributes to caption")
     rows, known = attribute_matrix(attribute_rows)
@@ -107,13 +105,6 @@ def build_caption_pool(
     n_images, n_attributes = rows.shape
     n_pool = n_images * captions_per_image
     drawn = [draw_caption(row, rng) for row in attribute_rows for _ in range(captions_per_image)]
-    if statements:
-        present = known.any(axis=0)
-        drawn += [
-            (text, said)
-            for text, said in attribute_statements(rng)
-            if all(present[CELEBA_ATTRIBUTES.index(name)] for name in said)
-        ]
     texts = [text for text, _ in drawn]
     stated = np.zeros((len(drawn), n_attributes), dtype=bool)
     values = np.zeros((len(drawn), n_attributes), dtype=bool)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODES: tuple[str, ...] = ("caption_tuned", "pretrained")
 VISION_ARCHS: tuple[str, ...] = ("resnet", "vit")
 TEXT_PROJECTIONS: tuple[str, ...] = ("identity", "linear")
-LOSSES: tuple[str, ...] = ("pool", "sigmoid", "consistent", "soft", "clip")
+LOSSES: tuple[str, ...] = ("pool", "consistent", "soft", "clip")
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -97,11 +97,6 @@ class EncoderConfig(BaseModel):
         ge=1,
         le=256,
         description="captions written per training image and embedded once (the expensive part)",
-    )
-    statement_captions: bool = Field(
-        True,
-        description="add the single-attribute captions (every phrase of every attribute value, "
-        "true of every image with that value) to the caption pool",
     )
     share_captions: bool = Field(
         True,

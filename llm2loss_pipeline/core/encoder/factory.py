@@ -246,8 +246,6 @@ def caption_tuned_model_cfg(config: EncoderConfig, text_model_dir: Path) -> dict
         },
         "custom_text": True,
         "init_logit_scale": math.log(1.0 / config.init_temperature),
-        # the sigmoid loss needs a bias: most captions of the pool are false of any one image
-        **({"init_logit_bias": -10.0} if config.loss == "sigmoid" else {}),
     }
 
 

@@ -140,21 +140,6 @@ def pool_loss(
     return (image_to_text + text_to_image) / 2
 
 
-def sigmoid_pool_loss(
-    image_features: torch.Tensor,
-    pool_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor,
-    truth: torch.Tensor,
-) -> torch.Tensor:
-    """SigLIP-style pairwise loss of each image against the whole caption pool: every caption is
-    a binary question "is this true of the image?" (`truth[i, j]`), answered by
-    sigmoid(scale * cos + bias)."""
-    logits = logit_scale.exp() * image_features @ pool_features.T + logit_bias
-    signs = 2.0 * truth - 1.0
-    return -F.logsigmoid(signs * logits).sum(dim=1).mean() / truth.sum(dim=1).mean()
-
-
 def _lr_at(step: int, total: int, config: EncoderConfig) -> float:
     warmup = max(1, round(config.warmup_fraction * total))
     if step < warmup:
@@ -196,12 +181,7 @@ def train_caption_tuned(
     images = load_image_tensors(encoder, items, device_spec, progress)
     loaded = time.perf_counter()
 
-    pool = build_caption_pool(
-        attribute_rows,
-        config.captions_per_image,
-        config.seed,
-        statements=config.statement_captions,
-    )
+    pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
     if progress is not None:
         progress("embed captions", 0, pool.n_unique_texts)
     pool = embed_pool(pool, encoder.encode_texts)
@@ -258,7 +238,7 @@ def train_caption_tuned(
                     truth = truth_table(
                         rows[index], known[index], stated[captions], values[captions]
                     ).to(device)
-                elif config.loss in ("pool", "sigmoid"):
+                elif config.loss == "pool":
                     truth = truth_table(rows[index], known[index], stated, values).to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total_steps, config)
@@ -268,10 +248,6 @@ def train_caption_tuned(
                 if config.loss == "pool":
                     loss = pool_loss(
                         features, caption_embeddings, model.logit_scale, truth, captions
-                    )
-                elif config.loss == "sigmoid":
-                    loss = sigmoid_pool_loss(
-                        features, caption_embeddings, model.logit_scale, model.logit_bias, truth
                     )
                 else:
                     loss = contrastive_loss(

@@ -15,7 +15,12 @@ from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.steps.tables import items_of, read_manifest, shard_rows
+from llm2loss_pipeline.core.steps.tables import (
+    fail_on_bad_images,
+    items_of,
+    read_manifest,
+    shard_rows,
+)
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
 
 LOSSES_TABLE = "per_sample_losses"
@@ -177,6 +182,21 @@ def _state_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
+def materialized_config(layout: Layout, config: BlackBoxConfig) -> BlackBoxConfig:
+    """`config` pointed at the black box that black_box_model last materialized.
+
+    Loss runs must score the model version the graph recorded, not whatever source their own run
+    config names: a run launched by automation after the registry sensor brought a new model
+    carries the deployment's default `black_box` settings.
+    """
+    reference = reference_path(layout)
+    if not reference.exists():
+        return config.model_copy(update={"source": "builtin"})
+    recorded = json.loads(reference.read_text())
+    keys = ("source", "entry_point", "torchscript_path", "loss_table_path")
+    return config.model_copy(update={key: recorded.get(key) for key in keys})
+
+
 def shard_losses(
     layout: Layout,
     shard: str,
@@ -185,6 +205,7 @@ def shard_losses(
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
 ) -> ShardTableResult:
+    config = materialized_config(layout, config)
     manifest = read_manifest(layout)
     rows = shard_rows(manifest, shard)
     dropped: list[Any] = []
@@ -206,12 +227,13 @@ def shard_losses(
             labels,
             rows["split"].to_list(),
             device_spec=device,
-            on_bad_image=dataset.on_bad_image,
+            on_bad_image="skip",  # bad images are listed all at once just below
             nonfinite=config.nonfinite,
             progress=progress,
             loss=config.loss,
             threads=config.cpu_threads,
         )
+        fail_on_bad_images(LOSSES_TABLE, shard, rows, result.skipped, dataset.on_bad_image)
         frame, dropped, skipped = result.frame, list(result.dropped), list(result.skipped)
     path = write_parquet_atomic(frame, layout.shard_table(LOSSES_TABLE, shard))
     return ShardTableResult(

@@ -15,7 +15,13 @@ from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.steps.tables import items_of, read_manifest, read_shards, shard_rows
+from llm2loss_pipeline.core.steps.tables import (
+    fail_on_bad_images,
+    items_of,
+    read_manifest,
+    read_shards,
+    shard_rows,
+)
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 
 EMBEDDINGS_TABLE = "image_embeddings"
@@ -135,9 +141,10 @@ def shard_embeddings(
 
     rows = shard_rows(read_manifest(layout), shard)
     encoder = load_encoder(layout.encoder_dir, device.torch_device())
-    result = embed_images(
-        encoder, items_of(rows), device, on_bad_image=dataset.on_bad_image, progress=progress
-    )
+    # skip mode, so that in fail mode every bad image is listed at once just below
+    result = embed_images(encoder, items_of(rows), device, on_bad_image="skip", progress=progress)
+    skipped_ids = [sample_id for sample_id, _ in result.skipped]
+    fail_on_bad_images(EMBEDDINGS_TABLE, shard, rows, skipped_ids, dataset.on_bad_image)
     frame = embedding_frame(result.sample_ids, result.embeddings)
     path = write_parquet_atomic(frame, layout.shard_table(EMBEDDINGS_TABLE, shard))
     return EmbeddingShardResult(
