@@ -37,7 +37,7 @@ def _settings_resource(
     base: type[_SettingsResource] = _SettingsResource,
     values: BaseModel | None = None,
 ) -> type[_SettingsResource]:
-    """A resource class with `model`'s fields; defaults from `values` when given, else the model's."""
+    """A resource class with `model`'s fields, defaulting to `values` (else the model's)."""
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
         annotation = info.annotation
