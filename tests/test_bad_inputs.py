@@ -214,12 +214,11 @@ def test_identity_file_that_disagrees_with_the_attributes_writes_no_manifest(
         prepare_dataset(layout, config.dataset, config.world)
     assert expected in str(caught.value) and str(world) in str(caught.value)
     assert sha256_file(layout.manifest) == before  # the previous manifest stays as it was
-    assert not (tmp_path / "fresh").exists()
-    fresh = fh.clone_home(layout, tmp_path / "fresh")
-    fresh.manifest.unlink()
+    fresh = Layout.at(tmp_path / "fresh")  # a first run: no manifest at all afterwards
     with pytest.raises(CelebaFormatError):
         prepare_dataset(fresh, config.dataset, config.world)
-    assert not fresh.manifest.exists() and fh.leftovers(fresh.home) == []
+    assert not fresh.manifest.exists()
+    assert not fresh.home.exists() or fh.leftovers(fresh.home) == []
 
 
 def test_missing_image_listed_in_the_partition_file(tmp_path, reference):
@@ -294,6 +293,21 @@ def test_bad_loss_table_through_fit_black_box_names_samples_and_keeps_the_old(
     assert served.frame["loss"].to_list() == expected["loss"].to_list()
 
 
+# ---- in-range settings on tiny data -----------------------------------------------------------
+
+
+def test_a_one_epoch_black_box_on_tiny_data_trains(tmp_path, reference):
+    """Two optimiser steps in all: torch's OneCycleLR used to divide by zero for 4 steps or less."""
+    from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
+
+    layout = fh.clone_home(reference[1], tmp_path / "home")
+    config = fh.fast_config(layout.home, black_box={"epochs": 1, "batch_size": 128})
+    with fh.one_thread():
+        result = fit_black_box(layout, config.black_box, config.devices.black_box)
+    assert len(result.curve) == 1 and np.isfinite(result.curve[0]["train_loss"])
+    assert load_black_box(layout.black_box).meta["sha256"] == result.sha256
+
+
 # ---- the query side ---------------------------------------------------------------------------
 
 
@@ -301,7 +315,9 @@ def test_encoder_of_another_dimension_is_refused_by_diagnoser_load(tmp_path, ref
     from llm2loss_pipeline.core.encoder import EncoderConfig, build_encoder, save_encoder
 
     layout = fh.clone_home(reference[1], tmp_path / "home", ["heads"])
-    config = EncoderConfig(image_size=32, embed_dim=64, text_projection="linear", vision_width=8)
+    config = EncoderConfig(
+        image_size=32, embed_dim=64, text_projection="linear", vision_width=8, vision_head_width=8
+    )
     with fh.one_thread():
         save_encoder(build_encoder(config), layout.encoder_dir)
     with pytest.raises(HeadMismatchError) as caught:

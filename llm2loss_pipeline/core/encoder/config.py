@@ -105,9 +105,9 @@ class EncoderConfig(BaseModel):
     )
     loss: str = Field(
         "pool",
-        description="consistent (multi-positive InfoNCE: a caption is a positive of every image "
-        "in the batch it is true of), soft (targets from caption-caption similarity) or clip "
-        "(one-hot InfoNCE)",
+        description="pool (multi-positive InfoNCE of each image against the whole caption pool: "
+        "a caption is a positive of every image it is true of), consistent (the same within the "
+        "batch only), soft (targets from caption-caption similarity) or clip (one-hot InfoNCE)",
     )
     soft_target_temperature: float = Field(
         0.05, gt=0.0, le=10.0, description="soft loss: temperature of the caption similarity"

@@ -178,10 +178,11 @@ def train_caption_tuned(
     encoder.to(device)
     model = encoder.model
 
+    # captions first: a bad attribute row fails before minutes of image decoding
+    pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
     images = load_image_tensors(encoder, items, device_spec, progress)
     loaded = time.perf_counter()
 
-    pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
     if progress is not None:
         progress("embed captions", 0, pool.n_unique_texts)
     pool = embed_pool(pool, encoder.encode_texts)
@@ -242,8 +243,11 @@ def train_caption_tuned(
                     truth = truth_table(rows[index], known[index], stated, values).to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(step, total_steps, config)
+                x = x.to(device, non_blocking=True)
+                if device.type == "cpu":  # oneDNN convolutions: about 20% faster channels-last
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with device_spec.autocast(device):
-                    features = model.visual(x.to(device, non_blocking=True))
+                    features = model.visual(x)
                 features = F.normalize(features.float(), dim=-1)
                 if config.loss == "pool":
                     loss = pool_loss(
@@ -285,7 +289,7 @@ def train_caption_tuned(
         "mean_true_captions_per_image": round(float(pool.n_true.mean()), 2),
         "loss": config.loss,
         "loss_curve": [round(value, 6) for value in loss_curve],
-        "logit_scale": round(float(model.logit_scale.exp()), 4),
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 4),
         "seconds_load_images": round(loaded - started, 3),
         "seconds_embed_captions": round(captioned - loaded, 3),
         "seconds_train": round(finished - captioned, 3),

@@ -1,0 +1,94 @@
+"""The same configuration and seed give the same bytes on the CPU: checkpoints, tables, report.
+
+Two independent runs of the tiny world (generation, black box, losses, encoder, embeddings,
+heads, report), one in this process and one in a fresh interpreter with its own home, must agree
+on the sha256 of every weight file and every Parquet table. Sidecars are not compared byte for
+byte: they hold timings and absolute paths; the weight hashes they record are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.celeba import IMAGE_DIR
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.sql import connect, run_sql, shard_glob
+from llm2loss_pipeline.core.steps.black_box import LOSSES_TABLE
+from llm2loss_pipeline.core.storage import sha256_file
+from tests import fault_helpers as fh
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return fh.reference_home()
+
+
+def world_files(layout) -> dict[str, str]:
+    root = Path(pl.read_parquet(layout.manifest)["path"][0]).parents[1]
+    files = sorted(root.glob("*.txt")) + sorted((root / IMAGE_DIR).glob("*.jpg"))
+    return {str(path.relative_to(root)): sha256_file(path) for path in files}
+
+
+@pytest.mark.slow
+def test_two_independent_runs_give_identical_bytes(tmp_path, reference):
+    _, first = reference
+    config, path = fh.write_config(tmp_path / "config.yaml", tmp_path / "second")
+    output = fh.finish(fh.start(path, ["all"]), timeout=900)
+    second = Layout.at(config.home)
+
+    expected, got = fh.digests(first), fh.digests(second)
+    assert len(expected) >= 20, expected  # weights, heads, shards and report tables all present
+    assert got == expected, output
+    assert world_files(second) == world_files(first)
+    paths_differ = ["path"]  # the manifest names images by absolute path, inside each home
+    assert (
+        pl.read_parquet(second.manifest)
+        .drop(paths_differ)
+        .equals(pl.read_parquet(first.manifest).drop(paths_differ))
+    )
+
+
+def test_black_box_bytes_do_not_depend_on_the_global_thread_count(tmp_path, reference):
+    """The black box pins its own thread count (black_box.cpu_threads), so a process that left
+    torch at 2 threads still trains the same bytes; another seed gives other bytes."""
+    import torch
+
+    _, layout_ref = reference
+    layout = fh.clone_home(layout_ref, tmp_path / "home")
+    config = fh.fast_config(layout.home)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from llm2loss_pipeline.core.steps.black_box import fit_black_box
+
+        fit_black_box(layout, config.black_box, config.devices.black_box)
+    finally:
+        torch.set_num_threads(before)
+    assert sha256_file(layout.black_box) == sha256_file(layout_ref.black_box)
+    assert sha256_file(fh.alternative_black_box() / "model.safetensors") != sha256_file(
+        layout.black_box
+    )
+
+
+def test_group_metrics_query_gives_identical_numbers_every_time(reference):
+    """DuckDB adds partial sums in the order its threads finish; the pipeline's connections use
+    one thread, so avg/var_samp over the same shards are the same to the last bit."""
+    _, layout = reference
+    tables = {"losses": shard_glob(layout.shard_dir(LOSSES_TABLE)), "attributes": layout.attributes}
+    params = {"split": "test", "attribute_names": list(CELEBA_ATTRIBUTES)}
+    frames = []
+    for _ in range(8):
+        with connect(None) as con:
+            frames.append(run_sql(con, "group_metrics", params, tables))
+    assert frames[0].height > len(CELEBA_ATTRIBUTES)  # both values of most attributes
+    for frame in frames[1:]:
+        assert frame.equals(frames[0])
+        for column in ("mean_loss", "loss_variance", "auroc"):
+            assert frame[column].to_numpy().tobytes() == frames[0][column].to_numpy().tobytes()
