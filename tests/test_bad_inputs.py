@@ -43,7 +43,7 @@ SHARD = "shard-00000"
 
 @pytest.fixture(scope="module")
 def reference():
-    return fh.reference_home()
+    return fh.reference_home()  # about a minute, once per test process: hence the slow marks
 
 
 def copied_world(tmp_path: Path, reference, models=("black_box", "encoder"), **dataset):
@@ -97,6 +97,7 @@ def damage(rows: pl.DataFrame) -> dict[str, tuple[str, str]]:
     return {sid: (paths[sid], reason) for sid, reason in picks.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", [LOSSES_TABLE, EMBEDDINGS_TABLE])
 def test_bad_images_fail_listing_every_one_and_write_nothing(tmp_path, reference, table):
     layout, config, _ = copied_world(tmp_path, reference)
@@ -115,6 +116,7 @@ def test_bad_images_fail_listing_every_one_and_write_nothing(tmp_path, reference
     assert fh.leftovers(layout.home) == []
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_and_recorded_when_asked(tmp_path, reference):
     _, layout_ref = reference
     layout, config, _ = copied_world(tmp_path, reference, on_bad_image="skip")
@@ -166,6 +168,7 @@ def odd_modes(path: Path) -> dict[str, tuple[bytes, Image.Image]]:
     return out
 
 
+@pytest.mark.slow
 def test_grayscale_rgba_and_cmyk_images_are_converted_end_to_end(tmp_path, reference):
     odd, odd_config, _ = copied_world(tmp_path / "odd", reference)
     plain, plain_config, _ = copied_world(tmp_path / "plain", reference)
@@ -194,6 +197,7 @@ def test_grayscale_rgba_and_cmyk_images_are_converted_end_to_end(tmp_path, refer
 # ---- list files -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing id", "extra id"])
 def test_identity_file_that_disagrees_with_the_attributes_writes_no_manifest(
     tmp_path, reference, case
@@ -221,6 +225,7 @@ def test_identity_file_that_disagrees_with_the_attributes_writes_no_manifest(
     assert not fresh.home.exists() or fh.leftovers(fresh.home) == []
 
 
+@pytest.mark.slow
 def test_missing_image_listed_in_the_partition_file(tmp_path, reference):
     layout, config, world = copied_world(tmp_path, reference, models=())
     before = sha256_file(layout.manifest)
@@ -262,6 +267,7 @@ def all_losses(reference) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(path) for path in paths])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "duplicated", "nan", "inf", "negative"])
 def test_bad_loss_table_through_fit_black_box_names_samples_and_keeps_the_old(
     tmp_path, reference, all_losses, case
@@ -296,6 +302,7 @@ def test_bad_loss_table_through_fit_black_box_names_samples_and_keeps_the_old(
 # ---- in-range settings on tiny data -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_one_epoch_black_box_on_tiny_data_trains(tmp_path, reference):
     """Two optimiser steps in all: torch's OneCycleLR used to divide by zero for 4 steps or less."""
     from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
@@ -311,6 +318,7 @@ def test_a_one_epoch_black_box_on_tiny_data_trains(tmp_path, reference):
 # ---- the query side ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_encoder_of_another_dimension_is_refused_by_diagnoser_load(tmp_path, reference):
     from llm2loss_pipeline.core.encoder import EncoderConfig, build_encoder, save_encoder
 
@@ -332,6 +340,7 @@ def diagnoser(reference) -> Diagnoser:
     return Diagnoser.load(reference[1].home)
 
 
+@pytest.mark.slow
 def test_empty_prompts_are_named(diagnoser):
     with pytest.raises(ValueError, match="text A is empty"):
         diagnoser.compare("", "a person wearing glasses")
@@ -341,6 +350,7 @@ def test_empty_prompts_are_named(diagnoser):
         diagnoser.rank(["a smiling person", ""])
 
 
+@pytest.mark.slow
 def test_over_long_prompt_is_truncated_with_a_warning(diagnoser):
     long = "a smiling person wearing glasses and a hat " * 40
     with pytest.warns(UserWarning, match=r"tokens; it was truncated to the tokenizer context of"):

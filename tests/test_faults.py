@@ -104,13 +104,13 @@ def test_losses_shard_killed_before_rename_keeps_the_old_shard(tmp_path, referen
 
 
 def test_embeddings_shard_killed_before_rename_then_rerun_is_identical(tmp_path, reference):
-    layout, _, config_path = make_home(tmp_path, reference, ["encoder"])
+    layout, config, config_path = make_home(tmp_path, reference, ["encoder"])
     shard = "shard-00001"
     killed(config_path, [f"embeddings:{shard}"], f"{shard}.parquet", tmp_path)
 
     assert not layout.shard_table(EMBEDDINGS_TABLE, shard).exists()
     assert len(fh.leftovers(layout.shard_dir(EMBEDDINGS_TABLE))) == 1
-    fh.finish(fh.start(config_path, [f"embeddings:{shard}"]))
+    fh.run_steps(config, [f"embeddings:{shard}"])  # the rerun (in this process: same threads)
     assert (
         sha256_file(layout.shard_table(EMBEDDINGS_TABLE, shard))
         == reference[2][f"tables/{EMBEDDINGS_TABLE}/{shard}.parquet"]
@@ -156,7 +156,7 @@ def test_black_box_killed_while_saving(tmp_path, reference, fault_at, with_old):
 
 
 def test_encoder_killed_between_folder_renames(tmp_path, reference):
-    layout, _, config_path = make_home(tmp_path, reference, ["encoder", "heads"])
+    layout, config, config_path = make_home(tmp_path, reference, ["encoder", "heads"])
     killed(config_path, ["encoder"], "encoder", tmp_path)
 
     # the old folder was renamed aside, the new one not yet in: no encoder, and loaders say so
@@ -169,7 +169,7 @@ def test_encoder_killed_between_folder_renames(tmp_path, reference):
     with pytest.raises(NotMaterializedError, match="the encoder"):
         Diagnoser.load(layout.home)
 
-    fh.finish(fh.start(config_path, ["encoder"]))
+    fh.run_steps(config, ["encoder"])
     weights = layout.encoder_dir / "open_clip_model.safetensors"
     assert sha256_file(weights) == reference[2]["models/encoder/open_clip_model.safetensors"]
     comparison = Diagnoser.load(layout.home).compare("a smiling person", "a person")

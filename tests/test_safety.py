@@ -260,6 +260,7 @@ def test_missing_celeba_root_is_named_resolved(tmp_path, monkeypatch):
     ],
     ids=["loss_table_path", "label_map_path", "torchscript_path"],
 )
+@pytest.mark.slow
 def test_missing_black_box_paths_are_named_before_anything_is_written(
     tmp_path, monkeypatch, black_box, error, needle
 ):
@@ -283,6 +284,7 @@ def test_missing_black_box_paths_are_named_before_anything_is_written(
     ],
     ids=["checkpoint_path", "text_model_dir"],
 )
+@pytest.mark.slow
 def test_missing_encoder_paths_are_named_before_anything_is_written(
     tmp_path, monkeypatch, encoder, needle
 ):

@@ -60,7 +60,7 @@ def per_sample_losses(
             "dropped_nonfinite": len(result.dropped),
             "skipped_images": len(result.skipped),
             **(
-                {"skipped": dg.MetadataValue.json([list(item) for item in result.skipped][:50])}
+                {"skipped": dg.MetadataValue.json(list(result.skipped)[:50])}
                 if result.skipped
                 else {}
             ),
