@@ -176,6 +176,9 @@ def celery_deployment(tmp_path) -> Iterator[dict]:
         "LLM2LOSS_EXECUTOR": "celery",
         # One thread per worker process: two workers share this host's cores.
         "OMP_NUM_THREADS": "1",
+        # `dagster-celery worker start` runs `celery` by name: the venv's must come first, also
+        # when the tests run without an activated venv (`make test`).
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     token = uuid.uuid4().hex[:6]
     workers: dict[str, tuple[subprocess.Popen, Path]] = {}

@@ -217,7 +217,6 @@ def test_lineage_black_box_stales_losses_not_embeddings(tiny) -> None:
     )
     assert status("per_sample_losses", key) == StaleStatus.STALE
     assert status("image_embeddings", key) == StaleStatus.FRESH
-    assert status("diagnosis_heads") == StaleStatus.STALE
 
     run_pipeline(retrained, ["signals"], instance=instance)
     assert status("per_sample_losses", key) == StaleStatus.FRESH
