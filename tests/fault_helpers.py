@@ -95,7 +95,7 @@ def write_config(
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """One torch thread, restored afterwards: the same thread count as the subprocesses (float
-    reductions may be ordered differently with another count, see bench/RELIABILITY.md) and far
+    reductions may be ordered differently with another count; bench/RESULTS.md, Reliability) and far
     faster on the shared 2-core machine, where spinning OpenMP threads wait for each other."""
     import torch
 
