@@ -32,6 +32,7 @@ def main() -> None:
     import polars as pl
 
     from llm2loss_pipeline.core.config import load_config
+    from llm2loss_pipeline.core.steps.report import HEADLINE_KEYS
     from llm2loss_pipeline.defs.runner import run_pipeline
 
     home = Path(args.home or tempfile.mkdtemp(prefix="llm2loss-bench-"))
@@ -65,16 +66,7 @@ def main() -> None:
         print(f"  planted {name:<18} rank by estimated disparity: {ranked.index(name) + 1} / 40")
     print(f"  top 5 by estimated disparity: {', '.join(ranked[:5])}")
     headline = json.loads((layout.reports / "headline.json").read_text())
-    for key in (
-        "spearman_signed_overall",
-        "spearman_signed_regressor",
-        "spearman_signed_ranker",
-        "pearson_signed_overall",
-        "kendall_signed_overall",
-        "spearman_abs_overall",
-        "zero_shot_mean_auroc",
-        "n_bh_significant",
-    ):
+    for key in HEADLINE_KEYS:
         value = headline.get(key)
         print(f"  {key:<28} {'n/a' if value is None else f'{value:+.3f}'}")
 
