@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+# The asset graph of ARCHITECTURE.md: the same expectations as the in-process test.
+from tests.test_definitions import EXPECTED_EDGES, EXPECTED_GROUPS
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-# The asset graph of ARCHITECTURE.md: the same expectations as the in-process test.
-from tests.test_definitions import EXPECTED_EDGES, EXPECTED_GROUPS  # noqa: E402
 
 ASSET_NODES = """{ assetNodes {
     assetKey { path } dependencyKeys { path } groupName

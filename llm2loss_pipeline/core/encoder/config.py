@@ -85,7 +85,7 @@ class EncoderConfig(BaseModel):
     )
 
     # ---- caption_tuned mode: training -----------------------------------------------------
-    epochs: int = Field(12, ge=1, le=10_000, description="passes over the training images")
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training images")
     lr: float = Field(2e-3, gt=0.0, le=1.0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.05, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
     warmup_fraction: float = Field(
