@@ -17,8 +17,13 @@ def test_shipped_configs_validate(name: str) -> None:
     assert isinstance(config, PipelineConfig)
 
 
-def test_default_is_the_embedded_default() -> None:
+def test_default_yaml_is_the_embedded_default() -> None:
+    assert load_config(CONFIGS / "default.yaml") == load_config(None)
+
+
+def test_embedded_default() -> None:
     config = load_config(None)
+    assert config.world.hard_attributes == {"Gray_Hair": 0.9, "Goatee": 0.9}
     assert config.dataset.source == "generated"
     assert config.encoder.mode == "caption_tuned"
     assert config.black_box.source == "builtin"
