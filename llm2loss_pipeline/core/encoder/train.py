@@ -7,13 +7,34 @@ step draws, per image, one caption that is true of it (its own, or with `share_c
 caption whose stated values all hold for it).
 
 Many images share what a caption says ("face of a smiling woman"); one-hot InfoNCE (`clip`) pushes
-each image away from such captions of its batch peers. Two remedies:
-- `consistent` (default): multi-positive InfoNCE whose target row for an image spreads evenly over
-  the batch's captions that are true of it (and per caption over the images it is true of), from
-  the exact truth table of stated attribute values;
+each image away from such captions of its batch peers. The remedies, all from the exact truth
+table of the attribute values each caption states:
+- `pool` (default): multi-positive InfoNCE of each image against the *whole* caption pool, the
+  target spread evenly over the captions true of it, plus captions-to-images within the batch.
+  Every step then contrasts each image with thousands of captions, among them near-copies of its
+  own that differ in one attribute ("... wearing a hat" against "... without a hat");
+- `consistent`: the same, within the batch only;
 - `soft`: targets from the softmax of caption-caption similarity in the sentence model
   (temperature `soft_target_temperature`). The sentence model puts "wearing glasses" and
   "without glasses" close together, so these targets blur exactly the distinctions we want.
+
+Measured on the generated world (120 identities x 30 images, 64 px; 2,160 training images, 720
+validation images; 10 epochs, batch 128, one torch thread on a shared 2-core machine), mean
+zero-shot AUROC over the 39 rendered attributes on the validation split, and image-to-caption
+top-1 in galleries of 100 (chance 0.011):
+
+    loss        mean AUROC   top-1
+    clip        0.645        0.054
+    soft        0.646        0.054
+    consistent  0.652        0.042
+    pool        0.694        0.049-0.056
+
+Identity-level attributes are learned first (Male 0.985, Young 0.98, Black_Hair 0.96, Gray_Hair
+0.93, Blond_Hair 0.88 after 10 epochs); image-level details come slowly (Eyeglasses 0.60,
+Wearing_Hat 0.50, Smiling 0.48), and a linear probe on the embeddings shows the image tower has
+not yet picked them up. They keep improving with more epochs (20 epochs: mean 0.77, Eyeglasses
+0.64, Bald 0.74). Rejected after measuring: a SigLIP-style sigmoid loss over the pool (0.58),
+adding shared single-attribute captions to the pool (no gain), a ViT tower (slower per epoch).
 """
 
 from __future__ import annotations
