@@ -81,10 +81,11 @@ def _train_builtin(
     progress: Callable[..., None] | None,
 ) -> BlackBoxResult:
     from llm2loss_pipeline.core.blackbox.checkpoint import plot_training_curve, save_black_box
-    from llm2loss_pipeline.core.blackbox.labels import map_labels
+    from llm2loss_pipeline.core.blackbox.labels import map_labels, num_outputs_needed
     from llm2loss_pipeline.core.blackbox.train import train_classifier
 
     label_map = _label_map(config, manifest)
+    num_classes = num_outputs_needed(label_map)
     train = manifest.filter(pl.col("split") == "train").sort("index")
     valid = manifest.filter(pl.col("split") == "valid").sort("index")
     model, result = train_classifier(
@@ -95,13 +96,13 @@ def _train_builtin(
         config,
         device,
         progress,
-        num_classes=max(label_map.values()) + 1,
+        num_classes=num_classes,
     )
     sidecar = save_black_box(
         model,
         layout.black_box,
         arch=config.arch,
-        num_classes=max(label_map.values()) + 1,
+        num_classes=num_classes,
         image_size=config.image_size,
         label_map=label_map,
         config=config,
@@ -116,7 +117,7 @@ def _train_builtin(
         metrics={
             key: value
             for key, value in sidecar["metrics"].items()
-            if isinstance(value, int | float) and value is not None
+            if isinstance(value, int | float)
         },
         curve=[{k: v for k, v in row.items() if k != "lr"} for row in sidecar["curve"]],
         curve_png=curve_png,
