@@ -209,22 +209,22 @@ def test_lineage_black_box_stales_losses_not_embeddings(tiny) -> None:
     assert status("per_sample_losses", key) == StaleStatus.FRESH
     assert status("image_embeddings", key) == StaleStatus.FRESH
 
-    retrained = config.model_copy(
-        update={"black_box": config.black_box.model_copy(update={"seed": 11})}
-    )
-    build_definitions(retrained).resolve_job_def("prepare").execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey("black_box_model")]
-    )
+    def rematerialize(base, section: str, seed: int, asset: str):
+        """`base` with a new seed in one section, and `asset` materialized under it."""
+        changed = base.model_copy(
+            update={section: getattr(base, section).model_copy(update={"seed": seed})}
+        )
+        build_definitions(changed).resolve_job_def("prepare").execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(asset)]
+        )
+        return changed
+
+    retrained = rematerialize(config, "black_box", 11, "black_box_model")
     assert status("per_sample_losses", key) == StaleStatus.STALE
     assert status("image_embeddings", key) == StaleStatus.FRESH
 
     run_pipeline(retrained, ["signals"], instance=instance)
     assert status("per_sample_losses", key) == StaleStatus.FRESH
-    new_encoder = retrained.model_copy(
-        update={"encoder": retrained.encoder.model_copy(update={"seed": 5})}
-    )
-    build_definitions(new_encoder).resolve_job_def("prepare").execute_in_process(
-        instance=instance, asset_selection=[dg.AssetKey("semantic_encoder")]
-    )
+    rematerialize(retrained, "encoder", 5, "semantic_encoder")
     assert status("image_embeddings", key) == StaleStatus.STALE
     assert status("per_sample_losses", key) == StaleStatus.FRESH
