@@ -4,10 +4,11 @@
     python bench/heads_training.py --n 20000 --dim 128   # a quick run
     python bench/heads_training.py --compare-scaling     # the measurement behind target_scaling
 
-Both arms run the same code (`train_ensemble`): the batched arm trains all members at once, the
-sequential arm calls it once per member (`members=[m]`, M=1). Members are independent, so both arms
-produce the same members up to float rounding (printed: how closely each member's outputs agree
-between the arms) and only the time differs.
+Both arms run the same code (`train_ensemble`): the batched arm trains all members at once on one
+shared mini-batch per step (one GEMM per layer for all members), the sequential arm calls it once
+per member (`members=[m]`, M=1): the same FLOPs, in 20 narrow GEMMs and 20x the per-step
+overhead. Members are independent, so both arms produce the same members up to float rounding
+(printed: how closely each member's outputs agree between the arms) and only the time differs.
 
 The data are random unit-norm embeddings with a planted heavy-tailed loss,
 `l = exp(a z) * LogNormal(0, s)` with z the standardised projection on a hidden direction.
@@ -16,6 +17,7 @@ The data are random unit-norm embeddings with a planted heavy-tailed loss,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -62,30 +64,39 @@ def bench_speed(args: argparse.Namespace) -> None:
         flush=True,
     )
     train_ensemble(x[:512], losses[:512], config, device=args.device)  # warm-up: imports, kernels
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    batched = train_ensemble(x, losses, config, device=args.device)
-    timings["batched"] = time.perf_counter() - start
-    print(f"batched    : {timings['batched']:8.2f} s", flush=True)
+    # The arms alternate for `--repeat` rounds and each keeps its fastest round: on a shared
+    # machine a burst of outside load lands on one arm at random, and the minimum discards it.
+    best = {"batched": math.inf, "sequential": math.inf}
+    per_arch = {arch: math.inf for arch in config.archs}
+    for round_ in range(args.repeat):
+        start = time.perf_counter()
+        batched = train_ensemble(x, losses, config, device=args.device)
+        elapsed = time.perf_counter() - start
+        best["batched"] = min(best["batched"], elapsed)
+        print(f"round {round_ + 1} batched    : {elapsed:8.2f} s", flush=True)
 
-    start = time.perf_counter()
-    alone = []
-    per_arch = {arch: 0.0 for arch in config.archs}
-    for member in grid:
-        t0 = time.perf_counter()
-        alone.append(train_ensemble(x, losses, config, device=args.device, members=[member]))
-        per_arch[member.arch] += time.perf_counter() - t0
-    timings["sequential"] = time.perf_counter() - start
-    print(f"sequential : {timings['sequential']:8.2f} s", flush=True)
-    print(
-        f"ratio      : {timings['sequential'] / timings['batched']:8.2f} x (sequential / batched)"
-    )
+        start = time.perf_counter()
+        alone = []
+        arch_time = {arch: 0.0 for arch in config.archs}
+        for member in grid:
+            t0 = time.perf_counter()
+            alone.append(train_ensemble(x, losses, config, device=args.device, members=[member]))
+            arch_time[member.arch] += time.perf_counter() - t0
+        elapsed = time.perf_counter() - start
+        best["sequential"] = min(best["sequential"], elapsed)
+        per_arch = {arch: min(per_arch[arch], arch_time[arch]) for arch in config.archs}
+        print(f"round {round_ + 1} sequential : {elapsed:8.2f} s", flush=True)
+    print(f"batched    : {best['batched']:8.2f} s (fastest of {args.repeat})")
+    print(f"sequential : {best['sequential']:8.2f} s (fastest of {args.repeat})")
+    print(f"ratio      : {best['sequential'] / best['batched']:8.2f} x (sequential / batched)")
 
     for arch in config.archs:
         members = [m for m in grid if m.arch == arch]
-        t0 = time.perf_counter()
-        train_ensemble(x, losses, config, device=args.device, members=members)
-        arch_batched = time.perf_counter() - t0
+        arch_batched = math.inf
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            train_ensemble(x, losses, config, device=args.device, members=members)
+            arch_batched = min(arch_batched, time.perf_counter() - t0)
         print(
             f"  {arch:6s}: batched {arch_batched:7.2f} s, sequential {per_arch[arch]:7.2f} s, "
             f"ratio {per_arch[arch] / arch_batched:5.2f} x"
@@ -134,6 +145,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=2, help="alternating rounds per arm")
     parser.add_argument("--compare-scaling", action="store_true")
     args = parser.parse_args()
     if args.threads:

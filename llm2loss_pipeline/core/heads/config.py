@@ -69,7 +69,14 @@ class HeadsConfig(BaseModel):
         1e-2, gt=0.0, le=1.0, description="AdamW peak learning rate (cosine decay to 0)"
     )
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
-    batch_size: int = Field(256, ge=2, le=1_000_000, description="samples per step and member")
+    batch_size: int = Field(
+        256, ge=2, le=1_000_000, description="samples per step (one mini-batch all members share)"
+    )
+    bootstrap: bool = Field(
+        True,
+        description="each member trains on its own bootstrap resample of the training split "
+        "(as sample weights), so the ensemble's spread includes the uncertainty of the data",
+    )
     pairs_per_sample: int = Field(
         4, ge=1, le=1024, description="ranker: partners drawn for each sample of a batch"
     )

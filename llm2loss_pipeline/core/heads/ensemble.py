@@ -58,14 +58,6 @@ def member_grid(config: HeadsConfig) -> list[MemberInfo]:
     return members
 
 
-def stack_forward(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Outputs [M, B] of M stacked members, each on its own batch: x is [M, B, d]."""
-    if arch == "linear":
-        return torch.baddbmm(params["bias"][:, None, None], x, params["weight"][:, :, None])[..., 0]
-    hidden = torch.relu(torch.baddbmm(params["b1"][:, None, :], x, params["w1"]))
-    return torch.baddbmm(params["b2"][:, None, None], hidden, params["w2"][:, :, None])[..., 0]
-
-
 def shared_forward(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Outputs [M, n] of M stacked members on the same inputs x [n, d] (one GEMM per layer)."""
     if arch == "linear":
