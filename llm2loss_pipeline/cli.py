@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=_cmd_ui)
 
+    from llm2loss_pipeline.discover_cli import register as register_discover
     from llm2loss_pipeline.query_cli import register
 
     register(commands)
+    register_discover(commands)
     return parser
 
 
@@ -208,8 +210,14 @@ def _cmd_generate_world(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     import yaml
 
+    from llm2loss_pipeline.core.config import ConfigError, check_paths
+
     config = _load_config(args.config, None)
     print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    try:
+        check_paths(config, source=args.config or "<embedded default>")
+    except ConfigError as exc:
+        return _fail(str(exc))
     return 0
 
 

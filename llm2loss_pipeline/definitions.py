@@ -24,6 +24,7 @@ from llm2loss_pipeline.defs.report.checks import (
     report_group_sizes,
     report_is_complete,
 )
+from llm2loss_pipeline.defs.report.discovery import failure_hypotheses
 from llm2loss_pipeline.defs.resources import build_resources
 from llm2loss_pipeline.defs.schedules import build_schedules
 from llm2loss_pipeline.defs.sensors import build_sensors
@@ -38,6 +39,7 @@ ASSETS = [
     image_embeddings,
     diagnosis_heads,
     attribute_disparity_report,
+    failure_hypotheses,
 ]
 CHECKS = [report_is_complete, report_group_sizes, heads_validation_floor]
 

@@ -5,6 +5,7 @@
     diagnoser = Diagnoser.load()  # the latest materialization under LLM2LOSS_HOME
     diagnoser.compare("face of an old male", "face of a young female").verdict
     diagnoser.rank(["a person wearing glasses", "a person wearing a hat", "a smiling person"])
+    diagnoser.discover(top=5).table  # descriptions where the model is worse, verified on samples
 
 A text is embedded by the encoder's text tower, moved across the modality gap (`gap.text`) and fed
 to every head; outputs are standardised per member (core/heads/ensemble.py), so every number here
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,25 @@ EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 EncoderLoader = Callable[[Path, str], Any]
 RUN_COMMAND = "llm2loss run"
 CACHE_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class DiscoveryReport:
+    """What `Diagnoser.discover` found: ranked hypotheses (polars) and their evidence samples."""
+
+    table: Any
+    """the top hypotheses, ranked (columns of core/discovery/hypotheses.HYPOTHESIS_COLUMNS)"""
+    evidence: Any
+    """proponent and counter-example sample ids of the kept hypotheses among them"""
+    n_candidates: int
+    n_kept: int
+
+    @property
+    def kept(self) -> Any:
+        return self.table.filter(self.table["kept"])
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return self.table.to_dicts()
 
 
 class NotMaterializedError(StorageError):
@@ -195,3 +216,48 @@ class Diagnoser:
         if not texts:
             raise ValueError("rank needs at least one text")
         return rank_texts(texts, self.score_texts(texts), self.ensemble.members)
+
+    # discovery
+
+    def discover(
+        self,
+        top: int | None = 10,
+        vocab: str | os.PathLike[str] | Sequence[str] | None = None,
+        *,
+        config: Any = None,
+        home: str | os.PathLike[str] | None = None,
+    ) -> DiscoveryReport:
+        """Failure hypotheses in language (core/discovery): candidate descriptions scored by the
+        heads and verified on the evaluation split's samples, best first.
+
+        `vocab`: extra descriptions, as a list or a text file (one per line); `config`: a
+        DiscoveryConfig (default: the defaults); `home`: where the losses and embeddings are
+        (default: the home this diagnoser was loaded from). Nothing is written.
+        """
+        from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
+        from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+        from llm2loss_pipeline.core.steps.discovery import run_discovery
+
+        if top is not None and top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        if vocab is None:
+            texts: list[str] = []
+        elif isinstance(vocab, str | os.PathLike):
+            texts = read_vocabulary(vocab)
+        else:
+            texts = check_texts(vocab, [f"vocabulary entry {i + 1}" for i in range(len(vocab))])
+        layout = Layout.at(home if home is not None else self.meta.get("home"))
+        if not layout.manifest.exists():
+            raise NotMaterializedError(
+                f"nothing to discover under {layout.home}: the dataset manifest "
+                f"({layout.manifest}) is not materialized yet; run `{RUN_COMMAND}` first"
+            )
+        result = run_discovery(
+            layout, config or DiscoveryConfig(), vocabulary=texts, write=False, diagnoser=self
+        )
+        table = result.hypotheses if top is None else result.hypotheses.head(top)
+        ranks = table["rank"].to_list()
+        evidence = result.evidence.filter(result.evidence["rank"].is_in(ranks))
+        return DiscoveryReport(
+            table, evidence, result.counts["n_candidates"], result.counts["n_kept"]
+        )

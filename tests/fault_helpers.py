@@ -127,14 +127,24 @@ def run_steps(config: Any, steps: Sequence[str]) -> dict[str, Any]:
                 results[item] = data.prepare_dataset(layout, config.dataset, config.world)
                 data.summarize_attributes(layout, config.dataset, config.world)
             elif step == "black_box":
-                results[item] = black_box.fit_black_box(layout, config.black_box, devices.black_box)
+                results[item] = black_box.fit_black_box(
+                    layout,
+                    config.black_box,
+                    devices.black_box,
+                    on_bad_image=config.dataset.on_bad_image,
+                )
             elif step == "losses":
                 for key in shards or []:
                     results[f"losses:{key}"] = black_box.shard_losses(
                         layout, key, config.black_box, config.dataset, devices.losses
                     )
             elif step == "encoder":
-                results[item] = encoder.fit_encoder(layout, config.encoder, devices.encoder)
+                results[item] = encoder.fit_encoder(
+                    layout,
+                    config.encoder,
+                    devices.encoder,
+                    on_bad_image=config.dataset.on_bad_image,
+                )
             elif step == "embeddings":
                 for key in shards or []:
                     results[f"embeddings:{key}"] = encoder.shard_embeddings(

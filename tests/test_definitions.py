@@ -18,6 +18,7 @@ EXPECTED_GROUPS = {
     "image_embeddings": "signals",
     "diagnosis_heads": "diagnosis",
     "attribute_disparity_report": "report",
+    "failure_hypotheses": "report",
 }
 
 # The asset graph of ARCHITECTURE.md, as (upstream, downstream) edges.
@@ -38,6 +39,12 @@ EXPECTED_EDGES = {
     ("image_embeddings", "attribute_disparity_report"),
     ("celeba_attributes", "attribute_disparity_report"),
     ("semantic_encoder", "attribute_disparity_report"),
+    ("diagnosis_heads", "failure_hypotheses"),
+    ("image_embeddings", "failure_hypotheses"),
+    ("per_sample_losses", "failure_hypotheses"),
+    ("semantic_encoder", "failure_hypotheses"),
+    # for ordering only: discovery republishes the report's DuckDB views beside its own
+    ("attribute_disparity_report", "failure_hypotheses"),
 }
 
 

@@ -4,6 +4,7 @@ embedding images, and the zero-shot / retrieval evaluation."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import warnings
@@ -32,9 +33,11 @@ from llm2loss_pipeline.core.encoder import (
     zero_shot_scores,
 )
 from llm2loss_pipeline.core.encoder.captions import build_caption_pool, truth
+from llm2loss_pipeline.core.encoder.evaluate import attribute_direction
+from llm2loss_pipeline.core.encoder.train import attribute_directions, attribute_loss
 from llm2loss_pipeline.core.images import ImageDecodeError
 from llm2loss_pipeline.core.metrics import auroc
-from llm2loss_pipeline.core.prompts import describe
+from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, describe
 from llm2loss_pipeline.core.storage import StorageError
 
 CPU = DeviceSpec(device="cpu", batch_size=16, num_workers=0)
@@ -251,6 +254,80 @@ def test_training_rejects_mismatched_inputs(trained: dict, world: dict) -> None:
         train_caption_tuned(trained["encoder"], items[:4], [{"Eyeglases": True}] * 4, TINY, CPU)
 
 
+def test_attribute_directions_use_caption_wording_and_point_like_the_probes(
+    trained: dict,
+) -> None:
+    encoder = trained["encoder"]
+    seen: list[str] = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return encoder.encode_texts(texts)
+
+    directions = attribute_directions(encode)
+    assert directions.shape == (len(CELEBA_ATTRIBUTES), encoder.embed_dim)
+    assert np.allclose(np.linalg.norm(directions, axis=1), 1.0, atol=1e-5)
+    # the report's probe prompts are never among the texts trained on
+    probes = {
+        text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair
+    }
+    assert not probes & set(seen)
+    # ... yet the caption-worded direction agrees with the probes' direction
+    glasses = CELEBA_ATTRIBUTES.index("Eyeglasses")
+    probe = attribute_direction(encoder.encode_texts, "Eyeglasses")
+    cosine = directions[glasses] @ probe / np.linalg.norm(probe)
+    assert cosine > 0.5, cosine
+
+
+def test_attribute_loss_moves_embeddings_along_the_text_direction() -> None:
+    generator = torch.Generator().manual_seed(0)
+    n, d = 256, 16
+    directions = torch.nn.functional.normalize(torch.randn(3, d, generator=generator), dim=-1)
+    labels = torch.rand(n, 3, generator=generator) < 0.4
+    known = torch.ones(n, 3, dtype=torch.bool)
+    known[:10, 2] = False  # unknown labels carry no loss
+    raw = torch.randn(n, d, generator=generator).requires_grad_()
+    log_scale = torch.full((3,), math.log(10.0), requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.Adam([raw, log_scale, bias], lr=0.05)
+
+    def planted_auroc() -> float:
+        features = torch.nn.functional.normalize(raw.detach(), dim=-1)
+        return auroc((features @ directions[0]).numpy(), labels[:, 0].numpy())
+
+    before, losses = planted_auroc(), []
+    for _ in range(40):
+        features = torch.nn.functional.normalize(raw, dim=-1)
+        loss = attribute_loss(features, directions, log_scale, bias, labels, known)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert before < 0.65 and planted_auroc() > 0.95, (before, planted_auroc())
+    assert log_scale.detach().exp().min() > 0  # the scale stays positive: no sign flip
+    none_known = attribute_loss(
+        features, directions, log_scale, bias, labels, torch.zeros_like(known)
+    )
+    assert none_known.item() == 0.0
+
+
+def test_training_with_the_attribute_loss_records_its_curve(world: dict) -> None:
+    config = TINY.model_copy(update={"epochs": 2, "attribute_loss_weight": 1.0})
+    items, rows = world["train"]
+    weights, curves = [], []
+    for _ in range(2):
+        encoder = build_encoder(config)
+        metrics = train_caption_tuned(encoder, items[:32], rows[:32], config, CPU)
+        weights.append(encoder.model.visual.state_dict())
+        curves.append(metrics["attribute_loss_curve"])
+    assert len(curves[0]) == 2 and curves[0][-1] < curves[0][0], curves[0]
+    assert curves[0] == curves[1]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # a training-only head: the saved model has no extra parameters
+    assert set(weights[0]) == set(build_encoder(TINY).model.visual.state_dict())
+
+
 def test_caption_pool_truth_table() -> None:
     rows = [
         {"Eyeglasses": True, "Male": False},
@@ -419,6 +496,8 @@ def test_config_is_validated() -> None:
         EncoderConfig(mode="finetuned")
     with pytest.raises(ValueError, match=r"(?i)extra"):
         EncoderConfig(epoch=3)
+    with pytest.raises(ValueError, match="attribute_loss_weight"):
+        EncoderConfig(attribute_loss_weight=-0.5)
     with pytest.raises(ValueError, match="multiple of vision_patch_size"):
         EncoderConfig(vision_arch="vit", image_size=60, vision_patch_size=8)
     with pytest.raises(ValueError, match="identity"):

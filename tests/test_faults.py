@@ -81,6 +81,7 @@ def test_losses_shard_killed_mid_write_leaves_no_shard_and_rerun_is_identical(tm
     fh.finish(fh.start(config_path, [f"losses:{SHARD}"]))
     assert sha256_file(final) == reference[2][f"tables/{LOSSES_TABLE}/{name}"]
     assert rows_through_duckdb(layout.shard_dir(LOSSES_TABLE)) == read_manifest(layout).height
+    assert fh.leftovers(layout.home) == []  # the rerun swept the dead writer's temporary file
 
 
 def test_losses_shard_killed_before_rename_keeps_the_old_shard(tmp_path, reference):
@@ -101,6 +102,7 @@ def test_losses_shard_killed_before_rename_keeps_the_old_shard(tmp_path, referen
 
     fh.finish(fh.start(config_path, [f"losses:{SHARD}"]))
     assert sha256_file(final) == reference[2][f"tables/{LOSSES_TABLE}/{name}"]
+    assert fh.leftovers(layout.home) == []
 
 
 def test_embeddings_shard_killed_before_rename_then_rerun_is_identical(tmp_path, reference):
@@ -115,6 +117,7 @@ def test_embeddings_shard_killed_before_rename_then_rerun_is_identical(tmp_path,
         sha256_file(layout.shard_table(EMBEDDINGS_TABLE, shard))
         == reference[2][f"tables/{EMBEDDINGS_TABLE}/{shard}.parquet"]
     )
+    assert fh.leftovers(layout.home) == []
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -150,6 +153,7 @@ def test_black_box_killed_while_saving(tmp_path, reference, fault_at, with_old):
 
     fh.run_steps(config, ["black_box"])
     assert sha256_file(layout.black_box) == digests["models/black_box/model.safetensors"]
+    assert fh.leftovers(layout.models) == []  # swept by the rerun's write of the same file
     assert load_black_box(layout.black_box).meta["config"] == config_ref.black_box.model_dump(
         mode="json"
     )

@@ -16,6 +16,7 @@ from llm2loss_pipeline.core.images import (
     check_image,
     collate_skipping,
     load_image,
+    load_image_tensor,
     scan_images,
 )
 
@@ -70,6 +71,36 @@ def test_bad_files_raise_with_path_and_reason(files: dict[str, Path], name: str,
     assert reason in str(excinfo.value)
     assert excinfo.value.reason.startswith(reason)
     assert check_image(files[name]) is not None and check_image(files[name]).startswith(reason)
+
+
+@pytest.mark.parametrize("name", ["missing", "empty", "truncated", "garbage"])
+def test_fast_tensor_path_raises_the_same_named_errors(files: dict[str, Path], name: str):
+    with pytest.raises(ImageDecodeError) as pil_error:
+        load_image(files[name])
+    with pytest.raises(ImageDecodeError) as fast_error:
+        load_image_tensor(files[name])
+    assert str(fast_error.value) == str(pil_error.value)
+
+
+def _modes(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    paths = {name: tmp_path / f"{name}.jpg" for name in ("rgb", "grey", "cmyk", "progressive")}
+    Image.fromarray(rgb, "RGB").save(paths["rgb"], format="JPEG", quality=85)
+    Image.fromarray(rgb[..., 0], "L").save(paths["grey"], format="JPEG", quality=85)
+    Image.fromarray(rgb, "RGB").convert("CMYK").save(paths["cmyk"], format="JPEG")
+    Image.fromarray(rgb, "RGB").save(paths["progressive"], format="JPEG", progressive=True)
+    paths["png"] = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA").save(paths["png"])
+    return paths
+
+
+def test_fast_tensor_path_is_pixel_identical_to_pil(tmp_path: Path):
+    for name, path in _modes(tmp_path).items():
+        fast = load_image_tensor(path)
+        reference = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+        assert fast.dtype == torch.uint8 and fast.shape == (3, 48, 40), name
+        assert torch.equal(fast, reference), name
 
 
 def test_truncation_is_caught_even_when_pil_is_told_to_pad(files: dict[str, Path]):

@@ -249,13 +249,17 @@ def test_missing_celeba_root_is_named_resolved(tmp_path, monkeypatch):
         (
             {"source": "loss_table", "loss_table_path": "none.parquet"},
             LossTableError,
-            "none.parquet",
+            "loss table {cwd}/none.parquet does not exist (black_box.loss_table_path)",
         ),
-        ({"label_map_path": "none.json"}, LabelMapError, "label map none.json does not exist"),
+        (
+            {"label_map_path": "none.json"},
+            LabelMapError,
+            "label map {cwd}/none.json does not exist (black_box.label_map_path)",
+        ),
         (
             {"source": "torchscript", "torchscript_path": "none.pt"},
             UserModelError,
-            "TorchScript file none.pt does not exist",
+            "TorchScript file {cwd}/none.pt does not exist (black_box.torchscript_path)",
         ),
     ],
     ids=["loss_table_path", "label_map_path", "torchscript_path"],
@@ -268,7 +272,7 @@ def test_missing_black_box_paths_are_named_before_anything_is_written(
     layout = fh.clone_home(reference, tmp_path / "home")
     monkeypatch.chdir(tmp_path)
     config = fh.fast_config(layout.home, black_box=black_box)
-    with pytest.raises(error, match=re.escape(needle)):
+    with pytest.raises(error, match=re.escape(needle.format(cwd=tmp_path.resolve()))):
         fit_black_box(layout, config.black_box, config.devices.black_box)
     assert not layout.models.exists()
 
@@ -278,7 +282,7 @@ def test_missing_black_box_paths_are_named_before_anything_is_written(
     [
         (
             {"mode": "pretrained", "model_name": "ViT-B-32", "checkpoint_path": "none.pt"},
-            "encoder.checkpoint_path none.pt is not a file",
+            "encoder.checkpoint_path {cwd}/none.pt is not a file",
         ),
         ({"text_model_dir": "no-model"}, "is not a Hugging Face model folder"),
     ],
@@ -292,7 +296,9 @@ def test_missing_encoder_paths_are_named_before_anything_is_written(
     layout = fh.clone_home(reference, tmp_path / "home")
     monkeypatch.chdir(tmp_path)
     config = fh.fast_config(layout.home, encoder=encoder)
-    with pytest.raises(FileNotFoundError, match=re.escape(needle)) as caught:
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(needle.format(cwd=tmp_path.resolve()))
+    ) as caught:
         fit_encoder(layout, config.encoder, config.devices.encoder)
     if "text_model_dir" in encoder:  # resolved against the working directory
         assert str(tmp_path / "no-model") in str(caught.value)

@@ -5,11 +5,19 @@ Each top-level section is one pydantic model owned by the part of the method it 
 the file here first so that a typo fails before anything runs, with the offending key spelled out;
 the Dagster resources are generated from the same models (defs/resources.py), so the launchpad
 shows the same keys with the same defaults.
+
+Paths (`home` and every `*_path`, `*_dir` or `*_root` key) are made absolute when the file is
+read: `~` expanded, and a relative path taken from the configuration file's folder (from the
+working directory for a mapping validated without a file), so that a run means the same files
+whichever directory its processes start in. `check_paths` then proves that the paths a run will
+read exist and are files or folders as expected; it is separate from validation because a
+template such as configs/celeba.yaml must validate on a machine without the data.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.world.config import WorldConfig
@@ -136,6 +145,8 @@ class PipelineConfig(_Strict):
     encoder: EncoderConfig = EncoderConfig()
     heads: HeadsConfig = HeadsConfig()
     report: ReportConfig = ReportConfig()
+    # Failure discovery (core/discovery): candidate descriptions, matching, influence evidence.
+    discovery: DiscoveryConfig = DiscoveryConfig()
     devices: DevicesConfig = DevicesConfig()
 
 
@@ -144,7 +155,9 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
-    """Read and validate a YAML configuration file (None gives the embedded default)."""
+    """Read and validate a YAML configuration file (None gives the embedded default).
+
+    Relative paths in the file are taken from the file's folder."""
     if path is None:
         return PipelineConfig()
     source = Path(path)
@@ -158,14 +171,123 @@ def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
         raise ConfigError(f"{source}{where}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    return validate_config(raw, source=str(source))
+    return validate_config(raw, source=str(source), base_dir=source.expanduser().resolve().parent)
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+def validate_config(
+    raw: dict[str, Any],
+    source: str = "<config>",
+    base_dir: str | os.PathLike[str] | None = None,
+) -> PipelineConfig:
+    """Validate a raw mapping; relative paths are taken from `base_dir` (default: the working
+    directory)."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
     try:
-        return PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(resolve_paths(raw, base))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+# ---- paths ------------------------------------------------------------------------------------
+
+MAY_NOT_EXIST = frozenset({"home", "cache_dir"})
+"""Folders that the pipeline or a library creates when missing; checked only if they exist."""
+
+
+def is_path_key(name: str) -> bool:
+    return name == "home" or name.endswith(("_path", "_dir", "_root"))
+
+
+def path_keys(model: type[BaseModel] | None = None) -> list[tuple[str, ...]]:
+    """Every path-valued key of the configuration, as (section, key) or (key,) tuples."""
+    model = model or PipelineConfig
+    keys: list[tuple[str, ...]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += [(name, *sub) for sub in path_keys(annotation)]
+        elif is_path_key(name):
+            keys.append((name,))
+    return keys
+
+
+def resolve_path(value: str | os.PathLike[str], base: Path) -> str:
+    """`value` with `~` expanded, made absolute from `base`, normalised (symlinks followed)."""
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
+def resolve_paths(raw: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a raw configuration mapping with every path key resolved from `base`.
+
+    Values that are not non-empty strings are left for validation to report.
+    """
+    out: dict[str, Any] = dict(raw)
+    for key in path_keys():
+        holder: Any = out
+        for part in key[:-1]:
+            section = holder.get(part) if isinstance(holder, dict) else None
+            if not isinstance(section, Mapping):
+                holder = None
+                break
+            holder[part] = holder = dict(section)
+        if isinstance(holder, dict):
+            value = holder.get(key[-1])
+            if isinstance(value, str) and value.strip():
+                holder[key[-1]] = resolve_path(value, base)
+    return out
+
+
+def _in_use(key: tuple[str, ...], config: PipelineConfig) -> bool:
+    """Whether a run with `config` reads the path at `key` (unused paths are not checked)."""
+    if key == ("dataset", "celeba_root"):
+        return config.dataset.source == "celeba"
+    if key == ("black_box", "torchscript_path"):
+        return config.black_box.source == "torchscript"
+    if key == ("black_box", "loss_table_path"):
+        return config.black_box.source == "loss_table"
+    if key[:1] == ("black_box",) and key[-1] == "checkpoint_path":
+        return config.black_box.source == "checkpoint"
+    if key in (("encoder", "checkpoint_path"), ("encoder", "cache_dir")):
+        return config.encoder.mode == "pretrained"
+    if key == ("encoder", "text_model_dir"):
+        return config.encoder.mode == "caption_tuned"
+    return True
+
+
+def _paths_in_use(config: PipelineConfig) -> Iterator[tuple[str, Path]]:
+    for key in path_keys():
+        value: Any = config
+        for part in key:
+            value = getattr(value, part, None)
+        if value and _in_use(key, config):
+            yield ".".join(key), Path(value)
+
+
+def path_problems(config: PipelineConfig) -> list[str]:
+    """'key: path ...' for every path a run would read that is missing or of the wrong type."""
+    problems = []
+    for key, path in _paths_in_use(config):
+        name = key.rsplit(".", 1)[-1]
+        wants_dir = not name.endswith("_path")
+        if not path.exists():
+            if name not in MAY_NOT_EXIST:
+                kind = "folder" if wants_dir else "file"
+                problems.append(f"  {key}: {path} does not exist (expected a {kind})")
+        elif wants_dir and not path.is_dir():
+            problems.append(f"  {key}: {path} is not a folder")
+        elif not wants_dir and not path.is_file():
+            problems.append(f"  {key}: {path} is not a file")
+    return problems
+
+
+def check_paths(config: PipelineConfig, source: str = "<config>") -> PipelineConfig:
+    """`config` itself if every path it will read exists with the right type; else one
+    ConfigError that names each offending key and its resolved path."""
+    problems = path_problems(config)
+    if problems:
+        raise ConfigError("\n".join([f"{source}: paths that cannot be used", *problems]))
+    return config
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -5,6 +5,10 @@ over the final name (`os.replace` is atomic on POSIX). Readers therefore see eit
 the new one, never a prefix. Checkpoints are a pair (`X.safetensors`, `X.json`); the sidecar is
 written last and records the sha256 of the tensors, so a pair whose sidecar is missing or disagrees
 is rejected as incomplete rather than loaded.
+
+A writer killed before its rename leaves its temporary file behind. Temporary names are hidden
+(`.NAME.PID@HOST@RANDOM.tmp`), so no reader (exact shard names, `*.parquet` globs, sensors) ever
+takes one for output, and the next atomic write to the same target sweeps those of dead writers.
 """
 
 from __future__ import annotations
@@ -13,12 +17,18 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 DEFAULT_HOME = ".llm2loss"
+STALE_TEMP_AFTER_S = 3600.0
+"""A temporary file this old (no write for an hour) is swept even when its writer cannot be
+proven dead: it may come from another host sharing the folder, whose process ids mean nothing
+here. Large writes keep touching their file, so a live writer's file never gets this old."""
 
 
 class StorageError(RuntimeError):
@@ -50,7 +60,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`: on success it replaces `path`, on error it goes."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    sweep_stale_temps(final)
+    fd, tmp_name = tempfile.mkstemp(
+        dir=final.parent, prefix=f".{final.name}.{os.getpid()}@{_host()}@", suffix=".tmp"
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -62,6 +75,66 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    # '@' separates the fields of a temporary name, '/' cannot be in a file name
+    return socket.gethostname().replace("@", "_").replace("/", "_") or "localhost"
+
+
+def sweep_stale_temps(
+    final: str | os.PathLike[str], older_than_s: float = STALE_TEMP_AFTER_S
+) -> list[Path]:
+    """Remove the temporary files that killed writers of `final` left; return what was removed.
+
+    A temporary file of a process that still runs on this host is kept whatever its age: it may
+    be a concurrent writer of the same target about to rename it into place (two runs
+    materializing one shard at once). Others go when their writer is dead on this host, or
+    when untouched for `older_than_s` (writers on other hosts, names without a process id).
+    """
+    target = Path(final)
+    prefix, host, now = f".{target.name}.", _host(), time.time()
+    removed: list[Path] = []
+    try:
+        candidates = [
+            entry
+            for entry in target.parent.iterdir()
+            if entry.name.startswith(prefix) and entry.name.endswith(".tmp")
+        ]
+    except OSError:
+        return removed
+    for entry in candidates:
+        fields = entry.name[len(prefix) : -len(".tmp")].split("@")
+        pid = int(fields[0]) if len(fields) == 3 and fields[0].isdigit() else None
+        local = pid is not None and fields[1] == host
+        try:
+            if not entry.is_file() or entry.is_symlink():
+                continue
+            if local and pid is not None and _alive(pid):
+                continue
+            if not local and now - entry.stat().st_mtime <= older_than_s:
+                continue
+            entry.unlink()
+        except OSError:  # another sweeper got there first, or it was renamed into place
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    # a killed child that its parent has not reaped yet still answers kill(pid, 0)
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    return True
 
 
 def _umask() -> int:

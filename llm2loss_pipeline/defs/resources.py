@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, create_model
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.config import DatasetConfig, PipelineConfig, ReportConfig
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.discovery.config import DiscoverySettings, ProposerConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.layout import Layout
@@ -77,6 +78,16 @@ HeadsResource = _settings_resource(
 ReportResource = _settings_resource(
     ReportConfig, "ReportResource", "How disparities are measured and judged."
 )
+DiscoveryResource = _settings_resource(
+    DiscoverySettings,
+    "DiscoveryResource",
+    "How failure hypotheses are generated, matched to samples and judged.",
+)
+ProposerResource = _settings_resource(
+    ProposerConfig,
+    "ProposerResource",
+    "The optional language model that proposes descriptions (OpenAI-compatible endpoint).",
+)
 DeviceResource = _settings_resource(
     DeviceSpec,
     "DeviceResource",
@@ -127,6 +138,8 @@ def build_resources(config: PipelineConfig) -> dict[str, Any]:
         "encoder": configured(EncoderResource, config.encoder),
         "heads": configured(HeadsResource, config.heads),
         "report": configured(ReportResource, config.report),
+        "discovery": configured(DiscoveryResource, config.discovery),
+        "discovery_proposer": configured(ProposerResource, config.discovery.proposer),
     }
     for section, key in DEVICE_KEYS.items():
         resources[key] = configured(DeviceResource, getattr(config.devices, section))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm2loss_pipeline.core.config import PipelineConfig
+from llm2loss_pipeline.core.config import PipelineConfig, check_paths
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.storage import ensure_writable_dir, resolve_home, write_text_atomic
 
@@ -74,6 +74,8 @@ def run_pipeline(
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    # Before any step: a wrong data or model path fails now, naming its key, not minutes later.
+    check_paths(config)
     layout = Layout(resolve_home(config.home))
     ensure_writable_dir(layout.home)
     if instance is None:

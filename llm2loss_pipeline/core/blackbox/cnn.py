@@ -116,13 +116,21 @@ def build_model(
 class ResizeToUint8:
     """PIL RGB -> uint8 tensor (3, size, size): shorter side resized to `size`, centre crop.
 
+    Also takes a decoded uint8 tensor [3, H, W] (`takes_tensor`: the dataset then uses the fast
+    JPEG decoder); one already at the size passes through untouched, so it equals the PIL path.
     A class rather than a closure so that DataLoader worker processes can pickle it.
     """
+
+    takes_tensor = True
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if tuple(image.shape) == (3, self.size, self.size):
+                return image
+            image = Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
         image = fit_square(image, self.size)
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim != 3 or array.shape[2] != 3:

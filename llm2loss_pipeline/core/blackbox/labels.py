@@ -42,7 +42,9 @@ def read_label_map(path: str | os.PathLike[str]) -> dict[int, int]:
     """Read a JSON or CSV label map, rejecting malformed rows with their line number."""
     source = Path(path)
     if not source.is_file():
-        raise LabelMapError(f"label map {source} does not exist")
+        raise LabelMapError(
+            f"label map {source.expanduser().resolve()} does not exist (black_box.label_map_path)"
+        )
     suffix = source.suffix.lower()
     if suffix == ".json":
         pairs = _json_pairs(source)

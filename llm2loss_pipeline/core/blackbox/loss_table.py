@@ -35,7 +35,9 @@ def _some(values: Sequence[object]) -> str:
 
 def _read(source: Path) -> pl.DataFrame:
     if not source.is_file():
-        raise LossTableError(f"loss table {source} does not exist")
+        raise LossTableError(
+            f"loss table {source.expanduser().resolve()} does not exist (black_box.loss_table_path)"
+        )
     suffix = source.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):

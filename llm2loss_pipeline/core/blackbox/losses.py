@@ -176,8 +176,8 @@ def _compute(
         **spec.loader_kwargs(device),
     )
     total_batches = len(loader)
-    # Without worker processes, decode the next batch on a thread while this one runs: PIL's
-    # decoder and torch's kernels both release the GIL, so the two overlap on separate cores.
+    # Without worker processes, decode the next batch on a thread while this one runs: the JPEG
+    # decoders (torchvision's, PIL's) and torch's kernels release the GIL, so they overlap.
     batches = prefetched(loader) if spec.num_workers == 0 else loader
 
     kept: list[torch.Tensor] = []

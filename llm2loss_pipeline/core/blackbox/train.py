@@ -113,14 +113,17 @@ class _Images:
         self.device_spec = device_spec
         self.on_bad_image = on_bad_image
         self.skipped: list[str] = []
+        self.skipped_positions: list[int] = []
         self._skipped_set: set[str] = set()
         self.cache: torch.Tensor | None = None
+        self._streaming = False
         labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         if len(self.items) * 3 * image_size * image_size <= cache_limit_bytes:
             positions, self.cache = self._decode_all()
             self.labels = labels_t[positions]
         else:
             self.labels = labels_t
+            self._streaming = True
 
     def __len__(self) -> int:
         return len(self.labels) if self.cache is not None else len(self.items)
@@ -128,8 +131,9 @@ class _Images:
     def _loader(self, order: Sequence[int] | None, batch_size: int) -> DataLoader:
         from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
 
+        # Always skip here: fail mode then lists every bad image at once (`check_bad_images`).
         dataset = ImageFolderDataset(
-            self.items, transform=ResizeToUint8(self.image_size), on_bad_image=self.on_bad_image
+            self.items, transform=ResizeToUint8(self.image_size), on_bad_image="skip"
         )
         workers = self.device_spec.num_workers
         return DataLoader(
@@ -152,6 +156,15 @@ class _Images:
             if sample_id not in self._skipped_set:  # streamed epochs meet the same bad files
                 self._skipped_set.add(sample_id)
                 self.skipped.append(sample_id)
+                self.skipped_positions.append(int(position))
+        if skipped and self.on_bad_image == "fail" and self._streaming:
+            # streamed: the bad files are only met batch by batch; stop before training on more
+            check_bad_images([self], "black box training")
+
+    def bad_images(self) -> list[tuple[str, str, str]]:
+        from llm2loss_pipeline.core.images import describe_bad_images
+
+        return describe_bad_images(self.items, self.skipped_positions)
 
     def _decode_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         kept: list[torch.Tensor] = []
@@ -162,6 +175,7 @@ class _Images:
                 kept.append(positions)
                 chunks.append(batch)
         if not chunks:
+            check_bad_images([self], "black box training")
             raise ValueError("no image could be decoded; every sample was skipped")
         return torch.cat(kept), torch.cat(chunks)
 
@@ -182,6 +196,18 @@ class _Images:
             if batch is None or len(positions) < (2 if drop_last else 1):
                 continue
             yield batch, self.labels[positions]
+
+
+def check_bad_images(sets: Sequence[_Images | None], where: str) -> None:
+    """In fail mode, one error listing every unreadable image the given sets met."""
+    from llm2loss_pipeline.core.images import UnreadableImagesError
+
+    present = [images for images in sets if images is not None]
+    if not present or present[0].on_bad_image != "fail":
+        return
+    bad = [item for images in present for item in images.bad_images()]
+    if bad:
+        raise UnreadableImagesError(where, bad, "no model was trained or saved")
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
@@ -324,6 +350,7 @@ def _train(
         if len(val_items)
         else None
     )
+    check_bad_images([train_set, val_set], "black box training")
     decode_seconds = time.perf_counter() - started
 
     batch_size = min(config.batch_size, len(train_set))

@@ -107,7 +107,10 @@ def load_torchscript(
     """
     source = Path(path)
     if not source.is_file():
-        raise UserModelError(f"TorchScript file {source} does not exist")
+        raise UserModelError(
+            f"TorchScript file {source.expanduser().resolve()} does not exist "
+            "(black_box.torchscript_path)"
+        )
     exported = source.suffix.lower() == ".pt2"
     try:
         with warnings.catch_warnings():

@@ -116,6 +116,14 @@ class EncoderConfig(BaseModel):
         0.07, gt=0.0, le=10.0, description="initial softmax temperature (logit scale = 1/T)"
     )
     max_logit_scale: float = Field(100.0, gt=1.0, description="the learnable logit scale's cap")
+    attribute_loss_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of the auxiliary attribute loss: per attribute, a BCE of the image "
+        "embedding's projection on a frozen text direction (caption wording, not the report's "
+        "prompts) against the image's label, averaged over the known labels; 0 turns it off",
+    )
     augment: bool = Field(True, description="random horizontal flips and small shifts")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="weights, caption draws and batch order")
 

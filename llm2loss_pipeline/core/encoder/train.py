@@ -49,11 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.device import DeviceSpec, deterministic
 from llm2loss_pipeline.core.encoder.captions import build_caption_pool, embed_pool
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.encoder.embed import image_batches
 from llm2loss_pipeline.core.encoder.factory import Encoder
+from llm2loss_pipeline.core.prompts import CAPTION_TEMPLATES, _realise, phrases
 
 Items = Sequence[tuple[str, str | Path]]
 Progress = Callable[[str, int, int], None]
@@ -61,22 +63,46 @@ Validation = tuple[Items, Sequence[Mapping[str, bool]]]
 
 
 def load_image_tensors(
-    encoder: Encoder, items: Items, device_spec: DeviceSpec, progress: Progress | None = None
-) -> torch.Tensor:
-    """All images of `items`, preprocessed once and kept as float16 [n, 3, H, W] on the CPU
-    (3,600 images of 64 px take 88 MB), so epochs do not decode files again."""
+    encoder: Encoder,
+    items: Items,
+    device_spec: DeviceSpec,
+    progress: Progress | None = None,
+    on_bad_image: str = "fail",
+) -> tuple[torch.Tensor, list[int]]:
+    """The decodable images of `items`, preprocessed once and kept as float16 [n, 3, H, W] on the
+    CPU (3,600 images of 64 px take 88 MB), so epochs do not decode files again; with the
+    positions in `items` that could not be decoded (skip mode), in order.
+
+    In fail mode one error lists every unreadable image, not only the first.
+    """
+    from llm2loss_pipeline.core.images import UnreadableImagesError, describe_bad_images
+
+    if on_bad_image not in ("fail", "skip"):
+        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
     out: torch.Tensor | None = None
+    done = torch.zeros(len(items), dtype=torch.bool)
+    skipped: list[int] = []
     seen = 0
-    for positions, images, _ in image_batches(encoder, items, device_spec, on_bad_image="fail"):
-        if out is None:
-            out = torch.empty((len(items), *images.shape[1:]), dtype=torch.float16)
-        out[positions] = images.to(torch.float16)
-        seen += len(positions)
+    for positions, images, bad in image_batches(encoder, items, device_spec, on_bad_image="skip"):
+        skipped.extend(int(p) for p in bad)
+        if len(positions):
+            if out is None:
+                out = torch.empty((len(items), *images.shape[1:]), dtype=torch.float16)
+            out[positions] = images.to(torch.float16)
+            done[positions] = True
+        seen += len(positions) + len(bad)
         if progress is not None:
             progress("load images", seen, len(items))
+    skipped.sort()
+    if skipped and on_bad_image == "fail":
+        raise UnreadableImagesError(
+            "encoder training",
+            describe_bad_images(items, skipped),
+            "no encoder was trained or saved",
+        )
     if out is None:
         raise ValueError("no training images: the caption-tuned encoder needs at least one")
-    return out
+    return (out if not skipped else out[done]), skipped
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
@@ -161,6 +187,67 @@ def pool_loss(
     return (image_to_text + text_to_image) / 2
 
 
+ATTRIBUTE_TEMPLATES: tuple[str, ...] = CAPTION_TEMPLATES[:3]
+"""Caption templates the attribute directions are written in. Training-caption templates only
+(disjoint from the report's `prompts.TEMPLATES`), so the report's probes still test whether the
+language generalises beyond the wording trained on; three keep the extra texts to embed few."""
+
+
+BALANCED = True
+"""Class-balance the attribute loss (see `attribute_loss`)."""
+
+
+def attribute_directions(
+    encode_texts: Callable[[Sequence[str]], np.ndarray],
+    templates: Sequence[str] = ATTRIBUTE_TEMPLATES,
+) -> np.ndarray:
+    """[40, d] unit text directions, one per CelebA attribute: the mean over its caption phrase
+    pairs (i-th positive with i-th negative phrase, as in `prompts.attribute_prompt_pairs`) and
+    `templates` of text(positive) - text(negative)."""
+    positives: list[str] = []
+    negatives: list[str] = []
+    counts: list[int] = []
+    for attribute in CELEBA_ATTRIBUTES:
+        yes, no = phrases(attribute, True), phrases(attribute, False)
+        n_pairs = max(len(yes), len(no))
+        for index in range(n_pairs):
+            positive = _realise([(attribute, yes[index % len(yes)])])
+            negative = _realise([(attribute, no[index % len(no)])])
+            for template in templates:
+                positives.append(template.format(positive))
+                negatives.append(template.format(negative))
+        counts.append(n_pairs * len(templates))
+    embedded = np.asarray(encode_texts(positives + negatives), dtype=np.float64)
+    differences = embedded[: len(positives)] - embedded[len(positives) :]
+    directions = np.stack(
+        [part.mean(axis=0) for part in np.split(differences, np.cumsum(counts)[:-1])]
+    )
+    return (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
+
+
+def attribute_loss(
+    image_features: torch.Tensor,
+    directions: torch.Tensor,
+    log_scale: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    known: torch.Tensor,
+    prevalence: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over the known labels of the BCE of `exp(log_scale_a) * <image, direction_a> + bias_a`
+    against the image's value of attribute a. The scale is positive, so an image can only meet
+    its label by moving along the text's own sense of the attribute, never against it.
+
+    With `prevalence` [attributes] the labels are class-balanced (positives weighted 0.5 / p,
+    negatives 0.5 / (1 - p)): rare attributes (hats 7%) otherwise add almost nothing."""
+    logits = log_scale.exp() * (image_features @ directions.T) + bias
+    losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    weights = known.float()
+    if prevalence is not None:
+        weights = weights * torch.where(labels, 0.5 / prevalence, 0.5 / (1.0 - prevalence))
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def _lr_at(step: int, total: int, config: EncoderConfig) -> float:
     warmup = max(1, round(config.warmup_fraction * total))
     if step < warmup:
@@ -177,13 +264,16 @@ def train_caption_tuned(
     device_spec: DeviceSpec,
     progress: Progress | None = None,
     validation: Validation | None = None,
+    on_bad_image: str = "fail",
 ) -> dict[str, Any]:
     """Train the image tower of a caption-tuned encoder in place; return training metrics.
 
     `items` are the training split's (sample_id, path) pairs and `attribute_rows[i]` the attribute
     values of `items[i]`. With `validation` (items, rows) the zero-shot attribute AUROC and caption
     retrieval are measured after every epoch (for tuning; it costs an embedding pass each).
-    Deterministic for `config.seed` on the CPU.
+    Deterministic for `config.seed` on the CPU. Unreadable images fail the training, listed all
+    at once, or with `on_bad_image="skip"` are left out and recorded in the metrics
+    (`skipped_images`: [sample_id, reason] pairs, and their count `n_skipped_images`).
     """
     if config.mode != "caption_tuned" or encoder.config.mode != "caption_tuned":
         raise ValueError("train_caption_tuned trains caption_tuned encoders only")
@@ -201,12 +291,32 @@ def train_caption_tuned(
 
     # captions first: a bad attribute row fails before minutes of image decoding
     pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
-    images = load_image_tensors(encoder, items, device_spec, progress)
+    images, skipped = load_image_tensors(encoder, items, device_spec, progress, on_bad_image)
+    skipped_images = []
+    if skipped:
+        from llm2loss_pipeline.core.images import describe_bad_images
+
+        skipped_images = [[sid, why] for sid, _, why in describe_bad_images(items, skipped)]
+        gone = set(skipped)
+        items = [item for position, item in enumerate(items) if position not in gone]
+        attribute_rows = [
+            row for position, row in enumerate(attribute_rows) if position not in gone
+        ]
+        if len(items) < 2:
+            raise ValueError(
+                f"contrastive training needs at least 2 training images; {len(items)} left after "
+                f"skipping {len(skipped)} unreadable one(s)"
+            )
+        # the pool is indexed by image, so it is drawn again for the images that remain
+        pool = build_caption_pool(attribute_rows, config.captions_per_image, config.seed)
     loaded = time.perf_counter()
 
     if progress is not None:
         progress("embed captions", 0, pool.n_unique_texts)
     pool = embed_pool(pool, encoder.encode_texts)
+    use_attributes = config.attribute_loss_weight > 0
+    if use_attributes:
+        directions = torch.from_numpy(attribute_directions(encoder.encode_texts)).to(device)
     if progress is not None:
         progress("embed captions", pool.n_unique_texts, pool.n_unique_texts)
     captioned = time.perf_counter()
@@ -227,6 +337,18 @@ def train_caption_tuned(
         parameters.append(model.logit_bias)
     decay = [p for p in parameters if p.ndim >= 2]
     no_decay = [p for p in parameters if p.ndim < 2]
+    if use_attributes:
+        # training-only calibration of the attribute logits (not saved): a positive scale per
+        # attribute, and a bias starting at the label's log-odds so that early steps move the
+        # embeddings, not the biases
+        labelled = known.float()
+        prevalence = ((rows.float() * labelled).sum(0) + 1.0) / (labelled.sum(0) + 2.0)
+        balance = prevalence.clamp(0.05, 0.95).to(device) if BALANCED else None
+        attribute_bias = torch.log(prevalence / (1.0 - prevalence)).to(device).requires_grad_()
+        attribute_log_scale = torch.full(
+            (len(CELEBA_ATTRIBUTES),), math.log(10.0), device=device, requires_grad=True
+        )
+        no_decay += [attribute_log_scale, attribute_bias]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -238,6 +360,7 @@ def train_caption_tuned(
     generator = torch.Generator().manual_seed(config.seed)
 
     loss_curve: list[float] = []
+    attribute_curve: list[float] = []
     validation_curve: list[dict[str, Any]] = []
     step = 0
     with deterministic(config.seed):
@@ -247,7 +370,7 @@ def train_caption_tuned(
             # one caption per image, uniformly among those true of it
             pick = (torch.rand(len(items), generator=generator) * n_choices).long()
             caption_of_image = true_of[torch.arange(len(items)), pick]
-            epoch_loss = 0.0
+            epoch_loss = epoch_attribute = 0.0
             for batch_index in range(steps_per_epoch):
                 index = order[batch_index * batch_size : (batch_index + 1) * batch_size]
                 x = images[index].float()
@@ -283,6 +406,18 @@ def train_caption_tuned(
                         config.soft_target_temperature,
                         truth,
                     )
+                if use_attributes:
+                    extra = attribute_loss(
+                        features,
+                        directions,
+                        attribute_log_scale,
+                        attribute_bias,
+                        rows[index].to(device),
+                        known[index].to(device),
+                        balance,
+                    )
+                    epoch_attribute += extra.item()
+                    loss = loss + config.attribute_loss_weight * extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -291,6 +426,8 @@ def train_caption_tuned(
                 epoch_loss += loss.item()
                 step += 1
             loss_curve.append(epoch_loss / max(1, steps_per_epoch))
+            if use_attributes:
+                attribute_curve.append(epoch_attribute / max(1, steps_per_epoch))
             model.eval()
             if validation is not None:
                 validation_curve.append(
@@ -305,6 +442,8 @@ def train_caption_tuned(
         "steps": step,
         "batch_size": batch_size,
         "n_images": len(items),
+        "n_skipped_images": len(skipped_images),
+        "skipped_images": skipped_images,
         "n_captions": len(pool.texts),
         "n_unique_captions": pool.n_unique_texts,
         "mean_true_captions_per_image": round(float(pool.n_true.mean()), 2),
@@ -316,6 +455,9 @@ def train_caption_tuned(
         "seconds_train": round(finished - captioned, 3),
         "seconds": round(finished - started, 3),
     }
+    if attribute_curve:
+        metrics["attribute_loss_weight"] = config.attribute_loss_weight
+        metrics["attribute_loss_curve"] = [round(value, 6) for value in attribute_curve]
     if validation_curve:
         metrics["validation_curve"] = validation_curve
     encoder.metrics["training"] = metrics

@@ -174,6 +174,7 @@ def train_ensemble(
     n_fit = len(fit_np)
     weights = _bootstrap_weights(generators, n_fit, config.bootstrap).to(device)  # [M, n_fit]
     order_generator = torch.Generator().manual_seed(ORDER_SEED + config.base_seed)
+    x_fit, targets_fit, raw_fit = x[fit_rows], targets[fit_rows], raw[fit_rows]
     epochs = config.effective_epochs(n_fit)
     total_steps = epochs * -(-n_fit // batch)
     step = 0
@@ -194,16 +195,16 @@ def train_ensemble(
         for start in range(0, n_fit, batch):
             pos = perm[start : start + batch]
             size = pos.shape[0]
-            out = forward(x[fit_rows[pos]])  # [M, B]
+            out = forward(x_fit[pos])  # [M, B]
             w = weights[:, pos]
             objective = out.new_zeros(())
             if len(reg_rows):
-                err = out[reg_rows] - targets[fit_rows[pos]]
+                err = out[reg_rows] - targets_fit[pos]
                 objective = objective + (w[reg_rows] * err.square()).mean(dim=1).sum()
             if partners is not None and size >= 2:
                 objective = objective + _ranker_objective(
                     out[rank_rows_t],
-                    raw[fit_rows[pos]],
+                    raw_fit[pos],
                     w[rank_rows_t],
                     partners[:, start * k : (start + size) * k],
                 )

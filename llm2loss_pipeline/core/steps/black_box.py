@@ -64,10 +64,14 @@ def fit_black_box(
     config: BlackBoxConfig,
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
+    *,
+    on_bad_image: str = "fail",
 ) -> BlackBoxResult:
+    """`on_bad_image` is `dataset.on_bad_image`: fail listing every unreadable training image,
+    or train without them and record them in the sidecar."""
     manifest = read_manifest(layout)
     if config.source == "builtin":
-        return _train_builtin(layout, manifest, config, device, progress)
+        return _train_builtin(layout, manifest, config, device, progress, on_bad_image)
     if config.source == "loss_table":
         return _record_loss_table(layout, manifest, config)
     return _record_user_model(layout, manifest, config, device)
@@ -79,6 +83,7 @@ def _train_builtin(
     config: BlackBoxConfig,
     device: DeviceSpec,
     progress: Callable[..., None] | None,
+    on_bad_image: str,
 ) -> BlackBoxResult:
     from llm2loss_pipeline.core.blackbox.checkpoint import plot_training_curve, save_black_box
     from llm2loss_pipeline.core.blackbox.labels import map_labels, num_outputs_needed
@@ -97,6 +102,7 @@ def _train_builtin(
         device,
         progress,
         num_classes=num_classes,
+        on_bad_image=on_bad_image,
     )
     sidecar = save_black_box(
         model,
@@ -115,9 +121,12 @@ def _train_builtin(
         path=layout.black_box,
         sha256=sidecar["sha256"],
         metrics={
-            key: value
-            for key, value in sidecar["metrics"].items()
-            if isinstance(value, int | float)
+            **{
+                key: value
+                for key, value in sidecar["metrics"].items()
+                if isinstance(value, int | float)
+            },
+            "n_skipped_images": len(result.skipped),
         },
         curve=[{k: v for k, v in row.items() if k != "lr"} for row in sidecar["curve"]],
         curve_png=curve_png,

@@ -66,7 +66,11 @@ def fit_encoder(
     config: EncoderConfig,
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
+    *,
+    on_bad_image: str = "fail",
 ) -> EncoderResult:
+    """`on_bad_image` is `dataset.on_bad_image`: fail listing every unreadable training image,
+    or train without them and record them in the sidecar's metrics."""
     from llm2loss_pipeline.core.encoder import build_encoder, save_encoder, train_caption_tuned
     from llm2loss_pipeline.core.encoder.checkpoint import loading_snippet
 
@@ -82,10 +86,13 @@ def fit_encoder(
             config,
             device,
             progress=progress,
+            on_bad_image=on_bad_image,
         )
         metrics.update(
             {k: v for k, v in training.items() if isinstance(v, int | float) and k != "epochs"}
         )
+        if training.get("skipped_images"):
+            metrics["skipped_images"] = training["skipped_images"]
     zero_shot, validation = evaluate_encoder(layout, encoder, manifest, device, config.seed)
     metrics.update(validation)
     encoder.metrics = {**metrics, "zero_shot_auroc": zero_shot}

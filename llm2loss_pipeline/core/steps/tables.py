@@ -6,28 +6,15 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from llm2loss_pipeline.core.images import ImageDecodeError, check_image
+from llm2loss_pipeline.core.images import UnreadableImagesError, check_image
 from llm2loss_pipeline.core.layout import Layout
 
-SHOWN_BAD_IMAGES = 20
 
-
-class BadImagesError(ImageDecodeError):
+class BadImagesError(UnreadableImagesError):
     """Unreadable images of one shard, every one named (`dataset.on_bad_image: fail`)."""
 
     def __init__(self, table: str, shard: str, bad: Sequence[tuple[str, str, str]]) -> None:
-        self.bad = [tuple(item) for item in bad]  # (sample_id, path, reason)
-        self.path, self.reason = bad[0][1], bad[0][2]
-        shown = "; ".join(
-            f"{path} (sample {sid}): {why}" for sid, path, why in bad[:SHOWN_BAD_IMAGES]
-        )
-        more = f"; ... ({len(bad)} in all)" if len(bad) > SHOWN_BAD_IMAGES else ""
-        ValueError.__init__(
-            self,
-            f"{table} {shard}: {len(bad)} unreadable image(s): {shown}{more}. Fix or remove them, "
-            "or set dataset.on_bad_image: skip to leave them out (they are then listed in the "
-            "step's result); nothing was written for this shard",
-        )
+        super().__init__(f"{table} {shard}", bad, "nothing was written for this shard")
 
 
 def fail_on_bad_images(

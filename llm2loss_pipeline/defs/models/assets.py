@@ -11,6 +11,7 @@ from llm2loss_pipeline.defs.placement import GPU_OP_TAGS, GPU_POOL
 from llm2loss_pipeline.defs.progress import progress_logger
 from llm2loss_pipeline.defs.resources import (
     BlackBoxResource,
+    DatasetResource,
     DeviceResource,
     EncoderResource,
     StorageResource,
@@ -34,6 +35,7 @@ from llm2loss_pipeline.defs.resources import (
 def black_box_model(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
+    dataset: DatasetResource,
     black_box: BlackBoxResource,
     black_box_device: DeviceResource,
 ) -> dg.MaterializeResult:
@@ -42,6 +44,7 @@ def black_box_model(
         black_box.spec(),
         black_box_device.spec(),
         progress=progress_logger(context, "black box training"),
+        on_bad_image=dataset.spec().on_bad_image,
     )
     metadata = {
         "source": result.source,
@@ -73,6 +76,7 @@ def black_box_model(
 def semantic_encoder(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
+    dataset: DatasetResource,
     encoder: EncoderResource,
     encoder_device: DeviceResource,
 ) -> dg.MaterializeResult:
@@ -81,6 +85,7 @@ def semantic_encoder(
         encoder.spec(),
         encoder_device.spec(),
         progress=progress_logger(context, "encoder training"),
+        on_bad_image=dataset.spec().on_bad_image,
     )
     metadata = {
         "mode": result.mode,

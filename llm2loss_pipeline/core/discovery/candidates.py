@@ -1,0 +1,185 @@
+"""Candidate descriptions: attribute phrases, their pairs and triples, and user-supplied texts.
+
+Every attribute value (40 attributes, present or absent) is one single description in the
+report's wording (`prompts.composed_prompt`, e.g. "face of a person with gray hair"). Pairs and
+triples of 40 x 2 values would be 3,000 and 80,000 texts, most of them about groups nobody is
+worse on, so composition is a beam: only the `beam` singles the heads rate worst are extended,
+with every other value (pairs) and then with each other (triples). A user vocabulary is added
+verbatim; duplicates keep their first source.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.prompts import composed_prompt, phrases
+
+SOURCES = ("attribute", "pair", "triple", "vocabulary", "proposer")
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file is missing, unreadable or has no description; names the file."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    source: str
+    values: tuple[tuple[str, bool], ...] = field(default=())
+    """the attribute values the text states, for composed candidates (empty for free text)"""
+
+    @property
+    def attributes(self) -> str:
+        """'Gray_Hair, not Young': the stated values, readable and greppable."""
+        return ", ".join(name if value else f"not {name}" for name, value in self.values)
+
+
+def describe_values(values: Iterable[tuple[str, bool]]) -> Candidate:
+    ordered = tuple(sorted(values, key=lambda item: CELEBA_ATTRIBUTES.index(item[0])))
+    source = {1: "attribute", 2: "pair", 3: "triple"}.get(len(ordered), "triple")
+    return Candidate(composed_prompt(dict(ordered)), source, ordered)
+
+
+def is_negation(attribute: str, value: bool) -> bool:
+    """Whether the canonical wording of a value says what is absent ("without a goatee", "not
+    blond") rather than what is there ("old", "with a beard", "clean-shaven")."""
+    phrase = phrases(attribute, value)[0]
+    return phrase.slot == "without" or " not " in f" {phrase.text} "
+
+
+def single_candidates(
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES, *, negations: bool = False
+) -> list[Candidate]:
+    """One description per attribute value, both values of each attribute.
+
+    Values worded as an absence are left out unless `negations`: CLIP-style text towers largely
+    ignore negation, so "face of a person without gray hair" lands next to "... with gray hair"
+    and retrieves exactly the samples it claims to exclude (measured on the default world: such
+    descriptions were "kept" on the gray-haired samples' losses).
+    """
+    return [
+        describe_values([(name, value)])
+        for name in attributes
+        for value in (True, False)
+        if negations or not is_negation(name, value)
+    ]
+
+
+def compose(
+    singles: Sequence[Candidate],
+    scores: Sequence[float] | np.ndarray,
+    *,
+    max_arity: int,
+    beam: int,
+) -> list[Candidate]:
+    """Pairs and triples grown from the `beam` best-scored singles (higher score = worse).
+
+    Pairs: each beam single with every single of another attribute. Triples: three beam singles
+    of three distinct attributes. Nothing beyond `max_arity`.
+    """
+    if len(singles) != len(scores):
+        raise ValueError(f"{len(singles)} singles but {len(scores)} scores")
+    if max_arity < 2:
+        return []
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    top = [singles[i] for i in order[:beam]]
+    seen: set[frozenset[tuple[str, bool]]] = set()
+    composed: list[Candidate] = []
+
+    def add(parts: Sequence[Candidate]) -> None:
+        values = [value for part in parts for value in part.values]
+        names = [name for name, _ in values]
+        if len(set(names)) != len(names):
+            return  # an attribute stated twice ("with A" and "without A") describes nobody
+        key = frozenset(values)
+        if key not in seen:
+            seen.add(key)
+            composed.append(describe_values(values))
+
+    for first in top:
+        for second in singles:
+            add([first, second])
+    if max_arity >= 3:
+        for triple in itertools.combinations(top, 3):
+            add(list(triple))
+    return composed
+
+
+def read_vocabulary(path: str | os.PathLike[str]) -> list[str]:
+    """Descriptions from a text file: one per line; blank lines and '#' comments are skipped."""
+    source = Path(path)
+    try:
+        raw = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VocabularyError(f"{source}: no such vocabulary file") from None
+    except UnicodeDecodeError as exc:
+        raise VocabularyError(
+            f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise VocabularyError(f"{source}: cannot be read ({exc.strerror})") from None
+    texts = [line.strip() for line in raw.splitlines()]
+    texts = [text for text in texts if text and not text.startswith("#")]
+    if not texts:
+        raise VocabularyError(
+            f"{source}: the vocabulary file has no description (one per line; '#' starts a comment)"
+        )
+    return texts
+
+
+def merge(groups: Iterable[Iterable[Candidate]], limit: int | None = None) -> list[Candidate]:
+    """Candidates in order, each text once (case- and space-insensitive), at most `limit`."""
+    result: list[Candidate] = []
+    seen: set[str] = set()
+    for group in groups:
+        for candidate in group:
+            key = " ".join(candidate.text.lower().split())
+            if key and key not in seen:
+                seen.add(key)
+                result.append(candidate)
+    return result if limit is None else result[:limit]
+
+
+def free_text(texts: Iterable[str], source: str = "vocabulary") -> list[Candidate]:
+    return [Candidate(" ".join(text.split()), source) for text in texts if text.strip()]
+
+
+def generate_candidates(
+    score: Callable[[Sequence[str]], np.ndarray],
+    *,
+    max_arity: int = 2,
+    beam: int = 12,
+    vocabulary: Sequence[str] = (),
+    proposals: Sequence[str] = (),
+    limit: int | None = None,
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    negations: bool = False,
+) -> list[Candidate]:
+    """All candidates: singles, composed pairs/triples, user vocabulary, language-model proposals.
+
+    `score(texts)` is a worse-is-higher number per text (the heads' ensemble mean); it only
+    chooses which singles the beam extends. User texts and proposals come first so that `limit`
+    never drops what a person asked for.
+    """
+    singles = single_candidates(attributes, negations=negations)
+    composed = compose(
+        singles, np.asarray(score([c.text for c in singles])), max_arity=max_arity, beam=beam
+    )
+    return merge(
+        [free_text(vocabulary), free_text(proposals, "proposer"), singles, composed], limit
+    )
+
+
+def contains_attribute(candidate: Candidate | Mapping[str, object], attribute: str) -> bool:
+    """Whether a candidate states `attribute` as present (by its values, else by its text)."""
+    if isinstance(candidate, Candidate):
+        return (attribute, True) in candidate.values
+    stated = str(candidate.get("attributes") or "")
+    return attribute in [part.strip() for part in stated.split(",")]

@@ -1,0 +1,104 @@
+"""DiscoveryConfig: how candidate descriptions are made, matched to samples and judged."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+
+DEFAULT_API_KEY_ENV = "LLM2LOSS_LLM_API_KEY"
+
+
+class ProposerConfig(BaseModel):
+    """An optional language model that proposes more descriptions (off: everything is offline)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="ask an OpenAI-compatible endpoint for descriptions")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="endpoint root; the proposer POSTs to {base_url}/chat/completions",
+    )
+    model_name: str = Field("gpt-4o-mini", description="model name sent in the request")
+    api_key_env: str = Field(
+        DEFAULT_API_KEY_ENV,
+        description="environment variable holding the API key (unset: no Authorization header)",
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600, description="seconds to wait for one reply")
+    n_proposals: int = Field(20, ge=1, le=200, description="descriptions to ask for")
+    temperature: float = Field(0.7, ge=0, le=2)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+class DiscoverySettings(BaseModel):
+    """Every discovery setting but the proposer: flat, so that a Dagster resource can hold it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eval_split: str = Field("test", description="split whose samples verify each hypothesis")
+    vocabulary: list[str] = Field(
+        default_factory=list, description="extra descriptions to test, verbatim"
+    )
+    vocabulary_path: str | None = Field(
+        None, description="a text file of extra descriptions, one per line ('#' comments)"
+    )
+    negations: bool = Field(
+        False,
+        description="also compose values worded as an absence ('without a goatee'); off because "
+        "CLIP-style text towers ignore negation and retrieve the very samples excluded",
+    )
+    max_arity: int = Field(2, ge=1, le=3, description="attributes per composed description")
+    beam: int = Field(
+        12, ge=1, le=80, description="best single descriptions that pairs and triples start from"
+    )
+    max_candidates: int = Field(2000, ge=1, le=100_000)
+    match_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of the split matched to a description (top-k)"
+    )
+    min_matches: int = Field(10, ge=3, description="at least this many matched samples")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate")
+    min_p_worse: float = Field(
+        0.75, gt=0.5, le=1, description="share of members that must estimate 'worse'"
+    )
+    max_overlap: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="Jaccard overlap of matched samples above which a lower-ranked hypothesis "
+        "is ranked after every distinct one",
+    )
+    n_evidence: int = Field(8, ge=1, le=64, description="proponents and counter-examples each")
+    n_sheets: int = Field(5, ge=0, le=50, description="kept hypotheses that get a contact sheet")
+    ranker_partners: int = Field(
+        256, ge=8, le=100_000, description="reference samples for a ranker's pairwise residual"
+    )
+    damping: float = Field(
+        1e-3, gt=0, le=1, description="ridge added to the linear heads' Hessian (x mean eigenvalue)"
+    )
+
+    @field_validator("eval_split")
+    @classmethod
+    def _split(cls, value: str) -> str:
+        if value not in SPLIT_NAMES:
+            raise ValueError(f"eval_split must be one of {SPLIT_NAMES}, got {value!r}")
+        return value
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary(cls, value: list[str]) -> list[str]:
+        for position, text in enumerate(value):
+            if not text.strip():
+                raise ValueError(f"vocabulary entry {position + 1} is empty")
+        return value
+
+
+class DiscoveryConfig(DiscoverySettings):
+    """Automatic failure discovery: candidate texts scored by the heads, verified on samples."""
+
+    proposer: ProposerConfig = ProposerConfig()

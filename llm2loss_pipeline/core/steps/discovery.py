@@ -1,0 +1,227 @@
+"""Discovery step: candidate descriptions -> ranked failure hypotheses with evidence, on disk.
+
+Reads the materialized encoder, heads, losses and embeddings; writes under `reports/`:
+failure_hypotheses.parquet, failure_evidence.parquet, discovery/hypothesis-NN.png (contact
+sheets), discovery.html; and republishes the DuckDB views with the two tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
+
+TOP_MARKDOWN = 10
+
+
+def hypotheses_path(layout: Layout) -> Path:
+    return layout.reports / "failure_hypotheses.parquet"
+
+
+def evidence_path(layout: Layout) -> Path:
+    return layout.reports / "failure_evidence.parquet"
+
+
+def discovery_dir(layout: Layout) -> Path:
+    return layout.reports / "discovery"
+
+
+def discovery_html_path(layout: Layout) -> Path:
+    return layout.reports / "discovery.html"
+
+
+@dataclass(frozen=True)
+class DiscoveryStepResult:
+    hypotheses: pl.DataFrame
+    evidence: pl.DataFrame
+    hypotheses_path: Path
+    evidence_path: Path
+    html_path: Path
+    sha256: str
+    counts: dict[str, int]
+    sheets: dict[int, Path] = field(default_factory=dict)
+    views: list[str] = field(default_factory=list)
+
+
+class _TextCache:
+    """Raw text embeddings, each text encoded once across the beam's rounds."""
+
+    def __init__(self, encode: Callable[[Sequence[str]], np.ndarray]) -> None:
+        self.encode = encode
+        self.vectors: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        if missing:
+            for text, vector in zip(missing, np.asarray(self.encode(missing)), strict=True):
+                self.vectors[text] = vector.astype(np.float32)
+        return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 0))
+
+
+def _split_rows(frame: pl.DataFrame, split: str, what: str) -> pl.DataFrame:
+    rows = frame.filter(pl.col("split") == split)
+    if rows.height < 10:
+        raise ValueError(
+            f"{what} is {split!r}, which has {rows.height} samples with both a loss and an "
+            "embedding; discovery needs at least 10"
+        )
+    return rows
+
+
+def run_discovery(
+    layout: Layout,
+    config: DiscoveryConfig,
+    *,
+    vocabulary: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
+    write: bool = True,
+    diagnoser: Any = None,
+) -> DiscoveryStepResult:
+    """Generate, score, verify and rank candidates; write the tables, sheets and page.
+
+    `write=False` only computes (what `Diagnoser.discover` and `llm2loss discover` do: the files
+    under reports/ belong to the failure_hypotheses asset). `diagnoser`: an already loaded one.
+    """
+    from llm2loss_pipeline.core.discovery.candidates import generate_candidates, read_vocabulary
+    from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
+    from llm2loss_pipeline.core.steps.diagnosis import training_frame
+    from llm2loss_pipeline.diagnoser import Diagnoser
+
+    say = log or (lambda message: None)
+    diagnoser = diagnoser or Diagnoser.load(layout.home)
+    ensemble, gap = diagnoser.ensemble, diagnoser.gap
+    frame = training_frame(layout)
+    held_out = _split_rows(frame, config.eval_split, "discovery.eval_split")
+    train = _split_rows(frame, ensemble.config.train_split, "heads.train_split")
+
+    texts = list(config.vocabulary)
+    if config.vocabulary_path:
+        texts += read_vocabulary(config.vocabulary_path)
+    texts += list(vocabulary)
+    embed = _TextCache(diagnoser.encode_texts)
+
+    def score(batch: Sequence[str]) -> np.ndarray:
+        return ensemble.standardized(gap.text(embed(batch))).mean(axis=0)
+
+    proposals: list[str] = []
+    if config.proposer.enabled:
+        proposals = _proposals(config, score, say)
+    candidates = generate_candidates(
+        score,
+        max_arity=config.max_arity,
+        beam=config.beam,
+        vocabulary=texts,
+        proposals=proposals,
+        limit=config.max_candidates,
+        negations=config.negations,
+    )
+    say(f"discovery: {len(candidates)} candidate descriptions")
+    text_embeddings = embed([c.text for c in candidates])
+    eval_data = EvalData(
+        held_out["sample_id"].to_list(),
+        held_out["embedding"].to_numpy().astype(np.float32),
+        held_out["loss"].to_numpy(),
+    )
+    result = discover(
+        candidates,
+        text_embeddings,
+        ensemble,
+        gap,
+        eval_data,
+        train["embedding"].to_numpy().astype(np.float32),
+        config,
+        train_losses=train["loss"].to_numpy(),
+        progress=say,
+    )
+    counts = {
+        "n_candidates": result.n_candidates,
+        "n_kept": result.n_kept,
+        "n_eval_samples": held_out.height,
+        "n_evidence_samples": result.evidence.height,
+        "n_proposed": len(proposals),
+    }
+    say(f"discovery: {result.n_kept} of {result.n_candidates} hypotheses kept")
+    if not write:
+        return DiscoveryStepResult(
+            result.hypotheses, result.evidence, Path(), Path(), Path(), "", counts
+        )
+    return _write(layout, config, result, counts)
+
+
+def _proposals(
+    config: DiscoveryConfig, score: Callable[[Sequence[str]], np.ndarray], say: Callable
+) -> list[str]:
+    from llm2loss_pipeline.core.discovery.candidates import single_candidates
+    from llm2loss_pipeline.core.discovery.proposer import propose
+
+    singles = [c.text for c in single_candidates(negations=config.negations)]
+    order = np.argsort(-score(singles))
+    worse = [singles[i] for i in order[:10]]
+    better = [singles[i] for i in order[::-1][:5]]
+    proposals = propose(config.proposer, worse, better)
+    say(f"discovery: {len(proposals)} descriptions proposed by {config.proposer.base_url}")
+    return proposals
+
+
+def _write(
+    layout: Layout, config: DiscoveryConfig, result: Any, counts: dict[str, int]
+) -> DiscoveryStepResult:
+    from llm2loss_pipeline.core.discovery.evidence import discovery_html, hypothesis_sheets
+    from llm2loss_pipeline.core.discovery.publish import publish_with_discovery
+    from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
+    from llm2loss_pipeline.core.steps.tables import read_manifest
+
+    manifest = read_manifest(layout)
+    paths = dict(zip(manifest["sample_id"].to_list(), manifest["path"].to_list(), strict=True))
+    sheet_dir = discovery_dir(layout)
+    sheet_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sheet_dir.glob("hypothesis-*.png"):
+        stale.unlink()  # a rerun with fewer kept hypotheses must not leave old sheets behind
+    sheets = hypothesis_sheets(
+        result.hypotheses, result.evidence, paths, sheet_dir, config.n_sheets
+    )
+    table_path = write_parquet_atomic(result.hypotheses, hypotheses_path(layout))
+    evidence_file = write_parquet_atomic(result.evidence, evidence_path(layout))
+    html = discovery_html(result.hypotheses, sheets, discovery_html_path(layout))
+    metrics = member_metrics_path(layout)
+    published = publish_with_discovery(
+        layout,
+        {"failure_hypotheses": table_path, "failure_evidence": evidence_file},
+        member_metrics=metrics if metrics.exists() else None,
+    )
+    return DiscoveryStepResult(
+        hypotheses=result.hypotheses,
+        evidence=result.evidence,
+        hypotheses_path=table_path,
+        evidence_path=evidence_file,
+        html_path=html,
+        sha256=sha256_file(table_path),
+        counts=counts,
+        sheets=sheets,
+        views=sorted(published.views),
+    )
+
+
+def top_rows(table: pl.DataFrame, n: int = TOP_MARKDOWN) -> list[dict[str, Any]]:
+    """The first n hypotheses in the columns a reader scans first."""
+    columns = [
+        "rank",
+        "description",
+        "kept",
+        "estimated_gap",
+        "p_worse",
+        "measured_gap",
+        "measured_auc",
+        "q_value",
+        "n_matched",
+        "n_supporting",
+    ]
+    return table.head(n).select(columns).to_dicts()

@@ -1,0 +1,125 @@
+"""failure_hypotheses materialized on the tiny world, then asked for from the CLI and the API."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.defs.report.discovery import failure_hypotheses
+from llm2loss_pipeline.defs.resources import build_resources
+from tests import fault_helpers as fh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config, reference = fh.reference_home()
+    models = ("encoder", "heads", "per_sample_losses", "image_embeddings")
+    layout = fh.clone_home(reference, tmp_path_factory.mktemp("discovery") / "home", models)
+    with fh.one_thread():
+        result = dg.materialize(
+            [failure_hypotheses],
+            resources=build_resources(config.model_copy(update={"home": str(layout.home)})),
+        )
+    assert result.success
+    return layout, result
+
+
+def test_the_asset_writes_the_ranked_table_evidence_sheets_and_views(home) -> None:
+    layout, result = home
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["n_candidates"].value > 40
+    assert "| rank | description |" in metadata["top_hypotheses"].value
+    table = pl.read_parquet(layout.reports / "failure_hypotheses.parquet")
+    assert table.height == metadata["n_candidates"].value
+    assert table["rank"].to_list() == list(range(1, table.height + 1))
+    kept = table.filter(pl.col("kept"))
+    assert metadata["n_kept"].value == kept.height
+    assert (kept["q_value"] <= 0.05).all() and (kept["measured_gap"] > 0).all()
+    assert (kept["p_worse"] >= 0.75).all()
+    assert kept["rank"].to_list() == list(range(1, kept.height + 1))  # kept ones come first
+    evidence = pl.read_parquet(layout.reports / "failure_evidence.parquet")
+    assert set(evidence["rank"]) <= set(kept["rank"])
+    sheets = sorted((layout.reports / "discovery").glob("hypothesis-*.png"))
+    assert len(sheets) == min(5, kept.height)
+    html = (layout.reports / "discovery.html").read_text()
+    assert "Failure discovery" in html and all(s.name in html for s in sheets)
+    with duckdb.connect(str(layout.duckdb), read_only=True) as con:
+        (count,) = con.execute("SELECT count(*) FROM failure_hypotheses").fetchone()
+        assert count == table.height
+        con.execute("SELECT sample_id, influence FROM failure_evidence").fetchall()
+        con.execute("SELECT count(*) FROM per_sample_losses").fetchall()  # the report's views too
+    assert not fh.leftovers(layout.home)
+
+
+def test_cli_discover_prints_json_and_a_table(home, capsys, tmp_path) -> None:
+    from llm2loss_pipeline.cli import main
+
+    layout, _ = home
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("face of a person wearing eyeglasses and a hat\n")
+    with fh.one_thread():
+        assert (
+            main(
+                [
+                    "discover",
+                    "--home",
+                    str(layout.home),
+                    "--top",
+                    "3",
+                    "--json",
+                    "--vocab",
+                    str(vocab),
+                ]
+            )
+            == 0
+        )
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["hypotheses"]) == 3 and out["n_candidates"] > 40
+    assert {"description", "measured_gap", "q_value", "kept"} <= set(out["hypotheses"][0])
+    with fh.one_thread():
+        assert main(["discover", "--home", str(layout.home), "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "candidate descriptions kept" in text and "description" in text
+
+
+def test_cli_discover_errors_are_one_clear_line(home, capsys, tmp_path) -> None:
+    from llm2loss_pipeline.cli import main
+
+    layout, _ = home
+    assert main(["discover", "--home", str(tmp_path / "empty")]) == 2
+    assert "run `llm2loss run`" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with fh.one_thread():
+        assert main(["discover", "--home", str(layout.home), "--vocab", str(empty)]) == 2
+    assert f"{empty}: the vocabulary file has no description" in capsys.readouterr().err
+    assert main(["discover", "--home", str(layout.home), "--top", "0"]) == 2
+
+
+def test_diagnoser_discover_returns_the_ranked_table(home) -> None:
+    from llm2loss_pipeline import Diagnoser
+
+    layout, _ = home
+    diagnoser = Diagnoser.load(layout.home)
+    with fh.one_thread():
+        report = diagnoser.discover(top=4, vocab=["face of a person wearing eyeglasses"])
+    assert report.table.height == 4 and report.table["rank"].to_list() == [1, 2, 3, 4]
+    assert set(report.evidence["rank"]) <= set(report.kept["rank"])
+    assert report.n_candidates > 40
+    with pytest.raises(ValueError, match="vocabulary entry 1 is empty"):
+        diagnoser.discover(vocab=["  "])
+    with pytest.raises(ValueError, match="top must be at least 1"):
+        diagnoser.discover(top=0)
+    bare = Layout.at(layout.home.parent / "bare")
+    with pytest.raises(Exception, match="not materialized yet; run `llm2loss run`"):
+        diagnoser.discover(home=bare.home)
