@@ -10,7 +10,8 @@ hurts both alike):
   per-sample loss / argmax / p_true / true-class AUROC, and the polars table; once for each
   DataLoader worker count in --workers;
 - bare: `model(x)` in batches over tensors decoded beforehand, under inference_mode;
-- decode only (for reference): load_image + preprocess of every file, one thread.
+- decode only (for reference): the pipeline's decoder (`load_image_tensor`: torchvision's
+  libjpeg-turbo binding) + preprocess of every file, one thread.
 
 Prints images/s for each and the overhead ratio bare_rate / pipeline_rate (target: <= 1.3 on
 two CPU cores), plus CPU milliseconds per image, which stays meaningful when other processes
@@ -36,7 +37,7 @@ from llm2loss_pipeline.core.blackbox.losses import compute_losses
 from llm2loss_pipeline.core.blackbox.train import cpu_threads
 from llm2loss_pipeline.core.celeba import build_manifest, read_celeba
 from llm2loss_pipeline.core.device import DeviceSpec
-from llm2loss_pipeline.core.images import load_image
+from llm2loss_pipeline.core.images import load_image, load_image_tensor
 from llm2loss_pipeline.core.world import WorldConfig, generate_world
 
 
@@ -89,9 +90,9 @@ def main() -> None:
             model, items, labels, splits, preprocess, spec, threads=args.threads
         )
 
-    def decode_only() -> None:
+    def decode_only() -> None:  # the pipeline's decoder (`load_image_tensor`, ResizeToUint8)
         for _, path in items:
-            preprocess(load_image(path))
+            preprocess(load_image_tensor(path))
 
     runs = {"bare": bare, "decode only": decode_only}
     runs |= {f"pipeline workers={w}": pipeline(w) for w in args.workers}
