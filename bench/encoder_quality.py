@@ -44,20 +44,40 @@ from llm2loss_pipeline.core.encoder import (
 # overrides of the default EncoderConfig (the embedded default's `encoder` section)
 VARIANTS: dict[str, dict] = {
     "baseline": {"attribute_loss_weight": 0.0},
-    "aux": {"attribute_loss_weight": 1.0},
-    "aux0.3": {"attribute_loss_weight": 0.3},
-    "aux3": {"attribute_loss_weight": 3.0},
-    "aux_lr4": {"attribute_loss_weight": 1.0, "lr": 4e-3},
-    "aux_c1e12": {"attribute_loss_weight": 1.0, "captions_per_image": 1, "epochs": 12},
-    "aux_e12": {"attribute_loss_weight": 1.0, "epochs": 12},
-    "aux_w32": {"attribute_loss_weight": 1.0, "vision_width": 32, "vision_head_width": 32},
-    "aux_noaug": {"attribute_loss_weight": 1.0, "augment": False},
-    "aux_b64": {"attribute_loss_weight": 1.0, "batch_size": 64},
+    "dual3": {"attribute_loss_weight": 3.0, "attribute_directions": "dual"},
+    "dual10": {"attribute_loss_weight": 10.0, "attribute_directions": "dual"},
+    "aux": {"attribute_loss_weight": 1.0, "attribute_directions": "text"},
+    "aux0.3": {"attribute_loss_weight": 0.3, "attribute_directions": "text"},
+    "aux3": {"attribute_loss_weight": 3.0, "attribute_directions": "text"},
+    "aux_lr4": {"attribute_loss_weight": 1.0, "attribute_directions": "text", "lr": 4e-3},
+    "aux3_c1e12": {
+        "attribute_loss_weight": 3.0,
+        "attribute_directions": "text",
+        "captions_per_image": 1,
+        "epochs": 12,
+    },
+    "aux_e12": {"attribute_loss_weight": 1.0, "attribute_directions": "text", "epochs": 12},
+    "aux_w32": {
+        "attribute_loss_weight": 1.0,
+        "attribute_directions": "text",
+        "vision_width": 32,
+        "vision_head_width": 32,
+    },
+    "aux_noaug": {"attribute_loss_weight": 1.0, "attribute_directions": "text", "augment": False},
+    "aux_b64": {"attribute_loss_weight": 1.0, "attribute_directions": "text", "batch_size": 64},
     "e20": {"attribute_loss_weight": 0.0, "epochs": 20},
-    "aux_unbal": {"attribute_loss_weight": 1.0, "_balanced": False},
-    "aux3_unbal": {"attribute_loss_weight": 3.0, "_balanced": False},
-    "aux10": {"attribute_loss_weight": 10.0},
-    "aux10_unbal": {"attribute_loss_weight": 10.0, "_balanced": False},
+    "aux_unbal": {"attribute_loss_weight": 1.0, "attribute_directions": "text", "_balanced": False},
+    "aux3_unbal": {
+        "attribute_loss_weight": 3.0,
+        "attribute_directions": "text",
+        "_balanced": False,
+    },
+    "aux10": {"attribute_loss_weight": 10.0, "attribute_directions": "text"},
+    "aux10_unbal": {
+        "attribute_loss_weight": 10.0,
+        "attribute_directions": "text",
+        "_balanced": False,
+    },
 }
 """Keys starting with '_' set module switches of `train.py` instead of config fields."""
 IMAGE_LEVEL = ("Eyeglasses", "Wearing_Hat", "Smiling", "Mouth_Slightly_Open", "Bald")

@@ -277,6 +277,11 @@ def test_attribute_directions_use_caption_wording_and_point_like_the_probes(
     probe = attribute_direction(encoder.encode_texts, "Eyeglasses")
     cosine = directions[glasses] @ probe / np.linalg.norm(probe)
     assert cosine > 0.5, cosine
+    # the dual basis: each dual direction is blind to every other attribute's text direction
+    dual = attribute_directions(encoder.encode_texts, kind="dual")
+    cross = dual @ directions.T
+    assert np.allclose(cross - np.diag(np.diag(cross)), 0.0, atol=1e-4)
+    assert (np.diag(cross) > 0).all()
 
 
 def test_attribute_loss_moves_embeddings_along_the_text_direction() -> None:
@@ -498,6 +503,8 @@ def test_config_is_validated() -> None:
         EncoderConfig(epoch=3)
     with pytest.raises(ValueError, match="attribute_loss_weight"):
         EncoderConfig(attribute_loss_weight=-0.5)
+    with pytest.raises(ValueError, match="attribute_directions"):
+        EncoderConfig(attribute_directions="orthogonal")
     with pytest.raises(ValueError, match="multiple of vision_patch_size"):
         EncoderConfig(vision_arch="vit", image_size=60, vision_patch_size=8)
     with pytest.raises(ValueError, match="identity"):

@@ -21,6 +21,7 @@ MODES: tuple[str, ...] = ("caption_tuned", "pretrained")
 VISION_ARCHS: tuple[str, ...] = ("resnet", "vit")
 TEXT_PROJECTIONS: tuple[str, ...] = ("identity", "linear")
 LOSSES: tuple[str, ...] = ("pool", "consistent", "soft", "clip")
+ATTRIBUTE_DIRECTIONS: tuple[str, ...] = ("dual", "text")
 
 
 def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -117,12 +118,18 @@ class EncoderConfig(BaseModel):
     )
     max_logit_scale: float = Field(100.0, gt=1.0, description="the learnable logit scale's cap")
     attribute_loss_weight: float = Field(
-        0.0,
+        3.0,
         ge=0.0,
         le=100.0,
         description="weight of the auxiliary attribute loss: per attribute, a BCE of the image "
         "embedding's projection on a frozen text direction (caption wording, not the report's "
         "prompts) against the image's label, averaged over the known labels; 0 turns it off",
+    )
+    attribute_directions: str = Field(
+        "dual",
+        description="attribute loss: the direction each attribute's logit reads; text (the "
+        "normalised text direction) or dual (the dual basis of the 40 text directions, so that "
+        "attributes with alike wording are kept apart; see train.py)",
     )
     augment: bool = Field(True, description="random horizontal flips and small shifts")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="weights, caption draws and batch order")
@@ -146,6 +153,11 @@ class EncoderConfig(BaseModel):
     @classmethod
     def _loss(cls, value: str) -> str:
         return _choice("loss", value, LOSSES)
+
+    @field_validator("attribute_directions")
+    @classmethod
+    def _attribute_directions(cls, value: str) -> str:
+        return _choice("attribute_directions", value, ATTRIBUTE_DIRECTIONS)
 
     @field_validator("model_name")
     @classmethod

@@ -35,6 +35,49 @@ Wearing_Hat 0.50, Smiling 0.48), and a linear probe on the embeddings shows the 
 not yet picked them up. They keep improving with more epochs (20 epochs: mean 0.77, Eyeglasses
 0.64, Bald 0.74). Rejected after measuring: a SigLIP-style sigmoid loss over the pool (0.58),
 adding shared single-attribute captions to the pool (no gain), a ViT tower (slower per epoch).
+
+The attribute loss (`attribute_loss_weight`, default 3; `attribute_directions`, default dual):
+captions state ~5 of an image's 40 values, and only in contrast with other captions; every
+image's 40 labels are known, so a direct per-attribute signal is added. Per attribute, a frozen
+text direction (mean of text(positive) - text(negative) over its phrase pairs, written in three
+*training-caption* templates, never the report's probe templates, so the report's probes still
+test generalisation to unseen wording) and a class-balanced BCE of
+`scale_a * <image, direction_a> + bias_a` against the label (`attribute_loss`; scale and bias are
+training-only, not saved).
+
+Which direction the logit reads matters for the report more than for the zero-shot AUROC. The
+sentence model's attribute directions share a large "with X" - "without X" component
+(Eyeglasses vs Goatee cosine 0.85, vs Wearing_Hat 0.82; mean over pairs 0.21). Trained on the
+raw (`text`) directions, images with a goatee move along that shared component; the diagnosis
+heads then learn "loss is high along it", and every attribute with alike wording inherits the
+planted disparity (Wearing_Hat ranked 1st, measured gap 0.02). The `dual` directions (rows of
+G^-1 D for the Gram matrix G of the unit directions D, renormalised) are each orthogonal to the
+other attributes' text directions: meeting their targets places an image at about sum_a y_a d_a,
+so a linear head fit to one attribute's loss reads back (nearly) only that attribute from the
+report's text. Measured with `bench/encoder_quality.py` (same world, 10 epochs, one torch thread;
+train s: the epochs alone, under load 2-4, so +-10 s; the directions add ~2 s of text embedding):
+
+    variant                             mean   Eyegl.  Hat    Smiling  Mouth  Bald   train s
+    pool only (weight 0)                0.651  0.575   0.519  0.531    0.512  0.395  90-160
+    text, weight 1, unbalanced          0.719  0.622   0.566  0.532    0.551  0.574  160 (load 4)
+    text, weight 3, unbalanced          0.773  0.632   0.605  0.543    0.581  0.656  94
+    text, weight 3, balanced            0.801  0.613   0.747  0.542    0.570  0.877  95
+    text, weight 10, balanced           0.808  0.623   0.793  0.527    0.591  0.861  90
+    text, weight 3, 1 caption/image,
+      12 epochs                         0.821  0.622   0.774  0.550    0.614  0.862  112
+    text, weight 1, lr 4e-3, unbal.     0.648  0.542   0.544  0.524    0.523  0.423  93
+
+and through the whole pipeline (`llm2loss run`, default world; zero-shot on the validation
+split; Spearman of estimated vs measured signed disparity over the 40 attributes; ranks of the
+planted Gray_Hair / Goatee by estimated disparity):
+
+    encoder                        zero-shot  Spearman  planted ranks  top-1 retrieval
+    pool only                      0.650      0.194     4 / 2          0.044
+    text directions, weight 3      0.805      0.119     5 / 3          0.072
+    dual directions, weight 3      0.787      0.429     4 / 3          0.090
+    dual directions, weight 10     0.785      0.345     11 / 4         0.065
+Eyeglasses and Smiling stay near 0.6 / 0.5: small details at 64 px that the 24-wide ResNet does
+not resolve within 10 epochs.
 """
 
 from __future__ import annotations
@@ -200,6 +243,7 @@ BALANCED = True
 def attribute_directions(
     encode_texts: Callable[[Sequence[str]], np.ndarray],
     templates: Sequence[str] = ATTRIBUTE_TEMPLATES,
+    kind: str = "text",
 ) -> np.ndarray:
     """[40, d] unit text directions, one per CelebA attribute: the mean over its caption phrase
     pairs (i-th positive with i-th negative phrase, as in `prompts.attribute_prompt_pairs`) and
@@ -222,7 +266,14 @@ def attribute_directions(
     directions = np.stack(
         [part.mean(axis=0) for part in np.split(differences, np.cumsum(counts)[:-1])]
     )
-    return (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    if kind == "dual":
+        # rows of G^-1 D: <dual_a, text direction_b> = 0 for b != a, so an image embedding that
+        # meets these targets lies along the text directions themselves, and a linear head fit
+        # to one attribute's loss does not leak into attributes whose wording is merely alike
+        directions = np.linalg.solve(directions @ directions.T, directions)
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    return directions.astype(np.float32)
 
 
 def attribute_loss(
@@ -316,7 +367,9 @@ def train_caption_tuned(
     pool = embed_pool(pool, encoder.encode_texts)
     use_attributes = config.attribute_loss_weight > 0
     if use_attributes:
-        directions = torch.from_numpy(attribute_directions(encoder.encode_texts)).to(device)
+        directions = torch.from_numpy(
+            attribute_directions(encoder.encode_texts, kind=config.attribute_directions)
+        ).to(device)
     if progress is not None:
         progress("embed captions", pool.n_unique_texts, pool.n_unique_texts)
     captioned = time.perf_counter()
