@@ -48,6 +48,15 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = (
 assert len(CELEBA_ATTRIBUTES) == 40
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
+
+
+def check_split(field: str, value: str) -> str:
+    """`value` if it names a split; else a ValueError naming the setting."""
+    if value not in SPLIT_NAMES:
+        raise ValueError(f"{field} must be one of {SPLIT_NAMES}, got {value!r}")
+    return value
+
+
 """CelebA's `list_eval_partition.txt` codes 0, 1, 2, in that order."""
 
 

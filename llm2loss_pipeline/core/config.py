@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_split
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
@@ -109,9 +109,7 @@ class ReportConfig(_Strict):
     @field_validator("eval_split")
     @classmethod
     def _split(cls, value: str) -> str:
-        if value not in SPLIT_NAMES:
-            raise ValueError(f"eval_split must be one of {SPLIT_NAMES}, got {value!r}")
-        return value
+        return check_split("eval_split", value)
 
     @field_validator("pairs")
     @classmethod

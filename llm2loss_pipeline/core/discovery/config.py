@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+from llm2loss_pipeline.core.attributes import check_split
 
 DEFAULT_API_KEY_ENV = "LLM2LOSS_LLM_API_KEY"
 
@@ -85,9 +85,7 @@ class DiscoverySettings(BaseModel):
     @field_validator("eval_split")
     @classmethod
     def _split(cls, value: str) -> str:
-        if value not in SPLIT_NAMES:
-            raise ValueError(f"eval_split must be one of {SPLIT_NAMES}, got {value!r}")
-        return value
+        return check_split("eval_split", value)
 
     @field_validator("vocabulary")
     @classmethod

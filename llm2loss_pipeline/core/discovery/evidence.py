@@ -108,24 +108,27 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+SUMMARY_COLUMNS = (
+    "rank",
+    "description",
+    "kept",
+    "estimated_gap",
+    "p_worse",
+    "measured_gap",
+    "measured_auc",
+    "q_value",
+    "n_matched",
+    "n_supporting",
+)
+"""The columns of a hypothesis a reader scans first (the page, the Dagster metadata table)."""
+
+
 def discovery_html(
     hypotheses: pl.DataFrame, sheets: Mapping[int, Path], out_html: str | Path, top: int = 30
 ) -> Path:
     """A page of the ranked hypotheses with their contact sheets (paths relative to the page)."""
     out = Path(out_html)
-    columns = [
-        "rank",
-        "description",
-        "kept",
-        "estimated_gap",
-        "p_worse",
-        "measured_gap",
-        "measured_auc",
-        "q_value",
-        "n_matched",
-        "n_supporting",
-        "redundant_with",
-    ]
+    columns = [*SUMMARY_COLUMNS, "redundant_with"]
     head = "".join(f"<th>{name}</th>" for name in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(row[name])}</td>" for name in columns) + "</tr>"

@@ -212,16 +212,6 @@ def _write(
 
 def top_rows(table: pl.DataFrame, n: int = TOP_MARKDOWN) -> list[dict[str, Any]]:
     """The first n hypotheses in the columns a reader scans first."""
-    columns = [
-        "rank",
-        "description",
-        "kept",
-        "estimated_gap",
-        "p_worse",
-        "measured_gap",
-        "measured_auc",
-        "q_value",
-        "n_matched",
-        "n_supporting",
-    ]
-    return table.head(n).select(columns).to_dicts()
+    from llm2loss_pipeline.core.discovery.evidence import SUMMARY_COLUMNS
+
+    return table.head(n).select(SUMMARY_COLUMNS).to_dicts()
