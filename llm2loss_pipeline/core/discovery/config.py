@@ -67,11 +67,12 @@ class DiscoverySettings(BaseModel):
         0.75, gt=0.5, le=1, description="share of members that must estimate 'worse'"
     )
     max_overlap: float = Field(
-        0.6,
+        0.4,
         gt=0,
         le=1,
         description="Jaccard overlap of matched samples above which a lower-ranked hypothesis "
-        "is ranked after every distinct one",
+        "is ranked after every distinct one (0.4: the two share more than half their matched "
+        "samples; two unrelated top-10% matches overlap about 0.05)",
     )
     n_evidence: int = Field(8, ge=1, le=64, description="proponents and counter-examples each")
     n_sheets: int = Field(5, ge=0, le=50, description="kept hypotheses that get a contact sheet")
