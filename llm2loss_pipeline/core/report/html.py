@@ -229,6 +229,11 @@ def render_html(result: ReportResult) -> str:
         "<h1>LLM2Loss attribute disparity report</h1>",
         f"<p>Evaluation split: <b>{_esc(result.eval_split)}</b>; "
         f"{_esc(result.n_eval_samples)} samples; {_esc(result.n_members)} ensemble members.</p>",
+        # A relative link: discovery.html is written next to this page by failure_hypotheses,
+        # which runs after the report in the same job.
+        "<p>Where the model fails beyond these 40 attributes, in language and with evidence: "
+        "<a href='discovery.html'>failure discovery</a> (after the failure_hypotheses asset "
+        "has run).</p>",
         "<h2>Headline</h2>",
         _headline(result),
         "<h2>How to read this report</h2>",
