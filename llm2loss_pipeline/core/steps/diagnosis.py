@@ -18,7 +18,7 @@ from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.steps.black_box import LOSSES_TABLE
 from llm2loss_pipeline.core.steps.encoder import EMBEDDINGS_TABLE
-from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards
+from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards, split_rows
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
 
 CAPTION_CORPUS_SIZE = 2000
@@ -66,16 +66,6 @@ def training_frame(layout: Layout) -> pl.DataFrame:
     return frame
 
 
-def _split(frame: pl.DataFrame, split: str, what: str) -> pl.DataFrame:
-    rows = frame.filter(pl.col("split") == split)
-    if rows.height < 10:
-        raise ValueError(
-            f"heads.{what} is {split!r}, which has {rows.height} samples with both a loss and an "
-            "embedding; at least 10 are needed (choose another split)"
-        )
-    return rows
-
-
 def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
     """Texts whose mean embedding stands for 'the text modality' of this data set."""
     from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
@@ -103,8 +93,8 @@ def fit_heads(
     from llm2loss_pipeline.core.heads.train import train_ensemble
 
     frame = training_frame(layout)
-    train = _split(frame, config.train_split, "train_split")
-    held_out = _split(frame, config.eval_split, "eval_split")
+    train = split_rows(frame, config.train_split, "heads.train_split")
+    held_out = split_rows(frame, config.eval_split, "heads.eval_split")
     train_emb = train["embedding"].to_numpy().astype(np.float32)
     eval_emb = held_out["embedding"].to_numpy().astype(np.float32)
     train_loss = train["loss"].to_numpy()

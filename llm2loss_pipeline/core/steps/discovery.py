@@ -66,16 +66,6 @@ class _TextCache:
         return np.stack([self.vectors[t] for t in texts]) if texts else np.zeros((0, 0))
 
 
-def _split_rows(frame: pl.DataFrame, split: str, what: str) -> pl.DataFrame:
-    rows = frame.filter(pl.col("split") == split)
-    if rows.height < 10:
-        raise ValueError(
-            f"{what} is {split!r}, which has {rows.height} samples with both a loss and an "
-            "embedding; discovery needs at least 10"
-        )
-    return rows
-
-
 def run_discovery(
     layout: Layout,
     config: DiscoveryConfig,
@@ -93,14 +83,15 @@ def run_discovery(
     from llm2loss_pipeline.core.discovery.candidates import generate_candidates, read_vocabulary
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
     from llm2loss_pipeline.core.steps.diagnosis import training_frame
+    from llm2loss_pipeline.core.steps.tables import split_rows
     from llm2loss_pipeline.diagnoser import Diagnoser
 
     say = log or (lambda message: None)
     diagnoser = diagnoser or Diagnoser.load(layout.home)
     ensemble, gap = diagnoser.ensemble, diagnoser.gap
     frame = training_frame(layout)
-    held_out = _split_rows(frame, config.eval_split, "discovery.eval_split")
-    train = _split_rows(frame, ensemble.config.train_split, "heads.train_split")
+    held_out = split_rows(frame, config.eval_split, "discovery.eval_split")
+    train = split_rows(frame, ensemble.config.train_split, "heads.train_split")
 
     texts = list(config.vocabulary)
     if config.vocabulary_path:

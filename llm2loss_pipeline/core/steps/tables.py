@@ -73,3 +73,14 @@ def read_shards(layout: Layout, table: str, manifest: pl.DataFrame) -> pl.DataFr
     frames = [pl.read_parquet(layout.shard_table(table, key)) for key in keys]
     order = manifest.select("sample_id", "index")
     return pl.concat(frames).join(order, on="sample_id", how="left").sort("index").drop("index")
+
+
+def split_rows(frame: pl.DataFrame, split: str, setting: str) -> pl.DataFrame:
+    """The rows of `split`; a ValueError naming the `setting` that chose it when under 10."""
+    rows = frame.filter(pl.col("split") == split)
+    if rows.height < 10:
+        raise ValueError(
+            f"{setting} is {split!r}, which has {rows.height} samples with both a loss and an "
+            "embedding; at least 10 are needed (choose another split)"
+        )
+    return rows
