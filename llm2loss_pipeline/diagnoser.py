@@ -177,6 +177,19 @@ class Diagnoser:
             return np.zeros((len(self.ensemble), 0))
         return np.stack([self._scores[t] for t in texts], axis=1)
 
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts in the heads' input space [n, d] (encoded, then mapped across the modality gap)."""
+        texts = check_texts(texts)
+        return self.gap.text(np.asarray(self.encode_texts(texts), dtype=np.float32))
+
+    def image_features(self, embeddings: np.ndarray) -> np.ndarray:
+        """Image embeddings [n, d] in the heads' input space."""
+        return self.gap.image(embeddings)
+
+    def score_features(self, features: np.ndarray) -> np.ndarray:
+        """Standardised member scores [M, n] of points already in the heads' input space."""
+        return self.ensemble.standardized(features)
+
     def estimate(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Per text: the ensemble mean and spread (std, quartiles, range), per kind and overall."""
         texts = check_texts(texts)

@@ -172,7 +172,7 @@ def run(layout: Layout, out: Path, scorer=None, **kwargs):
         compose_prompt=fake_composed_prompt,
         pair_templates=("face of {}", "a photo of a person {}"),
         auroc_fn=rank_auroc,
-        **kwargs,
+        **{"estimator": "direct", **kwargs},
     )
 
 
@@ -363,7 +363,12 @@ def test_default_prompts_and_auroc_integration(tmp_path):
         return np.stack(rows) / np.linalg.norm(np.stack(rows), axis=1, keepdims=True)
 
     result = build_report(
-        layout, scorer, hashed_encoder, out_dir=tmp_path / "out", pairs=[("Male", "Eyeglasses")]
+        layout,
+        scorer,
+        hashed_encoder,
+        out_dir=tmp_path / "out",
+        pairs=[("Male", "Eyeglasses")],
+        estimator="direct",
     )
     assert len(scorer.calls) == 1
     assert result.top_attributes[0] == "Eyeglasses"
@@ -395,6 +400,7 @@ def test_explicit_pairs_and_no_encoder(tmp_path):
         layout,
         FakeScorer(),
         None,
+        estimator="direct",
         out_dir=tmp_path / "out",
         pairs=[("Male", "Young")],
         prompt_pairs=fake_prompt_pairs,
@@ -408,7 +414,7 @@ def test_explicit_pairs_and_no_encoder(tmp_path):
     n_valid = pl.read_parquet(layout.manifest).filter(pl.col("split") == "valid").height
     assert result.n_eval_samples == n_valid
     with pytest.raises(ValueError, match="names 'Male' twice"):
-        build_report(layout, FakeScorer(), None, pairs=[("Male", "Male")], out_dir=tmp_path)
+        build_report(layout, FakeScorer(), None, estimator="direct", pairs=[("Male", "Male")], out_dir=tmp_path)
 
 
 def _rewrite_shard(layout: Layout, change) -> None:
@@ -424,18 +430,18 @@ def test_bad_inputs_name_file_and_sample(tmp_path):
     attributes = pl.read_parquet(layout.attributes)
     attributes.drop("Smiling").write_parquet(layout.attributes)
     with pytest.raises(ReportInputError, match=r"attributes.parquet: column 'Smiling' is missing"):
-        build_report(layout, FakeScorer(), None, **kwargs)
+        build_report(layout, FakeScorer(), None, estimator="direct", **kwargs)
     attributes.with_columns(
         pl.when(pl.col("sample_id") == "000003.jpg").then(None).otherwise(pl.col("Young"))
         .alias("Young")
     ).write_parquet(layout.attributes)  # fmt: skip
     with pytest.raises(ReportInputError, match=r"NULL, first Young of sample 000003\.jpg"):
-        build_report(layout, FakeScorer(), None, **kwargs)
+        build_report(layout, FakeScorer(), None, estimator="direct", **kwargs)
     attributes.write_parquet(layout.attributes)
 
     _rewrite_shard(layout, lambda frame: pl.concat([frame, frame.head(1)]))
     with pytest.raises(ReportInputError, match=r"shard-00000.parquet: sample 000001.jpg has more"):
-        build_report(layout, FakeScorer(), None, **kwargs)
+        build_report(layout, FakeScorer(), None, estimator="direct", **kwargs)
 
     def drop_first_test_sample(frame: pl.DataFrame) -> pl.DataFrame:
         frame = frame.unique("sample_id", keep="first", maintain_order=True)
@@ -444,7 +450,7 @@ def test_bad_inputs_name_file_and_sample(tmp_path):
 
     _rewrite_shard(layout, drop_first_test_sample)
     with pytest.raises(ReportInputError, match=r"sample \d{6}\.jpg of split 'test' has no loss"):
-        build_report(layout, FakeScorer(), None, **kwargs)
+        build_report(layout, FakeScorer(), None, estimator="direct", **kwargs)
 
 
 def test_scorer_shape_is_checked(tmp_path):

@@ -105,6 +105,24 @@ class ReportConfig(_Strict):
     head_spearman_floor: float = Field(
         0.2, ge=-1, le=1, description="warn when held-out head Spearman is below this"
     )
+    estimator: str = Field(
+        "grounded",
+        description="grounded (the heads answer each probe on the evaluation images, scored by "
+        "the probe's dual text direction; no labels or losses are read) or direct (the paper: "
+        "the heads score the probe texts' own embeddings); see core/report/grounded.py",
+    )
+    dual_ridge: float = Field(
+        0.1, ge=0.0, le=100.0, description="grounded: regularisation of the dual probe directions"
+    )
+
+    @field_validator("estimator")
+    @classmethod
+    def _estimator(cls, value: str) -> str:
+        from llm2loss_pipeline.core.report.grounded import ESTIMATORS
+
+        if value not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {value!r}")
+        return value
 
     @field_validator("eval_split")
     @classmethod

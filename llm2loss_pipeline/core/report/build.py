@@ -25,6 +25,7 @@ from llm2loss_pipeline.core.report.estimated import (
     OVERALL,
     AurocFn,
     EncodeTexts,
+    MemberGroup,
     PromptPairs,
     ScorerLike,
     collect_prompt_pairs,
@@ -35,6 +36,7 @@ from llm2loss_pipeline.core.report.estimated import (
     summarize,
     zero_shot_auroc,
 )
+from llm2loss_pipeline.core.report.grounded import ESTIMATORS, Grounding
 from llm2loss_pipeline.core.report.html import render_html
 from llm2loss_pipeline.core.report.intersectional import (
     CELLS,
@@ -61,6 +63,7 @@ from llm2loss_pipeline.core.storage import (
 )
 
 TOP_K = 10
+DIRECT = "direct"
 N_STRONGEST = 4
 
 
@@ -90,6 +93,7 @@ class ReportResult:
     correlations: pl.DataFrame
     headline: dict[str, float]
     top_attributes: list[str]
+    estimator: str = "grounded"
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -138,7 +142,9 @@ def _attribute_table(
             pl.col(f"est_p_positive_{kind}").cast(pl.Float64).fill_null(float("nan")),
         )
     table = table.join(
-        zero_shot.select("attribute", "zero_shot_auroc"),
+        zero_shot.select(
+            "attribute", "zero_shot_auroc", *(c for c in zero_shot.columns if c.endswith("_dual"))
+        ),
         on="attribute",
         how="left",
         maintain_order="left",
@@ -183,6 +189,7 @@ def _headline(
     zero_shot = table["zero_shot_auroc"].to_numpy()
     finite = zero_shot[np.isfinite(zero_shot)]
     headline["zero_shot_mean_auroc"] = float(finite.mean()) if finite.size else math.nan
+    headline["spearman_signed_direct"] = pick("table2", DIRECT, "signed", "loss", "spearman")
     headline["n_bh_significant"] = float(table["bh_significant"].fill_null(False).sum())
     headline["n_attributes"] = float(table.height)
     headline["n_small_groups"] = float(table["small_group"].sum())
@@ -214,6 +221,8 @@ def build_report(
     pair_templates: Sequence[str] | None = None,
     auroc_fn: AurocFn | None = None,
     embeddings: tuple[Sequence[str], np.ndarray] | None = None,
+    estimator: str = "grounded",
+    dual_ridge: float = 0.1,
     log: Callable[[str], None] | None = None,
 ) -> ReportResult:
     """Build the attribute disparity report of the black box on `eval_split`.
@@ -228,11 +237,18 @@ def build_report(
         `core.prompts.TEMPLATES` and `core.metrics.auroc` (injectable for tests).
     embeddings: precomputed (sample ids, [N, dim] image embeddings) of the split, instead of
         reading the image_embeddings shards.
+    estimator: "grounded" (default: the heads answer each probe on the split's images, see
+        `core.report.grounded`; needs a scorer with text_features/image_features/score_features)
+        or "direct" (the paper: the heads score the probe texts' own embeddings). The direct
+        estimate is always kept too: `est_direct_mean`, headline `spearman_signed_direct`.
+    dual_ridge: the grounded estimator's regularisation of the dual probe directions.
     out_dir: where files go (default `layout.reports`).
     """
     say = log or (lambda _message: None)
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
     if prompt_pairs is None or compose_prompt is None or pair_templates is None:
         default_pairs, default_compose, default_templates = _default_prompt_functions()
         prompt_pairs = prompt_pairs or default_pairs
@@ -254,7 +270,7 @@ def build_report(
         )
         cells = measured_pair_cells(con, inputs, eval_split, chosen, min_group_size, attributes)
         zero_shot_data = None
-        if encode_texts is not None:
+        if encode_texts is not None or estimator == "grounded":
             zero_shot_data = _zero_shot_data(con, inputs, eval_split, attributes, embeddings)
     finally:
         con.close()
@@ -266,18 +282,27 @@ def build_report(
     say(f"scoring {len(set(texts))} prompts with {len(members)} heads")
     scores = score_texts_once(scorer, texts)
 
-    diffs = member_diffs(scores, prompts_by_attribute)
+    direct_diffs = member_diffs(scores, prompts_by_attribute)
+    grounding = None
+    if estimator == "grounded":
+        pool = zero_shot_data[1]  # type: ignore[index]
+        say(f"grounding the probes on the {len(pool)} images of split {eval_split!r}")
+        grounding = Grounding.build(scorer, pool, prompts_by_attribute, dual_ridge)
+        diffs = grounding.attribute_diffs()
+        cells_est = grounding.pair_cells(chosen, CELLS)
+    else:
+        diffs = direct_diffs
+        if chosen:
+            cells_est = estimated_pair_cells(scores, pair_prompts)
+        else:
+            cells_est = np.zeros((len(members), 0, len(CELLS)))
     attribute_estimates = summarize(diffs, list(attributes), groups, alpha)
     diffs_long = member_diffs_long(diffs, list(attributes), members)
-    if chosen:
-        cells_est = estimated_pair_cells(scores, pair_prompts)
-    else:
-        cells_est = np.zeros((len(members), 0, len(CELLS)))
     pair_table, pair_estimates, pair_diffs = pair_tables(
         cells, cells_est, chosen, members, groups, alpha
     )
 
-    if zero_shot_data is not None:
+    if zero_shot_data is not None and encode_texts is not None:
         say("zero-shot attribute classification")
         _, image_embeddings, labels = zero_shot_data
         zero_shot = zero_shot_auroc(
@@ -293,7 +318,21 @@ def build_report(
             {"attribute": list(attributes), "zero_shot_auroc": [math.nan] * len(attributes)}
         )
 
+    if grounding is not None:
+        zero_shot = zero_shot.join(
+            _dual_zero_shot(grounding, zero_shot_data[2], auroc_fn or _default_auroc()),  # type: ignore[index]
+            on="attribute",
+            how="left",
+        )
+    else:
+        notes.append(
+            "estimator 'direct': the heads scored the probe texts' own embeddings (the paper's "
+            "method); the grounded estimator is usually closer to the measured disparities"
+        )
     table = _attribute_table(measured, attribute_estimates, zero_shot)
+    table = table.with_columns(
+        pl.Series("est_direct_mean", direct_diffs.mean(axis=0), dtype=pl.Float64)
+    )
     correlations = pl.concat(
         [
             correlate.table2(measured, attribute_estimates, groups),
@@ -302,7 +341,16 @@ def build_report(
             correlate.pair_correlations(pair_table, pair_estimates, groups),
         ]
     )
+    if grounding is not None:
+        # the paper's direct estimate beside the grounded one, as group "direct" of table 2
+        direct_group = [MemberGroup(DIRECT, None, None, tuple(range(len(members))))]
+        direct_estimates = summarize(direct_diffs, list(attributes), direct_group, alpha)
+        correlations = pl.concat(
+            [correlations, correlate.table2(measured, direct_estimates, direct_group)]
+        )
     headline = _headline(table, correlations, pair_table, len(members), coverage["n_losses"])
+    if grounding is None:
+        headline["spearman_signed_direct"] = headline["spearman_signed_overall"]
     top = (
         table.filter(pl.col("est_mean").is_not_nan())
         .sort("est_mean", descending=True)["attribute"]
@@ -332,10 +380,26 @@ def build_report(
         correlations=correlations,
         headline=headline,
         top_attributes=top,
+        estimator=estimator,
         notes=notes,
     )
     say(f"writing the report to {out}")
     return write_report(result, out, groups)
+
+
+def _dual_zero_shot(
+    grounding: Grounding, labels: dict[str, np.ndarray], auroc_fn: AurocFn
+) -> pl.DataFrame:
+    """Per attribute: AUROC of the grounded estimator's dual score as a classifier of it."""
+    scores = grounding.attribute_scores()
+    values = []
+    for j, name in enumerate(grounding.attributes):
+        y = np.asarray(labels[name], dtype=bool)
+        values.append(float(auroc_fn(scores[:, j], y)) if 0 < y.sum() < y.size else math.nan)
+    return pl.DataFrame(
+        {"attribute": list(grounding.attributes), "zero_shot_auroc_dual": values},
+        schema={"attribute": pl.String, "zero_shot_auroc_dual": pl.Float64},
+    )
 
 
 def _zero_shot_data(con, inputs, split, attributes, embeddings):

@@ -71,6 +71,8 @@ def make_report(
         n_pairs=config.n_pairs,
         min_group_size=config.min_group_size,
         alpha=config.alpha,
+        estimator=config.estimator,
+        dual_ridge=config.dual_ridge,
         out_dir=layout.reports,
         log=log,
     )
