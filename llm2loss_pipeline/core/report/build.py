@@ -506,7 +506,7 @@ def markdown_tables(result: ReportResult) -> dict[str, str]:
     top = result.attribute_table.sort("est_mean", descending=True, nulls_last=True).head(TOP_K)
     columns4 = ["attribute", "n_true", "n_false", "loss_true", "loss_false", "gap_loss"]
     columns4 += ["gt_rmm_auroc", "est_mean", "est_q1", "est_q3", "est_p_positive"]
-    columns4 += ["bh_significant", "zero_shot_auroc", "small_group"]
+    columns4 += ["est_direct_mean", "bh_significant", "zero_shot_auroc", "small_group"]
     return {
         "table2": _markdown(table2, stats),
         "table3": _markdown(table3, ["measure", *stats[2:]]),

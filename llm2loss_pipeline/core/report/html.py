@@ -117,7 +117,9 @@ ATTRIBUTE_COLUMNS: list[tuple[str, str, Format]] = [
     ("bh_significant", "BH sig.", text),
     ("est_mean_regressor", "est. regressor", num(3)),
     ("est_mean_ranker", "est. ranker", num(3)),
+    ("est_direct_mean", "est (direct)", num(3)),
     ("zero_shot_auroc", "0-shot AUROC", num(3)),
+    ("zero_shot_auroc_dual", "0-shot AUROC (dual)", num(3)),
     ("small_group", "small group", text),
 ]
 
@@ -175,6 +177,13 @@ def _headline(result: ReportResult) -> str:
         f"{f3(h.get('spearman_signed_ranker'))} (p {p_value(h.get('spearman_signed_ranker_p'))}), "
         f"whole ensemble {f3(h.get('spearman_signed_overall'))} "
         f"(p {p_value(h.get('spearman_signed_overall_p'))}).",
+        f"Estimator: {result.estimator}"
+        + (
+            f"; the paper's direct estimate reaches Spearman "
+            f"{f3(h.get('spearman_signed_direct'))} on the same attributes."
+            if result.estimator == "grounded"
+            else "."
+        ),
         f"{int(h.get('n_bh_significant', 0))} of {int(h.get('n_attributes', 0))} attributes have "
         f"an estimated disparity significantly different from zero (BH, α = {result.alpha}).",
         "Mean zero-shot AUROC of the encoder over attributes: "
@@ -187,27 +196,47 @@ def _headline(result: ReportResult) -> str:
     return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
 
+def _estimator_guide(estimator: str) -> str:
+    prompts = (
+        "The diagnosis heads never see the attribute labels or the measured losses. Each "
+        "attribute is asked about in text, with prompts such as 'face of a person wearing "
+        "eyeglasses' and 'face of a person without eyeglasses', averaged over wordings. "
+    )
+    if estimator == "grounded":
+        return prompts + (
+            "Estimator 'grounded': the prompts are turned into a text direction (with minus "
+            "without), made independent of the other attributes' directions, and every evaluation "
+            "image is scored along it. A member's estimate is how much its predicted loss rises "
+            "per standard deviation of that score (a covariance in standardized units). Positive "
+            "= the heads expect the model to do worse on faces with the attribute. The column "
+            "'est (direct)' is the paper's estimate, the heads applied to the prompts' own "
+            "embeddings, kept for comparison."
+        )
+    return prompts + (
+        "Estimator 'direct' (the paper's): each member reads the prompts' text embeddings and "
+        "estimates the loss on faces like each; the estimate is the difference (with minus "
+        "without) in standardized loss units. Positive = the heads expect the model to do worse "
+        "on faces with the attribute."
+    )
+
+
 def _guide(result: ReportResult) -> str:
     paragraphs = [
+        _estimator_guide(result.estimator),
         "Measured disparity: the black box's performance on the evaluation split for faces with "
         "the attribute minus without it. Signed gaps are oriented so that positive always means "
         "worse with the attribute (higher loss, lower accuracy, lower AUROC). GT-RMM is the "
         "Rawlsian max-min gap |perf(with) - perf(without)|.",
         AUROC_DEFINITION,
-        "Estimated disparity: the diagnosis heads never see these labels. Each ensemble member "
-        "reads the text embeddings of prompts such as 'face of a person wearing eyeglasses' and "
-        "'face of a person without eyeglasses' and estimates the black box's loss on faces like "
-        "each; the estimated disparity is the difference (with minus without), averaged over "
-        "prompt wordings, in standardized loss units. Positive = the heads expect the model to do "
-        "worse on faces with the attribute.",
         "P(>0): the fraction of ensemble members whose estimate is above zero (ties count half). "
         "Near 1 or 0 means the members agree on the direction; near 0.5 means they do not.",
         "BH significance: a two-sided one-sample t-test over the members' estimates asks whether "
         "the disparity is nonzero; the p-values of all attributes (and separately of all pairs) "
         "are corrected with the Benjamini-Hochberg procedure, so that on average at most "
         f"{result.alpha:.0%} of the attributes marked significant are false discoveries. "
-        "It measures agreement between members trained with different seeds, not "
-        "sampling error of the data.",
+        "It measures agreement between members trained with different seeds (and, for the "
+        "grounded estimator, on bootstrap resamples of the evaluation images), not the sampling "
+        "error of the measured losses: compare with the measured gap's p-value.",
         "Zero-shot AUROC: how well the encoder alone tells the attribute from its absence "
         "(image-text similarity to the positive minus the negative prompts). It shows where the "
         "encoder's language prior is strong, and so where the estimates can be trusted most.",
@@ -252,13 +281,20 @@ def render_html(result: ReportResult) -> str:
         "<p>Sorted by estimated disparity (whole ensemble). Greyed rows: small groups.</p>",
         html_table(
             result.attribute_table.sort("est_mean", descending=True, nulls_last=True),
-            ATTRIBUTE_COLUMNS,
+            [c for c in ATTRIBUTE_COLUMNS if c[0] in result.attribute_table.columns],
             _attribute_row_class,
         ),
         "<h2>Attribute pairs (intersectional)</h2>",
         "<p>Cells: TT = both attributes, TF = first only, FT = second only, FF = neither. "
         "Signed disparity = loss(TT) - loss(FF); worst cell = highest loss among cells with at "
-        f"least {_esc(result.min_group_size)} samples.</p>",
+        f"least {_esc(result.min_group_size)} samples. "
+        + (
+            "Grounded cell estimates score each image by the sum of the two attributes' scores "
+            "with the cell's signs, so both conditions weigh the same."
+            if result.estimator == "grounded"
+            else "Estimated cells read composed prompts such as 'face of a young man'."
+        )
+        + "</p>",
         html_table(result.pair_table, PAIR_COLUMNS, _attribute_row_class),
         html_table(corr.filter(pl.col("table") == "pairs"), CORRELATION_COLUMNS),
         "<h2>Figures</h2>",

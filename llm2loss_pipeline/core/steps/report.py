@@ -19,6 +19,7 @@ HEADLINE_KEYS = (
     "spearman_signed_overall",
     "spearman_signed_regressor",
     "spearman_signed_ranker",
+    "spearman_signed_direct",
     "pearson_signed_overall",
     "kendall_signed_overall",
     "spearman_abs_overall",
