@@ -42,6 +42,7 @@ EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 EncoderLoader = Callable[[Path, str], Any]
 RUN_COMMAND = "llm2loss run"
 CACHE_LIMIT = 100_000
+POOL_SEED = 0  # the report's bootstrap seed, so a grounded compare matches the report's numbers
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Diagnoser:
         self.gap = gap
         self.meta = dict(meta or {})
         self._scores: dict[str, np.ndarray] = {}
+        self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
@@ -203,25 +205,70 @@ class Diagnoser:
 
     # comparisons
 
-    def compare(self, text_a: str, text_b: str) -> Comparison:
-        """Distribution over members of h(a) - h(b); positive: the model does worse on a."""
-        scores = self.score_texts([text_a, text_b], labels=["text A", "text B"])
-        return compare_members(scores[:, 0] - scores[:, 1], self.ensemble.members, text_a, text_b)
+    def compare(self, text_a: str, text_b: str, *, grounded: bool = False) -> Comparison:
+        """Distribution over members of h(a) - h(b); positive: the model does worse on a.
 
-    def compare_many(self, pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
+        grounded: answer on the evaluation images instead of the texts' own embeddings: per
+        member, the covariance of its predicted loss with the images' similarity to a rather than
+        b (core/report/grounded.py; each member on its own bootstrap resample of the images).
+        """
+        return self.compare_many([(text_a, text_b)], grounded=grounded)[0]
+
+    def compare_many(
+        self, pairs: Sequence[tuple[str, str]], *, grounded: bool = False
+    ) -> list[Comparison]:
         """Many comparisons, with every distinct text encoded once, in one batch."""
         pairs = list(pairs)
         for position, pair in enumerate(pairs):
             if len(pair) != 2:
                 raise ValueError(f"pair {position + 1} has {len(pair)} texts, expected 2")
         labels = [f"text {'AB'[k]} of pair {p + 1}" for p in range(len(pairs)) for k in range(2)]
+        if len(pairs) == 1:
+            labels = ["text A", "text B"]
         flat = [text for pair in pairs for text in pair]
-        scores = self.score_texts(flat, labels=labels)
         members = self.ensemble.members
+        if grounded:
+            from llm2loss_pipeline.core.report.grounded import grounded_diffs
+
+            features = self.text_features(check_texts(flat, labels))
+            pool, scores, weights = self.grounding_pool()
+            diffs = grounded_diffs(scores, pool, features[0::2] - features[1::2], weights)
+            return [
+                compare_members(diffs[:, p], members, a, b, estimator="grounded")
+                for p, (a, b) in enumerate(pairs)
+            ]
+        scores = self.score_texts(flat, labels=labels)
         return [
             compare_members(scores[:, 2 * p] - scores[:, 2 * p + 1], members, a, b)
             for p, (a, b) in enumerate(pairs)
         ]
+
+    def use_pool(self, embeddings: np.ndarray) -> None:
+        """Ground comparisons on these image embeddings [n, d] instead of the home's images."""
+        from llm2loss_pipeline.core.report.grounded import pool_weights
+
+        features = self.image_features(embeddings)
+        if len(features) < 2:
+            raise ValueError(f"a grounding pool needs at least 2 images, got {len(features)}")
+        scores = self.score_features(features)
+        self._pool = (features, scores, pool_weights(len(scores), len(features), POOL_SEED))
+
+    def grounding_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
+        heads' evaluation split, read once from the home this diagnoser was loaded from."""
+        if self._pool is None:
+            from llm2loss_pipeline.core.steps.diagnosis import training_frame
+            from llm2loss_pipeline.core.steps.tables import split_rows
+
+            if "home" not in self.meta:
+                raise ValueError(
+                    "grounded comparisons need images: load with Diagnoser.load(home) or call "
+                    "use_pool(embeddings) first"
+                )
+            split = str(self.meta.get("extra", {}).get("eval_split", "test"))
+            frame = split_rows(training_frame(Layout.at(self.meta["home"])), split, "eval_split")
+            self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32))
+        return self._pool  # type: ignore[return-value]
 
     def rank(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals."""

@@ -37,6 +37,12 @@ def register(subparsers: Any) -> None:
     )
     compare.add_argument("text_a", metavar="TEXT_A")
     compare.add_argument("text_b", metavar="TEXT_B")
+    compare.add_argument(
+        "--grounded",
+        action="store_true",
+        help="answer on the evaluation images (the report's default estimator) instead of the "
+        "texts' own embeddings (the paper's)",
+    )
     _common(compare)
     compare.set_defaults(handler=run_compare)
 
@@ -83,7 +89,7 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
 def run_compare(args: argparse.Namespace) -> int:
     try:
         diagnoser = load_diagnoser(args.home, args.device)
-        comparison = diagnoser.compare(args.text_a, args.text_b)
+        comparison = diagnoser.compare(args.text_a, args.text_b, grounded=args.grounded)
         if args.plot:
             from llm2loss_pipeline.core.heads.plots import plot_comparison
 
@@ -189,7 +195,7 @@ def _print_comparison(comparison: Any) -> None:
     console.print(table)
     console.print(comparison.verdict, markup=False, soft_wrap=True)
     console.print(
-        "units: standard deviations of each member's predicted loss over the training images",
+        f"estimator: {comparison.estimator}; units: {comparison.units}",
         style="dim",
         soft_wrap=True,
     )

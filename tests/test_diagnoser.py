@@ -129,6 +129,46 @@ def test_compare_finds_the_planted_failure(diagnoser):
     assert mirrored.overall.q1 == pytest.approx(-result.overall.q3)
 
 
+def pool_embeddings(n: int = 600, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh images of the fixture's world (labels [n, 3], embeddings [n, DIM])."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, 3)) < 0.5
+    attribute_words = np.stack([word_vector(w) for w in ("glasses", "hat", "smiling")])
+    emb = word_vector("person") + labels @ attribute_words + IMAGE_OFFSET
+    emb = emb + 0.3 * rng.standard_normal((n, DIM))
+    return labels, (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_grounded_compare_answers_on_the_pool(diagnoser):
+    _, pool = pool_embeddings()
+    diagnoser.use_pool(pool)
+    result = diagnoser.compare(GLASSES, HAT, grounded=True)
+    assert result.estimator == "grounded" and "per standard deviation" in result.units
+    assert result.p_greater == 1.0 and result.overall.mean > 0.3
+    mirrored = diagnoser.compare(HAT, GLASSES, grounded=True)
+    assert np.allclose(mirrored.diffs, [-d for d in result.diffs], atol=1e-12)
+    # smiling lowers the planted loss: grounded says so
+    assert diagnoser.compare(SMILING, "a person", grounded=True).overall.mean < 0
+    # the batch gives the single answers, and the pool is scored once
+    many = diagnoser.compare_many([(GLASSES, HAT), (SMILING, HAT)], grounded=True)
+    assert np.allclose(many[0].diffs, result.diffs)
+    assert many[1].text_a == SMILING and many[1].estimator == "grounded"
+
+
+def test_grounded_compare_needs_images_and_distinct_texts(home, diagnoser):
+    bare = Diagnoser(diagnoser.encode_texts, diagnoser.ensemble, diagnoser.gap)
+    with pytest.raises(ValueError, match=r"grounded comparisons need images"):
+        bare.compare(GLASSES, HAT, grounded=True)
+    bare.use_pool(pool_embeddings()[1])
+    with pytest.raises(ValueError, match=r"same score"):
+        bare.compare(GLASSES, GLASSES, grounded=True)
+    with pytest.raises(ValueError, match=r"at least 2 images"):
+        bare.use_pool(pool_embeddings()[1][:1])
+    # the fixture home has heads but no tables: the error names the missing manifest
+    with pytest.raises(FileNotFoundError, match=r"manifest.parquet is missing"):
+        diagnoser.compare(GLASSES, HAT, grounded=True)
+
+
 def test_rank_and_estimate(diagnoser):
     rows = diagnoser.rank([SMILING, GLASSES, HAT])
     assert rows[0]["text"] == GLASSES

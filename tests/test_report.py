@@ -414,7 +414,14 @@ def test_explicit_pairs_and_no_encoder(tmp_path):
     n_valid = pl.read_parquet(layout.manifest).filter(pl.col("split") == "valid").height
     assert result.n_eval_samples == n_valid
     with pytest.raises(ValueError, match="names 'Male' twice"):
-        build_report(layout, FakeScorer(), None, estimator="direct", pairs=[("Male", "Male")], out_dir=tmp_path)
+        build_report(
+            layout,
+            FakeScorer(),
+            None,
+            estimator="direct",
+            pairs=[("Male", "Male")],
+            out_dir=tmp_path,
+        )
 
 
 def _rewrite_shard(layout: Layout, change) -> None:

@@ -108,6 +108,16 @@ class Comparison:
     diffs: tuple[float, ...]
     members: tuple[MemberInfo, ...]
     groups: dict[str, DiffStats] = field(repr=False)
+    estimator: str = "direct"
+
+    @property
+    def units(self) -> str:
+        if self.estimator == "grounded":
+            return (
+                "member standard deviations of predicted loss per standard deviation of the "
+                "evaluation images' similarity to A rather than B (> 0: A worse)"
+            )
+        return "member standard deviations of predicted loss (h(A) - h(B); > 0: A worse)"
 
     @property
     def overall(self) -> DiffStats:
@@ -145,12 +155,17 @@ class Comparison:
             "members": [
                 {**m.to_dict(), "diff": d} for m, d in zip(self.members, self.diffs, strict=True)
             ],
-            "units": "member standard deviations of predicted loss (h(A) - h(B); > 0: A worse)",
+            "estimator": self.estimator,
+            "units": self.units,
         }
 
 
 def compare_members(
-    diff: np.ndarray, members: Sequence[MemberInfo], text_a: str = "A", text_b: str = "B"
+    diff: np.ndarray,
+    members: Sequence[MemberInfo],
+    text_a: str = "A",
+    text_b: str = "B",
+    estimator: str = "direct",
 ) -> Comparison:
     """Statistics of per-member differences `diff` [M] = h(a) - h(b) (standardised)."""
     values = np.asarray(diff, dtype=np.float64).reshape(-1)
@@ -165,6 +180,7 @@ def compare_members(
         diffs=tuple(float(v) for v in values),
         members=tuple(members),
         groups=groups,
+        estimator=estimator,
     )
 
 
