@@ -60,9 +60,22 @@ def dual_directions(directions: np.ndarray, ridge: float) -> np.ndarray:
     directions = np.asarray(directions, dtype=np.float64)
     if directions.ndim != 2 or len(directions) == 0:
         raise ValueError(f"directions must be [k, d] with k >= 1, got {directions.shape}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    flat = np.flatnonzero(np.linalg.norm(directions, axis=1) <= 1e-12)
+    if flat.size:
+        raise ValueError(
+            f"probe {int(flat[0])} has no direction: its positive and negative texts map to the "
+            "same point (are they identical?)"
+        )
     gram = directions @ directions.T
     scale = ridge * np.trace(gram) / len(directions)
-    return np.linalg.solve(gram + scale * np.eye(len(directions)), directions)
+    try:
+        return np.linalg.solve(gram + scale * np.eye(len(directions)), directions)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(
+            f"the {len(directions)} probe directions are linearly dependent; use a dual ridge > 0"
+        ) from exc
 
 
 def standardized_scores(pool: np.ndarray, directions: np.ndarray) -> np.ndarray:
@@ -85,6 +98,8 @@ def pool_weights(n_members: int, n_pool: int, seed: int | None) -> np.ndarray:
     A member's spread then carries the pool's sampling noise as well as the heads' own, so a
     disparity seen on few images is not called certain because twenty members agree on them.
     """
+    if n_pool < 1:
+        raise ValueError(f"a grounding pool needs images, got {n_pool}")
     if seed is None:
         return np.ones((n_members, n_pool))
     return np.stack(
@@ -181,6 +196,8 @@ class Grounding:
                 f"the grounded estimator needs a scorer with {', '.join(missing)} (as Diagnoser "
                 "has); use estimator='direct' for one that only scores texts"
             )
+        if len(embeddings) < 2:
+            raise ValueError(f"grounding needs at least 2 pool images, got {len(embeddings)}")
         pool = np.asarray(scorer.image_features(embeddings), dtype=np.float64)
         member_scores = np.asarray(scorer.score_features(pool), dtype=np.float64)
         directions = text_directions(scorer.text_features, prompts_by_attribute)
