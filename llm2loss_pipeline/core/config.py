@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_split
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
@@ -120,9 +121,7 @@ class ReportConfig(_Strict):
     def _estimator(cls, value: str) -> str:
         from llm2loss_pipeline.core.report.grounded import ESTIMATORS
 
-        if value not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {value!r}")
-        return value
+        return one_of("estimator", value, ESTIMATORS)
 
     @field_validator("eval_split")
     @classmethod

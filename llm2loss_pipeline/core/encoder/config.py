@@ -17,17 +17,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llm2loss_pipeline.core.choices import one_of
+
 MODES: tuple[str, ...] = ("caption_tuned", "pretrained")
 VISION_ARCHS: tuple[str, ...] = ("resnet", "vit")
 TEXT_PROJECTIONS: tuple[str, ...] = ("identity", "linear")
 LOSSES: tuple[str, ...] = ("pool", "consistent", "soft", "clip")
 ATTRIBUTE_DIRECTIONS: tuple[str, ...] = ("dual", "text")
-
-
-def _choice(field: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
-    return value
 
 
 class EncoderConfig(BaseModel):
@@ -137,27 +133,27 @@ class EncoderConfig(BaseModel):
     @field_validator("mode")
     @classmethod
     def _mode(cls, value: str) -> str:
-        return _choice("mode", value, MODES)
+        return one_of("mode", value, MODES)
 
     @field_validator("vision_arch")
     @classmethod
     def _vision_arch(cls, value: str) -> str:
-        return _choice("vision_arch", value, VISION_ARCHS)
+        return one_of("vision_arch", value, VISION_ARCHS)
 
     @field_validator("text_projection")
     @classmethod
     def _text_projection(cls, value: str) -> str:
-        return _choice("text_projection", value, TEXT_PROJECTIONS)
+        return one_of("text_projection", value, TEXT_PROJECTIONS)
 
     @field_validator("loss")
     @classmethod
     def _loss(cls, value: str) -> str:
-        return _choice("loss", value, LOSSES)
+        return one_of("loss", value, LOSSES)
 
     @field_validator("attribute_directions")
     @classmethod
     def _attribute_directions(cls, value: str) -> str:
-        return _choice("attribute_directions", value, ATTRIBUTE_DIRECTIONS)
+        return one_of("attribute_directions", value, ATTRIBUTE_DIRECTIONS)
 
     @field_validator("model_name")
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+from llm2loss_pipeline.core.choices import one_of
 
 KINDS: tuple[str, ...] = ("regressor", "ranker")
 ARCHS: tuple[str, ...] = ("linear", "mlp")
@@ -105,18 +106,12 @@ class HeadsConfig(BaseModel):
     @field_validator("target_scaling")
     @classmethod
     def _scaling(cls, value: str) -> str:
-        if value not in TARGET_SCALINGS:
-            raise ValueError(
-                f"target_scaling must be one of {list(TARGET_SCALINGS)}, got {value!r}"
-            )
-        return value
+        return one_of("target_scaling", value, TARGET_SCALINGS)
 
     @field_validator("modality_gap")
     @classmethod
     def _gap(cls, value: str) -> str:
-        if value not in GAP_MODES:
-            raise ValueError(f"modality_gap must be one of {list(GAP_MODES)}, got {value!r}")
-        return value
+        return one_of("modality_gap", value, GAP_MODES)
 
     @field_validator("train_split", "eval_split")
     @classmethod
