@@ -24,7 +24,7 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
     group_name="report",
     kinds={"duckdb", "html"},
     owners=OWNERS,
-    code_version="report-v1",
+    code_version="report-v2",  # v2: the grounded estimator is the default
     automation_condition=FOLLOW_UPSTREAM,
     description=(
         "For each of the 40 attributes: the black box's measured disparity (DuckDB over losses and "
@@ -36,8 +36,10 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
 def attribute_disparity_report(
     context: dg.AssetExecutionContext, storage: StorageResource, report: ReportResource
 ) -> dg.MaterializeResult:
-    result = steps.make_report(storage.layout(), report.spec(), log=context.log.info)
+    spec = report.spec()
+    result = steps.make_report(storage.layout(), spec, log=context.log.info)
     metadata = {
+        "estimator": dg.MetadataValue.text(spec.estimator),
         "report_html": dg.MetadataValue.path(str(result.html_path)),
         "duckdb": dg.MetadataValue.path(str(result.duckdb_path)),
         "duckdb_views": dg.MetadataValue.json(result.views),
