@@ -330,9 +330,11 @@ def build_report(
             "method); the grounded estimator is usually closer to the measured disparities"
         )
     table = _attribute_table(measured, attribute_estimates, zero_shot)
-    table = table.with_columns(
-        pl.Series("est_direct_mean", direct_diffs.mean(axis=0), dtype=pl.Float64)
+    direct_mean = pl.DataFrame(
+        {"attribute": list(attributes), "est_direct_mean": direct_diffs.mean(axis=0)},
+        schema={"attribute": pl.String, "est_direct_mean": pl.Float64},
     )
+    table = table.join(direct_mean, on="attribute", how="left", maintain_order="left")
     correlations = pl.concat(
         [
             correlate.table2(measured, attribute_estimates, groups),

@@ -14,16 +14,17 @@ no loss of theirs:
 2. the direction is replaced by its dual against the other probes' directions: the vector whose
    dot product with delta is 1 and with every other probe direction is 0 (ridge-regularised). A
    face described as "with gray hair" also reads as "old" to a sentence model; the dual keeps the
-   part only gray hair explains, which is the better classifier of the attribute (zero-shot AUROC
-   0.781 -> 0.835 on the generated world);
+   part only gray hair explains, which is the better classifier of the attribute (mean zero-shot
+   AUROC 0.785 -> 0.835 on the generated world);
 3. every pool image gets the score s_i = x_i . dual, standardised over the pool;
 4. member m's estimate is the covariance over the pool of its standardised loss estimate h_m(x_i)
    and s_i: how many member standard deviations the estimated loss rises per standard deviation of
    "looks like the positive text". Positive means worse on the positive side, as for `direct`.
 
-Measured on the generated world (bench/RESULTS.md, "Grounded estimates"): Spearman of estimated vs
-measured signed disparity over the 40 attributes 0.43 (direct) -> 0.87 (grounded), where the same
-covariance with the true labels instead of s reaches 0.94.
+Measured on the generated world (bench/report_estimators.py; bench/RESULTS.md, "Grounded"):
+Spearman of estimated vs measured signed disparity over the 40 attributes 0.44 (direct) -> 0.88
+(grounded) on the default world and 0.17 -> 0.72 with world seed 1, where the same covariance with
+the true labels instead of s reaches 0.96 and 0.85.
 """
 
 from __future__ import annotations
