@@ -150,7 +150,7 @@ def train_ensemble(
         raise ValueError("no members to train: `members` is empty")
     order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks are contiguous rows
     generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
-    params, frozen_bias = _initial_stacks(order, generators, dim, config.hidden, device)
+    params, leaves, frozen_bias = _initial_stacks(order, generators, dim, config.hidden, device)
     arch_counts = [(arch, sum(m.arch == arch for m in order)) for arch in ARCHS]
     reg_rows = torch.tensor(
         [r for r, m in enumerate(order) if m.kind == "regressor"], device=device
@@ -165,9 +165,10 @@ def train_ensemble(
     fit_rows = torch.from_numpy(fit_np).to(device)
     selector = _Selector(x, l_np, holdout_np, arch_counts, params, device)
     optimizer = torch.optim.AdamW(
-        [t for stack in params.values() for t in stack.values()],
+        leaves,
         lr=config.lr,
         weight_decay=config.weight_decay,
+        fused=True,
     )
     k = config.pairs_per_sample
     batch = config.batch_size
@@ -261,9 +262,11 @@ def _initial_stacks(
     dim: int,
     hidden: int,
     device: torch.device,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Stacked initial parameters per architecture, and the ranker rows whose bias stays 0."""
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Stacked initial parameters per architecture, the leaf tensors the optimiser steps, and the
+    ranker rows whose bias stays 0."""
     params: dict[str, dict[str, torch.Tensor]] = {}
+    leaves: list[torch.Tensor] = []
     frozen_bias: dict[str, torch.Tensor] = {}
     for arch in ARCHS:
         of_arch = [(m, g) for m, g in zip(order, generators, strict=True) if m.arch == arch]
@@ -275,14 +278,21 @@ def _initial_stacks(
             if m.kind == "ranker":
                 init[OUTPUT_BIAS[arch]] = torch.zeros(())
             inits.append(init)
-        params[arch] = {
-            name: torch.stack([p[name] for p in inits]).to(device).requires_grad_(True)
-            for name in inits[0]
-        }
+        params[arch] = {}
+        for name in inits[0]:
+            if arch == "mlp" and name == "w1":
+                # Held as [d, M, H] and shown as an [M, d, H] view, so that shared_forward's
+                # [d, M*H] operand is a view too: no copy of the layer in every step.
+                leaf = torch.stack([p[name] for p in inits], dim=1).to(device).requires_grad_(True)
+                params[arch][name] = leaf.permute(1, 0, 2)
+            else:
+                leaf = torch.stack([p[name] for p in inits]).to(device).requires_grad_(True)
+                params[arch][name] = leaf
+            leaves.append(leaf)
         rankers = [row for row, (m, _) in enumerate(of_arch) if m.kind == "ranker"]
         if rankers:
             frozen_bias[arch] = torch.tensor(rankers, device=device)
-    return params, frozen_bias
+    return params, leaves, frozen_bias
 
 
 class _Selector:
