@@ -30,7 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
-from scipy import stats
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.layout import Layout
@@ -39,6 +38,7 @@ from llm2loss_pipeline.core.report.grounded import covariance_with
 from llm2loss_pipeline.core.report.measured import EvalInputs, load_zero_shot_inputs
 from llm2loss_pipeline.core.sql import connect
 from llm2loss_pipeline.diagnoser import Diagnoser
+from llm2loss_pipeline.stats import correlations
 
 # name -> build_report keyword arguments
 VARIANTS: dict[str, dict] = {
@@ -103,14 +103,13 @@ def ceiling(layout: Layout, diagnoser: Diagnoser, table, hard: list[str], home: 
     estimate = dict(zip(names, covariance_with(scores, label_matrix).mean(axis=0), strict=True))
     usable = table.filter(~table["small_group"])
     est = np.array([estimate.get(a, np.nan) for a in usable["attribute"]])
-    gap = usable["gap_loss"].to_numpy()
-    keep = np.isfinite(est) & np.isfinite(gap)
+    agreement = correlations(est, usable["gap_loss"].to_numpy())
     order = sorted(estimate, key=estimate.get, reverse=True)
     return {
         "home": home,
         "variant": "labels (ceiling)",
-        "spearman": float(stats.spearmanr(est[keep], gap[keep]).statistic),
-        "pearson": float(stats.pearsonr(est[keep], gap[keep]).statistic),
+        "spearman": agreement.spearman.coefficient,
+        "pearson": agreement.pearson.coefficient,
         "planted_ranks": [order.index(a) + 1 for a in hard if a in order],
         "pairs_spearman": math.nan,
         "n_bh": -1,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llm2loss_pipeline.core.choices import one_of
+
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow",
     "Arched_Eyebrows",
@@ -48,16 +50,12 @@ CELEBA_ATTRIBUTES: tuple[str, ...] = (
 assert len(CELEBA_ATTRIBUTES) == 40
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
+"""CelebA's `list_eval_partition.txt` codes 0, 1, 2, in that order."""
 
 
 def check_split(field: str, value: str) -> str:
     """`value` if it names a split; else a ValueError naming the setting."""
-    if value not in SPLIT_NAMES:
-        raise ValueError(f"{field} must be one of {SPLIT_NAMES}, got {value!r}")
-    return value
-
-
-"""CelebA's `list_eval_partition.txt` codes 0, 1, 2, in that order."""
+    return one_of(field, value, SPLIT_NAMES)
 
 
 def check_attribute(name: str) -> str:

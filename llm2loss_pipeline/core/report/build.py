@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.estimated import (
@@ -247,8 +248,7 @@ def build_report(
     say = log or (lambda _message: None)
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+    one_of("estimator", estimator, ESTIMATORS)
     if prompt_pairs is None or compose_prompt is None or pair_templates is None:
         default_pairs, default_compose, default_templates = _default_prompt_functions()
         prompt_pairs = prompt_pairs or default_pairs
@@ -278,7 +278,8 @@ def build_report(
     prompts_by_attribute = collect_prompt_pairs(attributes, prompt_pairs)
     pair_prompts = pair_cell_prompts(chosen, compose_prompt, pair_templates)
     texts = [t for pairs_ in prompts_by_attribute.values() for pair in pairs_ for t in pair]
-    texts += [t for by_cell in pair_prompts.values() for ts in by_cell.values() for t in ts]
+    if estimator == "direct":  # grounded pairs compose the attributes' scores, not sentences
+        texts += [t for by_cell in pair_prompts.values() for ts in by_cell.values() for t in ts]
     say(f"scoring {len(set(texts))} prompts with {len(members)} heads")
     scores = score_texts_once(scorer, texts)
 

@@ -197,8 +197,6 @@ class Grounding:
                 f"the grounded estimator needs a scorer with {', '.join(missing)} (as Diagnoser "
                 "has); use estimator='direct' for one that only scores texts"
             )
-        if len(embeddings) < 2:
-            raise ValueError(f"grounding needs at least 2 pool images, got {len(embeddings)}")
         pool = np.asarray(scorer.image_features(embeddings), dtype=np.float64)
         member_scores = np.asarray(scorer.score_features(pool), dtype=np.float64)
         directions = text_directions(scorer.text_features, prompts_by_attribute)
