@@ -110,6 +110,13 @@ def bench_speed(args: argparse.Namespace) -> None:
             f"CPU, ratio {per_arch[arch] / arch_batched:5.2f} x"
         )
 
+    floor = gemm_floor(args, config, len(grid))
+    print(
+        f"GEMM floor : {floor:8.2f} s wall (the batched arm's layer products alone, same shapes, "
+        f"same steps); batched is {best['batched'][0] / floor:.2f} x it, sequential "
+        f"{best['sequential'][0] / floor:.2f} x it"
+    )
+
     probe = x[:2000]
     batched_z = batched.standardized(probe)
     agreement = [
@@ -124,6 +131,38 @@ def bench_speed(args: argparse.Namespace) -> None:
         f"same members either way: min correlation of a member's outputs batched vs alone "
         f"{min(agreement):.6f}; members whose holdout picked another epoch: {other_epoch}"
     )
+
+
+def gemm_floor(args: argparse.Namespace, config: HeadsConfig, members: int) -> float:
+    """Seconds of the batched arm's matrix products alone: per step the mlp stack's forward
+    [B, d] x [d, M*H] and weight gradient [d, B] x [B, M*H], and the linear stack's two.
+
+    Both arms do these FLOPs (the sequential arm in M narrow products), so on a CPU where a narrow
+    product runs as fast per FLOP as a wide one, sequential / floor bounds the attainable ratio.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n_fit = args.n - round(args.n * config.holdout_fraction)
+    steps = config.effective_epochs(n_fit) * -(-n_fit // args.batch_size)
+    per_arch = members // len(config.archs)
+    x = torch.randn(n_fit, args.dim, generator=gen)
+    w1 = torch.randn(args.dim, per_arch * config.hidden, generator=gen)
+    b1 = torch.zeros(1, per_arch * config.hidden)
+    wl = torch.randn(args.dim, per_arch, generator=gen)
+    g1 = torch.randn(args.batch_size, per_arch * config.hidden, generator=gen)
+    gl = torch.randn(args.batch_size, per_arch, generator=gen)
+    best = math.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            xb = x.index_select(0, torch.randint(n_fit, (args.batch_size,), generator=gen))
+            torch.addmm(b1, xb, w1)
+            torch.mm(xb.T, g1)
+            torch.mm(xb, wl)
+            torch.mm(xb.T, gl)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def compare_scaling(args: argparse.Namespace) -> None:
