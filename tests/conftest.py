@@ -1,0 +1,13 @@
+"""Test-process settings that must be in place before torch is imported.
+
+The subprocesses the tests start run with one OpenMP/MKL thread from process start
+(`fault_helpers.ONE_THREAD_ENV`), and artifacts built in this process are compared with theirs
+byte for byte. `torch.set_num_threads(1)` after start is not the same thing: on an AVX2 EPYC, MKL
+in a process that started with two threads takes other GEMM code paths and rounds differently
+(measured: every report table differed). So this process starts with one thread as well.
+"""
+
+import os
+
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
