@@ -400,3 +400,35 @@ def test_subset_keeps_the_chosen_members(small, data):
         sub.standardized(data[2]), ens.standardized(data[2])[rankers], atol=1e-5
     )
     assert sub.training["best_epoch"] == [ens.training["best_epoch"][i] for i in rankers]
+
+
+# inference: chunking, alignment, standardisation rows
+
+
+def test_outputs_do_not_depend_on_chunking_or_where_the_buffer_lies(ensemble, data, monkeypatch):
+    from llm2loss_pipeline.core.heads import ensemble as ensemble_module
+
+    x_test = data[2]
+    whole = ensemble.predict(x_test)
+    for offset in (1, 2, 3):  # a float32 view 4, 8, 12 bytes past a 64-byte boundary
+        buffer = np.empty(x_test.size + 32, dtype=np.float32)
+        start = (offset - buffer.ctypes.data // 4) % 16
+        shifted = buffer[start : start + x_test.size].reshape(x_test.shape)
+        shifted[:] = x_test
+        assert shifted.ctypes.data % 64 == 4 * offset
+        assert ensemble.predict(shifted).tobytes() == whole.tobytes(), offset
+    monkeypatch.setattr(ensemble_module, "CHUNK_FLOATS", 256 * 16)  # 256-row chunks
+    chunked = ensemble.predict(x_test)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert ensemble.predict(x_test[:0]).shape == (len(ensemble), 0)
+
+
+def test_standardization_rows_are_all_rows_up_to_the_cap_then_a_fixed_subset():
+    from llm2loss_pipeline.core.heads.train import STATS_ROWS, standardization_rows
+
+    assert standardization_rows(STATS_ROWS) == slice(None)
+    rows = standardization_rows(3 * STATS_ROWS)
+    assert len(rows) == STATS_ROWS == len(np.unique(rows))
+    assert np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 3 * STATS_ROWS
+    np.testing.assert_array_equal(rows, standardization_rows(3 * STATS_ROWS))
+    assert abs(rows.mean() / (3 * STATS_ROWS) - 0.5) < 0.01  # spread over the whole split
