@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm2loss_pipeline.core.heads import HeadsConfig, member_grid, train_ensemble
 from llm2loss_pipeline.core.heads.evaluate import evaluate_members
+from llm2loss_pipeline.core.heads.train import holdout_split
 
 
 def planted(
@@ -143,7 +144,7 @@ def gemm_floor(args: argparse.Namespace, config: HeadsConfig, members: int) -> f
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    n_fit = args.n - round(args.n * config.holdout_fraction)
+    n_fit = len(holdout_split(args.n, config.holdout_fraction)[0])
     steps = config.effective_epochs(n_fit) * -(-n_fit // args.batch_size)
     per_arch = members // len(config.archs)
     x = torch.randn(n_fit, args.dim, generator=gen)
