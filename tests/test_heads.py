@@ -432,3 +432,51 @@ def test_standardization_rows_are_all_rows_up_to_the_cap_then_a_fixed_subset():
     assert np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 3 * STATS_ROWS
     np.testing.assert_array_equal(rows, standardization_rows(3 * STATS_ROWS))
     assert abs(rows.mean() / (3 * STATS_ROWS) - 0.5) < 0.01  # spread over the whole split
+
+
+@pytest.mark.parametrize(("n_linear", "n_mlp"), [(3, 2), (0, 2), (3, 0)])
+def test_fused_backward_matches_autograd(n_linear, n_mlp):
+    """`AllMembers`' hand-written backward, against numerical derivatives in float64, and its
+    forward against the per-architecture forward the ensemble predicts with."""
+    from llm2loss_pipeline.core.heads.ensemble import shared_forward
+    from llm2loss_pipeline.core.heads.fused import AllMembers, FusedParameters
+
+    gen = torch.Generator().manual_seed(7)
+    dim, hidden, n = 6, 4, 9
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    stacks = {}
+    if n_linear:
+        stacks["linear"] = {"weight": rand(n_linear, dim), "bias": rand(n_linear)}
+    if n_mlp:
+        stacks["mlp"] = {
+            "w1": rand(n_mlp, dim, hidden),
+            "b1": rand(n_mlp, hidden),
+            "w2": rand(n_mlp, hidden),
+            "b2": rand(n_mlp),
+        }
+    fused = FusedParameters(stacks, torch.device("cpu"))
+    x = rand(n, dim)
+    expected = torch.cat([shared_forward(arch, p, x) for arch, p in stacks.items()])
+    torch.testing.assert_close(fused.forward(x), expected)
+    for arch, views in fused.views().items():
+        for name, view in views.items():
+            torch.testing.assert_close(view.detach(), stacks[arch][name])
+
+    def outputs(weight, bias, w2, b2):
+        return AllMembers.apply(x, weight, bias, w2, b2, fused.n_linear)
+
+    assert torch.autograd.gradcheck(outputs, (fused.weight, fused.bias, fused.w2, fused.b2))
+    # A non-contiguous upstream gradient, as the objective's index_select/gather produce.
+    out = fused.forward(x)
+    upstream = rand(n, out.shape[0]).T
+    grads = torch.autograd.grad(out, list(fused.leaves().values()), upstream)
+    reference = torch.autograd.grad(
+        torch.cat([shared_forward(arch, p, x) for arch, p in fused.views().items()]),
+        list(fused.leaves().values()),
+        upstream,
+    )
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want)

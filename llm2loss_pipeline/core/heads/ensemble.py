@@ -60,23 +60,33 @@ def member_grid(config: HeadsConfig) -> list[MemberInfo]:
 
 
 def shared_forward(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Outputs [M, n] of M stacked members on the same inputs x [n, d] (one GEMM per layer)."""
+    """Outputs [M, n] of M stacked members on the same inputs x [n, d] (one GEMM per layer).
+
+    Prediction's forward; training runs `fused.AllMembers`, which computes the same outputs for
+    both architectures at once (the tests compare the two).
+    """
     if arch == "linear":
         return torch.addmm(params["bias"][None, :], x, params["weight"].T).T
     w1 = params["w1"]
     members, dim, hidden = w1.shape
-    # One [n, d] x [d, M*H] product with the bias folded in: the wide GEMM is what makes
-    # training all members at once cheaper than one at a time.
+    # One [n, d] x [d, M*H] product with the bias folded in.
     pre = torch.addmm(
         params["b1"].reshape(1, members * hidden),
         x,
         w1.permute(1, 0, 2).reshape(dim, members * hidden),
     )
-    act = torch.relu(pre).view(-1, members, hidden)
-    # The second layer as a multiply and a sum over H: as a batched product (einsum/bmm: M
-    # products [n, H] x [H, 1]) or a block-diagonal GEMM it is a run of thin products that MKL
-    # runs at a tenth of its rate; measured 3x slower forward and backward at n=256, M=10.
-    return (act * params["w2"]).sum(dim=2).T + params["b2"][:, None]
+    return second_layer(torch.relu(pre), params["w2"], params["b2"]).T
+
+
+def second_layer(act: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Outputs [n, M] of the mlp members' second layer from their activations [n, M*H].
+
+    A multiply and a sum over H: as a batched product (einsum/bmm: M products [n, H] x [H, 1]) or
+    a block-diagonal GEMM it is a run of thin products that MKL runs at a tenth of its rate;
+    measured 3x slower forward and backward at n=256, M=10.
+    """
+    members, hidden = w2.shape
+    return (act.view(act.shape[0], members, hidden) * w2).sum(dim=2) + b2
 
 
 def forward_in_chunks(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,18 @@
 """Training every member of the head ensemble as one batched computation.
 
-All members live in stacked tensors (one stack per architecture) and one AdamW optimiser steps them
-together. Every step draws one mini-batch [B, d] that all members share, so each layer of all
-members of an architecture is a single GEMM (`shared_forward`: [B, d] x [d, M*H]) rather than M
-small ones: on a CPU a [256, 512] x [512, 128] product runs at a fraction of the FLOP rate of the
-same product ten times wider, and the mini-batch is gathered once instead of M times. The summed
-objective has a block-diagonal gradient (no parameter is shared), and AdamW and weight decay act
-element-wise, so each member follows the trajectory it would follow alone; the tests check that
-training a member inside the batch equals training it alone with the same seed, up to float
-rounding (a GEMM over a different number of members may round differently, Adam can amplify that
-in weights whose gradient is near zero, and a near-tie on the holdout can then pick another epoch;
-on a fixed configuration and data, results are bit-for-bit reproducible).
+All members live in a few shared tensors and one AdamW optimiser steps them together. Every step
+draws one mini-batch [B, d] that all members share, so the first layer of every member, linear and
+mlp alike, is one GEMM ([B, d] x [d, L + K*H], `fused.AllMembers`) and its weight gradient another,
+rather than 2M small ones: the mini-batch is gathered once, the per-step cost of dispatch, autograd
+and the optimiser is paid once rather than M times, and on CPUs where a [256, 512] x [512, 128]
+product runs below the FLOP rate of one ten times wider, the products themselves are faster.
+Members share tensors but no parameter: the summed objective has a block-diagonal gradient, and
+AdamW and weight decay act element-wise, so each member follows the trajectory it would follow
+alone; the tests check that training a member inside the batch equals training it alone with the
+same seed, up to float rounding (a GEMM over a different number of members may round
+differently, Adam can amplify that in weights whose gradient is near zero, and a near-tie on the
+holdout can then pick another epoch; on a fixed configuration and data, results are bit-for-bit
+reproducible).
 
 What members share and what they do not. The data order of every epoch comes from one generator
 seeded from `base_seed` alone, so it does not depend on which members train. Everything that makes
@@ -60,8 +62,8 @@ from llm2loss_pipeline.core.heads.ensemble import (
     MemberInfo,
     forward_in_chunks,
     member_grid,
-    shared_forward,
 )
+from llm2loss_pipeline.core.heads.fused import FusedParameters
 from llm2loss_pipeline.core.heads.scaling import check_losses, fit_transform
 
 Progress = Callable[[int, int], None]
@@ -165,7 +167,8 @@ def train_ensemble(
         raise ValueError("no members to train: `members` is empty")
     order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks are contiguous rows
     generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
-    params, leaves, frozen_bias = _initial_stacks(order, generators, dim, config.hidden, device)
+    fused, frozen_bias = _initial_parameters(order, generators, dim, config.hidden, device)
+    params, leaves = fused.views(), fused.leaves()
     arch_counts = [(arch, sum(m.arch == arch for m in order)) for arch in ARCHS]
     reg_rows = torch.tensor(
         [r for r, m in enumerate(order) if m.kind == "regressor"], device=device
@@ -180,7 +183,7 @@ def train_ensemble(
     fit_rows = torch.from_numpy(fit_np).to(device)
     selector = _Selector(x, l_np, holdout_np, arch_counts, params, device)
     optimizer = torch.optim.AdamW(
-        leaves,
+        list(leaves.values()),
         lr=config.lr,
         weight_decay=config.weight_decay,
         fused=True,
@@ -195,10 +198,6 @@ def train_ensemble(
     total_steps = epochs * -(-n_fit // batch)
     step = 0
 
-    def forward(xb: torch.Tensor) -> torch.Tensor:
-        outs = [shared_forward(arch, params[arch], xb) for arch, count in arch_counts if count]
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
     for epoch in range(epochs):
         perm = torch.randperm(n_fit, generator=order_generator).to(device)  # positions in fit
         partners = (
@@ -212,7 +211,7 @@ def train_ensemble(
             pos = perm[start : start + batch]
             size = pos.shape[0]
             # index_select rather than advanced indexing: 5x faster for these row gathers.
-            out = forward(x_fit.index_select(0, pos))  # [M, B]
+            out = fused.forward(x_fit.index_select(0, pos))  # [M, B]
             w = weights.index_select(1, pos)
             objective = out.new_zeros(())
             if len(reg_rows):
@@ -230,8 +229,8 @@ def train_ensemble(
             step += 1
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            for arch, rows in frozen_bias.items():
-                params[arch][OUTPUT_BIAS[arch]].grad.index_fill_(0, rows, 0.0)
+            for name, rows in frozen_bias.items():
+                leaves[name].grad.index_fill_(0, rows, 0.0)
             optimizer.step()
         selector.update(epoch + 1)
         if progress is not None:
@@ -272,17 +271,15 @@ def train_ensemble(
     return ensemble
 
 
-def _initial_stacks(
+def _initial_parameters(
     order: list[MemberInfo],
     generators: list[torch.Generator],
     dim: int,
     hidden: int,
     device: torch.device,
-) -> tuple[dict[str, dict[str, torch.Tensor]], list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Stacked initial parameters per architecture, the leaf tensors the optimiser steps, and the
-    ranker rows whose bias stays 0."""
-    params: dict[str, dict[str, torch.Tensor]] = {}
-    leaves: list[torch.Tensor] = []
+) -> tuple[FusedParameters, dict[str, torch.Tensor]]:
+    """Every member's initial parameters, and per leaf the rows of ranker output biases (held 0)."""
+    stacks: dict[str, dict[str, torch.Tensor]] = {}
     frozen_bias: dict[str, torch.Tensor] = {}
     for arch in ARCHS:
         of_arch = [(m, g) for m, g in zip(order, generators, strict=True) if m.arch == arch]
@@ -294,21 +291,12 @@ def _initial_stacks(
             if m.kind == "ranker":
                 init[OUTPUT_BIAS[arch]] = torch.zeros(())
             inits.append(init)
-        params[arch] = {}
-        for name in inits[0]:
-            if arch == "mlp" and name == "w1":
-                # Held as [d, M, H] and shown as an [M, d, H] view, so that shared_forward's
-                # [d, M*H] operand is a view too: no copy of the layer in every step.
-                leaf = torch.stack([p[name] for p in inits], dim=1).to(device).requires_grad_(True)
-                params[arch][name] = leaf.permute(1, 0, 2)
-            else:
-                leaf = torch.stack([p[name] for p in inits]).to(device).requires_grad_(True)
-                params[arch][name] = leaf
-            leaves.append(leaf)
+        stacks[arch] = {name: torch.stack([p[name] for p in inits]) for name in inits[0]}
         rankers = [row for row, (m, _) in enumerate(of_arch) if m.kind == "ranker"]
         if rankers:
-            frozen_bias[arch] = torch.tensor(rankers, device=device)
-    return params, leaves, frozen_bias
+            # Linear members come first in the fused bias, so a linear row is its own position.
+            frozen_bias[OUTPUT_BIAS[arch]] = torch.tensor(rankers, device=device)
+    return FusedParameters(stacks, device), frozen_bias
 
 
 class _Selector:

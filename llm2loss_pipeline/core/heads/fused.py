@@ -1,0 +1,112 @@
+"""Every member's first layer as one matrix, and the forward and backward that train them with it.
+
+During training the first layers of all members, linear and mlp alike, are columns of one matrix
+`weight` [d, L + K*H] (L linear members, then K mlp members of hidden width H) with one bias
+vector [L + K*H], so that a step makes one [B, d] x [d, L + K*H] product forward and one
+[d, B] x [B, L + K*H] product for the weight gradient, whatever the mix of architectures. Held as
+separate stacks, the ten linear members cost two more products per step that are only ten columns
+wide, which run at a fraction of the rate of the wide one, plus their share of autograd's
+bookkeeping.
+
+`AllMembers` has a hand-written backward rather than autograd's: autograd would materialise the
+gradient of each column block of the pre-activations in a zero-filled buffer of the full width
+and add them, where here both blocks are written into one buffer; `tests/test_heads.py` checks it
+against autograd with `torch.autograd.gradcheck` in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llm2loss_pipeline.core.heads.ensemble import second_layer
+
+
+class AllMembers(torch.autograd.Function):
+    """Outputs [L + K, n] of all members on inputs x [n, d]; rows are linear members, then mlp.
+
+    weight [d, L + K*H] and bias [L + K*H] hold every member's first layer (a linear member's
+    whole layer); w2 [K, H] and b2 [K] are the mlp members' second layers.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w2, b2, n_linear: int):
+        pre = torch.addmm(bias[None, :], x, weight)  # [n, L + K*H]
+        act = pre[:, n_linear:].relu_()  # in place: the mlp block of `pre` becomes the activations
+        mlp_out = second_layer(act, w2, b2)
+        ctx.save_for_backward(x, act, w2)
+        ctx.n_linear = n_linear
+        return torch.cat([pre[:, :n_linear], mlp_out], dim=1).T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, act, w2 = ctx.saved_tensors
+        n_linear = ctx.n_linear
+        n = x.shape[0]
+        mlp, hidden = w2.shape
+        grad = grad_out.T  # [n, L + K]
+        grad_mlp = grad[:, n_linear:]
+        grad_pre = torch.empty(n, n_linear + mlp * hidden, dtype=x.dtype, device=x.device)
+        grad_pre[:, :n_linear] = grad[:, :n_linear]
+        hidden_block = grad_pre[:, n_linear:]
+        torch.mul(grad_mlp[:, :, None], w2, out=hidden_block.view(n, mlp, hidden))
+        torch.ops.aten.threshold_backward.grad_input(
+            hidden_block, act, 0.0, grad_input=hidden_block
+        )
+        grad_weight = torch.mm(x.T, grad_pre)
+        grad_bias = grad_pre.sum(dim=0)
+        grad_w2 = (grad_mlp[:, :, None] * act.view(n, mlp, hidden)).sum(dim=0)
+        grad_b2 = grad_mlp.sum(dim=0)
+        return None, grad_weight, grad_bias, grad_w2, grad_b2, None
+
+
+class FusedParameters:
+    """The trainable leaves of all members in `AllMembers`' layout, and views of them per
+    architecture in the ensemble's layout (`ensemble.py`: linear weight [L, d], bias [L]; mlp w1
+    [K, d, H], b1 [K, H], w2 [K, H], b2 [K]), which see every optimiser step without a copy."""
+
+    def __init__(self, stacks: dict[str, dict[str, torch.Tensor]], device: torch.device) -> None:
+        linear, mlp = stacks.get("linear"), stacks.get("mlp")
+        if linear is None and mlp is None:
+            raise ValueError("no members: stacks hold neither linear nor mlp parameters")
+        first_weight, first_bias = [], []
+        if linear is not None:
+            first_weight.append(linear["weight"].T)
+            first_bias.append(linear["bias"])
+        if mlp is not None:
+            members, dim, hidden = mlp["w1"].shape
+            first_weight.append(mlp["w1"].permute(1, 0, 2).reshape(dim, members * hidden))
+            first_bias.append(mlp["b1"].reshape(members * hidden))
+            w2, b2 = mlp["w2"], mlp["b2"]
+        else:
+            dtype = first_weight[0].dtype
+            w2, b2 = torch.zeros(0, 1, dtype=dtype), torch.zeros(0, dtype=dtype)
+        self.n_linear = 0 if linear is None else linear["weight"].shape[0]
+        self.weight = torch.cat(first_weight, dim=1).to(device).requires_grad_(True)
+        self.bias = torch.cat(first_bias).to(device).requires_grad_(True)
+        self.w2 = w2.to(device, copy=True).requires_grad_(True)
+        self.b2 = b2.to(device, copy=True).requires_grad_(True)
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """The tensors the optimiser steps, by name (w2 and b2 only if there are mlp members)."""
+        named = {"weight": self.weight, "bias": self.bias, "w2": self.w2, "b2": self.b2}
+        return {name: t for name, t in named.items() if t.numel()}
+
+    def views(self) -> dict[str, dict[str, torch.Tensor]]:
+        stacks: dict[str, dict[str, torch.Tensor]] = {}
+        n_linear = self.n_linear
+        if n_linear:
+            stacks["linear"] = {"weight": self.weight[:, :n_linear].T, "bias": self.bias[:n_linear]}
+        members, hidden = self.w2.shape
+        if members:
+            dim = self.weight.shape[0]
+            stacks["mlp"] = {
+                "w1": self.weight[:, n_linear:].view(dim, members, hidden).permute(1, 0, 2),
+                "b1": self.bias[n_linear:].view(members, hidden),
+                "w2": self.w2,
+                "b2": self.b2,
+            }
+        return stacks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs [L + K, n] of every member on x [n, d] (see `AllMembers`)."""
+        return AllMembers.apply(x, self.weight, self.bias, self.w2, self.b2, self.n_linear)
