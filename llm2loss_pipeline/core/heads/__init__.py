@@ -4,6 +4,7 @@ config.py      HeadsConfig (kinds x archs x seeds, optimiser, target scaling, mo
 scaling.py     regressor target scaling for heavy-tailed losses (measured default)
 ensemble.py    HeadEnsemble: stacked members, raw and standardised outputs
 train.py       train_ensemble: all members in one batched computation
+fused.py       training's layout: every member's first layer in one matrix, its forward/backward
 evaluate.py    held-out Spearman / Kendall / pairwise accuracy per member and per group
 gap.py         ModalityGap: centre each modality before the heads; measure_gap_effect
 checkpoint.py  save_ensemble / load_ensemble (one safetensors file per member, index written last)
