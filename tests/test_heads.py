@@ -480,3 +480,5 @@ def test_fused_backward_matches_autograd(n_linear, n_mlp):
     )
     for got, want in zip(grads, reference, strict=True):
         torch.testing.assert_close(got, want)
+    with pytest.raises(NotImplementedError, match="no gradient for x"):
+        fused.forward(x.clone().requires_grad_(True)).sum().backward()

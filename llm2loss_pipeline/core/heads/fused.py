@@ -39,6 +39,8 @@ class AllMembers(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.needs_input_grad[0]:
+            raise NotImplementedError("AllMembers trains the heads; it has no gradient for x")
         x, act, w2 = ctx.saved_tensors
         n_linear = ctx.n_linear
         n = x.shape[0]
