@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm2loss_pipeline.core.heads import HeadsConfig, member_grid, train_ensemble
+from llm2loss_pipeline.core.heads import HeadsConfig, MemberInfo, member_grid, train_ensemble
 from llm2loss_pipeline.core.heads.evaluate import evaluate_members
 from llm2loss_pipeline.core.heads.train import holdout_split
 
@@ -111,7 +111,7 @@ def bench_speed(args: argparse.Namespace) -> None:
             f"CPU, ratio {per_arch[arch] / arch_batched:5.2f} x"
         )
 
-    floor = gemm_floor(args, config, len(grid))
+    floor = gemm_floor(args, config, grid)
     print(
         f"GEMM floor : {floor:8.2f} s wall (the batched arm's layer products alone, same shapes, "
         f"same steps); batched is {best['batched'][0] / floor:.2f} x it, sequential "
@@ -134,9 +134,10 @@ def bench_speed(args: argparse.Namespace) -> None:
     )
 
 
-def gemm_floor(args: argparse.Namespace, config: HeadsConfig, members: int) -> float:
-    """Seconds of the batched arm's matrix products alone: per step the mlp stack's forward
-    [B, d] x [d, M*H] and weight gradient [d, B] x [B, M*H], and the linear stack's two.
+def gemm_floor(args: argparse.Namespace, config: HeadsConfig, grid: list[MemberInfo]) -> float:
+    """Seconds of the batched arm's matrix products alone: per step the forward [B, d] x
+    [d, L + K*H] of every member's first layer (`fused.AllMembers`: L linear members, K mlp
+    members) and its weight gradient [d, B] x [B, L + K*H].
 
     Both arms do these FLOPs (the sequential arm in M narrow products), so on a CPU where a narrow
     product runs as fast per FLOP as a wide one, sequential / floor bounds the attainable ratio.
@@ -146,22 +147,18 @@ def gemm_floor(args: argparse.Namespace, config: HeadsConfig, members: int) -> f
     gen = torch.Generator().manual_seed(0)
     n_fit = len(holdout_split(args.n, config.holdout_fraction)[0])
     steps = config.effective_epochs(n_fit) * -(-n_fit // args.batch_size)
-    per_arch = members // len(config.archs)
+    width = sum(config.hidden if m.arch == "mlp" else 1 for m in grid)
     x = torch.randn(n_fit, args.dim, generator=gen)
-    w1 = torch.randn(args.dim, per_arch * config.hidden, generator=gen)
-    b1 = torch.zeros(1, per_arch * config.hidden)
-    wl = torch.randn(args.dim, per_arch, generator=gen)
-    g1 = torch.randn(args.batch_size, per_arch * config.hidden, generator=gen)
-    gl = torch.randn(args.batch_size, per_arch, generator=gen)
+    weight = torch.randn(args.dim, width, generator=gen)
+    bias = torch.zeros(1, width)
+    grad = torch.randn(args.batch_size, width, generator=gen)
     best = math.inf
     for _ in range(2):
         t0 = time.perf_counter()
         for _ in range(steps):
             xb = x.index_select(0, torch.randint(n_fit, (args.batch_size,), generator=gen))
-            torch.addmm(b1, xb, w1)
-            torch.mm(xb.T, g1)
-            torch.mm(xb, wl)
-            torch.mm(xb.T, gl)
+            torch.addmm(bias, xb, weight)
+            torch.mm(xb.T, grad)
         best = min(best, time.perf_counter() - t0)
     return best
 
