@@ -24,6 +24,7 @@ from llm2loss_pipeline.core.heads import (
 from llm2loss_pipeline.core.heads import checkpoint as checkpoint_module
 from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble, evaluate_members, rank_metrics
 from llm2loss_pipeline.core.heads.gap import ModalityGap, measure_gap_effect, measured_disparity
+from llm2loss_pipeline.core.heads.train import CHECK_ROWS
 from llm2loss_pipeline.core.storage import StorageError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -198,8 +199,13 @@ def test_bad_training_inputs_are_named():
         train_ensemble(x, [0.1, 0.2, 0.3], config)
     bad = x.copy()
     bad[1, 3] = np.inf
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match="row 1 contains"):
         train_ensemble(bad, [0.1, 0.2, 0.3, 0.4], config)
+    # rows are checked in blocks: a bad row past the first block is found and named too
+    tall = np.zeros((CHECK_ROWS + 10, DIM), dtype=np.float32)
+    tall[CHECK_ROWS + 7, 0] = np.nan
+    with pytest.raises(ValueError, match=f"row {CHECK_ROWS + 7} contains NaN"):
+        train_ensemble(tall, np.arange(CHECK_ROWS + 10, dtype=float), config)
     with pytest.raises(ValueError, match="all 4 training losses equal"):
         train_ensemble(x, [0.5] * 4, config)
 
@@ -482,3 +488,43 @@ def test_fused_backward_matches_autograd(n_linear, n_mlp):
         torch.testing.assert_close(got, want)
     with pytest.raises(NotImplementedError, match="no gradient for x"):
         fused.forward(x.clone().requires_grad_(True)).sum().backward()
+
+    # A training step's forward writes the same gradients into .grad, overwriting the last ones.
+    for _ in range(2):
+        fused.step_forward(x).backward(upstream)
+        for leaf, want in zip(fused.leaves().values(), reference, strict=True):
+            torch.testing.assert_close(leaf.grad, want)
+    # Its buffers are reused, so a second forward before the first one's backward must not
+    # silently give the first a wrong gradient.
+    first = fused.step_forward(x)
+    fused.step_forward(x + 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward(upstream)
+
+
+def test_chunked_inference_reuses_one_scratch_block(monkeypatch):
+    """Chunks of 256 rows (the last one partial) through one reused activation block give every
+    row the mlp members' outputs, written out here without any of that machinery."""
+    from llm2loss_pipeline.core.heads import ensemble as ensemble_module
+
+    monkeypatch.setattr(ensemble_module, "CHUNK_FLOATS", 1)  # the 256-row minimum chunk
+    gen = torch.Generator().manual_seed(3)
+    members, dim, hidden, n = 3, 5, 4, 600
+    p = {
+        "w1": torch.randn(members, dim, hidden, generator=gen),
+        "b1": torch.randn(members, hidden, generator=gen),
+        "w2": torch.randn(members, hidden, generator=gen),
+        "b2": torch.randn(members, generator=gen),
+    }
+    x = torch.randn(n, dim, generator=gen)
+    act = torch.relu(torch.einsum("nd,mdh->mnh", x, p["w1"]) + p["b1"][:, None, :])
+    want = torch.einsum("mnh,mh->mn", act, p["w2"]) + p["b2"][:, None]
+    with torch.no_grad():
+        got = ensemble_module.forward_in_chunks("mlp", p, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # with autograd on, the same numbers and a gradient that flows back to the parameters
+    w2 = p["w2"].clone().requires_grad_(True)
+    out = ensemble_module.forward_in_chunks("mlp", {**p, "w2": w2}, x)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    torch.testing.assert_close(w2.grad, act.sum(dim=1), rtol=1e-4, atol=1e-4)

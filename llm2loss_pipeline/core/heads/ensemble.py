@@ -59,11 +59,18 @@ def member_grid(config: HeadsConfig) -> list[MemberInfo]:
     return members
 
 
-def shared_forward(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def shared_forward(
+    arch: str,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Outputs [M, n] of M stacked members on the same inputs x [n, d] (one GEMM per layer).
 
     Prediction's forward; training runs `fused.AllMembers`, which computes the same outputs for
-    both architectures at once (the tests compare the two).
+    both architectures at once (the tests compare the two). `scratch` [n, M*H] (mlp, outside
+    autograd) holds the activations instead of fresh memory: a fresh block of that size is memory
+    glibc may have handed back to the kernel, to be faulted in again page by page.
     """
     if arch == "linear":
         return torch.addmm(params["bias"][None, :], x, params["weight"].T).T
@@ -74,19 +81,29 @@ def shared_forward(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) 
         params["b1"].reshape(1, members * hidden),
         x,
         w1.permute(1, 0, 2).reshape(dim, members * hidden),
+        out=scratch,
     )
-    return second_layer(torch.relu(pre), params["w2"], params["b2"]).T
+    act = pre.relu_()
+    second = (params["w2"], params["b2"])
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (act, *second))
+    # Outside autograd the activations are not needed again, so the product overwrites them.
+    return second_layer(act, *second, out=None if differentiable else act).T
 
 
-def second_layer(act: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def second_layer(
+    act: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Outputs [n, M] of the mlp members' second layer from their activations [n, M*H].
 
     A multiply and a sum over H: as a batched product (einsum/bmm: M products [n, H] x [H, 1]) or
     a block-diagonal GEMM it is a run of thin products that MKL runs at a tenth of its rate;
-    measured 3x slower forward and backward at n=256, M=10.
+    measured 3x slower forward and backward at n=256, M=10. `out` [n, M*H], if given, receives
+    the product (it may be `act` itself when act is not needed afterwards).
     """
     members, hidden = w2.shape
-    return (act.view(act.shape[0], members, hidden) * w2).sum(dim=2) + b2
+    act3 = act.view(act.shape[0], members, hidden)
+    product = torch.mul(act3, w2, out=None if out is None else out.view_as(act3))
+    return product.sum(dim=2) + b2
 
 
 def forward_in_chunks(arch: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +122,17 @@ def forward_in_chunks(arch: str, params: dict[str, torch.Tensor], x: torch.Tenso
         width = params["weight"].shape[0]
     rows = max(256, CHUNK_FLOATS // width)
     starts = range(0, max(x.shape[0], 1), rows)
-    parts = [shared_forward(arch, params, aligned(x[s : s + rows])) for s in starts]
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+    scratch = None if arch == "linear" or differentiable else x.new_empty(min(rows, len(x)), width)
+    parts = [
+        shared_forward(
+            arch,
+            params,
+            aligned(x[s : s + rows]),
+            None if scratch is None else scratch[: min(rows, x.shape[0] - s)],
+        )
+        for s in starts
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
