@@ -528,3 +528,23 @@ def test_chunked_inference_reuses_one_scratch_block(monkeypatch):
     torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     torch.testing.assert_close(w2.grad, act.sum(dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_rankers_alone_skip_a_lone_last_sample(monkeypatch):
+    """An epoch whose last mini-batch holds one sample gives rankers no pair. With no regressor
+    that batch has nothing to learn from: it is skipped (it used to fail in backward), and the
+    optimiser does not step on it (the last batch's gradient, still in .grad, is not reapplied)."""
+    config = HeadsConfig(
+        kinds=["ranker"], n_seeds=1, epochs=2, min_steps=0, batch_size=8, holdout_fraction=0.0
+    )
+    n = 8 * 5 + 1
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    ensemble = train_ensemble(x, np.exp(x[:, 0]), config)
+    assert ensemble.training["steps"] == 2 * 6 and len(steps) == 2 * 5
+    assert spearmanr(ensemble.standardized(x).mean(axis=0), x[:, 0]).statistic > 0.5

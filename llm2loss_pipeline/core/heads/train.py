@@ -237,6 +237,8 @@ def train_ensemble(
             for group in optimizer.param_groups:  # cosine decay, the same for every member
                 group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             step += 1
+            if not objective.requires_grad:
+                continue  # rankers alone and a lone last sample: no pair, nothing to learn from
             objective.backward()  # overwrites every leaf's .grad (FusedParameters.step_forward)
             for name, rows in frozen_bias.items():
                 leaves[name].grad.index_fill_(0, rows, 0.0)
