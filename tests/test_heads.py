@@ -210,6 +210,18 @@ def test_bad_training_inputs_are_named():
         train_ensemble(x, [0.5] * 4, config)
 
 
+def test_training_accepts_strided_embeddings():
+    """A reversed or column-sliced view trains like the same values in a fresh C-order array."""
+    rng = np.random.default_rng(5)
+    wide = rng.standard_normal((64, 2 * DIM)).astype(np.float32)
+    losses = rng.random(64)
+    config = HeadsConfig(n_seeds=1, epochs=1, min_steps=0)
+    for view in (wide[::-1, :DIM], wide[:, ::2]):
+        got = train_ensemble(view, losses, config).standardized(view)
+        want = train_ensemble(view.copy(), losses, config).standardized(view.copy())
+        np.testing.assert_array_equal(got, want)
+
+
 # target scaling
 
 

@@ -148,7 +148,8 @@ def aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tensor(emb: np.ndarray | torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
-    tensor = torch.as_tensor(emb)
+    # torch cannot view a numpy array with negative strides (x[::-1]); those are copied.
+    tensor = torch.as_tensor(np.ascontiguousarray(emb) if isinstance(emb, np.ndarray) else emb)
     if tensor.ndim != 2 or tensor.shape[1] != dim:
         raise ValueError(
             f"embeddings must have shape [n, {dim}] (the heads' embedding dimension), "

@@ -83,7 +83,9 @@ def member_stream_seed(member: MemberInfo) -> int:
 
 
 def check_embeddings(embeddings: Any, what: str = "embeddings") -> np.ndarray:
-    array = np.asarray(embeddings, dtype=np.float32)
+    # C order (a copy only if the caller's array is strided differently): torch cannot view an
+    # array with negative strides, such as x[::-1].
+    array = np.ascontiguousarray(embeddings, dtype=np.float32)
     if array.ndim != 2 or array.shape[1] < 1:
         raise ValueError(f"{what} must be a 2-D array [n, d], got shape {array.shape}")
     # In blocks, so that the check's boolean temporary stays small (a whole 200,000 x 512 array
