@@ -85,9 +85,13 @@ def shared_forward(
     )
     act = pre.relu_()
     second = (params["w2"], params["b2"])
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (act, *second))
     # Outside autograd the activations are not needed again, so the product overwrites them.
-    return second_layer(act, *second, out=None if differentiable else act).T
+    return second_layer(act, *second, out=None if tracks_grad(act, *second) else act).T
+
+
+def tracks_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors (so none may be written in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def second_layer(
@@ -122,17 +126,14 @@ def forward_in_chunks(arch: str, params: dict[str, torch.Tensor], x: torch.Tenso
         width = params["weight"].shape[0]
     rows = max(256, CHUNK_FLOATS // width)
     starts = range(0, max(x.shape[0], 1), rows)
-    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
-    scratch = None if arch == "linear" or differentiable else x.new_empty(min(rows, len(x)), width)
-    parts = [
-        shared_forward(
-            arch,
-            params,
-            aligned(x[s : s + rows]),
-            None if scratch is None else scratch[: min(rows, x.shape[0] - s)],
+    in_place = arch == "mlp" and not tracks_grad(*params.values())
+    scratch = x.new_empty(min(rows, len(x)), width) if in_place else None
+    parts = []
+    for s in starts:
+        chunk = aligned(x[s : s + rows])
+        parts.append(
+            shared_forward(arch, params, chunk, None if scratch is None else scratch[: len(chunk)])
         )
-        for s in starts
-    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

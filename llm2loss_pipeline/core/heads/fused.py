@@ -43,11 +43,11 @@ class AllMembers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w2, b2, n_linear: int, owner: FusedParameters | None = None):
-        n, width = x.shape[0], weight.shape[1]
+        width = weight.shape[1]
         mlp, hidden = w2.shape
-        pre = torch.addmm(bias[None, :], x, weight, out=_buffer(owner, "pre", n, width))
+        pre = torch.addmm(bias[None, :], x, weight, out=_buffer(owner, "pre", x, width))
         act = pre[:, n_linear:].relu_()  # in place: the mlp block of `pre` becomes the activations
-        mlp_out = second_layer(act, w2, b2, out=_buffer(owner, "product", n, mlp * hidden))
+        mlp_out = second_layer(act, w2, b2, out=_buffer(owner, "product", x, mlp * hidden))
         ctx.save_for_backward(x, act, w2)
         ctx.n_linear, ctx.owner = n_linear, owner
         return torch.cat([pre[:, :n_linear], mlp_out], dim=1).T
@@ -62,9 +62,7 @@ class AllMembers(torch.autograd.Function):
         mlp, hidden = w2.shape
         grad = grad_out.T  # [n, L + K]
         grad_mlp = grad[:, n_linear:]
-        grad_pre = _buffer(owner, "grad_pre", n, n_linear + mlp * hidden)
-        if grad_pre is None:
-            grad_pre = x.new_empty(n, n_linear + mlp * hidden)
+        grad_pre = _buffer(owner, "grad_pre", x, n_linear + mlp * hidden)
         grad_pre[:, :n_linear] = grad[:, :n_linear]
         hidden_block = grad_pre[:, n_linear:]
         torch.mul(grad_mlp[:, :, None], w2, out=hidden_block.view(n, mlp, hidden))
@@ -86,8 +84,10 @@ class AllMembers(torch.autograd.Function):
         return None, grad_weight, grad_bias, grad_w2, grad_b2, None, None
 
 
-def _buffer(owner: FusedParameters | None, name: str, rows: int, cols: int) -> torch.Tensor | None:
-    return None if owner is None else owner.buffer(name, rows, cols)
+def _buffer(owner: FusedParameters | None, name: str, x: torch.Tensor, cols: int) -> torch.Tensor:
+    """[len(x), cols]: the owner's reused buffer, or fresh memory without an owner."""
+    rows = x.shape[0]
+    return x.new_empty(rows, cols) if owner is None else owner.buffer(name, rows, cols)
 
 
 class FusedParameters:

@@ -210,6 +210,7 @@ def train_ensemble(
 
     for epoch in range(epochs):
         perm = torch.randperm(n_fit, generator=order_generator).to(device)  # positions in fit
+        perm_rows = fit_rows.index_select(0, perm)  # the same samples as rows of x
         partners = (
             torch.stack([torch.rand(n_fit * k, generator=generators[r]) for r in rank_rows]).to(
                 device
@@ -222,7 +223,7 @@ def train_ensemble(
             size = pos.shape[0]
             # index_select rather than advanced indexing: 5x faster for these row gathers.
             xb = fused.buffer("x", size, dim)
-            torch.index_select(x, 0, fit_rows.index_select(0, pos), out=xb).mul_(scale)
+            torch.index_select(x, 0, perm_rows[start : start + batch], out=xb).mul_(scale)
             out = fused.step_forward(xb)  # [M, B]
             w = weights.index_select(1, pos)
             objective = out.new_zeros(())
