@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm2loss_pipeline.core.heads import HeadsConfig, MemberInfo, member_grid, train_ensemble
 from llm2loss_pipeline.core.heads.evaluate import evaluate_members
-from llm2loss_pipeline.core.heads.train import holdout_split
+from llm2loss_pipeline.core.heads.train import batch_bounds, holdout_split
 
 TARGET_RATIO = 5.0  # issue 4: batched at least 5x faster than one member after another
 
@@ -157,7 +157,7 @@ def gemm_floor(args: argparse.Namespace, config: HeadsConfig, grid: list[MemberI
 
     gen = torch.Generator().manual_seed(0)
     n_fit = len(holdout_split(args.n, config.holdout_fraction)[0])
-    steps = config.effective_epochs(n_fit) * -(-n_fit // args.batch_size)
+    steps = config.effective_epochs(n_fit) * len(batch_bounds(n_fit, args.batch_size))
     width = sum(config.hidden if m.arch == "mlp" else 1 for m in grid)
     x = torch.randn(n_fit, args.dim, generator=gen)
     weight = torch.randn(args.dim, width, generator=gen)

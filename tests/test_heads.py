@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from llm2loss_pipeline.core.heads import (
     HeadMismatchError,
     HeadsConfig,
+    MemberInfo,
     fit_gap,
     fit_transform,
     load_ensemble,
@@ -24,7 +25,7 @@ from llm2loss_pipeline.core.heads import (
 from llm2loss_pipeline.core.heads import checkpoint as checkpoint_module
 from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble, evaluate_members, rank_metrics
 from llm2loss_pipeline.core.heads.gap import ModalityGap, measure_gap_effect, measured_disparity
-from llm2loss_pipeline.core.heads.train import CHECK_ROWS
+from llm2loss_pipeline.core.heads.train import CHECK_ROWS, batch_bounds, holdout_split
 from llm2loss_pipeline.core.storage import StorageError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -542,13 +543,26 @@ def test_chunked_inference_reuses_one_scratch_block(monkeypatch):
     torch.testing.assert_close(w2.grad, act.sum(dim=1), rtol=1e-4, atol=1e-4)
 
 
-def test_rankers_alone_skip_a_lone_last_sample(monkeypatch):
-    """An epoch whose last mini-batch holds one sample gives rankers no pair. With no regressor
-    that batch has nothing to learn from: it is skipped (it used to fail in backward), and the
-    optimiser does not step on it (the last batch's gradient, still in .grad, is not reapplied)."""
-    config = HeadsConfig(
-        kinds=["ranker"], n_seeds=1, epochs=2, min_steps=0, batch_size=8, holdout_fraction=0.0
-    )
+@pytest.mark.parametrize(
+    ("n", "batch", "want"),
+    [
+        (41, 8, [(0, 8), (8, 16), (16, 24), (24, 32), (32, 41)]),  # a lone last sample joins
+        (42, 8, [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 42)]),
+        (9, 8, [(0, 9)]),
+        (8, 8, [(0, 8)]),
+        (3, 8, [(0, 3)]),
+    ],
+)
+def test_batch_bounds_never_leave_a_lone_sample(n, batch, want):
+    assert batch_bounds(n, batch) == want
+
+
+def test_a_lone_last_sample_joins_the_batch_before_it(monkeypatch):
+    """An epoch of 8 x 5 + 1 samples makes 5 steps, not 6: the lone sample gives rankers no pair.
+    It used to be its own step, which crashed rankers alone in backward and, beside regressors,
+    moved the rankers on Adam's momentum alone, so a ranker trained in the batch was no longer
+    the ranker trained alone (outputs 0.05 apart, where float rounding gives 1e-7)."""
+    config = HeadsConfig(n_seeds=1, epochs=3, min_steps=0, batch_size=8, holdout_fraction=0.0)
     n = 8 * 5 + 1
     steps = []
     original = torch.optim.AdamW.step
@@ -557,6 +571,74 @@ def test_rankers_alone_skip_a_lone_last_sample(monkeypatch):
     )
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, DIM)).astype(np.float32)
-    ensemble = train_ensemble(x, np.exp(x[:, 0]), config)
-    assert ensemble.training["steps"] == 2 * 6 and len(steps) == 2 * 5
-    assert spearmanr(ensemble.standardized(x).mean(axis=0), x[:, 0]).statistic > 0.5
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    losses = np.exp(3.0 * x[:, 0] * np.sqrt(DIM))
+    together = train_ensemble(x, losses, config)
+    assert together.training["steps"] == 3 * 5 and len(steps) == 3 * 5
+    rankers_only = config.model_copy(update={"kinds": ["ranker"]})
+    alone_rankers = train_ensemble(x, losses, rankers_only)  # used to fail in backward
+    assert spearmanr(alone_rankers.standardized(x).mean(axis=0), x[:, 0]).statistic > 0.5
+    for member in together.members:
+        if member.kind == "ranker":
+            alone = train_ensemble(x, losses, config, members=[member])
+            np.testing.assert_allclose(
+                alone.predict(x)[0], together.predict(x)[member.index], rtol=1e-5, atol=1e-5
+            )
+
+
+def test_members_outside_the_grid_are_refused(data):
+    x_train, l_train, *_ = data
+    config = HeadsConfig(n_seeds=1, epochs=1, min_steps=0)
+    good = member_grid(config)[0]
+    for bad in (MemberInfo(1, "regressor", "cnn", 0), MemberInfo(1, "classifier", "mlp", 0)):
+        with pytest.raises(ValueError, match=r"kind must be one of .* and arch one of"):
+            train_ensemble(x_train[:64], l_train[:64], config, members=[good, bad])
+
+
+def test_a_holdout_without_loss_spread_selects_the_last_epoch(data):
+    """Every epoch scores 0 on a holdout whose losses are all tied, and ties keep the earliest
+    epoch: training used to stop, silently, after its first epoch."""
+    x_train, l_train, *_ = data
+    config = HeadsConfig(n_seeds=1, epochs=3, min_steps=0, batch_size=128)
+    tied = l_train.copy()
+    tied[holdout_split(len(tied), config.holdout_fraction)[1]] = 0.0
+    ensemble = train_ensemble(x_train, tied, config)
+    assert ensemble.training["best_epoch"] == [3, 3, 3, 3]
+    assert ensemble.training["holdout_spearman"] == [None] * 4
+
+
+def test_holdout_spearman_gives_tied_outputs_their_average_rank(data):
+    """A one-unit mlp outputs one value wherever its relu is off: the holdout score must be
+    Spearman's (average ranks for ties), which ordinal ranks biased by up to 0.07."""
+    x_train, l_train, *_ = data
+    config = HeadsConfig(kinds=["regressor"], archs=["mlp"], n_seeds=3, hidden=1, epochs=2,
+                         min_steps=0, batch_size=128)  # fmt: skip
+    ensemble = train_ensemble(x_train, l_train, config)
+    holdout = holdout_split(len(x_train), config.holdout_fraction)[1]
+    outputs = ensemble.predict(x_train[holdout])
+    tied = [len(np.unique(row)) < len(row) for row in outputs]
+    assert any(tied)  # the case under test occurs
+    for member, row in enumerate(outputs):
+        expected = spearmanr(row, l_train[holdout]).statistic
+        assert ensemble.training["holdout_spearman"][member] == pytest.approx(expected, abs=1e-4)
+
+
+def test_raw_scaling_standardises_losses_of_any_magnitude():
+    """Moments of raw losses near 1e160 overflowed (std inf, every target 0: nothing learned)
+    and near 1e-300 underflowed (refused as having no spread)."""
+    losses = np.random.default_rng(0).lognormal(0.0, 1.0, 500)
+    _, reference = fit_transform(losses, "raw")
+    for factor in (1e160, 1e-300):
+        scaler, targets = fit_transform(losses * factor, "raw")
+        np.testing.assert_allclose(targets, reference, rtol=1e-5, atol=1e-6)
+        assert scaler.scale == pytest.approx(losses.std() * factor, rel=1e-9)
+        np.testing.assert_allclose(scaler.inverse(targets[:5]), losses[:5] * factor, rtol=1e-5)
+    with pytest.raises(ValueError, match="float64 cannot standardise"):
+        fit_transform(np.array([0.0, 5e-324]), "raw")  # the spread underflows to 0
+
+
+def test_predictions_do_not_depend_on_a_tensors_strides(ensemble, data):
+    x = torch.from_numpy(np.asfortranarray(data[2][:300]))
+    assert not x.is_contiguous()
+    contiguous = ensemble.predict(x.contiguous())
+    assert ensemble.predict(x).tobytes() == contiguous.tobytes()

@@ -156,7 +156,8 @@ def _as_tensor(emb: np.ndarray | torch.Tensor, dim: int, device: torch.device) -
             f"embeddings must have shape [n, {dim}] (the heads' embedding dimension), "
             f"got {tuple(tensor.shape)}"
         )
-    tensor = tensor.to(device=device, dtype=torch.float32)
+    # contiguous: a strided tensor's GEMM rounds differently from its contiguous copy's.
+    tensor = tensor.to(device=device, dtype=torch.float32).contiguous()
     finite = torch.isfinite(tensor).all(dim=1)
     if not bool(finite.all()):
         row = int((~finite).nonzero()[0, 0])

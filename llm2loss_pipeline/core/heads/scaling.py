@@ -154,8 +154,16 @@ def fit_transform(losses: Any, kind: str) -> tuple[TargetScaler, np.ndarray]:
         scaler = TargetScaler("rank", center=0.5, scale=_UNIFORM_STD, quantiles=quantiles)
         return scaler, ((uniform - 0.5) / _UNIFORM_STD).astype(np.float32)
     pre = TargetScaler(kind, 0.0, 1.0)._pre(array)
-    center, scale = float(pre.mean()), float(pre.std())
-    if not scale > 0.0:
-        raise ValueError(f"{kind} target scaling: the scaled training losses have zero spread")
+    # Moments of pre / max|pre|: those of pre itself overflow for raw losses near 1e155 (the
+    # squares pass 1e308, the std became inf and every target 0) and underflow near 1e-160.
+    peak = float(np.abs(pre).max())
+    unit = pre / peak
+    unit_center, unit_scale = float(unit.mean()), float(unit.std())
+    center, scale = unit_center * peak, unit_scale * peak
+    if not (unit_scale > 0.0 and 0.0 < scale < np.inf):
+        raise ValueError(
+            f"{kind} target scaling: the scaled training losses have a spread of {scale} "
+            f"(their largest magnitude is {peak}), which float64 cannot standardise"
+        )
     scaler = TargetScaler(kind, center=center, scale=scale)
-    return scaler, ((pre - center) / scale).astype(np.float32)
+    return scaler, ((unit - unit_center) / unit_scale).astype(np.float32)

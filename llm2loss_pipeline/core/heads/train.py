@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm2loss_pipeline.core.heads.config import ARCHS, HeadsConfig
+from llm2loss_pipeline.core.heads.config import ARCHS, KINDS, HeadsConfig
 from llm2loss_pipeline.core.heads.ensemble import (
     HeadEnsemble,
     MemberInfo,
@@ -142,6 +142,27 @@ def standardization_rows(n: int) -> slice | np.ndarray:
     return np.sort(np.random.default_rng(STATS_SEED).choice(n, STATS_ROWS, replace=False))
 
 
+def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
+    """The [start, stop) of each mini-batch of an epoch over n samples.
+
+    A lone last sample joins the batch before it: it would give the rankers no pair, so a ranker
+    trained alone could not step on it while one trained beside regressors would (Adam moving it
+    on momentum and weight decay alone), and the two would no longer be the same member.
+    """
+    stops = [*range(batch, n, batch), n]
+    if len(stops) > 1 and stops[-1] - stops[-2] == 1:
+        del stops[-2]
+    return list(zip([0, *stops[:-1]], stops, strict=True))
+
+
+def _check_members(members: list[MemberInfo]) -> None:
+    for member in members:
+        if member.kind not in KINDS or member.arch not in ARCHS:
+            raise ValueError(
+                f"member {member}: kind must be one of {list(KINDS)} and arch one of {list(ARCHS)}"
+            )
+
+
 def train_ensemble(
     embeddings: np.ndarray,
     losses: np.ndarray,
@@ -172,6 +193,7 @@ def train_ensemble(
     chosen = list(members) if members is not None else member_grid(config)
     if not chosen:
         raise ValueError("no members to train: `members` is empty")
+    _check_members(chosen)
     order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks are contiguous rows
     generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
     fused, frozen_bias = _initial_parameters(order, generators, dim, config.hidden, device)
@@ -188,7 +210,8 @@ def train_ensemble(
     x = torch.from_numpy(x_np).to(device)
     scale = math.sqrt(dim)
     targets = torch.from_numpy(targets_np).to(device)
-    raw = torch.from_numpy(l_np.astype(np.float32)).to(device)
+    # float64: the rankers only compare losses, and float32 would tie losses that differ.
+    raw = torch.tensor(l_np, dtype=torch.float64, device=device)
     fit_np, holdout_np = holdout_split(n, config.holdout_fraction)
     fit_rows = torch.from_numpy(fit_np).to(device)
     selector = _Selector(x, scale, l_np, holdout_np, arch_counts, params, device)
@@ -205,7 +228,8 @@ def train_ensemble(
     order_generator = torch.Generator().manual_seed(ORDER_SEED + config.base_seed)
     targets_fit, raw_fit = targets[fit_rows], raw[fit_rows]
     epochs = config.effective_epochs(n_fit)
-    total_steps = epochs * -(-n_fit // batch)
+    bounds = batch_bounds(n_fit, batch)
+    total_steps = epochs * len(bounds)
     step = 0
 
     for epoch in range(epochs):
@@ -218,30 +242,28 @@ def train_ensemble(
             if rank_rows
             else None
         )
-        for start in range(0, n_fit, batch):
-            pos = perm[start : start + batch]
+        for start, stop in bounds:
+            pos = perm[start:stop]
             size = pos.shape[0]
             # index_select rather than advanced indexing: 5x faster for these row gathers.
             xb = fused.buffer("x", size, dim)
-            torch.index_select(x, 0, perm_rows[start : start + batch], out=xb).mul_(scale)
+            torch.index_select(x, 0, perm_rows[start:stop], out=xb).mul_(scale)
             out = fused.step_forward(xb)  # [M, B]
             w = weights.index_select(1, pos)
             objective = out.new_zeros(())
             if len(reg_rows):
                 err = out.index_select(0, reg_rows) - targets_fit.index_select(0, pos)
                 objective = objective + (w.index_select(0, reg_rows) * err.square()).mean(1).sum()
-            if partners is not None and size >= 2:
+            if partners is not None:
                 objective = objective + _ranker_objective(
                     out.index_select(0, rank_rows_t),
                     raw_fit.index_select(0, pos),
                     w.index_select(0, rank_rows_t),
-                    partners[:, start * k : (start + size) * k],
+                    partners[:, start * k : stop * k],
                 )
             for group in optimizer.param_groups:  # cosine decay, the same for every member
                 group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             step += 1
-            if not objective.requires_grad:
-                continue  # rankers alone and a lone last sample: no pair, nothing to learn from
             objective.backward()  # overwrites every leaf's .grad (FusedParameters.step_forward)
             for name, rows in frozen_bias.items():
                 leaves[name].grad.index_fill_(0, rows, 0.0)
@@ -317,8 +339,8 @@ class _Selector:
     """Early stopping per member: keep each member's parameters from its best holdout epoch.
 
     The score is the Spearman correlation between the member's output and the loss on the holdout
-    rows, the quantity the heads are judged by; ties keep the earlier epoch. Without a holdout the
-    last epoch is kept.
+    rows, the quantity the heads are judged by; ties keep the earlier epoch. Without a holdout, or
+    with one whose losses are all tied, the last epoch is kept.
     """
 
     def __init__(
@@ -334,6 +356,7 @@ class _Selector:
         from scipy.stats import rankdata
 
         self.params = params
+        self.device = device
         self.arch_counts = arch_counts
         members = sum(count for _, count in arch_counts)
         self.best_score = np.full(members, np.nan)
@@ -341,13 +364,12 @@ class _Selector:
         self.best = {
             arch: {n: t.detach().clone() for n, t in s.items()} for arch, s in params.items()
         }
-        self.x = x[torch.from_numpy(holdout).to(device)].mul_(scale) if len(holdout) else None
-        if self.x is not None:
-            ranks = rankdata(losses[holdout]) - (len(holdout) + 1) / 2.0
-            norm = np.linalg.norm(ranks)
-            self.loss_ranks = (
-                torch.from_numpy(ranks / norm if norm > 0 else ranks).float().to(device)
-            )
+        ranks = rankdata(losses[holdout]) - (len(holdout) + 1) / 2.0
+        norm = float(np.linalg.norm(ranks))
+        # A holdout whose losses are all tied scores every epoch 0, and ties keep the earliest:
+        # training would silently stop after one epoch. Without a spread it selects nothing.
+        self.x = x[torch.from_numpy(holdout).to(device)].mul_(scale) if norm > 0 else None
+        self.loss_ranks = ranks / norm if norm > 0 else ranks
 
     @torch.no_grad()
     def update(self, epoch: int) -> None:
@@ -361,19 +383,22 @@ class _Selector:
         for arch, count in self.arch_counts:
             if count:
                 scores.append(forward_in_chunks(arch, self.params[arch], self.x))
-        out = torch.cat(scores)  # [M, h]
-        ranks = out.argsort(dim=1).argsort(dim=1).float()
-        ranks = ranks - ranks.mean(dim=1, keepdim=True)
-        spearman = (ranks @ self.loss_ranks) / ranks.norm(dim=1).clamp_min(1e-12)
-        spearman = torch.where(out.std(dim=1) > 0, spearman, torch.full_like(spearman, -1.0))
-        score = spearman.double().cpu().numpy()
+        from scipy.stats import rankdata
+
+        out = torch.cat(scores).double().cpu().numpy()  # [M, h]
+        # Average ranks: tied outputs (a narrow mlp's relu zeros) share a rank, as in Spearman's
+        # definition; ordinal ranks broke ties by position and biased the score.
+        ranks = rankdata(out, axis=1)
+        ranks -= ranks.mean(axis=1, keepdims=True)
+        spearman = (ranks @ self.loss_ranks) / np.linalg.norm(ranks, axis=1).clip(1e-12)
+        score = np.where(out.std(axis=1) > 0, spearman, -1.0)
         improved = ~(score <= self.best_score)  # NaN (no score yet) counts as improved
         self.best_score = np.where(improved, score, self.best_score)
         self.best_epoch = np.where(improved, epoch, self.best_epoch)
         row = 0
         for arch, count in self.arch_counts:
             if count:
-                mask = torch.from_numpy(improved[row : row + count]).to(out.device)
+                mask = torch.from_numpy(improved[row : row + count]).to(self.device)
                 for name, tensor in self.params[arch].items():
                     self.best[arch][name][mask] = tensor.detach()[mask]
                 row += count
