@@ -36,7 +36,7 @@ from llm2loss_pipeline.core.heads.compare import (
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.storage import StorageError
+from llm2loss_pipeline.core.storage import StorageError, existing_dir
 
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 EncoderLoader = Callable[[Path, str], Any]
@@ -133,10 +133,12 @@ class Diagnoser:
         trained on another encoder than the one saved now, StorageError when files are damaged.
         """
         layout = Layout.at(home)
+        # existing_dir: a run killed while it swapped in a new folder leaves the old one aside.
+        encoder_dir, heads_dir = existing_dir(layout.encoder_dir), existing_dir(layout.heads_dir)
         missing = []
-        if not layout.encoder_dir.is_dir() or not any(layout.encoder_dir.iterdir()):
+        if not encoder_dir.is_dir() or not any(encoder_dir.iterdir()):
             missing.append(f"the encoder ({layout.encoder_dir})")
-        if not (layout.heads_dir / INDEX).is_file():
+        if not (heads_dir / INDEX).is_file():
             missing.append(f"the diagnosis heads ({layout.heads_dir / INDEX})")
         if missing:
             raise NotMaterializedError(
@@ -144,9 +146,9 @@ class Diagnoser:
                 f"{'is' if len(missing) == 1 else 'are'} not materialized yet; "
                 f"run `{RUN_COMMAND}` (with --home {layout.home} or LLM2LOSS_HOME set) first"
             )
-        encoder = (encoder_loader or default_encoder_loader)(layout.encoder_dir, device)
+        encoder = (encoder_loader or default_encoder_loader)(encoder_dir, device)
         ensemble, gap, meta = load_ensemble(
-            layout.heads_dir,
+            heads_dir,
             expected_dim=int(encoder.embed_dim),
             expected_encoder_sha256=str(encoder.sha256),
         )

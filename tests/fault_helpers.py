@@ -225,11 +225,14 @@ def digests(layout: Any) -> dict[str, str]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Names of temporary files and folders (hidden, ending .tmp/.old or *.tmp-*) under folder."""
+    """Names of temporary files and folders (hidden, ending .tmp/.old, or *.tmp-* and folders
+    moved aside by storage.replace_dir) under folder."""
+    from llm2loss_pipeline.core.storage import ASIDE
+
     return sorted(
         str(path.relative_to(folder))
         for path in folder.rglob(".*")
-        if path.name.endswith((".tmp", ".old")) or ".tmp-" in path.name
+        if path.name.endswith((".tmp", ".old")) or ".tmp-" in path.name or ASIDE in path.name
     )
 
 

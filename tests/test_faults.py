@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -24,7 +25,7 @@ from llm2loss_pipeline.core.steps.black_box import LOSSES_TABLE, shard_losses
 from llm2loss_pipeline.core.steps.encoder import EMBEDDINGS_TABLE
 from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards
 from llm2loss_pipeline.core.storage import StorageError, sha256_file, write_parquet_atomic
-from llm2loss_pipeline.diagnoser import Diagnoser, NotMaterializedError
+from llm2loss_pipeline.diagnoser import Diagnoser
 from tests import fault_helpers as fh
 
 pytestmark = pytest.mark.slow
@@ -163,21 +164,23 @@ def test_encoder_killed_between_folder_renames(tmp_path, reference):
     layout, config, config_path = make_home(tmp_path, reference, ["encoder", "heads"])
     killed(config_path, ["encoder"], "encoder", tmp_path)
 
-    # the old folder was renamed aside, the new one not yet in: no encoder, and loaders say so
+    # the old folder was renamed aside, the new one not yet in: loaders find the old one there
+    # (they used to find nothing, and the next sweep of temporary folders deleted it)
     assert not layout.encoder_dir.exists()
     temps = fh.leftovers(layout.models)
-    assert any(name.endswith(".old") for name in temps)  # the previous, complete folder
+    assert any(name.startswith(".encoder.aside-") for name in temps)  # the previous folder
     assert any(name.endswith(".tmp") for name in temps)  # the new, complete staging folder
-    with pytest.raises(StorageError, match="no encoder folder"):
-        load_encoder(layout.encoder_dir)
-    with pytest.raises(NotMaterializedError, match="the encoder"):
-        Diagnoser.load(layout.home)
+    weights_name = "open_clip_model.safetensors"
+    assert load_encoder(layout.encoder_dir).sha256 == reference[2][f"models/encoder/{weights_name}"]
+    before = Diagnoser.load(layout.home).compare("a smiling person", "a person")
+    assert len(before.diffs) == 8
 
-    fh.run_steps(config, ["encoder"])
-    weights = layout.encoder_dir / "open_clip_model.safetensors"
-    assert sha256_file(weights) == reference[2]["models/encoder/open_clip_model.safetensors"]
+    fh.run_steps(config, ["encoder"])  # puts the old folder back, then replaces it
+    assert not any(".aside-" in name for name in fh.leftovers(layout.models))
+    weights = layout.encoder_dir / weights_name
+    assert sha256_file(weights) == reference[2][f"models/encoder/{weights_name}"]
     comparison = Diagnoser.load(layout.home).compare("a smiling person", "a person")
-    assert len(comparison.diffs) == 8
+    np.testing.assert_array_equal(comparison.diffs, before.diffs)
 
 
 @pytest.mark.parametrize(
@@ -190,15 +193,14 @@ def test_heads_killed_while_saving(tmp_path, reference, fault_at):
     members = {key: value for key, value in reference[2].items() if key.startswith("models/heads/")}
     killed(config_path, ["heads"], fault_at, tmp_path)
 
-    if fault_at == "heads":
-        assert not layout.heads_dir.exists()
-        with pytest.raises(NotMaterializedError, match="the diagnosis heads"):
-            Diagnoser.load(layout.home)
-    else:  # killed while the new ensemble was being staged: the old one is whole and loads
-        assert {k: v for k, v in fh.digests(layout).items() if k in members} == members
-        assert len(Diagnoser.load(layout.home).members) == 8
     staged = [path for path in layout.models.iterdir() if path.name.startswith(".")]
-    assert staged and all(path.name.startswith(".heads.tmp-") for path in staged)
+    if fault_at == "heads":  # the old folder is aside, the new one staged: loaders use the old
+        assert not layout.heads_dir.exists()
+        assert sorted(path.name.split("-")[0] for path in staged) == [".heads.aside", ".heads.tmp"]
+    else:  # killed while the new ensemble was being staged: the old one is whole
+        assert {k: v for k, v in fh.digests(layout).items() if k in members} == members
+        assert staged and all(path.name.startswith(".heads.tmp-") for path in staged)
+    assert len(Diagnoser.load(layout.home).members) == 8
     an_hour_ago = time.time() - 7200
     for path in staged:  # as if the kill were long ago: the next save clears them
         os.utime(path, (an_hour_ago, an_hour_ago))

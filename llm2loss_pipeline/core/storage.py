@@ -17,6 +17,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -157,6 +159,69 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+ASIDE = ".aside-"
+
+
+def replace_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Move the finished folder `staging` to `final`, replacing any folder there.
+
+    One rename cannot swap two folders, so an old `final` is first renamed aside
+    (`.NAME.aside-PID@HOST-RANDOM`) and removed once the new one is in. If the second rename
+    fails, the old folder is put back; if the process is killed between the two renames, the
+    next `replace_dir` of `final` puts it back before it starts, and readers find it meanwhile
+    (`existing_dir`). Before, that window left no folder at all and the old one where a sweep
+    of temporary folders would later delete it.
+    """
+    staging, final = Path(staging), Path(final)
+    _restore_aside(final)
+    if not final.exists():
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        return
+    for leftover in _asides(final, live=False):  # a removal that a kill cut short
+        shutil.rmtree(leftover, ignore_errors=True)
+    aside = final.parent / f".{final.name}{ASIDE}{os.getpid()}@{_host()}-{secrets.token_hex(4)}"
+    os.replace(final, aside)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        os.replace(aside, final)
+        raise
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def existing_dir(final: str | os.PathLike[str]) -> Path:
+    """`final`, or while a killed `replace_dir` left it missing, the old folder it moved aside."""
+    final = Path(final)
+    if final.exists():
+        return final
+    asides = _asides(final, live=True)
+    return asides[-1] if asides else final
+
+
+def _asides(final: Path, *, live: bool) -> list[Path]:
+    """Folders moved aside for `final`, oldest first; without `live`, only those whose mover is
+    no longer running on this host (a live one may be mid-swap)."""
+    found = []
+    for entry in final.parent.glob(f".{final.name}{ASIDE}*"):
+        owner = entry.name[len(f".{final.name}{ASIDE}") :].rsplit("-", 1)[0].split("@")
+        mover_alive = owner[0].isdigit() and owner[-1] == _host() and _alive(int(owner[0]))
+        if entry.is_dir() and (live or not mover_alive):
+            with contextlib.suppress(OSError):
+                found.append((entry.stat().st_mtime, entry))
+    return [entry for _, entry in sorted(found)]
+
+
+def _restore_aside(final: Path) -> None:
+    if final.exists():
+        return
+    asides = _asides(final, live=False)
+    if asides:
+        with contextlib.suppress(OSError):  # another writer restored it first
+            os.replace(asides[-1], final)
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -219,9 +284,12 @@ def read_sidecar(weights_path: str | os.PathLike[str]) -> dict[str, Any]:
     if not side.exists():
         raise StorageError(f"{side} is missing: the checkpoint {weights_path} is incomplete")
     try:
-        return json.loads(side.read_text())
+        meta = json.loads(side.read_text())
     except json.JSONDecodeError as exc:
         raise StorageError(f"{side} line {exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(meta, dict):
+        raise StorageError(f"{side}: a sidecar is a JSON object, this holds {type(meta).__name__}")
+    return meta
 
 
 def load_checkpoint(
@@ -241,7 +309,10 @@ def load_checkpoint(
             f"{weights}: sha256 {actual[:12]} does not match its sidecar "
             f"({str(meta.get('sha256'))[:12]}); the checkpoint is incomplete or was modified"
         )
-    tensors = load_tensors(blob)
+    try:
+        tensors = load_tensors(blob)
+    except Exception as exc:  # safetensors raises its own error type for a malformed file
+        raise StorageError(f"{weights}: not a readable safetensors file ({exc})") from exc
     if device != "cpu":
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     return tensors, meta

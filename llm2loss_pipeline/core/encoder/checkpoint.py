@@ -38,7 +38,7 @@ import torch
 
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.encoder.factory import Encoder, quiet_transformers
-from llm2loss_pipeline.core.storage import StorageError, sha256_file
+from llm2loss_pipeline.core.storage import StorageError, existing_dir, replace_dir, sha256_file
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -142,7 +142,7 @@ def save_encoder(encoder: Encoder, out_dir: str | os.PathLike[str]) -> dict[str,
             "metrics": encoder.metrics,
         }
         _write_json(staging / SIDECAR, sidecar)  # last: its presence marks a complete folder
-        _replace_dir(staging, final)
+        replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -155,26 +155,8 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move a finished folder into place. A folder cannot be swapped atomically for another, so
-    an old one is first renamed aside and removed after the new one is in place."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
-        os.rmdir(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_encoder_sidecar(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    folder = Path(out_dir).expanduser().resolve()
+    folder = existing_dir(Path(out_dir).expanduser().resolve())
     if not folder.is_dir():
         raise StorageError(f"{folder}: no encoder folder there")
     sidecar_path = folder / SIDECAR
@@ -199,7 +181,7 @@ def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 
-    folder = Path(out_dir).expanduser().resolve()
+    folder = existing_dir(Path(out_dir).expanduser().resolve())
     sidecar = read_encoder_sidecar(folder)
     weights = folder / sidecar["weights_file"]
     if not weights.is_file():

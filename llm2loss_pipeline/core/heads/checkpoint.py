@@ -11,9 +11,9 @@ Folder layout (`heads_dir`):
     ensemble.json                               the index: every file and its sha256; written last
 
 The whole folder is first written under a temporary name beside `heads_dir` and then renamed into
-place, so a killed save leaves the previous complete ensemble (and a stray temporary folder that a
-later save removes once it is an hour old). A folder without `ensemble.json`, or whose files
-disagree with it, is rejected.
+place (`storage.replace_dir`), so a killed save leaves the previous complete ensemble (and a stray
+temporary folder that a later save removes once it is an hour old). A folder without
+`ensemble.json`, or whose files (weights and sidecars alike) disagree with it, is rejected.
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm2loss_pipeline.core.heads.config import ARCHS, HeadsConfig
+from llm2loss_pipeline.core.heads.config import ARCHS, KINDS, HeadsConfig
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.scaling import TargetScaler
 from llm2loss_pipeline.core.storage import (
     StorageError,
+    existing_dir,
     load_checkpoint,
+    replace_dir,
     save_checkpoint,
+    sha256_file,
+    sidecar_path,
     write_json_atomic,
 )
 
@@ -122,14 +126,21 @@ def save_ensemble(
                 for key, value in ensemble.training.items()
                 if key not in PER_MEMBER_TRAINING
             },
+            # The sidecars' own hashes too: what a sidecar says (kind, arch, standardisation) shapes
+            # every answer, and the weights' hash does not cover it.
             "members": [
-                {**m.to_dict(), "file": side["weights_file"], "sha256": side["sha256"]}
+                {
+                    **m.to_dict(),
+                    "file": side["weights_file"],
+                    "sha256": side["sha256"],
+                    "sidecar_sha256": sha256_file(sidecar_path(staging / side["weights_file"])),
+                }
                 for m, side in zip(ensemble.members, sidecars, strict=True)
             ],
             "gap": {"file": GAP_FILE, "sha256": gap_side["sha256"], **gap.meta()},
         }
         write_json_atomic(staging / INDEX, index)
-        _swap_into_place(staging, final)
+        replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -143,18 +154,6 @@ def _remove_stale_staging(final: Path) -> None:
         with contextlib.suppress(OSError):
             if now - stale.stat().st_mtime > STALE_AFTER_S:
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace `final` by `staging`: the old folder is renamed aside, then the new one in."""
-    if not final.exists():
-        os.replace(staging, final)
-        return
-    retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-old-"))
-    retired.rmdir()
-    os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_index(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -190,7 +189,7 @@ def load_ensemble(
     out_dir: str | os.PathLike[str], *, expected_dim: int, expected_encoder_sha256: str
 ) -> tuple[HeadEnsemble, ModalityGap, dict[str, Any]]:
     """Load a saved ensemble: HeadMismatchError for another encoder, StorageError if broken."""
-    folder = Path(out_dir)
+    folder = existing_dir(out_dir)
     index = read_index(folder)
     check_compatible(
         index, expected_dim=expected_dim, expected_encoder_sha256=expected_encoder_sha256
@@ -203,28 +202,41 @@ def load_ensemble(
     except (KeyError, ValueError) as exc:
         raise StorageError(f"{folder / INDEX}: malformed index ({exc})") from exc
 
+    if not isinstance(entries, list) or not isinstance(gap_entry, dict):
+        raise StorageError(f"{folder / INDEX}: malformed index ('members' or 'gap' of wrong type)")
     members: list[MemberInfo] = []
     tensors: list[dict[str, torch.Tensor]] = []
     means, stds = [], []
     training: dict[str, Any] = dict(index.get("training") or {})
+    per_member: dict[str, list[Any]] = {}
     for position, entry in enumerate(entries):
-        path = folder / str(entry.get("file"))
+        path = _listed_file(folder, entry, f"members[{position}]")
         weights, meta = load_checkpoint(path)
         if meta.get("sha256") != entry.get("sha256"):
             raise StorageError(f"{path}: sha256 differs from {folder / INDEX}; the folder is mixed")
-        member = MemberInfo(position, str(meta["kind"]), str(meta["arch"]), int(meta["seed"]))
-        if member.index != meta.get("index") or meta.get("embedding_dim") != expected_dim:
-            raise StorageError(f"{path}: sidecar disagrees with {folder / INDEX}")
+        if not _sidecar_matches(path, entry):
+            raise StorageError(
+                f"{sidecar_path(path)}: sha256 differs from {folder / INDEX}; the sidecar was "
+                "modified or the folder is mixed"
+            )
+        member, mean, std = _member_from_sidecar(path, meta, position, index)
         members.append(member)
         tensors.append(weights)
-        for key, value in (meta.get("training") or {}).items():
-            training.setdefault(key, []).append(value)
-        means.append(float(meta["standardization"]["mean"]))
-        stds.append(float(meta["standardization"]["std"]))
+        means.append(mean)
+        stds.append(std)
+        record = meta.get("training") or {}
+        if not isinstance(record, dict) or (position and record.keys() != per_member.keys()):
+            raise StorageError(
+                f"{sidecar_path(path)}: 'training' holds {sorted(record)}, the first member's "
+                f"{sorted(per_member)}"
+            )
+        for key, value in record.items():
+            per_member.setdefault(key, []).append(value)
     if len(members) != index.get("n_members"):
         raise StorageError(
             f"{folder / INDEX}: lists {len(members)} of {index.get('n_members')} members"
         )
+    training.update(per_member)
 
     params: dict[str, dict[str, torch.Tensor]] = {}
     for arch in ARCHS:
@@ -247,15 +259,67 @@ def load_ensemble(
         training=training,
     )
 
-    gap_path = folder / str(gap_entry.get("file", GAP_FILE))
+    gap_path = _listed_file(folder, {"file": GAP_FILE, **gap_entry}, "gap")
     gap_tensors, gap_meta = load_checkpoint(gap_path)
     if gap_meta.get("sha256") != gap_entry.get("sha256"):
         raise StorageError(f"{gap_path}: sha256 differs from {folder / INDEX}; the folder is mixed")
-    gap = ModalityGap(
-        image_mean=gap_tensors["image_mean"].numpy(),
-        text_mean=gap_tensors["text_mean"].numpy(),
-        mode=str(gap_meta["mode"]),
-    )
+    try:
+        gap = ModalityGap(
+            image_mean=gap_tensors["image_mean"].numpy(),
+            text_mean=gap_tensors["text_mean"].numpy(),
+            mode=str(gap_meta["mode"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise StorageError(f"{gap_path}: malformed modality gap ({exc})") from exc
     if gap.dim != expected_dim:
         raise StorageError(f"{gap_path}: dimension {gap.dim}, expected {expected_dim}")
     return ensemble, gap, index
+
+
+def _listed_file(folder: Path, entry: Any, where: str) -> Path:
+    """The file an index entry names, which must be a plain name inside `folder`."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise StorageError(
+            f"{folder / INDEX}: {where} names file {name!r}; entries must be file names in {folder}"
+        )
+    return folder / name
+
+
+def _sidecar_matches(weights: Path, entry: dict[str, Any]) -> bool:
+    # Indexes written before sidecars were hashed have no such field; their sidecars are still
+    # checked field by field below.
+    expected = entry.get("sidecar_sha256")
+    return expected is None or sha256_file(sidecar_path(weights)) == expected
+
+
+def _member_from_sidecar(
+    weights: Path, meta: dict[str, Any], position: int, index: dict[str, Any]
+) -> tuple[MemberInfo, float, float]:
+    """The member a sidecar describes and its standardisation (mean, std), each field checked:
+    a sidecar that named an unknown architecture used to load and answer with uninitialised
+    memory, and a zero std with inf."""
+    side = sidecar_path(weights)
+
+    def bad(what: str) -> StorageError:
+        return StorageError(f"{side}: {what}; {REMEDY}")
+
+    kind, arch, seed = meta.get("kind"), meta.get("arch"), meta.get("seed")
+    if kind not in KINDS:
+        raise bad(f"kind {kind!r} is not one of {list(KINDS)}")
+    if arch not in ARCHS:
+        raise bad(f"arch {arch!r} is not one of {list(ARCHS)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise bad(f"seed {seed!r} is not a non-negative integer")
+    for key in ("index", "embedding_dim", "encoder_sha256"):
+        expected = position if key == "index" else index.get(key)
+        if meta.get(key) != expected:
+            raise bad(f"{key} {meta.get(key)!r} disagrees with {INDEX} ({expected!r})")
+    stats = meta.get("standardization")
+    try:
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise bad(f"standardization {stats!r} is malformed") from exc
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0.0):
+        raise bad(f"standardization mean {mean} / std {std} must be finite with std > 0")
+    return MemberInfo(position, kind, arch, seed), mean, std

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
-from llm2loss_pipeline.core.storage import write_json_atomic, write_text_atomic
+from llm2loss_pipeline.core.storage import replace_dir, write_json_atomic, write_text_atomic
 from llm2loss_pipeline.core.world.config import (
     GENERATOR_VERSION,
     NO_HARDNESS,
@@ -400,7 +400,7 @@ def generate_world(
         current = read_world_json(out_dir)
         if _matches(current, config):  # another process finished the same world first
             return WorldSummary.from_world_json(out_dir, current, reused=True)  # type: ignore[arg-type]
-        _swap_into_place(partial, out_dir)
+        replace_dir(partial, out_dir)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
@@ -423,18 +423,3 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _swap_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename the finished world into place, moving any older world aside and deleting it."""
-    if not out_dir.exists():
-        os.replace(partial, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.replace(out_dir, old)
-    try:
-        os.replace(partial, out_dir)
-    except OSError:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
