@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -596,3 +597,97 @@ def test_auroc_matches_pairwise_definition() -> None:
     assert np.isnan(auroc([1, 2], [1, 1]))
     with pytest.raises(ValueError, match="pair up"):
         auroc([1, 2, 3], [0, 1])
+
+
+# ---- every file of a saved encoder is checked, not just the weights ---------------------------
+
+
+def _drop_files_map(folder: Path) -> None:
+    """Make `folder`'s sidecar look like one written before the "files" map existed."""
+    sidecar = json.loads((folder / "encoder.json").read_text())
+    del sidecar["files"]
+    (folder / "encoder.json").write_text(json.dumps(sidecar))
+
+
+def test_sidecar_lists_every_file_and_round_trips(trained: dict, tmp_path: Path) -> None:
+    from llm2loss_pipeline.core.storage import sha256_file
+
+    out = tmp_path / "encoder"
+    sidecar = save_encoder(trained["encoder"], out)
+    on_disk = {p.name for p in out.iterdir()} - {"encoder.json"}
+    assert set(sidecar["files"]) == on_disk
+    assert {"tokenizer.json", "vocab.txt", "open_clip_config.json"} <= on_disk
+    assert all(sidecar["files"][name] == sha256_file(out / name) for name in on_disk)
+    # the identity stays the weights' hash, so heads trained against it still match
+    assert sidecar["sha256"] == sidecar["files"]["open_clip_model.safetensors"]
+    (out / "notes.txt").write_text("a file the sidecar does not list is ignored")
+    loaded = load_encoder(out)
+    assert loaded.sha256 == sidecar["sha256"] == trained["encoder"].sha256
+    np.testing.assert_array_equal(
+        loaded.encode_texts(["face of a man"]), trained["encoder"].encode_texts(["face of a man"])
+    )
+
+
+def test_swapped_tokens_in_tokenizer_json_are_refused(trained: dict, tmp_path: Path) -> None:
+    out = tmp_path / "encoder"
+    save_encoder(trained["encoder"], out)
+    path = out / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["man"], vocab["woman"] = vocab["woman"], vocab["man"]  # flips a comparison's verdict
+    path.write_text(json.dumps(tokenizer))
+    with pytest.raises(StorageError, match=r"tokenizer\.json: sha256 .* was modified"):
+        load_encoder(out)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "vocab.txt"])
+def test_a_deleted_tokenizer_file_is_refused(trained: dict, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "encoder"
+    save_encoder(trained["encoder"], out)
+    (out / name).unlink()
+    with pytest.raises(StorageError, match=re.escape(name) + " is missing.*incomplete"):
+        load_encoder(out)
+
+
+def test_a_truncated_open_clip_config_is_refused_naming_it(trained: dict, tmp_path: Path) -> None:
+    out = tmp_path / "encoder"
+    save_encoder(trained["encoder"], out)
+    path = out / "open_clip_config.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(StorageError, match=r"open_clip_config\.json: sha256"):
+        load_encoder(out)
+    # without the hashes (an old sidecar) the parse error still names the file
+    _drop_files_map(out)
+    with pytest.raises(StorageError, match=r"open_clip_config\.json line \d+: not valid JSON"):
+        load_encoder(out)
+    save_encoder(trained["encoder"], out)
+    _drop_files_map(out)
+    (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text()[:100])
+    with pytest.raises(StorageError, match=r"tokenizer\.json line \d+: not valid JSON"):
+        load_encoder(out)
+
+
+def test_an_old_sidecar_without_the_files_map_still_loads(
+    trained: dict, world: dict, tmp_path: Path
+) -> None:
+    encoder = trained["encoder"]
+    out = tmp_path / "encoder"
+    sidecar = save_encoder(encoder, out)
+    _drop_files_map(out)
+    loaded = load_encoder(out)
+    assert loaded.sha256 == sidecar["sha256"]
+    items = world["valid"][0][:8]
+    np.testing.assert_array_equal(
+        embed_images(loaded, items, CPU).embeddings, embed_images(encoder, items, CPU).embeddings
+    )
+    np.testing.assert_array_equal(
+        loaded.encode_texts(["face of a man", "face of a woman"]),
+        encoder.encode_texts(["face of a man", "face of a woman"]),
+    )
+    # its weights are still checked
+    weights = out / "open_clip_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(StorageError, match="sha256"):
+        load_encoder(out)

@@ -7,7 +7,8 @@ The folder follows open_clip's `local-dir:` schema (open_clip >= 2.31, see its f
     config.json, tokenizer*.json,  caption_tuned only: the sentence model's Hugging Face config and
     vocab.txt, ...                 tokenizer files, so the folder is its own text-tower source
     encoder.json                   our sidecar: mode, config, embed_dim, sha256 of the weights,
-                                   tokenizer reference, the loading snippet, metrics
+                                   sha256 of every file ("files"), tokenizer reference,
+                                   the loading snippet, metrics
 
 Plain open_clip loads it with (the snippet is also written into encoder.json):
 
@@ -20,8 +21,9 @@ text model (open_clip needs an absolute path there); after moving the folder, pl
 needs `text_cfg=` pointing at the new place, which `load_encoder` does for you.
 
 The folder is written under a temporary name beside `out_dir` and renamed into place, so a killed
-save leaves no half checkpoint; `encoder.json` (with the weights' sha256) is written last inside
-it, and `load_encoder` refuses a folder whose weights do not match it.
+save leaves no half checkpoint; `encoder.json` (with the sha256 of every file) is written last
+inside it, and `load_encoder` refuses a folder whose files are missing or do not match it. The
+encoder's identity (`Encoder.sha256`, `encoder.json`'s "sha256") is the weights' hash alone.
 """
 
 from __future__ import annotations
@@ -124,6 +126,12 @@ def save_encoder(encoder: Encoder, out_dir: str | os.PathLike[str]) -> dict[str,
             staging / OPEN_CLIP_CONFIG,
             {"model_cfg": model_cfg, "preprocess_cfg": dict(encoder.preprocess_cfg)},
         )
+        # every file, not just the weights: a damaged tokenizer gives confidently wrong answers
+        files = {
+            path.name: digest if path.name == WEIGHTS_FILE else sha256_file(path)
+            for path in sorted(staging.iterdir())
+            if path.is_file()
+        }
         sidecar = {
             "format_version": FORMAT_VERSION,
             "mode": encoder.config.mode,
@@ -131,6 +139,7 @@ def save_encoder(encoder: Encoder, out_dir: str | os.PathLike[str]) -> dict[str,
             "embed_dim": encoder.embed_dim,
             "weights_file": WEIGHTS_FILE,
             "sha256": digest,
+            "files": files,
             "tokenizer": tokenizer_ref,
             "open_clip_version": open_clip.__version__,
             "torch_version": torch.__version__,
@@ -172,10 +181,48 @@ def read_encoder_sidecar(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return sidecar
 
 
-def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Encoder:
-    """Load a folder written by `save_encoder`, after checking its weights' sha256.
+def _verify_files(folder: Path, sidecar: dict[str, Any], weights_sha256: str) -> None:
+    """Check every file the sidecar lists; files it does not list are ignored. A sidecar written
+    before the "files" map existed has none, and only its weights are checked (by the caller)."""
+    files = sidecar.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise StorageError(f"{folder / SIDECAR}: 'files' is not a map of file name to sha256")
+    for name, expected in sorted(files.items()):
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise StorageError(f"{folder / SIDECAR}: file {name!r} is outside the encoder folder")
+        path = folder / relative
+        if not path.is_file():
+            raise StorageError(
+                f"{path} is missing: the encoder folder {folder} is incomplete or was modified"
+            )
+        # the weights were hashed already; they are large
+        actual = weights_sha256 if name == sidecar["weights_file"] else sha256_file(path)
+        if actual != expected:
+            raise StorageError(
+                f"{path}: sha256 {actual[:12]} does not match {SIDECAR} "
+                f"({expected[:12]}); the encoder folder is incomplete or was modified"
+            )
 
-    Raises StorageError when the folder is missing, incomplete or its weights were modified.
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise StorageError(
+            f"{path}{where}: not valid JSON ({exc}); the encoder folder is damaged"
+        ) from exc
+
+
+def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Encoder:
+    """Load a folder written by `save_encoder`, after checking the sha256 of its files.
+
+    Raises StorageError when the folder is missing, incomplete or any listed file was modified.
     The model is built by open_clip from the folder (`local-dir:` schema), as a user would.
     """
     import open_clip
@@ -196,12 +243,22 @@ def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "
             f"{weights}: sha256 {actual[:12]} does not match {SIDECAR} "
             f"({str(sidecar['sha256'])[:12]}); the encoder is incomplete or was modified"
         )
+    _verify_files(folder, sidecar, actual)
     try:
         config = EncoderConfig.model_validate(sidecar["config"])
     except ValueError as exc:
         raise StorageError(f"{folder / SIDECAR}: invalid encoder config ({exc})") from exc
-    open_clip_config = json.loads((folder / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+    open_clip_config = _read_json_file(folder / OPEN_CLIP_CONFIG)
+    if not isinstance(open_clip_config, dict) or not isinstance(
+        open_clip_config.get("model_cfg"), dict
+    ):
+        raise StorageError(f"{folder / OPEN_CLIP_CONFIG}: no 'model_cfg' object in it")
     model_cfg = open_clip_config["model_cfg"]
+    if config.mode == "caption_tuned":
+        # parse here so that a broken file is named (old sidecars list no hashes to catch it)
+        for name in _HF_TEXT_FILES:
+            if name.endswith(".json") and (folder / name).is_file():
+                _read_json_file(folder / name)
     torch_device = torch.device(device)
     overrides: dict[str, Any] = {}
     if config.mode == "caption_tuned":
@@ -210,12 +267,19 @@ def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "
         text_cfg.update(hf_tokenizer_name=str(folder), hf_model_pretrained=False)
         overrides["text_cfg"] = text_cfg
     with quiet_transformers():
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{folder}", device=torch_device, **overrides
-        )
-        if config.mode == "caption_tuned":
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-        else:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                f"local-dir:{folder}", device=torch_device, **overrides
+            )
+            if config.mode == "caption_tuned":
+                tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+        except (OSError, ValueError, KeyError) as exc:
+            # a bare parse error from open_clip / transformers names no file
+            raise StorageError(
+                f"{folder}: could not build the encoder from the folder's files "
+                f"({type(exc).__name__}: {exc}); the encoder folder may be damaged"
+            ) from exc
+        if config.mode != "caption_tuned":
             tokenizer = open_clip.get_tokenizer(config.model_name, cache_dir=config.cache_dir)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
