@@ -21,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
-    return int(args.handler(args) or 0)
+    from llm2loss_pipeline.query_cli import run_handler
+
+    return run_handler(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

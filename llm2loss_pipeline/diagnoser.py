@@ -17,6 +17,7 @@ uncertainty (paper, Figure 2).
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +85,24 @@ def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> li
         label = labels[position] if labels is not None else f"text {position + 1}"
         if not isinstance(text, str):
             raise ValueError(f"{label} is a {type(text).__name__}, not a string")
-        if not text.strip():
+        if not any(_visible(char) for char in text):
             raise ValueError(
                 f"{label} is empty: give a description such as 'a person wearing glasses'"
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes from argv arrive as surrogates
+            raise ValueError(
+                f"{label} is not valid UTF-8 text (an undecodable byte at character {exc.start})"
+            ) from exc
     return result
+
+
+INVISIBLE = ("Zs", "Zl", "Zp", "Cc", "Cf")  # spaces, controls, format (a zero-width space)
+
+
+def _visible(char: str) -> bool:
+    return unicodedata.category(char) not in INVISIBLE
 
 
 class Diagnoser:
@@ -222,8 +236,10 @@ class Diagnoser:
         """Many comparisons, with every distinct text encoded once, in one batch."""
         pairs = list(pairs)
         for position, pair in enumerate(pairs):
-            if len(pair) != 2:
-                raise ValueError(f"pair {position + 1} has {len(pair)} texts, expected 2")
+            if isinstance(pair, str) or len(pair) != 2:  # ("ab", "cd") is not two pairs
+                raise ValueError(
+                    f"pair {position + 1} is {pair!r}: each pair is two texts, (text_a, text_b)"
+                )
         labels = [f"text {'AB'[k]} of pair {p + 1}" for p in range(len(pairs)) for k in range(2)]
         if len(pairs) == 1:
             labels = ["text A", "text B"]
@@ -233,8 +249,14 @@ class Diagnoser:
             from llm2loss_pipeline.core.report.grounded import grounded_diffs
 
             features = self.text_features(check_texts(flat, labels))
-            pool, scores, weights = self.grounding_pool()
-            diffs = grounded_diffs(scores, pool, features[0::2] - features[1::2], weights)
+            directions = features[0::2] - features[1::2]
+            # Two texts with one embedding (the same text) differ by nothing; grounding would
+            # fail on their zero direction, which scores every pool image alike.
+            apart = np.linalg.norm(directions, axis=1) > 0.0
+            diffs = np.zeros((len(members), len(pairs)))
+            if apart.any():
+                pool, scores, weights = self.grounding_pool()
+                diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
             return [
                 compare_members(diffs[:, p], members, a, b, estimator="grounded")
                 for p, (a, b) in enumerate(pairs)

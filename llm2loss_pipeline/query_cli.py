@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
     parser.add_argument("--device", default="cpu", help="device for the text encoder (default cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="also write a chart to this PNG file")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also write a chart to FILE, in the format its extension names (.png, .svg, .pdf)",
+    )
 
 
 def load_diagnoser(home: str | None, device: str):
@@ -86,71 +93,118 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, StorageError, OSError)
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    try:
-        diagnoser = load_diagnoser(args.home, args.device)
-        comparison = diagnoser.compare(args.text_a, args.text_b, grounded=args.grounded)
-        if args.plot:
-            from llm2loss_pipeline.core.heads.plots import plot_comparison
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that can be checked before the (slow) loading of the encoder and heads."""
+    from pydantic import ValidationError
 
-            plot_comparison(comparison, args.plot)
-    except _handled_errors() as exc:
-        return _fail("compare", str(exc))
+    from llm2loss_pipeline.core.device import DeviceSpec
+
+    try:
+        DeviceSpec(device=args.device).torch_device()
+    except ValidationError as exc:  # pydantic's report spans lines; the reason is one
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"--device {args.device}: {reason}") from exc
+    except RuntimeError as exc:  # CUDA asked for on a machine without it
+        raise ValueError(f"--device {args.device}: {exc}") from exc
+    if args.plot is not None:
+        from llm2loss_pipeline.core.heads.plots import plot_format
+
+        plot_format(args.plot)
+
+
+def _notes(command: str, caught: list[warnings.WarningMessage]) -> None:
+    """Warnings of the query (a text truncated to the encoder's context) as one line each."""
+    for warning in caught:
+        print(f"llm2loss {command}: note: {warning.message}", file=sys.stderr)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            _check_options(args)
+            diagnoser = load_diagnoser(args.home, args.device)
+            comparison = diagnoser.compare(args.text_a, args.text_b, grounded=args.grounded)
+            if args.plot is not None:
+                from llm2loss_pipeline.core.heads.plots import plot_comparison
+
+                plot_comparison(comparison, args.plot)
+        except _handled_errors() as exc:
+            return _fail("compare", str(exc))
+    _notes("compare", caught)
     if args.json:
         print(json.dumps(_json_safe(comparison.to_dict()), indent=2))
     else:
         _print_comparison(comparison)
-    if args.plot:
+    if args.plot is not None:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    try:
-        texts = list(args.texts)
-        if args.file:
-            texts = read_prompts(args.file) + texts
-        if not texts:
-            raise ValueError("no texts to rank: give them as arguments or with --file FILE")
-        diagnoser = load_diagnoser(args.home, args.device)
-        ranking = diagnoser.rank(texts)
-        if args.plot:
-            from llm2loss_pipeline.core.heads.plots import plot_ranking
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            _check_options(args)
+            texts = list(args.texts)
+            if args.file:
+                texts = read_prompts(args.file) + texts
+            if not texts:
+                raise ValueError("no texts to rank: give them as arguments or with --file FILE")
+            diagnoser = load_diagnoser(args.home, args.device)
+            ranking = diagnoser.rank(texts)
+            if args.plot is not None:
+                from llm2loss_pipeline.core.heads.plots import plot_ranking
 
-            plot_ranking(ranking, args.plot)
-    except _handled_errors() as exc:
-        return _fail("rank", str(exc))
+                plot_ranking(ranking, args.plot)
+        except _handled_errors() as exc:
+            return _fail("rank", str(exc))
+    _notes("rank", caught)
     if args.json:
         print(json.dumps(_json_safe(ranking), indent=2))
     else:
         _print_ranking(ranking, n_members=len(diagnoser.members))
-    if args.plot:
+    if args.plot is not None:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
 def read_prompts(source: str) -> list[str]:
-    """Prompts from a file or stdin ('-'): one per line, blank lines and # comments skipped."""
-    name = "stdin" if source == "-" else source
+    """Prompts from a file or stdin ('-'): one per line, blank lines and # comments skipped.
+
+    Any readable path works (a pipe, /dev/stdin, process substitution), not only regular files.
+    Lines end at \\n, \\r\\n or \\r alone: str.splitlines would also split a prompt at a form
+    feed or U+0085. A UTF-8 byte-order mark is dropped.
+    """
+    name = "stdin" if source == "-" else f"prompt file {source}"
     if source == "-":
-        text = sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)  # bytes, to name the line of a bad one
+        data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
     else:
         path = Path(source)
-        if not path.is_file():
-            raise PromptFileError(f"prompt file {path} does not exist")
+        if path.is_dir():
+            raise PromptFileError(f"{name} is a directory; give a file with one prompt per line")
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise PromptFileError(f"prompt file {path} is not UTF-8 text ({exc.reason})") from exc
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise PromptFileError(f"{name} does not exist") from exc
+        except OSError as exc:
+            raise PromptFileError(f"{name} cannot be read ({exc.strerror or exc})") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PromptFileError(
+            f"{name} line {line} is not UTF-8 text ({exc.reason}: byte 0x{data[exc.start]:02x})"
+        ) from exc
     prompts = [
         line.strip()
-        for line in text.splitlines()
+        for line in re.split(r"\r\n|\n|\r", text)
         if line.strip() and not line.lstrip().startswith("#")
     ]
     if not prompts:
         raise PromptFileError(
-            f"prompt file {name} has no prompts "
-            "(one per line; blank lines and # comments are skipped)"
+            f"{name} has no prompts (one per line; blank lines and # comments are skipped)"
         )
     return prompts
 
@@ -203,6 +257,7 @@ def _print_comparison(comparison: Any) -> None:
 
 def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console = _console()
     table = Table(
@@ -219,7 +274,7 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
     for row in ranking:
         table.add_row(
             str(row["rank"]),
-            row["text"],
+            Text(row["text"]),  # not markup: a prompt may hold "[/]" or "[bold]"
             f"{row['mean']:+.3f}",
             f"{row['q1']:+.2f} .. {row['q3']:+.2f}",
             f"{row['min']:+.2f} .. {row['max']:+.2f}",
@@ -241,7 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    return run_handler(args)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """A command's exit code; a reader that closed our output early (`| head`) is not an error
+    worth a traceback."""
+    try:
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 if __name__ == "__main__":

@@ -69,6 +69,16 @@ def test_verdicts_and_their_thresholds():
     assert edge.verdict.startswith("the model is expected")
     flat = compare_members(np.zeros(20), members(kinds))
     assert flat.verdict.startswith("no difference") and flat.p_greater == 0.5
+    # an even split names no side: it used to call A worse whichever text was A
+    split = np.r_[np.ones(10), -np.ones(10)]
+    ab = compare_members(split, members(kinds), "man", "eyebrows")
+    ba = compare_members(-split, members(kinds), "eyebrows", "man")
+    assert ab.verdict == (
+        "evenly split: 10 of 20 members expect the model to do worse on A ('man'), "
+        "10 on B ('eyebrows')"
+    )
+    assert ba.verdict.startswith("evenly split: 10 of 20")
+    assert "worse on A ('eyebrows')" in ba.verdict
 
 
 def test_comparison_serialises_to_json():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llm2loss_pipeline import diagnoser as diagnoser_module
 from llm2loss_pipeline.core.heads import (
@@ -28,7 +29,7 @@ from llm2loss_pipeline.core.heads import (
 )
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.diagnoser import Diagnoser, NotMaterializedError
-from llm2loss_pipeline.query_cli import main
+from llm2loss_pipeline.query_cli import PromptFileError, main, read_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -155,13 +156,13 @@ def test_grounded_compare_answers_on_the_pool(diagnoser):
     assert many[1].text_a == SMILING and many[1].estimator == "grounded"
 
 
-def test_grounded_compare_needs_images_and_distinct_texts(home, diagnoser):
+def test_grounded_compare_needs_images(home, diagnoser):
     bare = Diagnoser(diagnoser.encode_texts, diagnoser.ensemble, diagnoser.gap)
     with pytest.raises(ValueError, match=r"grounded comparisons need images"):
         bare.compare(GLASSES, HAT, grounded=True)
     bare.use_pool(pool_embeddings()[1])
-    with pytest.raises(ValueError, match=r"same score"):
-        bare.compare(GLASSES, GLASSES, grounded=True)
+    same = bare.compare(GLASSES, GLASSES, grounded=True)  # as direct compare: no difference
+    assert same.diffs == (0.0,) * 8 and same.verdict.startswith("no difference")
     with pytest.raises(ValueError, match=r"at least 2 images"):
         bare.use_pool(pool_embeddings()[1][:1])
     # the fixture home has heads but no tables: the error names the missing manifest
@@ -322,7 +323,8 @@ def test_cli_heads_from_another_encoder(home, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(diagnoser_module, "default_encoder_loader", fake_loader)
     assert main(["rank", GLASSES, "--home", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "heads were trained on encoder 555555555555 (dim 32)" in err
+    assert "were trained on encoder 555555555555 (dim 32)" in err
+    assert str(Layout.at(other).heads_dir) in err
     assert "rematerialize diagnosis_heads: llm2loss run" in err
 
 
@@ -346,3 +348,114 @@ def test_module_entry_point_reports_errors_without_a_traceback(tmp_path):
     assert done.returncode == 2
     assert "llm2loss compare: error:" in done.stderr and "llm2loss run" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# the command line: awkward inputs
+
+
+def test_cli_prompts_are_text_not_markup(cli_home, capsys):
+    odd = ["face [/]", "[bold red]face of a man", "a hat costing $10 and $20"]
+    assert main(["rank", *odd, "--home", str(cli_home)]) == 0
+    out = capsys.readouterr().out
+    assert all(text in out for text in odd)
+
+
+def test_cli_plot_formats_and_dollar_signs(cli_home, capsys, tmp_path):
+    svg, png = tmp_path / "cmp.svg", tmp_path / "rank.png"
+    argv = ["compare", "face $\\frac{a$ x", HAT, "--home", str(cli_home), "--plot", str(svg)]
+    assert main(argv) == 0
+    assert b"<svg" in svg.read_bytes()[:400]
+    assert main(["rank", "a hat costing $10 and $20", HAT, "--home", str(cli_home),
+                 "--plot", str(png)]) == 0  # fmt: skip
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--plot", "chart"], "the extension must name an image format"),
+        (["--plot", "out.docx"], "the extension must name an image format"),
+        (["--plot", ""], "a plot path needs a file name"),
+        (["--plot", "/tmp"], "plot path /tmp is a directory"),
+        (["--device", "foo"], "device must be cpu, cuda, cuda:N or auto"),
+    ],
+)
+def test_cli_bad_options_fail_before_any_work(cli_home, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(
+        "llm2loss_pipeline.query_cli.load_diagnoser", lambda *a: pytest.fail("loaded")
+    )
+    assert main(["compare", GLASSES, HAT, "--home", str(cli_home), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_one_line(cli_home, capsys):
+    assert main(["rank", GLASSES, "--home", str(cli_home), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:" in err and "no CUDA device" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("\u200b", "text A is empty"),  # a zero-width space shows nothing
+        ("old \udcff man", "text A is not valid UTF-8 text"),  # argv's undecodable byte
+    ],
+)
+def test_cli_texts_that_show_nothing_or_are_not_utf8(cli_home, capsys, text, message):
+    assert main(["compare", text, HAT, "--home", str(cli_home)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_files_bom_line_ends_bad_bytes_and_odd_paths(tmp_path, monkeypatch):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf# my prompts\r\nold man\rface\x0cof a man\n")
+    assert read_prompts(str(bom)) == ["old man", "face\x0cof a man"]  # no split at a form feed
+    only_bom = tmp_path / "only_bom.txt"
+    only_bom.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(PromptFileError, match=r"only_bom\.txt has no prompts"):
+        read_prompts(str(only_bom))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nold \xff man\n")
+    with pytest.raises(PromptFileError, match=r"bad\.txt line 2 is not UTF-8 .*byte 0xff"):
+        read_prompts(str(bad))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a\n\xfe b\n")))
+    with pytest.raises(PromptFileError, match=r"stdin line 2 is not UTF-8"):
+        read_prompts("-")
+    with pytest.raises(PromptFileError, match=r"is a directory"):
+        read_prompts(str(tmp_path))
+    with pytest.raises(PromptFileError, match=r"/dev/null has no prompts"):
+        read_prompts("/dev/null")  # not a regular file, and still read
+    reader, writer = os.pipe()  # what `--file <(printf ...)` passes
+    os.write(writer, b"a person\n")
+    os.close(writer)
+    try:
+        assert read_prompts(f"/dev/fd/{reader}") == ["a person"]
+    finally:
+        os.close(reader)
+
+
+def test_compare_many_refuses_a_string_as_a_pair(diagnoser):
+    with pytest.raises(ValueError, match=r"pair 1 is 'ab': each pair is two texts"):
+        diagnoser.compare_many(("ab", "cd"))
+
+
+def test_a_closed_pipe_ends_the_command_without_a_traceback():
+    code = (
+        "import argparse, sys\n"
+        "from llm2loss_pipeline.query_cli import run_handler\n"
+        "def handler(args):\n"
+        "    for i in range(200000):\n"
+        "        print('row', i)\n"
+        "    return 0\n"
+        "sys.exit(run_handler(argparse.Namespace(handler=handler)))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout.readline() == b"row 0\n"
+    process.stdout.close()  # as `| head -1` does
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and b"Traceback" not in err and err == b""

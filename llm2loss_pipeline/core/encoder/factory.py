@@ -223,7 +223,9 @@ def _pad_token_id(tokenizer: Any) -> int | None:
 def _untruncated_length(tokenizer: Any, text: str) -> int | None:
     inner = getattr(tokenizer, "tokenizer", None)
     if inner is not None and callable(inner):  # HFTokenizer wraps a transformers tokenizer
-        return len(inner(text, add_special_tokens=True)["input_ids"])
+        # verbose=False: transformers would log that this over-long sequence "will result in
+        # indexing errors", which it does not; it is only measured here, then truncated.
+        return len(inner(text, add_special_tokens=True, verbose=False)["input_ids"])
     if hasattr(tokenizer, "encode"):  # SimpleTokenizer: start and end tokens come on top
         return len(tokenizer.encode(text)) + 2
     return None

@@ -175,13 +175,13 @@ def read_index(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_compatible(
-    index: dict[str, Any], *, expected_dim: int, expected_encoder_sha256: str
+    index: dict[str, Any], folder: Path, *, expected_dim: int, expected_encoder_sha256: str
 ) -> None:
     dim, sha = index.get("embedding_dim"), str(index.get("encoder_sha256"))
     if dim != expected_dim or sha != expected_encoder_sha256:
         raise HeadMismatchError(
-            f"heads were trained on encoder {_short(sha)} (dim {dim}) but the encoder in use is "
-            f"{_short(expected_encoder_sha256)} (dim {expected_dim}); {REMEDY}"
+            f"the heads in {folder} were trained on encoder {_short(sha)} (dim {dim}) but the "
+            f"encoder in use is {_short(expected_encoder_sha256)} (dim {expected_dim}); {REMEDY}"
         )
 
 
@@ -192,7 +192,7 @@ def load_ensemble(
     folder = existing_dir(out_dir)
     index = read_index(folder)
     check_compatible(
-        index, expected_dim=expected_dim, expected_encoder_sha256=expected_encoder_sha256
+        index, folder, expected_dim=expected_dim, expected_encoder_sha256=expected_encoder_sha256
     )
     try:
         config = HeadsConfig.model_validate(index["config"])

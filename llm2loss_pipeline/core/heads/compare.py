@@ -11,7 +11,7 @@ position p * (M - 1)); it is symmetric, so swapping a and b negates and swaps th
 
 Verdict: the members agree when at least `CONFIDENT` (80%) of them put the difference on the same
 side of zero, i.e. P >= 0.8 or P <= 0.2; otherwise the comparison is reported as uncertain, with the
-count of members on the leaning side.
+count of members on the leaning side, or as evenly split when P is exactly 1/2.
 """
 
 from __future__ import annotations
@@ -133,7 +133,12 @@ class Comparison:
         a, b = f"A ({self.text_a!r})", f"B ({self.text_b!r})"
         if stats.n_positive == 0 and stats.n_negative == 0:
             return f"no difference: all {stats.n} members give A and B the same estimated loss"
-        worse, better = (a, b) if stats.p_greater >= 0.5 else (b, a)
+        if stats.p_greater == 0.5:  # naming a side here would flip with the order of A and B
+            return (
+                f"evenly split: {stats.n_positive} of {stats.n} members expect the model to do "
+                f"worse on {a}, {stats.n_negative} on {b}"
+            )
+        worse, better = (a, b) if stats.p_greater > 0.5 else (b, a)
         agree = stats.n_agree
         if stats.p_greater >= CONFIDENT or stats.p_greater <= 1.0 - CONFIDENT:
             return (

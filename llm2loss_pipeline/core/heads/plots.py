@@ -1,4 +1,5 @@
-"""Figure-2-style charts of comparisons and rankings (matplotlib, Agg backend, atomic PNG writes).
+"""Figure-2-style charts of comparisons and rankings (matplotlib, Agg backend, atomic writes in the
+format the file name's extension gives: .png, .svg, .pdf, ...).
 
 A comparison shows, per kind and overall, the distribution over members of h(a) - h(b): a box from
 q1 to q3 with the median, whiskers from min to max, each member as a dot, and the zero line; the
@@ -28,14 +29,39 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, out_png: str | os.PathLike[str]) -> Path:
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    return Path(out_png)
+def plot_format(out: str | os.PathLike[str]) -> str:
+    """The image format a chart path asks for by its extension, or a ValueError naming the path;
+    called before any work so that a typo does not cost a whole query."""
+    path = Path(out)
+    if not str(out).strip():
+        raise ValueError("a plot path needs a file name, such as out.png")
+    if path.is_dir():
+        raise ValueError(f"plot path {path} is a directory; give a file name such as out.png")
+    fmt = path.suffix.lower().lstrip(".")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(
+            f"plot path {path}: the extension must name an image format, one of "
+            f"{', '.join('.' + name for name in sorted(supported))}"
+        )
+    return fmt
+
+
+def _save(fig: Any, out: str | os.PathLike[str]) -> Path:
+    fmt = plot_format(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+    except OSError as exc:  # name the chart, not the temporary file beside it
+        raise OSError(f"cannot write plot {out}: {exc.strerror or exc}") from exc
+    return Path(out)
 
 
 def _wrap(text: str, width: int = 60) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or text
+    # "$" starts matplotlib mathtext: a price in a prompt would be typeset, or fail to parse.
+    return ("\n".join(textwrap.wrap(text, width)) or text).replace("$", r"\$")
 
 
 def plot_comparison(comparison: Comparison, out_png: str | os.PathLike[str]) -> Path:

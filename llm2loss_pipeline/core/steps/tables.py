@@ -70,9 +70,21 @@ def read_shards(layout: Layout, table: str, manifest: pl.DataFrame) -> pl.DataFr
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): backfill them, e.g. "
             f"llm2loss run --stage signals --shard {missing[0]}"
         )
-    frames = [pl.read_parquet(layout.shard_table(table, key)) for key in keys]
+    frames = [_read_shard(layout.shard_table(table, key), table) for key in keys]
     order = manifest.select("sample_id", "index")
     return pl.concat(frames).join(order, on="sample_id", how="left").sort("index").drop("index")
+
+
+def _read_shard(path, table: str) -> pl.DataFrame:
+    from llm2loss_pipeline.core.storage import StorageError
+
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise StorageError(
+            f"{path}: not a readable Parquet shard of {table} ({exc}); rematerialize it, e.g. "
+            f"llm2loss run --stage signals --shard {path.stem}"
+        ) from exc
 
 
 def split_rows(frame: pl.DataFrame, split: str, setting: str) -> pl.DataFrame:
