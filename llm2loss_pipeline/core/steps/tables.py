@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import polars as pl
 
@@ -75,7 +76,7 @@ def read_shards(layout: Layout, table: str, manifest: pl.DataFrame) -> pl.DataFr
     return pl.concat(frames).join(order, on="sample_id", how="left").sort("index").drop("index")
 
 
-def _read_shard(path, table: str) -> pl.DataFrame:
+def _read_shard(path: Path, table: str) -> pl.DataFrame:
     from llm2loss_pipeline.core.storage import StorageError
 
     try:
