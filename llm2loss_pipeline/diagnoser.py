@@ -17,7 +17,6 @@ uncertainty (paper, Figure 2).
 from __future__ import annotations
 
 import os
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from llm2loss_pipeline.core.heads.compare import (
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.prompts import shows_nothing
 from llm2loss_pipeline.core.storage import StorageError, existing_dir
 
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
@@ -85,7 +85,7 @@ def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> li
         label = labels[position] if labels is not None else f"text {position + 1}"
         if not isinstance(text, str):
             raise ValueError(f"{label} is a {type(text).__name__}, not a string")
-        if not any(_visible(char) for char in text):
+        if shows_nothing(text):
             raise ValueError(
                 f"{label} is empty: give a description such as 'a person wearing glasses'"
             )
@@ -96,13 +96,6 @@ def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> li
                 f"{label} is not valid UTF-8 text (an undecodable byte at character {exc.start})"
             ) from exc
     return result
-
-
-INVISIBLE = ("Zs", "Zl", "Zp", "Cc", "Cf")  # spaces, controls, format (a zero-width space)
-
-
-def _visible(char: str) -> bool:
-    return unicodedata.category(char) not in INVISIBLE
 
 
 class Diagnoser:
@@ -146,6 +139,9 @@ class Diagnoser:
         Raises NotMaterializedError when either is missing, HeadMismatchError when the heads were
         trained on another encoder than the one saved now, StorageError when files are damaged.
         """
+        from llm2loss_pipeline.core.device import resolve_device
+
+        device = resolve_device(device)  # "auto", and a clear error for a device not here
         layout = Layout.at(home)
         # existing_dir: a run killed while it swapped in a new folder leaves the old one aside.
         encoder_dir, heads_dir = existing_dir(layout.encoder_dir), existing_dir(layout.heads_dir)

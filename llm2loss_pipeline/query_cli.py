@@ -66,7 +66,9 @@ def register(subparsers: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", help="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
-    parser.add_argument("--device", default="cpu", help="device for the text encoder (default cpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="text encoder device: cpu, cuda, cuda:N, auto (default cpu)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
         "--plot",
@@ -93,23 +95,20 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, StorageError, OSError)
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    """Options that can be checked before the (slow) loading of the encoder and heads."""
-    from pydantic import ValidationError
-
-    from llm2loss_pipeline.core.device import DeviceSpec
+def _check_options(args: argparse.Namespace) -> str:
+    """Options that can be checked before the (slow) loading of the encoder and heads; returns
+    the torch device to load on."""
+    from llm2loss_pipeline.core.device import resolve_device
 
     try:
-        DeviceSpec(device=args.device).torch_device()
-    except ValidationError as exc:  # pydantic's report spans lines; the reason is one
-        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise ValueError(f"--device {args.device}: {reason}") from exc
-    except RuntimeError as exc:  # CUDA asked for on a machine without it
+        device = resolve_device(args.device)
+    except ValueError as exc:
         raise ValueError(f"--device {args.device}: {exc}") from exc
     if args.plot is not None:
         from llm2loss_pipeline.core.heads.plots import plot_format
 
         plot_format(args.plot)
+    return device
 
 
 def _notes(command: str, caught: list[warnings.WarningMessage]) -> None:
@@ -122,8 +121,8 @@ def run_compare(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            _check_options(args)
-            diagnoser = load_diagnoser(args.home, args.device)
+            device = _check_options(args)
+            diagnoser = load_diagnoser(args.home, device)
             comparison = diagnoser.compare(args.text_a, args.text_b, grounded=args.grounded)
             if args.plot is not None:
                 from llm2loss_pipeline.core.heads.plots import plot_comparison
@@ -145,13 +144,13 @@ def run_rank(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            _check_options(args)
+            device = _check_options(args)
             texts = list(args.texts)
             if args.file:
                 texts = read_prompts(args.file) + texts
             if not texts:
                 raise ValueError("no texts to rank: give them as arguments or with --file FILE")
-            diagnoser = load_diagnoser(args.home, args.device)
+            diagnoser = load_diagnoser(args.home, device)
             ranking = diagnoser.rank(texts)
             if args.plot is not None:
                 from llm2loss_pipeline.core.heads.plots import plot_ranking
@@ -197,11 +196,12 @@ def read_prompts(source: str) -> list[str]:
         raise PromptFileError(
             f"{name} line {line} is not UTF-8 text ({exc.reason}: byte 0x{data[exc.start]:02x})"
         ) from exc
-    prompts = [
-        line.strip()
-        for line in re.split(r"\r\n|\n|\r", text)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    from llm2loss_pipeline.core.prompts import shows_nothing
+
+    # A byte-order mark inside the text (files joined with cat) is dropped like the first one;
+    # a line that shows nothing (a zero-width space) is blank.
+    lines = [line.replace("\ufeff", "").strip() for line in re.split(r"\r\n|\n|\r", text)]
+    prompts = [line for line in lines if not shows_nothing(line) and not line.startswith("#")]
     if not prompts:
         raise PromptFileError(
             f"{name} has no prompts (one per line; blank lines and # comments are skipped)"

@@ -459,3 +459,51 @@ def test_a_closed_pipe_ends_the_command_without_a_traceback():
     process.stdout.close()  # as `| head -1` does
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1 and b"Traceback" not in err and err == b""
+
+
+def test_devices_resolve_or_fail_in_one_line(cli_home, home, capsys, monkeypatch):
+    """`auto` passed the option check but reached torch.device("auto") and a traceback."""
+    seen = []
+    monkeypatch.setattr(
+        diagnoser_module,
+        "default_encoder_loader",
+        lambda d, device: seen.append(device) or fake_loader(d, device),
+    )
+    assert main(["rank", GLASSES, "--home", str(cli_home), "--device", "auto"]) == 0
+    assert seen[-1] == ("cuda" if torch.cuda.is_available() else "cpu")
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
+        Diagnoser.load(home, device="tpu")
+
+
+@pytest.mark.parametrize(
+    ("plot", "message"),
+    [
+        ("chart.pgf", "the extension must name an image format, one of .png, .svg, .pdf"),
+        ("chart.eps", "the extension must name an image format"),
+        ("afile/chart.png", "afile is a file, not a folder"),
+    ],
+)
+def test_cli_plot_paths_refused_before_loading(cli_home, capsys, tmp_path, plot, message):
+    (tmp_path / "afile").write_text("")
+    argv = ["rank", GLASSES, "--home", str(cli_home), "--plot", str(tmp_path / plot)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_lines_that_show_nothing_are_blank(tmp_path):
+    joined = tmp_path / "joined.txt"  # two BOM files joined with cat, and invisible lines
+    joined.write_bytes(
+        "\ufeffa bald man\n\u200b\n\ufeff# second file\n\ufeffan old man\n\u034f\n".encode()
+    )
+    assert read_prompts(str(joined)) == ["a bald man", "an old man"]
+
+
+def test_texts_of_combining_marks_alone_are_empty(diagnoser):
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        diagnoser.rank(["\u034f\u0301"])
+
+
+def test_verdicts_quote_texts_as_typed(diagnoser):
+    result = diagnoser.compare("face $\\frac{a$ x", HAT)
+    assert "'face $\\frac{a$ x'" in result.verdict and "\\\\" not in result.verdict

@@ -74,6 +74,19 @@ class DeviceSpec(BaseModel):
         return kwargs
 
 
+def resolve_device(name: str) -> str:
+    """The torch device a user's `--device` / `device=` names ("auto" resolved), or one line of
+    ValueError saying why it cannot be used here."""
+    from pydantic import ValidationError
+
+    try:
+        return str(DeviceSpec(device=name).torch_device())
+    except ValidationError as exc:  # pydantic's report spans lines; the reason is one
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from exc
+    except RuntimeError as exc:  # CUDA asked for on a machine without it
+        raise ValueError(str(exc)) from exc
+
+
 def _is_cuda_index(device: str) -> bool:
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()

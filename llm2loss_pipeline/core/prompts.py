@@ -24,6 +24,7 @@ deterministic descriptions and the report's first prompt pair use it.
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -245,6 +246,15 @@ _ADJECTIVE_ORDER: tuple[str, ...] = (
     "5_o_Clock_Shadow",
     "No_Beard",
 )
+
+# Characters that show nothing on their own: spaces, controls, format characters (a zero-width
+# space, a byte-order mark) and combining marks without a base.
+INVISIBLE = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Mn", "Me"})
+
+
+def shows_nothing(text: str) -> bool:
+    """Whether a text is empty to a reader, though str.strip() may leave characters in it."""
+    return all(unicodedata.category(char) in INVISIBLE for char in text)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,11 @@ def _verify_files(folder: Path, sidecar: dict[str, Any], weights_sha256: str) ->
     before the "files" map existed has none, and only its weights are checked (by the caller)."""
     files = sidecar.get("files")
     if files is None:
+        warnings.warn(
+            f"the encoder folder {folder} predates per-file hashes: only its weights are "
+            "verified, not its tokenizer; rematerialize the encoder (llm2loss run) to protect them",
+            stacklevel=3,
+        )
         return
     if not isinstance(files, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in files.items()

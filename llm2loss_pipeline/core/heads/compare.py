@@ -130,7 +130,8 @@ class Comparison:
     @property
     def verdict(self) -> str:
         stats = self.overall
-        a, b = f"A ({self.text_a!r})", f"B ({self.text_b!r})"
+        # quoted as typed: repr() would double every backslash
+        a, b = f"A ('{self.text_a}')", f"B ('{self.text_b}')"
         if stats.n_positive == 0 and stats.n_negative == 0:
             return f"no difference: all {stats.n} members give A and B the same estimated loss"
         if stats.p_greater == 0.5:  # naming a side here would flip with the order of A and B

@@ -17,6 +17,9 @@ from typing import Any
 from llm2loss_pipeline.core.heads.compare import OVERALL, Comparison
 from llm2loss_pipeline.core.storage import atomic_path
 
+# What matplotlib writes with no outside program (pgf needs LaTeX) and no caveat (eps and ps drop
+# transparency, with a warning on stderr).
+PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "tif", "tiff", "webp")
 _COLORS = {"regressor": "#4C72B0", "ranker": "#DD8452", OVERALL: "#55A868"}
 
 
@@ -37,14 +40,16 @@ def plot_format(out: str | os.PathLike[str]) -> str:
         raise ValueError("a plot path needs a file name, such as out.png")
     if path.is_dir():
         raise ValueError(f"plot path {path} is a directory; give a file name such as out.png")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"plot path {path}: {parent} is a file, not a folder")
+            break
     fmt = path.suffix.lower().lstrip(".")
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    supported = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in supported:
+    if fmt not in PLOT_FORMATS:
         raise ValueError(
             f"plot path {path}: the extension must name an image format, one of "
-            f"{', '.join('.' + name for name in sorted(supported))}"
+            f"{', '.join('.' + name for name in PLOT_FORMATS)}"
         )
     return fmt
 
@@ -54,8 +59,9 @@ def _save(fig: Any, out: str | os.PathLike[str]) -> Path:
     try:
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-    except OSError as exc:  # name the chart, not the temporary file beside it
-        raise OSError(f"cannot write plot {out}: {exc.strerror or exc}") from exc
+    except (OSError, RuntimeError) as exc:  # name the chart, not the temporary file beside it
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise OSError(f"cannot write plot {out}: {reason}") from exc
     return Path(out)
 
 
