@@ -141,7 +141,7 @@ class Diagnoser:
         """
         from llm2loss_pipeline.core.device import resolve_device
 
-        device = resolve_device(device)  # "auto", and a clear error for a device not here
+        device = resolve_device(str(device))  # "auto", torch.device objects, a clear error
         layout = Layout.at(home)
         # existing_dir: a run killed while it swapped in a new folder leaves the old one aside.
         encoder_dir, heads_dir = existing_dir(layout.encoder_dir), existing_dir(layout.heads_dir)

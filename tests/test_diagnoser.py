@@ -474,6 +474,7 @@ def test_devices_resolve_or_fail_in_one_line(cli_home, home, capsys, monkeypatch
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
         Diagnoser.load(home, device="tpu")
+    Diagnoser.load(home, device=torch.device("cpu"), encoder_loader=fake_loader)  # as before
 
 
 @pytest.mark.parametrize(
