@@ -21,9 +21,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
-    from llm2loss_pipeline.query_cli import run_handler
-
     return run_handler(args)
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """A command's exit code; a reader that closed our output early (`| head`) is not an error
+    worth a traceback."""
+    try:
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -169,12 +167,9 @@ def run_rank(args: argparse.Namespace) -> int:
 
 
 def read_prompts(source: str) -> list[str]:
-    """Prompts from a file or stdin ('-'): one per line, blank lines and # comments skipped.
-
-    Any readable path works (a pipe, /dev/stdin, process substitution), not only regular files.
-    Lines end at \\n, \\r\\n or \\r alone: str.splitlines would also split a prompt at a form
-    feed or U+0085. A UTF-8 byte-order mark is dropped.
-    """
+    """Prompts from a file or stdin ('-'), parsed by `core.prompts.text_lines` (one per line,
+    UTF-8, blank lines and # comments skipped). Any readable path works (a pipe, /dev/stdin,
+    process substitution), not only regular files."""
     name = "stdin" if source == "-" else f"prompt file {source}"
     if source == "-":
         stdin = getattr(sys.stdin, "buffer", None)  # bytes, to name the line of a bad one
@@ -189,19 +184,12 @@ def read_prompts(source: str) -> list[str]:
             raise PromptFileError(f"{name} does not exist") from exc
         except OSError as exc:
             raise PromptFileError(f"{name} cannot be read ({exc.strerror or exc})") from exc
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise PromptFileError(
-            f"{name} line {line} is not UTF-8 text ({exc.reason}: byte 0x{data[exc.start]:02x})"
-        ) from exc
-    from llm2loss_pipeline.core.prompts import shows_nothing
+    from llm2loss_pipeline.core.prompts import text_lines
 
-    # A byte-order mark inside the text (files joined with cat) is dropped like the first one;
-    # a line that shows nothing (a zero-width space) is blank.
-    lines = [line.replace("\ufeff", "").strip() for line in re.split(r"\r\n|\n|\r", text)]
-    prompts = [line for line in lines if not shows_nothing(line) and not line.startswith("#")]
+    try:
+        prompts = text_lines(data)
+    except ValueError as exc:  # an undecodable byte, with its line
+        raise PromptFileError(f"{name} {exc}") from exc
     if not prompts:
         raise PromptFileError(
             f"{name} has no prompts (one per line; blank lines and # comments are skipped)"
@@ -295,21 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_handler(args)
+    from llm2loss_pipeline.cli import run_handler
 
-
-def run_handler(args: argparse.Namespace) -> int:
-    """A command's exit code; a reader that closed our output early (`| head`) is not an error
-    worth a traceback."""
-    try:
-        code = int(args.handler(args) or 0)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Python would complain again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return code
+    return run_handler(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

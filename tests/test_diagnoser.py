@@ -445,7 +445,7 @@ def test_compare_many_refuses_a_string_as_a_pair(diagnoser):
 def test_a_closed_pipe_ends_the_command_without_a_traceback():
     code = (
         "import argparse, sys\n"
-        "from llm2loss_pipeline.query_cli import run_handler\n"
+        "from llm2loss_pipeline.cli import run_handler\n"
         "def handler(args):\n"
         "    for i in range(200000):\n"
         "        print('row', i)\n"

@@ -24,6 +24,7 @@ deterministic descriptions and the report's first prompt pair use it.
 from __future__ import annotations
 
 import random
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +256,25 @@ INVISIBLE = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Mn", "Me"})
 def shows_nothing(text: str) -> bool:
     """Whether a text is empty to a reader, though str.strip() may leave characters in it."""
     return all(unicodedata.category(char) in INVISIBLE for char in text)
+
+
+def text_lines(data: bytes) -> list[str]:
+    """The entries of a one-per-line text file (prompt files, discovery vocabularies).
+
+    UTF-8; byte-order marks are dropped wherever they are (files joined with cat). Lines end at
+    \\n, \\r\\n or \\r alone: str.splitlines would also split an entry at a form feed or
+    U+0085. Entries are stripped; lines that show nothing and '#' comments are skipped. An
+    undecodable byte is a ValueError naming its line, for the caller to prefix with the source.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"line {line} is not UTF-8 text ({exc.reason}: byte 0x{data[exc.start]:02x})"
+        ) from exc
+    lines = [line.replace("\ufeff", "").strip() for line in re.split(r"\r\n|\n|\r", text)]
+    return [line for line in lines if not shows_nothing(line) and not line.startswith("#")]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.prompts import composed_prompt, phrases
+from llm2loss_pipeline.core.prompts import composed_prompt, phrases, text_lines
 
 SOURCES = ("attribute", "pair", "triple", "vocabulary", "proposer")
 
@@ -113,20 +113,17 @@ def compose(
 
 
 def read_vocabulary(path: str | os.PathLike[str]) -> list[str]:
-    """Descriptions from a text file: one per line; blank lines and '#' comments are skipped."""
+    """Descriptions from a text file, parsed by `prompts.text_lines`: one per line; blank lines
+    and '#' comments are skipped."""
     source = Path(path)
     try:
-        raw = source.read_text(encoding="utf-8")
+        texts = text_lines(source.read_bytes())
     except FileNotFoundError:
         raise VocabularyError(f"{source}: no such vocabulary file") from None
-    except UnicodeDecodeError as exc:
-        raise VocabularyError(
-            f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
     except OSError as exc:
         raise VocabularyError(f"{source}: cannot be read ({exc.strerror})") from None
-    texts = [line.strip() for line in raw.splitlines()]
-    texts = [text for text in texts if text and not text.startswith("#")]
+    except ValueError as exc:  # an undecodable byte, with its line
+        raise VocabularyError(f"{source}: {exc}") from None
     if not texts:
         raise VocabularyError(
             f"{source}: the vocabulary file has no description (one per line; '#' starts a comment)"
