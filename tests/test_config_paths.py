@@ -124,9 +124,15 @@ def test_check_paths_accepts_good_paths_and_ignores_unused_ones(tmp_path, monkey
         {
             "home": "not-yet-created",  # created by the run
             "dataset": {"source": "celeba", "celeba_root": "celeba"},
-            "black_box": {"label_map_path": "labels.csv", "torchscript_path": "unused.pt"},
+            "black_box": {"label_map_path": "labels.csv"},
             "encoder": {"checkpoint_path": "unused.bin", "cache_dir": "unused-cache"},
         }
+    )
+    # validation infers source: torchscript from a torchscript_path, so an unused one can only
+    # come from code that builds the config itself
+    unused = str(tmp_path / "unused.pt")
+    config = config.model_copy(
+        update={"black_box": config.black_box.model_copy(update={"torchscript_path": unused})}
     )
     assert path_problems(config) == []
     assert check_paths(config) is config

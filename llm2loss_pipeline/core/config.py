@@ -16,8 +16,11 @@ template such as configs/celeba.yaml must validate on a machine without the data
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,38 +172,201 @@ class ConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message names the file and the key."""
 
 
-def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, notices: list[str] | None = None
+) -> PipelineConfig:
     """Read and validate a YAML configuration file (None gives the embedded default).
 
-    Relative paths in the file are taken from the file's folder."""
+    Relative paths in the file are taken from the file's folder. Lines worth telling the user
+    (an empty file, a source inferred from a path key) are appended to `notices` when given."""
     if path is None:
         return PipelineConfig()
     source = Path(path)
+    raw = parse_yaml(_read_text(source), str(source))
+    if raw is None:
+        # An empty file is most often a mistake (a truncated copy, a wrong path); running the
+        # default silently would hide it, refusing would break `touch my.yaml` workflows.
+        _note(notices, f"{source} is empty: running the embedded default configuration")
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return validate_config(
+        raw,
+        source=str(source),
+        base_dir=source.expanduser().resolve().parent,
+        notices=notices,
+    )
+
+
+def _note(notices: list[str] | None, line: str) -> None:
+    if notices is not None:
+        notices.append(line)
+
+
+def _read_text(source: Path) -> str:
+    """The file's text, or a ConfigError naming the file (a folder, unreadable, not UTF-8)."""
     try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{source}: no such configuration file") from exc
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such configuration file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source} is a folder, not a YAML configuration file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "save the configuration as UTF-8"
+        ) from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so `epochs: 2` above `epochs: 20` would run with 20 unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by explicit keys, by design
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            if isinstance(key, Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str = "<config>") -> Any:
+    """`text` parsed as safe YAML (no Python objects), refusing duplicate keys; None if empty."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{source} line {dup.second}: key {clip(repr(dup.key))} is given twice "
+            f"(lines {dup.first} and {dup.second}); keep one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}{where}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    return validate_config(raw, source=str(source), base_dir=source.expanduser().resolve().parent)
+        raise ConfigError(clip(f"{source}{where}: not valid YAML ({exc})", 600)) from None
+    finally:
+        loader.dispose()
 
 
 def validate_config(
     raw: dict[str, Any],
     source: str = "<config>",
     base_dir: str | os.PathLike[str] | None = None,
+    notices: list[str] | None = None,
 ) -> PipelineConfig:
     """Validate a raw mapping; relative paths are taken from `base_dir` (default: the working
-    directory)."""
+    directory).
+
+    Types are strict: YAML already types its scalars, so `epochs: true` or `epochs: "10"` is a
+    mistake to report, not a value to coerce (pydantic's lax mode would read 1 and 10)."""
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    resolved = infer_sources(resolve_paths(raw, base), source, notices)
+    # JSON mode because YAML's data model is JSON's: lists may fill tuples, ints may fill floats.
+    text = json.dumps(resolved, default=str)
     try:
-        return PipelineConfig.model_validate(resolve_paths(raw, base))
+        return PipelineConfig.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+# ---- sources inferred from the path key given -------------------------------------------------
+
+SOURCE_KEYS: dict[str, dict[str, str]] = {
+    "dataset": {"celeba_root": "celeba"},
+    "black_box": {
+        "entry_point": "entry_point",
+        "torchscript_path": "torchscript",
+        "loss_table_path": "loss_table",
+    },
+}
+"""Per section, the keys that only one `source` reads, and that source."""
+
+
+def infer_sources(
+    raw: dict[str, Any], source: str = "<config>", notices: list[str] | None = None
+) -> dict[str, Any]:
+    """`raw` with each section's missing `source` taken from the one source key it sets.
+
+    A key that its section's source does not read would otherwise be ignored silently (a
+    `celeba_root` with no `source` ran the generated world), so an explicit source that
+    contradicts a set key, or two keys of different sources, is a ConfigError naming both."""
+    out = dict(raw)
+    for section, keys in SOURCE_KEYS.items():
+        body = out.get(section)
+        if not isinstance(body, Mapping):
+            continue
+        given = [key for key in keys if body.get(key) not in (None, "")]
+        chosen = body.get("source")
+        if chosen is None:
+            if len({keys[key] for key in given}) > 1:
+                first, second = given[:2]
+                raise ConfigError(
+                    f"{source}: {section}.{first} and {section}.{second} are both set and "
+                    f"{section}.source is not; set {section}.source to {keys[first]} or "
+                    f"{keys[second]}, and remove the other key"
+                )
+            if given:
+                out[section] = {**body, "source": keys[given[0]]}
+                _note(
+                    notices,
+                    f"{section}.source: {keys[given[0]]} (inferred from {section}.{given[0]})",
+                )
+            continue
+        for key in given:
+            if isinstance(chosen, str) and keys[key] != chosen:
+                raise ConfigError(
+                    f"{source}: {section}.{key} is set but {section}.source is {chosen!r}, "
+                    f"which does not read it; set {section}.source: {keys[key]} or remove "
+                    f"{section}.{key}"
+                )
+    return out
+
+
+# ---- devices -----------------------------------------------------------------------------------
+
+
+def device_problems(config: PipelineConfig) -> list[str]:
+    """'devices.X.device: ...' for each CUDA device asked for that this machine does not have.
+
+    Checked before a run (check-config, `llm2loss run`) because a missing GPU otherwise shows
+    only when the first model step starts, after the data preparation and training before it."""
+    asked = {
+        name: spec.device
+        for name, spec in config.devices
+        if spec.device.startswith("cuda")  # "auto" falls back to the CPU by design
+    }
+    if not asked:
+        return []
+    import torch  # only when a GPU is named: importing torch costs seconds
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problems = []
+    for name, device in asked.items():
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            seen = f"{count} CUDA device(s)" if count else "no CUDA device"
+            problems.append(
+                f"  devices.{name}.device: {device}, but torch sees {seen} on this machine; "
+                "use cpu or auto"
+            )
+    return problems
 
 
 # ---- paths ------------------------------------------------------------------------------------
@@ -305,12 +471,81 @@ def check_paths(config: PipelineConfig, source: str = "<config>") -> PipelineCon
     return config
 
 
+MAX_QUOTED = 200
+"""Characters of a value quoted in one error line: a 30 MB value must not flood a terminal."""
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text` cut to `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "<top level>"
         if error["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            message = "unknown key"
+        elif error["type"].endswith("_type") and not isinstance(error.get("input"), dict):
+            # Strict types: say what was given, e.g. `epochs: true` or `epochs: "10"`.
+            message = f"{error['msg']}, got {error['input']!r} ({_kind(error['input'])})"
         else:
-            lines.append(f"  {key}: {error['msg']}")
+            message = error["msg"]
+        lines.append(clip(f"  {key}: {message}{_suggestion(error)}"))
     return "\n".join(lines)
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "a boolean", str: "a string", int: "an integer", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _suggestion(error: Mapping[str, Any]) -> str:
+    """' (did you mean `n_seeds`?)' when a misspelt key or name is close to a valid one."""
+    given, choices = _names_and_choices(error)
+    for name in given:
+        close = difflib.get_close_matches(name, [c for c in choices if c != name], n=1)
+        if close:
+            return f" (did you mean `{close[0]}`?)"
+    return ""
+
+
+def _names_and_choices(error: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The names a user gave in a failing value, and the names that would have been valid."""
+    loc = [str(part) for part in error["loc"]]
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        return loc[-1:], list(model.model_fields) if model else []
+    given = _strings_in(error.get("input"))
+    if error["type"] == "literal_error":
+        return given, re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+    if error["type"] != "value_error":
+        return [], []
+    quoted = [name for name in re.findall(r"'([^']*)'", error["msg"]) if name not in given]
+    message = error["msg"]
+    attributes = list(CELEBA_ATTRIBUTES) if "attribute" in message or "CelebA" in message else []
+    return given, quoted + attributes
+
+
+def _strings_in(value: Any) -> list[str]:
+    """Strings in a failing value: itself, its ':' parts ('A:B' pairs), a mapping's keys."""
+    if isinstance(value, Mapping):
+        return [name for key in value for name in _strings_in(key)]
+    if isinstance(value, list | tuple):
+        return [name for item in value for name in _strings_in(item)]
+    if isinstance(value, str):
+        return [value, *value.split(":")] if ":" in value else [value]
+    return []
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        info = model.model_fields.get(part)
+        annotation = info.annotation if info else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
