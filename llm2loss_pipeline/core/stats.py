@@ -152,3 +152,62 @@ def prob_positive(values: np.ndarray, axis: int = 0) -> np.ndarray:
     """The fraction of values above zero, counting exact zeros as half."""
     array = np.asarray(values, dtype=np.float64)
     return np.mean((array > 0) + 0.5 * (array == 0), axis=axis)
+
+
+def replicate_pvalue(values: np.ndarray) -> float:
+    """Two-sided p-value that the quantity whose replicates are `values` is zero.
+
+    The members of a bootstrap ensemble are replicates of one fit on one data set: their spread
+    already is the standard error of the estimate, so the statistic is mean / std, not
+    mean / (std / sqrt(M)) as a one-sample t-test would have it (that made 20 members look
+    sqrt(20) times surer than the data allow). A t distribution with M - 1 degrees of freedom
+    keeps the p-value honest when the replicates are few. The degenerate ends are explicit as in
+    `one_sample_t_pvalue`.
+    """
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 2:
+        return float("nan")
+    scale = float(np.abs(finite).max())
+    if np.ptp(finite) <= 1e-12 * scale or scale == 0:
+        return 1.0 if abs(float(finite.mean())) <= 1e-12 * scale or scale == 0 else 0.0
+    z = abs(float(finite.mean())) / float(finite.std(ddof=1))
+    return float(2.0 * sps.t.sf(z, df=finite.size - 1))
+
+
+def clustered_mean_gap(
+    values: np.ndarray, groups: np.ndarray, clusters: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column k of `groups` [n, K] (bool): mean(values | True) - mean(values | False) and its
+    standard error, with samples of one cluster (an identity) allowed to be correlated.
+
+    The standard error is the cluster-robust (sandwich) one of the difference of two means:
+    var = G / (G - 1) * sum over clusters c of (sum over i in c of u_i)^2, with
+    u_i = a_i (y_i - mean_a) / n_a - (1 - a_i) (y_i - mean_b) / n_b. Images of one identity share
+    the identity's traits, so treating them as independent (Welch) understates the error.
+    A column with an empty side gets NaN for both.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    a = np.asarray(groups, dtype=bool)
+    if a.ndim == 1:
+        a = a[:, None]
+    if y.ndim != 1 or a.shape[0] != y.size or np.asarray(clusters).shape != y.shape:
+        raise ValueError(
+            f"values {y.shape}, groups {a.shape} and clusters {np.asarray(clusters).shape} "
+            "must describe the same samples"
+        )
+    _, index = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(index.max()) + 1 if index.size else 0
+    n_a = a.sum(axis=0).astype(np.float64)
+    n_b = y.size - n_a
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_a = (a * y[:, None]).sum(axis=0) / n_a
+        mean_b = (~a * y[:, None]).sum(axis=0) / n_b
+        u = a * (y[:, None] - mean_a) / n_a - ~a * (y[:, None] - mean_b) / n_b
+    sums = np.zeros((n_clusters, a.shape[1]))
+    np.add.at(sums, index, np.nan_to_num(u))
+    factor = n_clusters / (n_clusters - 1) if n_clusters > 1 else np.nan
+    se = np.sqrt(factor * (sums**2).sum(axis=0))
+    empty = (n_a == 0) | (n_b == 0)
+    gap = np.where(empty, np.nan, mean_a - mean_b)
+    return gap, np.where(empty, np.nan, se)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.report import correlate, plots
+from llm2loss_pipeline.core.report.calibration import LEVEL, Calibration, calibrated_claims
 from llm2loss_pipeline.core.report.estimated import (
     KINDS,
     OVERALL,
@@ -57,6 +59,7 @@ from llm2loss_pipeline.core.report.measured import (
     measured_attribute_table,
 )
 from llm2loss_pipeline.core.sql import connect, run_sql
+from llm2loss_pipeline.core.stats import clustered_mean_gap
 from llm2loss_pipeline.core.storage import (
     write_json_atomic,
     write_parquet_atomic,
@@ -64,6 +67,7 @@ from llm2loss_pipeline.core.storage import (
 )
 
 TOP_K = 10
+CALIBRATION_FILE = "calibration.json"
 DIRECT = "direct"
 N_STRONGEST = 4
 
@@ -97,6 +101,7 @@ class ReportResult:
     estimator: str = "grounded"
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: Calibration | None = None
 
     def table(self, name: str) -> pl.DataFrame:
         """The rows of one correlation table: "table1", "table2", "table3" or "pairs"."""
@@ -117,7 +122,7 @@ def _default_auroc() -> AurocFn:
 
 
 def _attribute_table(
-    measured: pl.DataFrame, estimates: pl.DataFrame, zero_shot: pl.DataFrame
+    measured: pl.DataFrame, estimates: pl.DataFrame, zero_shot: pl.DataFrame, claims: pl.DataFrame
 ) -> pl.DataFrame:
     overall = estimates.filter(pl.col("group") == OVERALL).select(
         "attribute",
@@ -125,11 +130,10 @@ def _attribute_table(
             pl.col(c).alias(f"est_{c}")
             for c in ("mean", "std", "min", "q1", "median", "q3", "max", "p_positive")
         ],
-        pl.col("p_value").alias("est_p_value"),
-        pl.col("q_value").alias("est_q_value"),
-        "bh_significant",
+        pl.col("p_value").alias("est_replicate_p_value"),
     )
     table = measured.join(overall, on="attribute", how="left", maintain_order="left")
+    table = table.join(claims, on="attribute", how="left", maintain_order="left")
     for kind in KINDS:
         part = estimates.filter(pl.col("group") == kind).select(
             "attribute",
@@ -192,6 +196,9 @@ def _headline(
     headline["zero_shot_mean_auroc"] = float(finite.mean()) if finite.size else math.nan
     headline["spearman_signed_direct"] = pick("table2", DIRECT, "signed", "loss", "spearman")
     headline["n_bh_significant"] = float(table["bh_significant"].fill_null(False).sum())
+    headline["n_measured_significant"] = float(
+        ((table["gap_loss_low"] > 0) | (table["gap_loss_high"] < 0)).fill_null(False).sum()
+    )
     headline["n_attributes"] = float(table.height)
     headline["n_small_groups"] = float(table["small_group"].sum())
     headline["n_members"] = float(n_members)
@@ -265,6 +272,13 @@ def build_report(
         coverage = check_inputs(con, inputs, eval_split, attributes)
         say(f"measuring {len(attributes)} attributes on {coverage['n_losses']} samples")
         measured = measured_attribute_table(con, inputs, eval_split, min_group_size, attributes)
+        eval_frame = run_sql(
+            con,
+            "eval_join",
+            {"split": eval_split, "attribute_names": list(attributes)},
+            inputs.tables(),
+        )
+        measured = _with_clustered_gap(measured, eval_frame, attributes)
         chosen = validate_pairs(
             pairs if pairs is not None else frequent_pairs(con, inputs, eval_split, n_pairs)
         )
@@ -288,7 +302,13 @@ def build_report(
     if estimator == "grounded":
         pool = zero_shot_data[1]  # type: ignore[index]
         say(f"grounding the probes on the {len(pool)} images of split {eval_split!r}")
-        grounding = Grounding.build(scorer, pool, prompts_by_attribute, dual_ridge)
+        grounding = Grounding.build(
+            scorer,
+            pool,
+            prompts_by_attribute,
+            dual_ridge,
+            groups=_pool_identities(zero_shot_data[0], eval_frame),  # type: ignore[index]
+        )
         diffs = grounding.attribute_diffs()
         cells_est = grounding.pair_cells(chosen, CELLS)
     else:
@@ -330,7 +350,17 @@ def build_report(
             "estimator 'direct': the heads scored the probe texts' own embeddings (the paper's "
             "method); the grounded estimator is usually closer to the measured disparities"
         )
-    table = _attribute_table(measured, attribute_estimates, zero_shot)
+    overall = attribute_estimates.filter(pl.col("group") == OVERALL)
+    claims, calibration = calibrated_claims(
+        list(attributes),
+        estimator,
+        overall["mean"].to_numpy(),
+        overall["std"].to_numpy(),
+        measured["gap_loss"].to_numpy(),
+        measured["gap_loss_se"].to_numpy(),
+        alpha,
+    )
+    table = _attribute_table(measured, attribute_estimates, zero_shot, claims)
     direct_mean = pl.DataFrame(
         {"attribute": list(attributes), "est_direct_mean": direct_diffs.mean(axis=0)},
         schema={"attribute": pl.String, "est_direct_mean": pl.Float64},
@@ -352,6 +382,7 @@ def build_report(
             [correlations, correlate.table2(measured, direct_estimates, direct_group)]
         )
     headline = _headline(table, correlations, pair_table, len(members), coverage["n_losses"])
+    headline.update(trust_check(table, calibration))
     if grounding is None:
         headline["spearman_signed_direct"] = headline["spearman_signed_overall"]
     top = (
@@ -385,9 +416,70 @@ def build_report(
         top_attributes=top,
         estimator=estimator,
         notes=notes,
+        calibration=calibration,
     )
     say(f"writing the report to {out}")
     return write_report(result, out, groups)
+
+
+def _with_clustered_gap(
+    measured: pl.DataFrame, eval_frame: pl.DataFrame, attributes: Sequence[str]
+) -> pl.DataFrame:
+    """The measured table with the loss gap's identity-clustered standard error and 90% interval.
+
+    Welch's p-value (`gap_loss_p`) treats every image as independent; images of one identity are
+    not, so the interval and the calibration use the cluster-robust standard error instead.
+    """
+    loss = eval_frame["loss"].to_numpy().astype(np.float64)
+    labels = np.stack([eval_frame[name].to_numpy().astype(bool) for name in attributes], axis=1)
+    _, se = clustered_mean_gap(loss, labels, eval_frame["identity"].to_numpy())
+    z = float(sps.norm.ppf(0.5 + LEVEL / 2))
+    return measured.with_columns(pl.Series("gap_loss_se", se, dtype=pl.Float64)).with_columns(
+        (pl.col("gap_loss") - z * pl.col("gap_loss_se")).alias("gap_loss_low"),
+        (pl.col("gap_loss") + z * pl.col("gap_loss_se")).alias("gap_loss_high"),
+    )
+
+
+def _pool_identities(sample_ids: Sequence[str], eval_frame: pl.DataFrame) -> np.ndarray:
+    """The identity of every pool image (an image without a loss row is its own group)."""
+    identity = dict(
+        zip(eval_frame["sample_id"].to_list(), eval_frame["identity"].to_list(), strict=True)
+    )
+    return np.array([f"i{identity[s]}" if s in identity else f"s{s}" for s in sample_ids])
+
+
+def trust_check(table: pl.DataFrame, calibration: Calibration) -> dict[str, float]:
+    """How the claims fare on the labelled attributes themselves (each judged leave-one-out).
+
+    claim_precision_measured: of the significant claims, the share whose sign agrees with a
+    measured gap whose own 90% interval excludes 0. interval_coverage_measured: the share of
+    attributes whose measured gap falls in the claim's 90% interval widened by the measured gap's
+    own standard error (a gap measured on a few hundred images is itself noisy).
+    """
+    z = float(sps.norm.ppf(0.5 + LEVEL / 2))
+    claimed = table.filter(pl.col("bh_significant").fill_null(False))
+    agree = claimed.filter(
+        (pl.col("est_mean").sign() == pl.col("gap_loss").sign())
+        & ((pl.col("gap_loss_low") > 0) | (pl.col("gap_loss_high") < 0))
+    )
+    half = (pl.col("est_gap_high") - pl.col("est_gap_low")) / 2
+    width = (half**2 + (z * pl.col("gap_loss_se")) ** 2).sqrt()
+    inside = table.filter(pl.col("est_gap").is_finite()).select(
+        ((pl.col("gap_loss") - pl.col("est_gap")).abs() <= width).alias("in")
+    )["in"]
+    return {
+        "n_claims": float(claimed.height),
+        "claim_precision_measured": agree.height / claimed.height if claimed.height else math.nan,
+        "interval_coverage_measured": float(inside.mean()) if inside.len() else math.nan,
+        "calibration_slope": calibration.slope,
+        "text_error": calibration.text_error,
+    }
+
+
+def _finite_or_null(data: dict) -> dict:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()
+    }
 
 
 def _dual_zero_shot(
@@ -445,6 +537,10 @@ def write_report(result: ReportResult, out: Path, groups) -> ReportResult:
     # strict JSON has no NaN: an undefined number is written as null
     headline = {k: (None if math.isnan(v) else v) for k, v in result.headline.items()}
     files["headline"] = write_json_atomic(out / "headline.json", headline)
+    if result.calibration is not None:
+        files["calibration"] = write_json_atomic(
+            out / CALIBRATION_FILE, _finite_or_null(result.calibration.to_json())
+        )
 
     table = result.attribute_table
     files["estimated_vs_measured"] = plots.scatter_estimated_vs_measured(

@@ -93,22 +93,41 @@ def standardized_scores(pool: np.ndarray, directions: np.ndarray) -> np.ndarray:
     return centred / spread
 
 
-def pool_weights(n_members: int, n_pool: int, seed: int | None) -> np.ndarray:
+def pool_weights(
+    n_members: int, n_pool: int, seed: int | None, groups: np.ndarray | None = None
+) -> np.ndarray:
     """[members, n]: each member's bootstrap counts of the pool (all ones when seed is None).
 
     A member's spread then carries the pool's sampling noise as well as the heads' own, so a
     disparity seen on few images is not called certain because twenty members agree on them.
+    With `groups` (an identity per image) the resample draws whole groups: images of one
+    identity share its traits, so resampling them one by one would understate the noise of a
+    disparity that a few identities carry.
     """
     if n_pool < 1:
         raise ValueError(f"a grounding pool needs images, got {n_pool}")
     if seed is None:
         return np.ones((n_members, n_pool))
-    return np.stack(
+    if groups is None:
+        index, n_groups = np.arange(n_pool), n_pool
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n_pool,):
+            raise ValueError(f"groups has shape {groups.shape} for {n_pool} pool images")
+        _, index = np.unique(groups, return_inverse=True)
+        n_groups = int(index.max()) + 1
+    counts = np.stack(
         [
-            np.random.default_rng([seed, member]).multinomial(n_pool, np.full(n_pool, 1 / n_pool))
+            np.random.default_rng([seed, member]).multinomial(
+                n_groups, np.full(n_groups, 1 / n_groups)
+            )
             for member in range(n_members)
         ]
-    ).astype(np.float64)
+    )
+    weights = counts[:, index].astype(np.float64)
+    empty = weights.sum(axis=1) == 0
+    weights[empty] = 1.0  # a resample that drew no image at all (tiny pools) keeps them all
+    return weights
 
 
 def grounded_diffs(
@@ -186,6 +205,7 @@ class Grounding:
         prompts_by_attribute: Mapping[str, Sequence[tuple[str, str]]],
         ridge: float,
         bootstrap_seed: int | None = 0,
+        groups: np.ndarray | None = None,
     ) -> Grounding:
         missing = [
             name
@@ -207,7 +227,7 @@ class Grounding:
             directions=directions,
             duals=dual_directions(directions, ridge),
             ridge=ridge,
-            weights=pool_weights(len(member_scores), len(pool), bootstrap_seed),
+            weights=pool_weights(len(member_scores), len(pool), bootstrap_seed, groups),
         )
 
     def attribute_diffs(self) -> np.ndarray:

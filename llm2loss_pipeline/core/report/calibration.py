@@ -1,0 +1,181 @@
+"""Calibrated claims: from the heads' estimate of an attribute to a gap in loss units, with the
+error the text side adds, learned on the labelled attributes themselves.
+
+An estimate e (the ensemble mean of a grounded or direct estimate, in member-standard-deviation
+units) has three kinds of error against the black box's real disparity:
+
+1. the data's: how much e moves with the samples seen. The members are bootstrap replicates, so
+   their standard deviation s already is this standard error (not s / sqrt(M));
+2. the text side's: how well the probe picks out what it names, and what else it picks out with
+   it (a probe for "gray hair" also reads "old"). This error is systematic per attribute and does
+   not shrink with more members;
+3. the scale: e is not in loss units.
+
+Where attributes are labelled, the measured gaps g (with their identity-clustered standard
+errors u) tell both the scale and the size of the text side's error. Model:
+
+    g_j = b * (e_j + t_j + d_j) + m_j,
+    t_j ~ (0, tau^2) the text error, d_j ~ (0, s_j^2) the data's, m_j ~ (0, u_j^2) the measurement's
+
+so b is the least-squares slope of g on e through the origin (no text signal, no gap), and
+tau^2 = mean_j (r_j^2 - s_j^2 - u_j^2 / b^2) with r_j = g_j / b - e_j, floored at 0. Each attribute
+is judged with b and tau fitted on the *other* attributes (leave-one-attribute-out), so its own
+measured gap never vouches for its own estimate. Its claim then is
+
+    z = e / sqrt(s^2 + tau^2),  P(worse with it) = Phi(z),  p = 2 Phi(-|z|),
+    interval (level 90%) = b * (e -+ 1.645 sqrt(s^2 + tau^2))   in loss units,
+
+and Benjamini-Hochberg over the attributes' p-values decides which are claimed. A free-text
+comparison (`compare`) uses the report's b and tau for the same estimator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats as sps
+
+from llm2loss_pipeline.core.stats import bh_adjust
+
+LEVEL = 0.9
+MIN_ATTRIBUTES = 5  # below this the slope and the text error cannot be learned
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The mapping of one estimator's estimates to loss units, and its text-side error.
+
+    slope: loss units per estimate unit (b); text_error: tau, in estimate units; n_attributes:
+    how many labelled attributes it was learned from (0: not calibrated, tau = 0, slope NaN).
+    """
+
+    estimator: str
+    slope: float
+    text_error: float
+    n_attributes: int
+
+    @property
+    def calibrated(self) -> bool:
+        return self.n_attributes >= MIN_ATTRIBUTES and math.isfinite(self.slope)
+
+    def z(self, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
+        """The claim's statistic: the estimate over its whole standard error."""
+        total = np.sqrt(np.square(std) + self.text_error**2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(total > 0, np.asarray(mean) / total, np.sign(mean) * np.inf)
+
+    def p_worse(self, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
+        """P(the real gap is > 0) for estimates with member mean `mean` and spread `std`."""
+        return sps.norm.cdf(self.z(mean, std))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        return cls(
+            estimator=str(data["estimator"]),
+            slope=float(data["slope"]) if data.get("slope") is not None else math.nan,
+            text_error=float(data["text_error"]),
+            n_attributes=int(data["n_attributes"]),
+        )
+
+    @classmethod
+    def uncalibrated(cls, estimator: str) -> Calibration:
+        return cls(estimator, math.nan, 0.0, 0)
+
+
+def fit_calibration(
+    estimator: str,
+    mean: np.ndarray,
+    std: np.ndarray,
+    gap: np.ndarray,
+    gap_se: np.ndarray,
+) -> Calibration:
+    """b and tau from the labelled attributes (NaN rows are left out)."""
+    e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
+    keep = np.isfinite(e) & np.isfinite(s) & np.isfinite(g) & np.isfinite(u)
+    e, s, g, u = e[keep], s[keep], g[keep], u[keep]
+    if e.size < MIN_ATTRIBUTES or float(e @ e) <= 0:
+        return Calibration.uncalibrated(estimator)
+    slope = float(e @ g / (e @ e))
+    if not slope > 0:
+        # estimates that run against the measured gaps carry no usable signal: no claim at all
+        return Calibration(estimator, slope, math.inf, int(e.size))
+    residual = g / slope - e
+    tau2 = float(np.mean(residual**2 - s**2 - (u / slope) ** 2))
+    return Calibration(estimator, slope, math.sqrt(max(tau2, 0.0)), int(e.size))
+
+
+CLAIM_SCHEMA: dict[str, Any] = {
+    "attribute": pl.String,
+    "est_gap": pl.Float64,
+    "est_gap_low": pl.Float64,
+    "est_gap_high": pl.Float64,
+    "est_z": pl.Float64,
+    "est_p_worse": pl.Float64,
+    "est_p_value": pl.Float64,
+    "est_q_value": pl.Float64,
+    "bh_significant": pl.Boolean,
+    "claim": pl.String,
+    "calibration_slope": pl.Float64,
+    "text_error": pl.Float64,
+}
+
+
+def claim_word(significant: bool, mean: float) -> str:
+    if not significant or not math.isfinite(mean) or mean == 0:
+        return "cannot tell"
+    return "worse with" if mean > 0 else "better with"
+
+
+def calibrated_claims(
+    attributes: list[str],
+    estimator: str,
+    mean: np.ndarray,
+    std: np.ndarray,
+    gap: np.ndarray,
+    gap_se: np.ndarray,
+    alpha: float,
+    level: float = LEVEL,
+) -> tuple[pl.DataFrame, Calibration]:
+    """One row per attribute (CLAIM_SCHEMA), each judged by a calibration fitted without it;
+    and the calibration fitted on all of them (what free-text comparisons use)."""
+    e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
+    quantile = float(sps.norm.ppf(0.5 + level / 2))
+    rows = []
+    for j, name in enumerate(attributes):
+        others = np.arange(len(attributes)) != j
+        cal = fit_calibration(estimator, e[others], s[others], g[others], u[others])
+        z = float(cal.z(e[j], s[j])) if math.isfinite(e[j]) else math.nan
+        half = quantile * math.sqrt(s[j] ** 2 + cal.text_error**2)
+        rows.append(
+            {
+                "attribute": name,
+                "est_gap": cal.slope * e[j],
+                "est_gap_low": cal.slope * (e[j] - half),
+                "est_gap_high": cal.slope * (e[j] + half),
+                "est_z": z,
+                "est_p_worse": float(sps.norm.cdf(z)) if math.isfinite(z) else math.nan,
+                "est_p_value": float(2 * sps.norm.sf(abs(z))) if math.isfinite(z) else math.nan,
+                "calibration_slope": cal.slope,
+                "text_error": cal.text_error,
+            }
+        )
+    frame = pl.DataFrame(rows)
+    q = bh_adjust(frame["est_p_value"].fill_null(math.nan).to_numpy())
+    significant = np.where(np.isfinite(q), q <= alpha, False)
+    frame = frame.with_columns(
+        pl.Series("est_q_value", q), pl.Series("bh_significant", significant)
+    ).with_columns(
+        pl.Series(
+            "claim", [claim_word(bool(k), float(m)) for k, m in zip(significant, e, strict=True)]
+        )
+    )
+    return frame.select(list(CLAIM_SCHEMA)).cast(CLAIM_SCHEMA), fit_calibration(
+        estimator, e, s, g, u
+    )
