@@ -35,7 +35,12 @@ from llm2loss_pipeline.core.encoder import (
 )
 from llm2loss_pipeline.core.encoder.captions import build_caption_pool, truth
 from llm2loss_pipeline.core.encoder.evaluate import attribute_direction
-from llm2loss_pipeline.core.encoder.train import attribute_directions, attribute_loss
+from llm2loss_pipeline.core.encoder.train import (
+    NegativeQueue,
+    attribute_directions,
+    attribute_loss,
+    step_columns,
+)
 from llm2loss_pipeline.core.images import ImageDecodeError
 from llm2loss_pipeline.core.metrics import auroc
 from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, describe
@@ -245,6 +250,63 @@ def test_training_is_deterministic_for_a_seed(world: dict) -> None:
         train_caption_tuned(encoder, items[:32], rows[:32], config, CPU)
         weights.append(encoder.model.visual.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_negative_queue_takes_a_fixed_number_and_covers_the_pool() -> None:
+    queue = NegativeQueue(n_pool=100, size=30, generator=torch.Generator().manual_seed(3))
+    taken = [queue.take() for _ in range(10)]  # 300 = three passes over the pool
+    assert all(len(part) == 30 for part in taken)
+    flat = torch.cat(taken)
+    # every caption serves equally often: three times in three passes
+    assert torch.equal(torch.bincount(flat, minlength=100), torch.full((100,), 3))
+    again = NegativeQueue(n_pool=100, size=30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([again.take() for _ in range(10)]), flat)
+    # a pool that fits is scored whole, and nothing is drawn from the generator
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    whole = NegativeQueue(n_pool=30, size=30, generator=generator)
+    captions = torch.tensor([4, 4, 17])
+    assert step_columns(whole, captions) == (None, captions)
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_step_columns_hold_the_batch_captions_without_repeats() -> None:
+    queue = NegativeQueue(n_pool=10_000, size=64, generator=torch.Generator().manual_seed(0))
+    captions = torch.tensor([9_999, 5, 5, 123])
+    for _ in range(5):
+        columns, positions = step_columns(queue, captions)
+        assert columns is not None and len(columns) <= len(captions) + 64
+        assert len(set(columns.tolist())) == len(columns)
+        assert torch.equal(columns[positions], captions)
+
+
+def test_pool_loss_scores_a_bounded_number_of_captions_whatever_the_data(world: dict) -> None:
+    """The per-step negatives do not grow with the dataset: with `pool_size` 8, a step scores at
+    most batch + 8 captions for 32 or 64 images (64 or 128 in the pool), while the whole pool
+    (the old behaviour, and still that of a pool that fits) grows with the images."""
+    items, rows = world["train"]
+    columns = {}
+    for pool_size in (8, 10_000):
+        config = TINY.model_copy(update={"epochs": 1, "pool_size": pool_size})
+        for n in (32, 64):
+            metrics = train_caption_tuned(build_encoder(config), items[:n], rows[:n], config, CPU)
+            assert metrics["n_captions"] == 2 * n
+            columns[pool_size, n] = metrics["max_columns_per_step"]
+    assert columns[8, 32] <= TINY.batch_size + 8 and columns[8, 64] <= TINY.batch_size + 8
+    assert columns[10_000, 32] == 64 and columns[10_000, 64] == 128
+
+
+def test_training_with_sampled_negatives_is_deterministic_for_a_seed(world: dict) -> None:
+    items, rows = world["train"]
+    weights = {}
+    for name, pool_size in (("a", 8), ("b", 8), ("whole", 10_000)):
+        config = TINY.model_copy(update={"epochs": 2, "pool_size": pool_size})
+        encoder = build_encoder(config)
+        train_caption_tuned(encoder, items, rows, config, CPU)
+        weights[name] = encoder.model.visual.state_dict()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    # and the sample is really in use: the whole pool trains other weights
+    assert not all(torch.equal(weights["a"][k], weights["whole"][k]) for k in weights["a"])
 
 
 def test_training_rejects_mismatched_inputs(trained: dict, world: dict) -> None:
@@ -512,6 +574,8 @@ def test_config_is_validated() -> None:
         EncoderConfig(attribute_loss_weight=-0.5)
     with pytest.raises(ValueError, match="attribute_directions"):
         EncoderConfig(attribute_directions="orthogonal")
+    with pytest.raises(ValueError, match="pool_size"):
+        EncoderConfig(pool_size=0)
     with pytest.raises(ValueError, match="multiple of vision_patch_size"):
         EncoderConfig(vision_arch="vit", image_size=60, vision_patch_size=8)
     with pytest.raises(ValueError, match="identity"):

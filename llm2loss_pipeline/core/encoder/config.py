@@ -102,9 +102,19 @@ class EncoderConfig(BaseModel):
     )
     loss: str = Field(
         "pool",
-        description="pool (multi-positive InfoNCE of each image against the whole caption pool: "
-        "a caption is a positive of every image it is true of), consistent (the same within the "
-        "batch only), soft (targets from caption-caption similarity) or clip (one-hot InfoNCE)",
+        description="pool (multi-positive InfoNCE of each image against the caption pool, or a "
+        "pool_size sample of it: a caption is a positive of every image it is true of), "
+        "consistent (the same within the batch only), soft (targets from caption-caption "
+        "similarity) or clip (one-hot InfoNCE)",
+    )
+    pool_size: int = Field(
+        8192,
+        ge=1,
+        le=1_000_000,
+        description="pool loss: captions each step scores its batch against besides the batch's "
+        "own, drawn without repeats from a seeded queue over the whole pool; the whole pool when "
+        "it is smaller. Bounds a step's cost whatever the dataset size (the default world's pool, "
+        "4,320 captions, fits whole)",
     )
     soft_target_temperature: float = Field(
         0.05, gt=0.0, le=10.0, description="soft loss: temperature of the caption similarity"
