@@ -117,11 +117,12 @@ def test_an_http_error_names_the_status(server) -> None:
 
 def test_a_slow_server_times_out_with_the_setting_named(server) -> None:
     url, handler = server
+    # The server would answer after 2 s with a valid reply, so only the timeout can make this an
+    # error; how long the error takes to arrive is measured in bench/proposer_timeout.py, not
+    # bounded here (a wall-clock bound flakes on a loaded machine).
     handler.delay, handler.reply = 2.0, _completion('["x"]')
-    started = time.monotonic()
     with pytest.raises(ProposerError, match=r"no reply within 0.3 s .*timeout_s"):
         propose(ProposerConfig(enabled=True, base_url=url, timeout_s=0.3))
-    assert time.monotonic() - started < 1.8
 
 
 def test_an_unreachable_endpoint_is_a_clear_error() -> None:
@@ -157,7 +158,13 @@ def test_candidates_compose_singles_and_keep_user_texts_first() -> None:
     assert [c.text for c in candidates[:2]] == ["My Own Text", "from a model"]
     assert candidates[1].source == "proposer"
     pairs = [c for c in candidates if c.source == "pair"]
-    assert pairs and all(("Gray_Hair", True) in c.values or len(c.values) == 2 for c in pairs)
+    # the beam of 4: gray hair (the only single scored worse), then the first three of the rest
+    beam = [("Gray_Hair", True)]
+    beam += [c.values[0] for c in singles if c.values[0] != ("Gray_Hair", True)][:3]
+    assert all(len(c.values) == 2 and set(c.values) & set(beam) for c in pairs)
+    gray_pairs = {frozenset(c.values) for c in pairs if ("Gray_Hair", True) in c.values}
+    others = {c.values[0] for c in singles if c.values[0][0] != "Gray_Hair"}
+    assert gray_pairs == {frozenset({("Gray_Hair", True), value}) for value in others}
     assert any(c.source == "triple" for c in candidates)
     texts = [c.text.lower() for c in candidates]
     assert len(texts) == len(set(texts))
