@@ -24,6 +24,9 @@ run: $(BIN)/llm2loss
 test: $(BIN)/llm2loss
 	$(BIN)/ruff check llm2loss_pipeline tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/dagster definitions validate -w workspace.yaml
+	# the import contracts of pyproject.toml ([tool.importlinter]); no cache, so a module added or
+	# removed since the last run cannot leave a stale graph behind
+	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(BIN)/llm2loss

@@ -31,13 +31,15 @@ def main() -> None:
     from llm2loss_pipeline.core.config import load_config
     from llm2loss_pipeline.core.discovery.candidates import contains_attribute
     from llm2loss_pipeline.core.layout import Layout
-    from llm2loss_pipeline.core.steps.discovery import run_discovery
+    from llm2loss_pipeline.core.query import Diagnoser
+    from llm2loss_pipeline.core.steps.discovery import compute_discovery
 
     torch.set_num_threads(1)
     config = load_config(args.config)
     planted = sorted(config.world.hard_attributes)
     started = time.monotonic()
-    result = run_discovery(Layout.at(args.home), config.discovery)
+    layout = Layout.at(args.home)
+    result = compute_discovery(layout, config.discovery, Diagnoser.load(layout.home))
     seconds = time.monotonic() - started
     table = result.hypotheses
     top = table.filter(pl.col("kept")).head(5)

@@ -11,8 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm2loss_pipeline import __version__
+from llm2loss_pipeline.cli_common import EXIT_USAGE, run_handler
+from llm2loss_pipeline.cli_common import fail as _fail  # the one error line of every command
+from llm2loss_pipeline.discover_cli import register as register_discover
+from llm2loss_pipeline.query_cli import register as register_queries
 
-EXIT_USAGE = 2
+__all__ = ["build_parser", "main", "run_handler"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,19 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     return run_handler(args)
-
-
-def run_handler(args: argparse.Namespace) -> int:
-    """A command's exit code; a reader that closed our output early (`| head`) is not an error
-    worth a traceback."""
-    try:
-        code = int(args.handler(args) or 0)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Python would complain again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,17 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=_cmd_ui)
 
-    from llm2loss_pipeline.discover_cli import register as register_discover
-    from llm2loss_pipeline.query_cli import register
-
-    register(commands)
+    register_queries(commands)
     register_discover(commands)
     return parser
-
-
-def _fail(message: str) -> int:
-    print(f"llm2loss: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def _load_config(path: str | None, home: str | None):

@@ -1,63 +1,17 @@
-"""The Definitions object that `dagster dev -w workspace.yaml` and `llm2loss run` load.
+"""The Definitions object that `dagster dev -w workspace.yaml` and `dagster` commands load.
 
 The configuration comes from the YAML file named by $LLM2LOSS_CONFIG (default: the embedded
-default); every value stays editable per run in the launchpad, under `resources:`.
+default); every value stays editable per run in the launchpad, under `resources:`. The factory
+itself is `defs/build.py`, which `llm2loss run` (defs/runner.py) uses too.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
 
-import dagster as dg
+from llm2loss_pipeline.core.config import load_config
+from llm2loss_pipeline.defs.build import ASSETS, CHECKS, build_definitions
 
-from llm2loss_pipeline.core.config import PipelineConfig, load_config
-from llm2loss_pipeline.defs.data.assets import celeba_attributes, dataset_manifest
-from llm2loss_pipeline.defs.diagnosis.assets import diagnosis_heads
-from llm2loss_pipeline.defs.executors import executor_from_env
-from llm2loss_pipeline.defs.jobs import JOBS
-from llm2loss_pipeline.defs.models.assets import black_box_model, semantic_encoder
-from llm2loss_pipeline.defs.report.assets import attribute_disparity_report
-from llm2loss_pipeline.defs.report.checks import (
-    heads_validation_floor,
-    report_group_sizes,
-    report_is_complete,
-)
-from llm2loss_pipeline.defs.report.discovery import failure_hypotheses
-from llm2loss_pipeline.defs.resources import build_resources
-from llm2loss_pipeline.defs.schedules import build_schedules
-from llm2loss_pipeline.defs.sensors import build_sensors
-from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_losses
-
-ASSETS = [
-    dataset_manifest,
-    celeba_attributes,
-    black_box_model,
-    semantic_encoder,
-    per_sample_losses,
-    image_embeddings,
-    diagnosis_heads,
-    attribute_disparity_report,
-    failure_hypotheses,
-]
-CHECKS = [report_is_complete, report_group_sizes, heads_validation_floor]
-
-
-def build_definitions(
-    config: PipelineConfig | None = None, *, loggers: Mapping[str, Any] | None = None
-) -> dg.Definitions:
-    config = config or PipelineConfig()
-    return dg.Definitions(
-        assets=ASSETS,
-        asset_checks=CHECKS,
-        jobs=JOBS,
-        sensors=build_sensors(config.black_box),
-        schedules=build_schedules(),
-        resources=build_resources(config),
-        loggers=dict(loggers) if loggers else None,
-        executor=executor_from_env(),
-    )
-
+__all__ = ["ASSETS", "CHECKS", "build_definitions", "defs"]
 
 defs = build_definitions(load_config(os.environ.get("LLM2LOSS_CONFIG") or None))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 from typing import Any
 
-EXIT_ERROR = 2
+from llm2loss_pipeline.cli_common import fail, json_safe
+
 COLUMNS = (
     ("rank", "#", 3),
     ("kept", "kept", 4),
@@ -50,17 +49,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run_discover)
 
 
-def _fail(message: str) -> int:
-    print(f"llm2loss discover: error: {message}", file=sys.stderr)
-    return EXIT_ERROR
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def run_discover(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.core.config import ConfigError, load_config
     from llm2loss_pipeline.core.discovery.candidates import VocabularyError
@@ -68,7 +56,7 @@ def run_discover(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.diagnoser import Diagnoser
 
     if args.top < 1:
-        return _fail(f"--top must be at least 1, got {args.top}")
+        return fail(f"--top must be at least 1, got {args.top}", "discover")
     try:
         config = load_config(args.config)
         home = args.home or config.home
@@ -77,9 +65,9 @@ def run_discover(args: argparse.Namespace) -> int:
             top=args.top, vocab=args.vocab, config=config.discovery, home=home
         )
     except (ConfigError, VocabularyError, StorageError, FileNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc), "discover")
     if args.json:
-        rows = [{k: _json_value(v) for k, v in row.items()} for row in report.to_dicts()]
+        rows = json_safe(report.to_dicts())
         evidence = report.evidence.select("rank", "role", "sample_id", "loss", "influence")
         print(
             json.dumps(

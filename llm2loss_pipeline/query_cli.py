@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_ERROR = 2
+from llm2loss_pipeline.cli_common import fail, json_safe, run_handler
+
 PIPE_WIDTH = 120
 WIDE = 110
 
@@ -82,11 +82,6 @@ def load_diagnoser(home: str | None, device: str):
     return Diagnoser.load(home, device=device)
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"llm2loss {command}: error: {message}", file=sys.stderr)
-    return EXIT_ERROR
-
-
 def _handled_errors() -> tuple[type[BaseException], ...]:
     from llm2loss_pipeline.core.storage import StorageError
 
@@ -127,10 +122,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
                 plot_comparison(comparison, args.plot)
         except _handled_errors() as exc:
-            return _fail("compare", str(exc))
+            return fail(str(exc), "compare")
     _notes("compare", caught)
     if args.json:
-        print(json.dumps(_json_safe(comparison.to_dict()), indent=2))
+        print(json.dumps(json_safe(comparison.to_dict()), indent=2))
     else:
         _print_comparison(comparison)
     if args.plot is not None:
@@ -155,10 +150,10 @@ def run_rank(args: argparse.Namespace) -> int:
 
                 plot_ranking(ranking, args.plot)
         except _handled_errors() as exc:
-            return _fail("rank", str(exc))
+            return fail(str(exc), "rank")
     _notes("rank", caught)
     if args.json:
-        print(json.dumps(_json_safe(ranking), indent=2))
+        print(json.dumps(json_safe(ranking), indent=2))
     else:
         _print_ranking(ranking, n_members=len(diagnoser.members))
     if args.plot is not None:
@@ -195,17 +190,6 @@ def read_prompts(source: str) -> list[str]:
             f"{name} has no prompts (one per line; blank lines and # comments are skipped)"
         )
     return prompts
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become null so that the output is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: _json_safe(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(value) for value in obj]
-    return obj
 
 
 def _console():
@@ -283,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llm2loss_pipeline.cli import run_handler
-
     return run_handler(build_parser().parse_args(argv))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm2loss_pipeline import diagnoser as diagnoser_module
+from llm2loss_pipeline.core import query as diagnoser_module  # where Diagnoser.load looks
 from llm2loss_pipeline.core.heads import (
     HeadMismatchError,
     HeadsConfig,

@@ -68,7 +68,7 @@ def run_pipeline(
     on_stage: Callable[[str, str | None, int, int], None] | None = None,
 ) -> PipelineRun:
     """Run the stages in order; `shards` limits the signals stage (default: all shards)."""
-    from llm2loss_pipeline.definitions import build_definitions
+    from llm2loss_pipeline.defs.build import build_definitions
     from llm2loss_pipeline.defs.partitions import SHARDS
 
     unknown = [stage for stage in stages if stage not in STAGES]

@@ -39,7 +39,18 @@ def discovery_html_path(layout: Layout) -> Path:
 
 
 @dataclass(frozen=True)
+class DiscoveryFindings:
+    """What discovery computes, before anything is written (`compute_discovery`)."""
+
+    hypotheses: pl.DataFrame
+    evidence: pl.DataFrame
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
 class DiscoveryStepResult:
+    """The findings and the files `write_discovery` wrote for them."""
+
     hypotheses: pl.DataFrame
     evidence: pl.DataFrame
     hypotheses_path: Path
@@ -69,25 +80,39 @@ class _TextCache:
 def run_discovery(
     layout: Layout,
     config: DiscoveryConfig,
+    diagnoser: Any,
     *,
     vocabulary: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
-    write: bool = True,
-    diagnoser: Any = None,
 ) -> DiscoveryStepResult:
-    """Generate, score, verify and rank candidates; write the tables, sheets and page.
+    """The failure_hypotheses asset's step: compute the hypotheses, then write their files.
 
-    `write=False` only computes (what `Diagnoser.discover` and `llm2loss discover` do: the files
-    under reports/ belong to the failure_hypotheses asset). `diagnoser`: an already loaded one.
+    `diagnoser`: a loaded `core.query.Diagnoser` (the caller loads it, so that this step does not
+    import the query engine that itself runs `compute_discovery`).
+    """
+    findings = compute_discovery(layout, config, diagnoser, vocabulary=vocabulary, log=log)
+    return write_discovery(layout, config, findings)
+
+
+def compute_discovery(
+    layout: Layout,
+    config: DiscoveryConfig,
+    diagnoser: Any,
+    *,
+    vocabulary: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
+) -> DiscoveryFindings:
+    """Generate, score, verify and rank candidates; nothing is written (what `Diagnoser.discover`
+    and `llm2loss discover` use: the files under reports/ belong to the failure_hypotheses asset).
+
+    `diagnoser`: anything with `encode_texts`, `ensemble` and `gap` (a `core.query.Diagnoser`).
     """
     from llm2loss_pipeline.core.discovery.candidates import generate_candidates, read_vocabulary
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
     from llm2loss_pipeline.core.steps.diagnosis import training_frame
     from llm2loss_pipeline.core.steps.tables import split_rows
-    from llm2loss_pipeline.diagnoser import Diagnoser
 
     say = log or (lambda message: None)
-    diagnoser = diagnoser or Diagnoser.load(layout.home)
     ensemble, gap = diagnoser.ensemble, diagnoser.gap
     frame = training_frame(layout)
     held_out = split_rows(frame, config.eval_split, "discovery.eval_split")
@@ -140,11 +165,7 @@ def run_discovery(
         "n_proposed": len(proposals),
     }
     say(f"discovery: {result.n_kept} of {result.n_candidates} hypotheses kept")
-    if not write:
-        return DiscoveryStepResult(
-            result.hypotheses, result.evidence, Path(), Path(), Path(), "", counts
-        )
-    return _write(layout, config, result, counts)
+    return DiscoveryFindings(result.hypotheses, result.evidence, counts)
 
 
 def _proposals(
@@ -162,9 +183,10 @@ def _proposals(
     return proposals
 
 
-def _write(
-    layout: Layout, config: DiscoveryConfig, result: Any, counts: dict[str, int]
+def write_discovery(
+    layout: Layout, config: DiscoveryConfig, result: DiscoveryFindings
 ) -> DiscoveryStepResult:
+    """The tables, contact sheets and page of `result` under reports/, and the DuckDB views."""
     from llm2loss_pipeline.core.discovery.evidence import discovery_html, hypothesis_sheets
     from llm2loss_pipeline.core.discovery.publish import publish_with_discovery
     from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
@@ -195,7 +217,7 @@ def _write(
         evidence_path=evidence_file,
         html_path=html,
         sha256=sha256_file(table_path),
-        counts=counts,
+        counts=result.counts,
         sheets=sheets,
         views=sorted(published.views),
     )

@@ -58,9 +58,9 @@ def attribute_table_path(layout: Layout) -> Path:
 def make_report(
     layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
 ) -> ReportStepResult:
+    from llm2loss_pipeline.core.query import Diagnoser
     from llm2loss_pipeline.core.report import build_report, markdown_tables, publish_views
     from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
-    from llm2loss_pipeline.diagnoser import Diagnoser
 
     diagnoser = Diagnoser.load(layout.home)
     result = build_report(

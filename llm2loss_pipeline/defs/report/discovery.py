@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.query import Diagnoser
 from llm2loss_pipeline.core.steps import discovery as steps
 from llm2loss_pipeline.defs.automation import FOLLOW_UPSTREAM
 from llm2loss_pipeline.defs.data.assets import OWNERS
@@ -50,7 +51,9 @@ def failure_hypotheses(
     discovery_proposer: ProposerResource,  # type: ignore[valid-type]
 ) -> dg.MaterializeResult:
     config = DiscoveryConfig(**discovery.spec().model_dump(), proposer=discovery_proposer.spec())
-    result = steps.run_discovery(storage.layout(), config, log=context.log.info)
+    layout = storage.layout()
+    diagnoser = Diagnoser.load(layout.home)
+    result = steps.run_discovery(layout, config, diagnoser, log=context.log.info)
     metadata: dict[str, Any] = {
         **table_metadata(result.hypotheses, result.hypotheses_path),
         **result.counts,

@@ -1,0 +1,338 @@
+"""The query engine behind `llm2loss_pipeline.Diagnoser`: text questions to the trained heads.
+
+`llm2loss_pipeline/diagnoser.py` is its public face (a re-export, as `stats.py` is for
+`core/stats.py`); the report and discovery steps import this module, never the public face, so
+that the layers point one way (pyproject.toml, [tool.importlinter]).
+
+A text is embedded by the encoder's text tower, moved across the modality gap (`gap.text`) and fed
+to every head; outputs are standardised per member (core/heads/ensemble.py), so every number here
+is in "standard deviations of that member's predicted loss over the training images". Higher means
+the black box is expected to do worse on inputs like the text. The spread over members is the
+uncertainty (paper, Figure 2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm2loss_pipeline.core.heads.checkpoint import INDEX, load_ensemble
+from llm2loss_pipeline.core.heads.compare import (
+    OVERALL,
+    Comparison,
+    Spread,
+    compare_members,
+    member_groups,
+    rank_texts,
+)
+from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
+from llm2loss_pipeline.core.heads.gap import ModalityGap
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.prompts import shows_nothing
+from llm2loss_pipeline.core.storage import StorageError, existing_dir
+
+EncodeTexts = Callable[[Sequence[str]], np.ndarray]
+EncoderLoader = Callable[[Path, str], Any]
+RUN_COMMAND = "llm2loss run"
+CACHE_LIMIT = 100_000
+POOL_SEED = 0  # fixed: a grounded comparison gives the same numbers every time
+
+
+@dataclass(frozen=True)
+class DiscoveryReport:
+    """What `Diagnoser.discover` found: ranked hypotheses (polars) and their evidence samples."""
+
+    table: Any
+    """the top hypotheses, ranked (columns of core/discovery/hypotheses.HYPOTHESIS_COLUMNS)"""
+    evidence: Any
+    """proponent and counter-example sample ids of the kept hypotheses among them"""
+    n_candidates: int
+    n_kept: int
+
+    @property
+    def kept(self) -> Any:
+        return self.table.filter(self.table["kept"])
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return self.table.to_dicts()
+
+
+class NotMaterializedError(StorageError):
+    """The encoder or the heads have not been materialized under this home yet."""
+
+
+def default_encoder_loader(encoder_dir: Path, device: str) -> Any:
+    """The pipeline's encoder (`core.encoder.load_encoder`), imported only when a query needs it."""
+    from llm2loss_pipeline.core.encoder import load_encoder
+
+    return load_encoder(encoder_dir, device)
+
+
+def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> list[str]:
+    """Texts as a list, with a ValueError naming the first empty or non-string one."""
+    if isinstance(texts, str):
+        raise TypeError("expected a sequence of texts, got a single string")
+    result = list(texts)
+    for position, text in enumerate(result):
+        label = labels[position] if labels is not None else f"text {position + 1}"
+        if not isinstance(text, str):
+            raise ValueError(f"{label} is a {type(text).__name__}, not a string")
+        if shows_nothing(text):
+            raise ValueError(
+                f"{label} is empty: give a description such as 'a person wearing glasses'"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # undecodable bytes from argv arrive as surrogates
+            raise ValueError(
+                f"{label} is not valid UTF-8 text (an undecodable byte at character {exc.start})"
+            ) from exc
+    return result
+
+
+class Diagnoser:
+    """Text queries against one encoder and one head ensemble.
+
+    `encode_texts` maps texts to L2-normalised text embeddings [n, d]; `ensemble` and `gap` are the
+    trained heads and the modality-gap map (`load_ensemble`); `meta` is their index record.
+    """
+
+    def __init__(
+        self,
+        encode_texts: EncodeTexts,
+        ensemble: HeadEnsemble,
+        gap: ModalityGap,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if gap.dim != ensemble.embedding_dim:
+            raise ValueError(
+                f"modality gap has dimension {gap.dim} but the heads take {ensemble.embedding_dim}"
+            )
+        self.encode_texts = encode_texts
+        self.ensemble = ensemble
+        self.gap = gap
+        self.meta = dict(meta or {})
+        self._scores: dict[str, np.ndarray] = {}
+        self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
+
+    @classmethod
+    def load(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        device: str = "cpu",
+        *,
+        encoder_loader: EncoderLoader | None = None,
+    ) -> Diagnoser:
+        """The encoder and heads of the latest materialization under `home` (or LLM2LOSS_HOME).
+
+        Raises NotMaterializedError when either is missing, HeadMismatchError when the heads were
+        trained on another encoder than the one saved now, StorageError when files are damaged.
+        """
+        from llm2loss_pipeline.core.device import resolve_device
+
+        device = resolve_device(str(device))  # "auto", torch.device objects, a clear error
+        layout = Layout.at(home)
+        # existing_dir: a run killed while it swapped in a new folder leaves the old one aside.
+        encoder_dir, heads_dir = existing_dir(layout.encoder_dir), existing_dir(layout.heads_dir)
+        missing = []
+        if not encoder_dir.is_dir() or not any(encoder_dir.iterdir()):
+            missing.append(f"the encoder ({layout.encoder_dir})")
+        if not (heads_dir / INDEX).is_file():
+            missing.append(f"the diagnosis heads ({layout.heads_dir / INDEX})")
+        if missing:
+            raise NotMaterializedError(
+                f"nothing to query under {layout.home}: {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not materialized yet; "
+                f"run `{RUN_COMMAND}` (with --home {layout.home} or LLM2LOSS_HOME set) first"
+            )
+        encoder = (encoder_loader or default_encoder_loader)(encoder_dir, device)
+        ensemble, gap, meta = load_ensemble(
+            heads_dir,
+            expected_dim=int(encoder.embed_dim),
+            expected_encoder_sha256=str(encoder.sha256),
+        )
+        meta = {**meta, "home": str(layout.home), "encoder": repr(encoder)}
+        return cls(encoder.encode_texts, ensemble, gap, meta)
+
+    @property
+    def members(self) -> list[MemberInfo]:
+        return list(self.ensemble.members)
+
+    # scores
+
+    def score_texts(self, texts: Sequence[str], labels: Sequence[str] | None = None) -> np.ndarray:
+        """Standardised member scores [M, T]; new texts are encoded in one batch, then cached."""
+        texts = check_texts(texts, labels)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._scores))
+        if missing:
+            embeddings = np.asarray(self.encode_texts(missing), dtype=np.float32)
+            if embeddings.shape != (len(missing), self.ensemble.embedding_dim):
+                raise ValueError(
+                    f"the text encoder returned shape {embeddings.shape} for {len(missing)} texts; "
+                    f"the heads expect [n, {self.ensemble.embedding_dim}]"
+                )
+            scores = self.ensemble.standardized(self.gap.text(embeddings))
+            if len(self._scores) + len(missing) > CACHE_LIMIT:
+                self._scores.clear()
+            for column, text in enumerate(missing):
+                self._scores[text] = scores[:, column]
+        if not texts:
+            return np.zeros((len(self.ensemble), 0))
+        return np.stack([self._scores[t] for t in texts], axis=1)
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts in the heads' input space [n, d] (encoded, then mapped across the modality gap)."""
+        texts = check_texts(texts)
+        return self.gap.text(np.asarray(self.encode_texts(texts), dtype=np.float32))
+
+    def image_features(self, embeddings: np.ndarray) -> np.ndarray:
+        """Image embeddings [n, d] in the heads' input space."""
+        return self.gap.image(embeddings)
+
+    def score_features(self, features: np.ndarray) -> np.ndarray:
+        """Standardised member scores [M, n] of points already in the heads' input space."""
+        return self.ensemble.standardized(features)
+
+    def estimate(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Per text: the ensemble mean and spread (std, quartiles, range), per kind and overall."""
+        texts = check_texts(texts)
+        scores = self.score_texts(texts)
+        groups = member_groups(self.ensemble.members)
+        rows = []
+        for t, text in enumerate(texts):
+            per_group = {name: Spread.of(scores[idx, t]).to_dict() for name, idx in groups.items()}
+            rows.append({"text": text, **per_group[OVERALL], "groups": per_group})
+        return rows
+
+    # comparisons
+
+    def compare(self, text_a: str, text_b: str, *, grounded: bool = False) -> Comparison:
+        """Distribution over members of h(a) - h(b); positive: the model does worse on a.
+
+        grounded: answer on the evaluation images instead of the texts' own embeddings: per
+        member, the covariance of its predicted loss with the images' similarity to a rather than
+        b (core/report/grounded.py; each member on its own bootstrap resample of the images).
+        """
+        return self.compare_many([(text_a, text_b)], grounded=grounded)[0]
+
+    def compare_many(
+        self, pairs: Sequence[tuple[str, str]], *, grounded: bool = False
+    ) -> list[Comparison]:
+        """Many comparisons, with every distinct text encoded once, in one batch."""
+        pairs = list(pairs)
+        for position, pair in enumerate(pairs):
+            if isinstance(pair, str) or len(pair) != 2:  # ("ab", "cd") is not two pairs
+                raise ValueError(
+                    f"pair {position + 1} is {pair!r}: each pair is two texts, (text_a, text_b)"
+                )
+        labels = [f"text {'AB'[k]} of pair {p + 1}" for p in range(len(pairs)) for k in range(2)]
+        if len(pairs) == 1:
+            labels = ["text A", "text B"]
+        flat = [text for pair in pairs for text in pair]
+        members = self.ensemble.members
+        if grounded:
+            from llm2loss_pipeline.core.report.grounded import grounded_diffs
+
+            features = self.text_features(check_texts(flat, labels))
+            directions = features[0::2] - features[1::2]
+            # Two texts with one embedding (the same text) differ by nothing; grounding would
+            # fail on their zero direction, which scores every pool image alike.
+            apart = np.linalg.norm(directions, axis=1) > 0.0
+            diffs = np.zeros((len(members), len(pairs)))
+            if apart.any():
+                pool, scores, weights = self.grounding_pool()
+                diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
+            return [
+                compare_members(diffs[:, p], members, a, b, estimator="grounded")
+                for p, (a, b) in enumerate(pairs)
+            ]
+        scores = self.score_texts(flat, labels=labels)
+        return [
+            compare_members(scores[:, 2 * p] - scores[:, 2 * p + 1], members, a, b)
+            for p, (a, b) in enumerate(pairs)
+        ]
+
+    def use_pool(self, embeddings: np.ndarray) -> None:
+        """Ground comparisons on these image embeddings [n, d] instead of the home's images."""
+        from llm2loss_pipeline.core.report.grounded import pool_weights
+
+        features = self.image_features(embeddings)
+        if len(features) < 2:
+            raise ValueError(f"a grounding pool needs at least 2 images, got {len(features)}")
+        scores = self.score_features(features)
+        self._pool = (features, scores, pool_weights(len(scores), len(features), POOL_SEED))
+
+    def grounding_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
+        heads' evaluation split, read once from the home this diagnoser was loaded from."""
+        if self._pool is None:
+            from llm2loss_pipeline.core.steps.diagnosis import training_frame
+            from llm2loss_pipeline.core.steps.tables import split_rows
+
+            if "home" not in self.meta:
+                raise ValueError(
+                    "grounded comparisons need images: load with Diagnoser.load(home) or call "
+                    "use_pool(embeddings) first"
+                )
+            split = str(self.meta.get("extra", {}).get("eval_split", "test"))
+            frame = split_rows(training_frame(Layout.at(self.meta["home"])), split, "eval_split")
+            self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32))
+        return self._pool  # type: ignore[return-value]
+
+    def rank(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals."""
+        texts = check_texts(texts)
+        if not texts:
+            raise ValueError("rank needs at least one text")
+        return rank_texts(texts, self.score_texts(texts), self.ensemble.members)
+
+    # discovery
+
+    def discover(
+        self,
+        top: int | None = 10,
+        vocab: str | os.PathLike[str] | Sequence[str] | None = None,
+        *,
+        config: Any = None,
+        home: str | os.PathLike[str] | None = None,
+    ) -> DiscoveryReport:
+        """Failure hypotheses in language (core/discovery): candidate descriptions scored by the
+        heads and verified on the evaluation split's samples, best first.
+
+        `vocab`: extra descriptions, as a list or a text file (one per line); `config`: a
+        DiscoveryConfig (default: the defaults); `home`: where the losses and embeddings are
+        (default: the home this diagnoser was loaded from). Nothing is written.
+        """
+        from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
+        from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+        from llm2loss_pipeline.core.steps.discovery import compute_discovery
+
+        if top is not None and top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        if vocab is None:
+            texts: list[str] = []
+        elif isinstance(vocab, str | os.PathLike):
+            texts = read_vocabulary(vocab)
+        else:
+            texts = check_texts(vocab, [f"vocabulary entry {i + 1}" for i in range(len(vocab))])
+        layout = Layout.at(home if home is not None else self.meta.get("home"))
+        if not layout.manifest.exists():
+            raise NotMaterializedError(
+                f"nothing to discover under {layout.home}: the dataset manifest "
+                f"({layout.manifest}) is not materialized yet; run `{RUN_COMMAND}` first"
+            )
+        result = compute_discovery(layout, config or DiscoveryConfig(), self, vocabulary=texts)
+        table = result.hypotheses if top is None else result.hypotheses.head(top)
+        ranks = table["rank"].to_list()
+        evidence = result.evidence.filter(result.evidence["rank"].is_in(ranks))
+        return DiscoveryReport(
+            table, evidence, result.counts["n_candidates"], result.counts["n_kept"]
+        )
