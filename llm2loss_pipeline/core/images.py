@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,29 @@ except ImportError:  # pragma: no cover - torch is a dependency of the package
 
 PathLike = str | os.PathLike[str]
 _TRUNCATION_FLAG = threading.Lock()
+
+MAX_PIXELS_ENV = "LLM2LOSS_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""The one cap on width x height of any image this module decodes (64 Mpx, 192 MB as RGB).
+
+A small file can declare a huge canvas (a 20000x20000 JPEG of a few kB decodes to 1.2 GB), so
+the size is read from the header and checked before any pixel is decoded, on every path (the
+fast JPEG decoder included). `$LLM2LOSS_MAX_IMAGE_PIXELS` raises or lowers it; PIL's own
+`MAX_IMAGE_PIXELS` is set to the same value so that there is one limit, not two."""
+
+
+def max_image_pixels() -> int:
+    """The pixel cap: `$LLM2LOSS_MAX_IMAGE_PIXELS` if set, else `DEFAULT_MAX_IMAGE_PIXELS`."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} is not a whole number of pixels") from None
+    if value < 1:
+        raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} must be at least 1")
+    return value
 
 
 class ImageDecodeError(ValueError):
@@ -87,15 +111,61 @@ def _read_bytes(path: PathLike) -> bytes:
     return data
 
 
+def _check_pixels(path: PathLike, width: int, height: int) -> None:
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise ImageDecodeError(
+            path,
+            f"{width}x{height} is {width * height} pixels, over the limit of {limit} "
+            f"(a decompression bomb?); set ${MAX_PIXELS_ENV} higher if the image is genuine",
+        )
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding; None if not found."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 9 > end:
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
 def _decode(path: PathLike, data: bytes, draft: bool) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max_image_pixels()  # PIL's own bomb check uses the same cap
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # over the cap is an error just below, not a warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        size = _jpeg_size(data) if data[:2] == b"\xff\xd8" else None
+        if size is not None:
+            _check_pixels(path, *size)
+        raise ImageDecodeError(
+            path, f"declares more than {max_image_pixels()} pixels (a decompression bomb?)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not a recognised image format (garbage bytes?)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         message = str(exc)
         reason = "truncated image data" if "runcated" in message else f"corrupt header ({message})"
         raise ImageDecodeError(path, reason) from None
+    _check_pixels(path, image.width, image.height)  # from the header: nothing is decoded yet
     if draft and image.format == "JPEG":
         # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught.
         image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
@@ -153,6 +223,9 @@ def load_image_tensor(path: PathLike) -> Any:
     """
     data = _read_bytes(path)
     if data[:2] == b"\xff\xd8":
+        size = _jpeg_size(data)
+        if size is not None:  # checked before the fast decoder allocates the canvas
+            _check_pixels(path, *size)
         decoded = _decode_jpeg_fast(data)
         if decoded is not None:
             return decoded

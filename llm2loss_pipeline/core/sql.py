@@ -124,15 +124,34 @@ def connect(
 
 
 def parquet_source(path: str | os.PathLike[str]) -> str:
-    """An absolute path (or glob) for `read_parquet`, checked to name at least one file."""
+    """An absolute path (or glob) for `read_parquet`, checked to name at least one file.
+
+    Every matched file that has a content-hash sidecar (the per-shard tables) is checked against
+    it first, so a bit flipped on disk is an error naming the file, not a silently wrong value.
+    """
     text = os.fspath(path)
     absolute = os.path.abspath(os.path.expanduser(text))
     if any(char in _GLOB_CHARS for char in absolute):
-        if not glob.glob(absolute):
+        files = sorted(glob.glob(absolute))
+        if not files:
             raise SqlError(f"no Parquet file matches {absolute}")
     elif not os.path.isfile(absolute):
         raise SqlError(f"Parquet file {absolute} does not exist")
+    else:
+        files = [absolute]
+    for file in files:
+        _verify_content(Path(file))
     return absolute
+
+
+def _verify_content(path: Path) -> None:
+    from llm2loss_pipeline.core.storage import sidecar_path, verify_hashed
+
+    # shard files must have a sidecar (an old one without gets one warning); others may
+    if path.name.startswith("shard-") or sidecar_path(path).exists():
+        verify_hashed(
+            path, fix=f"Rematerialize it: llm2loss run --stage signals --shard {path.stem}"
+        )
 
 
 def shard_glob(folder: str | os.PathLike[str]) -> str:

@@ -20,6 +20,7 @@ from llm2loss_pipeline.core.steps.tables import (
     items_of,
     read_manifest,
     shard_rows,
+    write_shard,
 )
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
 
@@ -245,7 +246,7 @@ def shard_losses(
         )
         fail_on_bad_images(LOSSES_TABLE, shard, rows, result.skipped, dataset.on_bad_image)
         frame, dropped, skipped = result.frame, list(result.dropped), list(result.skipped)
-    path = write_parquet_atomic(frame, layout.shard_table(LOSSES_TABLE, shard))
+    path = write_shard(layout, LOSSES_TABLE, shard, frame, rows)  # with its sha256 sidecar
     return ShardTableResult(
         frame=frame,
         path=path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -14,6 +14,7 @@ from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.celeba import build_manifest, read_celeba
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.steps.tables import remove_stale_shards
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 from llm2loss_pipeline.core.world.config import WorldConfig
 
@@ -28,6 +29,8 @@ class DatasetResult:
     split_sizes: dict[str, int]
     n_identities: int
     contact_sheet: Path | None
+    removed_shards: list[str] = field(default_factory=list)
+    """one line per stale shard file removed (see tables.remove_stale_shards)"""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ def prepare_dataset(
             f"e.g. {missing[:3]}"
         )
     write_parquet_atomic(manifest, layout.manifest)
+    # Shard files of an earlier manifest would otherwise be read by every glob over the folder.
+    removed = remove_stale_shards(layout, manifest)
     split_sizes = dict(manifest.group_by("split").len().sort("split").iter_rows())
     return DatasetResult(
         source=dataset.source,
@@ -89,6 +94,7 @@ def prepare_dataset(
         split_sizes={str(key): int(value) for key, value in split_sizes.items()},
         n_identities=manifest["identity"].n_unique(),
         contact_sheet=sheet,
+        removed_shards=removed,
     )
 
 

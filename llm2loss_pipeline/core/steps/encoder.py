@@ -21,8 +21,9 @@ from llm2loss_pipeline.core.steps.tables import (
     read_manifest,
     read_shards,
     shard_rows,
+    write_shard,
 )
-from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
+from llm2loss_pipeline.core.storage import sha256_file
 
 EMBEDDINGS_TABLE = "image_embeddings"
 VALIDATION_SAMPLE = 2000
@@ -153,7 +154,7 @@ def shard_embeddings(
     skipped_ids = [sample_id for sample_id, _ in result.skipped]
     fail_on_bad_images(EMBEDDINGS_TABLE, shard, rows, skipped_ids, dataset.on_bad_image)
     frame = embedding_frame(result.sample_ids, result.embeddings)
-    path = write_parquet_atomic(frame, layout.shard_table(EMBEDDINGS_TABLE, shard))
+    path = write_shard(layout, EMBEDDINGS_TABLE, shard, frame, rows)  # with its sha256 sidecar
     return EmbeddingShardResult(
         frame=frame,
         path=path,

@@ -33,6 +33,8 @@ def dataset_manifest(
     result = steps.prepare_dataset(
         layout, dataset.spec(), world.spec(), progress=progress_logger(context, "world images")
     )
+    for line in result.removed_shards:
+        context.log.info(line)
     added, removed = sync_shard_partitions(context.instance, result.shard_keys)
     context.log.info(
         f"{result.manifest.height} samples in {len(result.shard_keys)} shards "
@@ -46,6 +48,7 @@ def dataset_manifest(
             "source": result.source,
             "n_identities": result.n_identities,
             "n_shards": len(result.shard_keys),
+            "stale_shard_files_removed": len(result.removed_shards),
             "split_sizes": dg.MetadataValue.json(result.split_sizes),
             **(
                 {"contact_sheet": dg.MetadataValue.path(str(result.contact_sheet))}

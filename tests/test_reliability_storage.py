@@ -1,0 +1,211 @@
+"""Reliability, round two: shard content hashes, stale shards, and the image pixel cap.
+
+- A bit flipped in a shard on disk is an error naming the file, on the polars path
+  (`read_shards`) and on the DuckDB path (`parquet_source`), never a silently wrong value.
+- A shard written before hashes existed is read with one warning.
+- Rewriting the manifest removes shard files that do not belong to it (fewer shards after a
+  `shard_size` change, or another dataset's rows under the same shard name), each with a line.
+- An image whose header declares more pixels than the cap is refused before decoding, naming
+  the file, and `on_bad_image: skip` skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from llm2loss_pipeline.core import images
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.sql import connect, parquet_source, run_sql, shard_glob
+from llm2loss_pipeline.core.steps import tables
+from llm2loss_pipeline.core.steps.tables import (
+    read_shards,
+    remove_stale_shards,
+    shard_rows,
+    write_shard,
+)
+from llm2loss_pipeline.core.storage import StorageError, sidecar_path
+
+TABLE = "per_sample_losses"
+
+
+def _manifest(n: int, shard_size: int, prefix: str = "img") -> pl.DataFrame:
+    ids = [f"{i + 1:06d}.jpg" for i in range(n)]
+    return pl.DataFrame(
+        {
+            "sample_id": ids,
+            "path": [f"/data/{prefix}/{sid}" for sid in ids],
+            "split": ["test"] * n,
+            "index": list(range(n)),
+            "shard": [f"shard-{i // shard_size:05d}" for i in range(n)],
+        }
+    )
+
+
+def _losses(rows: pl.DataFrame) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "sample_id": rows["sample_id"],
+            "split": rows["split"],
+            "loss": [0.25 + 0.01 * i for i in rows["index"].to_list()],
+        }
+    )
+
+
+def _write_all(layout: Layout, manifest: pl.DataFrame) -> None:
+    for key in manifest["shard"].unique(maintain_order=True).to_list():
+        rows = shard_rows(manifest, key)
+        write_shard(layout, TABLE, key, _losses(rows), rows)
+
+
+def _flip_bit(path: Path, offset_fraction: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout.at(tmp_path / "home")
+
+
+def test_shards_carry_a_sidecar_with_their_sha256(layout: Layout):
+    manifest = _manifest(10, 4)
+    _write_all(layout, manifest)
+    shard = layout.shard_table(TABLE, "shard-00001")
+    import json
+
+    meta = json.loads(sidecar_path(shard).read_text())
+    from llm2loss_pipeline.core.storage import sha256_file
+
+    assert meta["sha256"] == sha256_file(shard)
+    assert meta["rows"] == 4 and meta["shard"] == "shard-00001"
+    frame = read_shards(layout, TABLE, manifest)
+    assert frame["loss"].to_list() == pytest.approx([0.25 + 0.01 * i for i in range(10)])
+
+
+def test_a_flipped_bit_is_an_error_naming_the_shard_on_both_read_paths(layout: Layout):
+    manifest = _manifest(10, 4)
+    _write_all(layout, manifest)
+    shard = layout.shard_table(TABLE, "shard-00001")
+    _flip_bit(shard)
+    with pytest.raises(StorageError, match=r"shard-00001\.parquet: sha256 .* does not match"):
+        read_shards(layout, TABLE, manifest)
+    with pytest.raises(StorageError, match=r"shard-00001\.parquet: sha256"):
+        parquet_source(shard_glob(layout.shard_dir(TABLE)))
+    with pytest.raises(StorageError, match="--shard shard-00001"):
+        run_sql(connect(), "read_table", tables={"path": shard_glob(layout.shard_dir(TABLE))})
+
+
+def test_a_shard_without_a_sidecar_is_read_with_one_warning(layout: Layout, caplog):
+    manifest = _manifest(10, 4)
+    _write_all(layout, manifest)
+    for key in ("shard-00000", "shard-00001"):
+        sidecar_path(layout.shard_table(TABLE, key)).unlink()
+    tables_logger = "llm2loss_pipeline.core.storage"
+    with caplog.at_level(logging.WARNING, logger=tables_logger):
+        first = read_shards(layout, TABLE, manifest)
+        read_shards(layout, TABLE, manifest)
+    warnings = [r for r in caplog.records if "no content hash" in r.getMessage()]
+    assert len(warnings) == 1 and str(layout.shard_dir(TABLE)) in warnings[0].getMessage()
+    assert first.height == 10
+
+
+def test_a_shard_size_change_removes_the_stale_shards_and_says_so(layout: Layout, caplog):
+    old = _manifest(10, 4)  # shards 0..2
+    _write_all(layout, old)
+    new = _manifest(10, 5)  # shards 0..1, each with other rows than before
+    with caplog.at_level(logging.INFO, logger=tables.__name__):
+        removed = remove_stale_shards(layout, new)
+    assert len(removed) == 3
+    assert any("shard-00002.parquet (the manifest has no shard shard-00002)" in r for r in removed)
+    assert any("shard-00000.parquet (computed for other samples" in r for r in removed)
+    assert sorted(p.name for p in layout.shard_dir(TABLE).iterdir()) == []
+    assert [r.getMessage() for r in caplog.records if "removed stale" in r.getMessage()] == removed
+    # rewritten for the new manifest: exactly its shards, nothing removed on the next pass
+    _write_all(layout, new)
+    assert remove_stale_shards(layout, new) == []
+    assert read_shards(layout, TABLE, new).height == 10
+
+
+def test_a_same_named_shard_of_another_dataset_is_never_read(layout: Layout):
+    old = _manifest(10, 5, prefix="old-world")  # the same ids and shard names, other images
+    _write_all(layout, old)
+    new = _manifest(10, 5, prefix="new-world")
+    with pytest.raises(StorageError, match="computed for other samples than the manifest's"):
+        read_shards(layout, TABLE, new)
+    assert len(remove_stale_shards(layout, new)) == 2
+
+
+def test_an_unhashed_stale_shard_with_colliding_ids_is_removed(layout: Layout):
+    old = _manifest(12, 4)
+    _write_all(layout, old)
+    for path in layout.shard_dir(TABLE).glob("*.json"):
+        path.unlink()  # shards written before hashes existed
+    new = _manifest(12, 6)  # shard-00000 now holds 000001..000006: the old one is a subset
+    removed = remove_stale_shards(layout, new)
+    assert [Path(line.split()[3]).name for line in removed] == [
+        "shard-00001.parquet",
+        "shard-00002.parquet",
+    ]
+    assert "holds samples that the manifest puts outside shard-00001" in removed[0]
+    # the old shard-00000 (a subset of the new one's rows) stays; the reader fills no gaps with
+    # foreign rows: a glob over the folder now sees only shards of the current manifest
+    assert sorted(p.name for p in layout.shard_dir(TABLE).glob("*.parquet")) == [
+        "shard-00000.parquet"
+    ]
+
+
+# ---- the pixel cap ---------------------------------------------------------------------------
+
+
+def _bomb(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A 16x16 JPEG whose frame header declares width x height (a few hundred bytes on disk)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"\xff\xc0")
+    data[at + 5 : at + 7] = height.to_bytes(2, "big")
+    data[at + 7 : at + 9] = width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("loader", [images.load_image, images.load_image_tensor])
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path: Path, loader):
+    bomb = _bomb(tmp_path / "bomb.jpg")
+    with pytest.raises(images.ImageDecodeError) as caught:
+        loader(bomb)
+    message = str(caught.value)
+    assert message.startswith(str(bomb))
+    assert "20000x20000 is 400000000 pixels, over the limit of 67108864" in message
+    assert "LLM2LOSS_MAX_IMAGE_PIXELS" in message
+    assert "over the limit" in images.check_image(bomb)
+
+
+def test_the_pixel_cap_is_one_setting_and_skip_skips(tmp_path: Path, monkeypatch):
+    small = tmp_path / "small.jpg"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(small, format="JPEG")
+    png = tmp_path / "small.png"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(png)
+    assert images.load_image_tensor(small).shape == (3, 40, 50)
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "1999")  # 50 x 40 = 2000
+    for path, loader in ((small, images.load_image_tensor), (png, images.load_image)):
+        with pytest.raises(images.ImageDecodeError, match=r"50x40 is 2000 pixels, over .* 1999"):
+            loader(path)
+    items = [("a", small), ("b", _bomb(tmp_path / "bomb.jpg")), ("c", png)]
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "2000")
+    dataset = images.ImageFolderDataset(items, transform=lambda image: image, on_bad_image="skip")
+    assert [dataset[i][1] is None for i in range(3)] == [False, True, False]
+    failing = images.ImageFolderDataset(items, transform=lambda image: image)
+    with pytest.raises(images.ImageDecodeError, match=r"bomb\.jpg: 20000x20000 .*\(sample b\)"):
+        failing[1]
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "many")
+    with pytest.raises(ValueError, match="LLM2LOSS_MAX_IMAGE_PIXELS='many' is not a whole"):
+        images.load_image(png)
