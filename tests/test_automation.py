@@ -32,7 +32,6 @@ from llm2loss_pipeline.defs.sensors import (
     MODEL_VERSION_TAG,
     REGISTRY_ENV,
     build_model_registry_sensor,
-    safetensors_supported,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,18 +146,14 @@ def test_a_file_still_being_written_waits_for_a_later_tick(instance, tmp_path) -
     assert json.loads(waiting.cursor)["files"] == {}
 
 
-def test_safetensors_versions(instance, tmp_path) -> None:
+def test_safetensors_files_are_reported_not_requested(instance, tmp_path) -> None:
+    """No black_box source loads a bare weights file, so the sensor names it and runs nothing."""
     sensor = build_model_registry_sensor(tmp_path, settle_seconds=0)
-    digest = _write(tmp_path / "user-model.safetensors", b"safetensors weights", mtime=1e6)
+    _write(tmp_path / "user-model.safetensors", b"safetensors weights", mtime=1e6)
     result = _tick(sensor, instance, None)
-    if safetensors_supported():
-        assert [r.run_key for r in result.run_requests] == [digest]
-        config = result.run_requests[0].run_config["resources"]["black_box"]["config"]
-        assert config["source"] == "checkpoint"
-    else:
-        assert result.run_requests == []
-        assert "user-model.safetensors" in result.skip_message
-        assert "no 'checkpoint' source" in result.skip_message
+    assert result.run_requests == []
+    assert "user-model.safetensors" in result.skip_message
+    assert "no 'checkpoint' source" in result.skip_message
 
 
 def test_a_corrupt_cursor_is_an_error_that_says_how_to_reset_it(instance, tmp_path) -> None:

@@ -44,17 +44,6 @@ CURSOR_FORMAT = 1
 MAX_REMEMBERED_VERSIONS = 1000
 
 
-def safetensors_supported() -> bool:
-    """Whether the black box can be pointed at a weights file (source 'checkpoint').
-
-    A `.safetensors` model needs `black_box.source: checkpoint` with `checkpoint_path` (a
-    safetensors file plus its JSON sidecar, the format the pipeline writes for its own black box).
-    Until the core config has that source, such files are reported by the sensor, not requested.
-    """
-    fields = BlackBoxConfig.model_fields
-    return "checkpoint_path" in fields and "checkpoint" in str(fields["source"].annotation)
-
-
 def black_box_run_config(path: Path, black_box: BlackBoxConfig) -> dict[str, Any]:
     """The run config that points the `black_box` resource at one checkpoint file.
 
@@ -65,8 +54,6 @@ def black_box_run_config(path: Path, black_box: BlackBoxConfig) -> dict[str, Any
     suffix = path.suffix.lower()
     if suffix in TORCHSCRIPT_SUFFIXES:
         pointer = {"source": "torchscript", "torchscript_path": str(path)}
-    elif suffix == SAFETENSORS_SUFFIX and safetensors_supported():
-        pointer = {"source": "checkpoint", "checkpoint_path": str(path)}
     else:
         raise ValueError(
             f"{path}: no black_box source loads a {suffix or 'suffix-less'} file; "
@@ -171,7 +158,8 @@ def scan_registry(
     settling: list[Path] = []
     present: set[str] = set()
     for path in registry_files(directory):
-        if path.suffix.lower() == SAFETENSORS_SUFFIX and not safetensors_supported():
+        # no black_box source loads a bare weights file: reported, never requested
+        if path.suffix.lower() == SAFETENSORS_SUFFIX:
             unsupported.append(path)
             continue
         try:
