@@ -81,7 +81,7 @@ def test_registry_sensor_runs_by_default_when_the_env_names_a_folder(
     assert "missing is not a folder" in result.skip_message
     (tmp_path / "missing").mkdir()
     result = _tick(sensor, instance, None)
-    assert result.skip_message.startswith("no checkpoint (.pt, .pt2, .safetensors)")
+    assert result.skip_message.startswith("no checkpoint (.pt, .safetensors)")
 
 
 def test_each_new_model_version_is_requested_once(instance, tmp_path) -> None:
@@ -128,11 +128,11 @@ def test_several_new_versions_in_one_tick_request_only_the_newest(instance, tmp_
     sensor = build_model_registry_sensor(tmp_path, settle_seconds=0)
     sha_old = _write(tmp_path / "b-older.pt", b"older", mtime=1_000_000)
     (tmp_path / "sub").mkdir()
-    sha_new = _write(tmp_path / "sub" / "a-newer.pt2", b"newer", mtime=2_000_000)
+    sha_new = _write(tmp_path / "sub" / "a-newer.pt", b"newer", mtime=2_000_000)
     result = _tick(sensor, instance, None)
     assert [r.run_key for r in result.run_requests] == [sha_new]
     config = result.run_requests[0].run_config["resources"]["black_box"]["config"]
-    assert config["torchscript_path"] == str(tmp_path / "sub" / "a-newer.pt2")
+    assert config["torchscript_path"] == str(tmp_path / "sub" / "a-newer.pt")
     assert set(json.loads(result.cursor)["versions"]) == {sha_old, sha_new}
     assert _tick(sensor, instance, result.cursor).run_requests == []
 

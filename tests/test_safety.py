@@ -30,9 +30,10 @@ SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "bench").glob("*.py"))
 SOURCES += sorted((REPO / "scripts").glob("*.py"))
 
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
-USER_MODEL_LOADERS = {"torch.jit.load", "torch.export.load"}
-"""TorchScript / torch.export archives, loaded only where a user names one in the configuration
-(black_box.torchscript_path), and only in core/blackbox/user_model.py."""
+USER_MODEL_LOADERS = {"torch.jit.load"}
+"""TorchScript archives, loaded only where a user names one in the configuration
+(black_box.torchscript_path), and only in core/blackbox/user_model.py. torch.export.load is not
+among them: it unpickles with weights_only=False, so it counts as an unsafe torch load."""
 USER_MODEL_FILE = PACKAGE / "core" / "blackbox" / "user_model.py"
 
 
@@ -107,6 +108,7 @@ PLANTED_UNSAFE = [
     "os.system('rm -rf x')",
     "frame.to_pickle('x.pkl')",
     "torch.jit.load(path)",  # outside the user-model loader
+    "torch.export.load(path)",  # unpickles weights with weights_only=False
 ]
 SAFE = """
 model.eval()

@@ -10,6 +10,11 @@ A version is its content (sha256), not its name or mtime: copying the same file 
 or touching it, requests nothing; size and mtime are only a cheap pre-check that spares re-hashing
 unchanged multi-GB files on every tick. The version is the run key too, so Dagster itself never
 launches the same version twice from this sensor, even if its cursor is reset.
+
+No file dropped here may run code: the sensor itself only hashes files, and the runs it requests
+load `.pt` files with `torch.jit.load` only (TorchScript's own unpickler, which builds no Python
+objects) and `.safetensors` without pickle. torch.export programs (`.pt2`) are refused and
+reported, never requested: loading one unpickles parts of the file (core/blackbox/user_model.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import dagster as dg
 
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.blackbox.user_model import refused_exported_program
 from llm2loss_pipeline.core.storage import sha256_file
 from llm2loss_pipeline.defs.models.assets import black_box_model
 
@@ -37,9 +43,11 @@ MODEL_SHA256_TAG = "llm2loss/model_sha256"
 MODEL_FILE_TAG = "llm2loss/model_file"
 TRIGGER_TAG = "llm2loss/trigger"
 
-TORCHSCRIPT_SUFFIXES = (".pt", ".pt2")
+TORCHSCRIPT_SUFFIXES = (".pt",)
 SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (*TORCHSCRIPT_SUFFIXES, SAFETENSORS_SUFFIX)
+REFUSED_SUFFIXES = (".pt2",)
+"""torch.export programs: listed so that the sensor can say why it ignores them."""
 CURSOR_FORMAT = 1
 MAX_REMEMBERED_VERSIONS = 1000
 
@@ -54,6 +62,8 @@ def black_box_run_config(path: Path, black_box: BlackBoxConfig) -> dict[str, Any
     suffix = path.suffix.lower()
     if suffix in TORCHSCRIPT_SUFFIXES:
         pointer = {"source": "torchscript", "torchscript_path": str(path)}
+    elif suffix in REFUSED_SUFFIXES:
+        raise ValueError(refused_exported_program(path))
     else:
         raise ValueError(
             f"{path}: no black_box source loads a {suffix or 'suffix-less'} file; "
@@ -138,7 +148,8 @@ def registry_files(directory: Path) -> list[Path]:
         relative = path.relative_to(directory)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
+        wanted = (*CHECKPOINT_SUFFIXES, *REFUSED_SUFFIXES)
+        if path.suffix.lower() in wanted and path.is_file():
             found.append(path)
     return found
 
@@ -158,8 +169,9 @@ def scan_registry(
     settling: list[Path] = []
     present: set[str] = set()
     for path in registry_files(directory):
+        suffix = path.suffix.lower()
         # no black_box source loads a bare weights file: reported, never requested
-        if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        if suffix in REFUSED_SUFFIXES or suffix == SAFETENSORS_SUFFIX:
             unsupported.append(path)
             continue
         try:
@@ -227,9 +239,10 @@ def build_model_registry_sensor(
             dg.DefaultSensorStatus.RUNNING if named else dg.DefaultSensorStatus.STOPPED
         ),
         description=(
-            f"Watches the model registry folder (${REGISTRY_ENV}) for new TorchScript (.pt, .pt2) "
+            f"Watches the model registry folder (${REGISTRY_ENV}) for new TorchScript (.pt) "
             "or safetensors checkpoints; each new content hash materializes black_box_model from "
-            "that file, and the eager automation recomputes losses, heads and report."
+            "that file, and the eager automation recomputes losses, heads and report. "
+            "torch.export (.pt2) files are refused: loading one can run code from it."
         ),
     )
     def model_registry(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
@@ -271,11 +284,17 @@ def build_model_registry_sensor(
 
 def _notes(unsupported: Iterable[Path], settling: Iterable[Path]) -> str:
     notes = []
-    unsupported = list(unsupported)
     settling = list(settling)
-    if unsupported:
+    exported = [path for path in unsupported if path.suffix.lower() in REFUSED_SUFFIXES]
+    weights = [path for path in unsupported if path.suffix.lower() == SAFETENSORS_SUFFIX]
+    if exported:
         notes.append(
-            f"; ignored {len(unsupported)} .safetensors file(s) ({unsupported[0].name}, ...): "
+            f"; refused {len(exported)} torch.export file(s) ({exported[0].name}, ...): loading "
+            "one can run code from it; save the model with torch.jit.save (.pt) instead"
+        )
+    if weights:
+        notes.append(
+            f"; ignored {len(weights)} .safetensors file(s) ({weights[0].name}, ...): "
             "black_box has no 'checkpoint' source in this version"
         )
     if settling:

@@ -33,6 +33,28 @@ class UserModelError(ValueError):
     """The user's model cannot be imported, loaded or run, or does not fit the label map."""
 
 
+EXPORTED_SUFFIX = ".pt2"
+USER_CODE_ERRORS = (Exception, SystemExit)
+"""What user code may raise that is a user-model error: `sys.exit(3)` in an entry point is one
+too (SystemExit is not an Exception), and must not end the pipeline with a bare `SystemExit: 3`.
+KeyboardInterrupt stays uncaught so that Ctrl-C always stops a run."""
+
+
+def refused_exported_program(path: str | os.PathLike[str]) -> str:
+    """Why a torch.export (.pt2) file is not loaded, and what to give instead."""
+    return (
+        f"{path}: torch.export programs (.pt2) are refused because loading one unpickles parts "
+        "of the file, which can run code from it; save the model with torch.jit.save "
+        "(a .pt TorchScript archive) or name a Python entry_point"
+    )
+
+
+def _raised(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 def load_entry_point(
     spec: str,
     num_classes_expected: int,
@@ -53,10 +75,9 @@ def load_entry_point(
             f"entry point {spec!r}: module {module_name!r} does not import "
             f"({type(exc).__name__}: {exc}); is its package installed or on PYTHONPATH?"
         ) from exc
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise UserModelError(
-            f"entry point {spec!r}: importing module {module_name!r} failed "
-            f"({type(exc).__name__}: {exc})"
+            f"entry point {spec!r}: importing module {module_name!r} failed ({_raised(exc)})"
         ) from exc
     factory = getattr(module, function_name, None)
     if factory is None:
@@ -69,9 +90,9 @@ def load_entry_point(
         )
     try:
         returned = factory()
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise UserModelError(
-            f"entry point {spec!r}: calling {function_name}() failed ({type(exc).__name__}: {exc})"
+            f"entry point {spec!r}: calling {function_name}() failed ({_raised(exc)})"
         ) from exc
     model, preprocess = _unpack(returned, spec)
     return _checked(
@@ -96,37 +117,34 @@ def load_torchscript(
     device: str | torch.device = "cpu",
     allow_extra_outputs: bool = False,
 ) -> LoadedModel:
-    """Load a `torch.jit.save` archive (or a `torch.export.save` .pt2 file); dry-run it.
+    """Load a `torch.jit.save` archive with `torch.jit.load`; dry-run it.
 
-    A TorchScript archive is a zip of TorchScript code and tensors that `torch.jit.load` compiles
-    and runs; that is code execution by design, acceptable because the archive is the user's own
-    model, named explicitly in their configuration. (State dicts are never loaded with
-    `torch.load` anywhere in this package.) torch 2.10+ deprecates TorchScript in favour of
-    `torch.export`, so a `.pt2` file is loaded with `torch.export.load` instead; export it with a
-    dynamic batch dimension. Either way the input is float32 in [0, 1] as documented above.
+    `torch.jit.load` reads the archive's pickles with TorchScript's own unpickler, which builds
+    only TorchScript types and refuses any other global (a `__reduce__` payload fails as "Unknown
+    type name"), so the file cannot run Python code while loading; its TorchScript code runs in
+    the interpreter only when the model is called. Exported programs (`torch.export.save`, .pt2)
+    are refused: `torch.export.load` unpickles weights with `torch.load(weights_only=False)` and
+    falls back to it for older archives, so a crafted .pt2 runs its code before any check. The
+    input is float32 in [0, 1] as documented above.
     """
     source = Path(path)
+    if source.suffix.lower() == EXPORTED_SUFFIX:
+        raise UserModelError(refused_exported_program(source))
     if not source.is_file():
         raise UserModelError(
             f"TorchScript file {source.expanduser().resolve()} does not exist "
             "(black_box.torchscript_path)"
         )
-    exported = source.suffix.lower() == ".pt2"
     try:
         with warnings.catch_warnings():
             # The deprecation notice is for model authors, not for the people diagnosing them.
             warnings.simplefilter("ignore", FutureWarning)
-            if exported:
-                model = torch.export.load(str(source)).module()
-            else:
-                model = torch.jit.load(str(source), map_location=torch.device(device))
+            model = torch.jit.load(str(source), map_location=torch.device(device))
     except Exception as exc:
-        kind = "torch.export (.pt2)" if exported else "TorchScript"
-        saver = "torch.export.save" if exported else "torch.jit.save"
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserModelError(
-            f"{source} is not a loadable {kind} archive ({type(exc).__name__}: {first_line}); "
-            f"save it with {saver}"
+            f"{source} is not a loadable TorchScript archive ({type(exc).__name__}: "
+            f"{first_line[:200]}); save it with torch.jit.save"
         ) from exc
     return _checked(
         model,
@@ -168,9 +186,9 @@ def load_user_model(
 
 
 def prepared_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model on `device` in eval mode; exported (.pt2) graphs fix their mode at export."""
+    """The model on `device` in eval mode (where the module allows it)."""
     model = model.to(device)
-    # torch.export graph modules refuse eval(); they were traced in the mode they run in.
+    # Graph modules (torch.fx, torch.export) refuse eval(); they were traced in their run mode.
     with contextlib.suppress(NotImplementedError):
         model.eval()
     return model
@@ -218,9 +236,9 @@ def _checked(
     )
     try:
         x = preprocess(image)
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise UserModelError(
-            f"{source}: preprocess failed on a probe image ({type(exc).__name__}: {exc})"
+            f"{source}: preprocess failed on a probe image ({_raised(exc)})"
         ) from exc
     if not isinstance(x, torch.Tensor):
         raise UserModelError(
@@ -229,10 +247,10 @@ def _checked(
     try:
         with torch.inference_mode():
             out = model(x.unsqueeze(0).to(target))
-    except Exception as exc:
+    except USER_CODE_ERRORS as exc:
         raise UserModelError(
             f"{source}: a dry-run forward pass on one image of shape {tuple(x.shape)} failed "
-            f"({type(exc).__name__}: {exc})"
+            f"({_raised(exc)})"
         ) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -253,3 +271,40 @@ def _checked(
         label_map=None,
         meta={**meta, "num_classes": outputs, "image_size": image_size},
     )
+
+
+def check_user_model(
+    config: BlackBoxConfig, device: str | torch.device = "cpu"
+) -> dict[str, Any] | None:
+    """Load and dry-run the user's model before anything else runs; None for other sources.
+
+    The label map needs the dataset, so the output count is not checked here (black_box_model
+    checks it). An entry point is called twice: a model whose weights differ between two calls
+    (an unseeded random init) would give losses that no later run reproduces, and the loss step
+    would then refuse it as "changed since black_box_model was materialized", which no rerun
+    fixes."""
+    if config.source not in ("entry_point", "torchscript"):
+        return None
+    kwargs: dict[str, Any] = {"device": device, "allow_extra_outputs": True}
+    first = load_user_model(config, 1, **kwargs)
+    if config.source == "entry_point":
+        second = load_user_model(config, 1, **kwargs)
+        changed = _first_changed_weight(first.model, second.model)
+        if changed is not None:
+            raise UserModelError(
+                f"entry point {config.entry_point!r} is not deterministic: two calls return "
+                f"different weights ({changed}); seed it (torch.manual_seed) or load saved "
+                "weights, so that every run diagnoses the same model"
+            )
+    return first.meta
+
+
+def _first_changed_weight(a: nn.Module, b: nn.Module) -> str | None:
+    left, right = a.state_dict(), b.state_dict()
+    if left.keys() != right.keys():
+        return "their parameter names differ"
+    for name, tensor in left.items():
+        other = right[name]
+        if tensor.shape != other.shape or not torch.equal(tensor.cpu(), other.cpu()):
+            return name
+    return None
