@@ -9,9 +9,17 @@ Quantiles use numpy's default "linear" method (type 7: interpolate between order
 position p * (M - 1)); it is symmetric, so swapping a and b negates and swaps the quartiles
 (q1(a, b) = -q3(b, a)).
 
-Verdict: the members agree when at least `CONFIDENT` (80%) of them put the difference on the same
-side of zero, i.e. P >= 0.8 or P <= 0.2; otherwise the comparison is reported as uncertain, with the
-count of members on the leaning side, or as evenly split when P is exactly 1/2.
+Verdict without a calibration (a scorer with no report): the members agree when at least
+`CONFIDENT` (80%) of them put the difference on the same side of zero, i.e. P >= 0.8 or P <= 0.2;
+otherwise the comparison is reported as uncertain, with the count of members on the leaning side,
+or as evenly split when P is exactly 1/2.
+
+Verdict with the report's calibration (core/report/calibration.py), what `compare` uses:
+P(A worse) = Phi(mean / sqrt(std^2 + tau^2)), the members' spread being the data's standard error
+and tau the text side's error learned on the labelled attributes. The answer names a side only
+when P >= `CLAIM` (0.9) or <= 0.1, and says "cannot tell" otherwise; a pair of texts whose
+difference the report's probes barely span (`explained` < `MIN_EXPLAINED`) is "off the data":
+the images do not vary in what the two texts differ in, however many members agree.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import numpy as np
 
 from llm2loss_pipeline.core.heads.config import KINDS
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+from llm2loss_pipeline.core.report.calibration import Calibration
 
 CONFIDENT = 0.8
+CLAIM = 0.9
+MIN_EXPLAINED = 0.5
 OVERALL = "overall"
 
 
@@ -109,6 +120,35 @@ class Comparison:
     members: tuple[MemberInfo, ...]
     groups: dict[str, DiffStats] = field(repr=False)
     estimator: str = "direct"
+    calibration: Calibration | None = None
+    explained: float | None = None
+    """share of the texts' difference that the report's probes span (grounded only)"""
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None and self.calibration.calibrated
+
+    @property
+    def off_data(self) -> bool:
+        return self.explained is not None and self.explained < MIN_EXPLAINED
+
+    @property
+    def p_a_worse(self) -> float:
+        """P(the model is worse on A): calibrated when the report's calibration is known, else
+        the share of members that say so."""
+        if not self.calibrated:
+            return self.p_greater
+        values = np.asarray(self.diffs)
+        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        return float(self.calibration.p_worse(values.mean(), std))  # type: ignore[union-attr]
+
+    @property
+    def claimed(self) -> bool:
+        """Whether the answer names a side (a claim a user may act on)."""
+        if not self.calibrated:
+            return self.p_greater >= CONFIDENT or self.p_greater <= 1.0 - CONFIDENT
+        p = self.p_a_worse
+        return not self.off_data and (p >= CLAIM or p <= 1.0 - CLAIM)
 
     @property
     def units(self) -> str:
@@ -134,6 +174,8 @@ class Comparison:
         a, b = f"A ('{self.text_a}')", f"B ('{self.text_b}')"
         if stats.n_positive == 0 and stats.n_negative == 0:
             return f"no difference: all {stats.n} members give A and B the same estimated loss"
+        if self.calibrated:
+            return self._calibrated_verdict(a, b)
         if stats.p_greater == 0.5:  # naming a side here would flip with the order of A and B
             return (
                 f"evenly split: {stats.n_positive} of {stats.n} members expect the model to do "
@@ -151,12 +193,31 @@ class Comparison:
             f"than on {better}"
         )
 
+    def _calibrated_verdict(self, a: str, b: str) -> str:
+        p = self.p_a_worse
+        if self.off_data:
+            return (
+                f"cannot tell: the images barely vary in what {a} and {b} differ in (the labelled "
+                f"attributes span {self.explained:.0%} of it), so the data cannot answer this"
+            )
+        if p >= CLAIM or p <= 1.0 - CLAIM:
+            worse, better, sure = (a, b, p) if p >= 0.5 else (b, a, 1.0 - p)
+            return f"the model is expected to do worse on {worse} than on {better} (P {sure:.2f})"
+        return (
+            f"cannot tell: no measurable difference between {a} and {b} "
+            f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "text_a": self.text_a,
             "text_b": self.text_b,
             "verdict": self.verdict,
-            "p_a_worse": self.p_greater,
+            "p_a_worse": self.p_a_worse,
+            "claimed": self.claimed,
+            "calibrated": self.calibrated,
+            "explained": self.explained,
+            "members_a_worse": self.p_greater,
             "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
             "members": [
                 {**m.to_dict(), "diff": d} for m, d in zip(self.members, self.diffs, strict=True)
@@ -172,6 +233,8 @@ def compare_members(
     text_a: str = "A",
     text_b: str = "B",
     estimator: str = "direct",
+    calibration: Calibration | None = None,
+    explained: float | None = None,
 ) -> Comparison:
     """Statistics of per-member differences `diff` [M] = h(a) - h(b) (standardised)."""
     values = np.asarray(diff, dtype=np.float64).reshape(-1)
@@ -187,6 +250,8 @@ def compare_members(
         members=tuple(members),
         groups=groups,
         estimator=estimator,
+        calibration=calibration,
+        explained=explained,
     )
 
 

@@ -61,6 +61,8 @@ from llm2loss_pipeline.core.report.measured import (
 from llm2loss_pipeline.core.sql import connect, run_sql
 from llm2loss_pipeline.core.stats import clustered_mean_gap
 from llm2loss_pipeline.core.storage import (
+    sha256_bytes,
+    write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
     write_text_atomic,
@@ -68,6 +70,7 @@ from llm2loss_pipeline.core.storage import (
 
 TOP_K = 10
 CALIBRATION_FILE = "calibration.json"
+PROBES_FILE = "probes.safetensors"
 DIRECT = "direct"
 N_STRONGEST = 4
 
@@ -102,6 +105,7 @@ class ReportResult:
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     calibration: Calibration | None = None
+    grounding: Grounding | None = field(default=None, repr=False)
 
     def table(self, name: str) -> pl.DataFrame:
         """The rows of one correlation table: "table1", "table2", "table3" or "pairs"."""
@@ -417,6 +421,7 @@ def build_report(
         estimator=estimator,
         notes=notes,
         calibration=calibration,
+        grounding=grounding,
     )
     say(f"writing the report to {out}")
     return write_report(result, out, groups)
@@ -474,6 +479,31 @@ def trust_check(table: pl.DataFrame, calibration: Calibration) -> dict[str, floa
         "calibration_slope": calibration.slope,
         "text_error": calibration.text_error,
     }
+
+
+def _write_calibration(result: ReportResult, out: Path) -> dict[str, Path]:
+    """calibration.json, and for the grounded estimator the probes it asked with
+    (probes.safetensors: directions and duals), so free-text queries ask the same way."""
+    files: dict[str, Path] = {}
+    extra: dict[str, object] = {"attributes": None, "dual_ridge": None, "probes_sha256": None}
+    if result.grounding is not None:
+        from safetensors.numpy import save as save_arrays
+
+        data = save_arrays(
+            {
+                "directions": np.ascontiguousarray(result.grounding.directions, np.float64),
+                "duals": np.ascontiguousarray(result.grounding.duals, np.float64),
+            }
+        )
+        files["probes"] = write_bytes_atomic(out / PROBES_FILE, data)
+        extra = {
+            "attributes": list(result.grounding.attributes),
+            "dual_ridge": result.grounding.ridge,
+            "probes_sha256": sha256_bytes(data),
+        }
+    body = _finite_or_null({**result.calibration.to_json(), **extra})  # type: ignore[union-attr]
+    files["calibration"] = write_json_atomic(out / CALIBRATION_FILE, body)
+    return files
 
 
 def _finite_or_null(data: dict) -> dict:
@@ -538,9 +568,7 @@ def write_report(result: ReportResult, out: Path, groups) -> ReportResult:
     headline = {k: (None if math.isnan(v) else v) for k, v in result.headline.items()}
     files["headline"] = write_json_atomic(out / "headline.json", headline)
     if result.calibration is not None:
-        files["calibration"] = write_json_atomic(
-            out / CALIBRATION_FILE, _finite_or_null(result.calibration.to_json())
-        )
+        files.update(_write_calibration(result, out))
 
     table = result.attribute_table
     files["estimated_vs_measured"] = plots.scatter_estimated_vs_measured(

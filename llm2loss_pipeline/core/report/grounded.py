@@ -264,3 +264,27 @@ class Grounding:
                 raise ValueError(f"pair {a} & {b}: its two probe scores cancel on every image")
             out[:, p, :] = covariance_with(self.member_scores, scores, self.weights)
         return out
+
+
+def in_probe_basis(
+    directions: np.ndarray, probe_directions: np.ndarray, probe_duals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Free-text directions [q, d] given the report's treatment of its probes.
+
+    Each direction t is written as a combination of the probe directions, c = argmin |t - c D|
+    (a whisker of ridge for stability), and answered along c @ duals: the same decorrelated
+    scores the report uses, so "a person with silver hair" vs "... whose hair is not gray" is
+    asked the way the report asks Gray_Hair, and `compare` and the report agree on it. Returns
+    (directions [q, d] to ground on, explained [q]: the share of |t|^2 the probes span). A text
+    pair whose difference the probes barely span (a cat vs a dog, on faces) differs in little
+    that the labelled images vary along; `explained` lets the caller say so.
+    """
+    t = np.asarray(directions, dtype=np.float64)
+    d = np.asarray(probe_directions, dtype=np.float64)
+    gram = d @ d.T
+    ridge = 1e-6 * np.trace(gram) / len(d)
+    coefficients = np.linalg.solve(gram + ridge * np.eye(len(d)), d @ t.T).T  # [q, k]
+    projected = coefficients @ d
+    norms = np.einsum("qd,qd->q", t, t)
+    explained = np.where(norms > 0, np.einsum("qd,qd->q", projected, projected) / norms, 0.0)
+    return coefficients @ np.asarray(probe_duals, dtype=np.float64), np.minimum(explained, 1.0)

@@ -106,15 +106,22 @@ ATTRIBUTE_COLUMNS: list[tuple[str, str, Format]] = [
     ("auroc_true", "AUROC with", num(4)),
     ("auroc_false", "AUROC without", num(4)),
     ("gap_loss", "loss gap (signed)", num(4)),
+    ("gap_loss_low", "measured 90% low", num(3)),
+    ("gap_loss_high", "measured 90% high", num(3)),
+    ("gap_loss_p", "measured p (Welch)", p_value),
     ("gt_rmm_auroc", "GT-RMM AUROC", num(4)),
     ("gt_rmm_accuracy", "GT-RMM acc", num(4)),
     ("est_mean", "est. disparity", num(3)),
     ("est_q1", "q1", num(3)),
     ("est_median", "median", num(3)),
     ("est_q3", "q3", num(3)),
-    ("est_p_positive", "P(>0)", num(2)),
+    ("est_p_positive", "members >0", num(2)),
+    ("est_gap", "est. gap (loss)", num(3)),
+    ("est_gap_low", "est. 90% low", num(3)),
+    ("est_gap_high", "est. 90% high", num(3)),
+    ("est_p_worse", "P(worse)", num(2)),
     ("est_q_value", "BH q", p_value),
-    ("bh_significant", "BH sig.", text),
+    ("claim", "claim", text),
     ("est_mean_regressor", "est. regressor", num(3)),
     ("est_mean_ranker", "est. ranker", num(3)),
     ("est_direct_mean", "est (direct)", num(3)),
@@ -184,8 +191,13 @@ def _headline(result: ReportResult) -> str:
             if result.estimator == "grounded"
             else "."
         ),
-        f"{int(h.get('n_bh_significant', 0))} of {int(h.get('n_attributes', 0))} attributes have "
-        f"an estimated disparity significantly different from zero (BH, α = {result.alpha}).",
+        f"{int(h.get('n_bh_significant', 0))} of {int(h.get('n_attributes', 0))} attributes are "
+        f"claimed worse or better (BH, α = {result.alpha}); the measured gap's own 90% interval "
+        f"excludes zero for {int(h.get('n_measured_significant', 0))}. Trust check on the "
+        f"labelled attributes, each judged without its own label: "
+        f"{_share(h.get('claim_precision_measured'))} of the claims agree in sign with a "
+        f"measured gap whose interval excludes zero, and the 90% intervals hold "
+        f"{_share(h.get('interval_coverage_measured'))} of the measured gaps.",
         "Mean zero-shot AUROC of the encoder over attributes: "
         f"{f3(h.get('zero_shot_mean_auroc'))}.",
         f"{int(h.get('n_small_groups', 0))} attribute(s) have a group smaller than "
@@ -193,7 +205,32 @@ def _headline(result: ReportResult) -> str:
     ]
     top = ", ".join(a.replace("_", " ") for a in result.top_attributes[:5])
     items.append(f"Largest estimated disparities (worse with the attribute): {top}.")
+    measured = (
+        result.attribute_table.filter(~pl.col("small_group") & pl.col("gap_loss").is_not_nan())
+        .sort("gap_loss", descending=True)["attribute"]
+        .head(5)
+        .to_list()
+    )
+    items.append(
+        "Largest measured gaps on the evaluation split (worse with the attribute): "
+        + ", ".join(a.replace("_", " ") for a in measured)
+        + "."
+    )
     return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
+
+
+def _share(value: Any) -> str:
+    return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.0%}"
+
+
+def _calibration_sentence(result: ReportResult) -> str:
+    cal = result.calibration
+    if cal is None or not cal.calibrated:
+        return "This report had too few labelled attributes to learn the mapping."
+    return (
+        f"Here one unit of estimate is {cal.slope:.3f} units of loss, and the text side adds "
+        f"an error of {cal.text_error:.2f} estimate units (from {cal.n_attributes} attributes)."
+    )
 
 
 def _estimator_guide(estimator: str) -> str:
@@ -228,15 +265,21 @@ def _guide(result: ReportResult) -> str:
         "worse with the attribute (higher loss, lower accuracy, lower AUROC). GT-RMM is the "
         "Rawlsian max-min gap |perf(with) - perf(without)|.",
         AUROC_DEFINITION,
-        "P(>0): the fraction of ensemble members whose estimate is above zero (ties count half). "
-        "Near 1 or 0 means the members agree on the direction; near 0.5 means they do not.",
-        "BH significance: a two-sided one-sample t-test over the members' estimates asks whether "
-        "the disparity is nonzero; the p-values of all attributes (and separately of all pairs) "
-        "are corrected with the Benjamini-Hochberg procedure, so that on average at most "
-        f"{result.alpha:.0%} of the attributes marked significant are false discoveries. "
-        "It measures agreement between members trained with different seeds (and, for the "
-        "grounded estimator, on bootstrap resamples of the evaluation images), not the sampling "
-        "error of the measured losses: compare with the measured gap's p-value.",
+        "members >0: the fraction of ensemble members whose estimate is above zero. The "
+        "members are bootstrap replicates of one fit (resampled training images and evaluation "
+        "identities), so their spread is the estimate's standard error from the data, not a "
+        "sample of independent opinions: 20 of 20 agreeing is not certainty.",
+        "P(worse), the 90% interval and the claim: the estimate's whole error is the members' "
+        "spread plus the text side's error (how well the prompts pick out the attribute), "
+        "learned on the other labelled attributes, which also give the scale from estimate to "
+        "loss units (est. gap). P(worse) is the probability that the real gap is above zero; "
+        "the interval should hold the real loss gap 9 times in 10; an attribute is claimed "
+        "'worse with' or 'better with' when Benjamini-Hochberg at "
+        f"{result.alpha:.0%} keeps it, and 'cannot tell' otherwise. "
+        + _calibration_sentence(result),
+        "Measured 90% interval: the measured loss gap with an identity-clustered standard error "
+        "(images of one person are not independent); the Welch p-value beside it treats every "
+        "image as independent, as the paper does.",
         "Zero-shot AUROC: how well the encoder alone tells the attribute from its absence "
         "(image-text similarity to the positive minus the negative prompts). It shows where the "
         "encoder's language prior is strong, and so where the estimates can be trusted most.",

@@ -27,6 +27,9 @@ HEADLINE_KEYS = (
     "zero_shot_mean_auroc",
     "pair_spearman_signed_overall",
     "n_bh_significant",
+    "n_measured_significant",
+    "claim_precision_measured",
+    "interval_coverage_measured",
     "n_small_groups",
 )
 """What `llm2loss run` prints at the end; the full set is in reports/headline.json."""

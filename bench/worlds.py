@@ -1,0 +1,362 @@
+"""Many worlds: the diagnosis against population truth on generated worlds it was not tuned on.
+
+For every world (seed and plantings drawn from the world's seed): run the real pipeline
+(`llm2loss run`) in its own home, draw a population of fresh images of the same identities
+(10 x the test split by default, never used by the pipeline), compute the black box's population
+disparity per attribute (identity-clustered intervals), and score the report and `compare`
+against it (core/truth.py):
+
+- Spearman(estimate, population truth), with the labels ceiling beside it (the same grounded
+  covariance with each image's true label instead of its text score);
+- planted recall at 3, and how often the planted attributes are claimed;
+- claims made, and the precision of the claims (sign right and truth's 95% interval excludes 0);
+- coverage of the stated 90% intervals (loss units);
+- pairs Spearman (estimated vs population signed pair disparity);
+- a calibration table of `compare` answers (paraphrased probes and hand-written questions).
+
+    .venv/bin/python bench/worlds.py --set report          # the 8 reporting worlds
+    .venv/bin/python bench/worlds.py --set tune            # the 2 worlds settings are chosen on
+    .venv/bin/python bench/worlds.py --tiny --seeds 1,2    # what the test runs
+
+Tuning worlds: seeds 1001-1002. Reporting worlds: seeds 2001-2008. The first world of each set
+plants nothing; the second plants one identity-level and one image-level attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import polars as pl
+import yaml
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.report.grounded import covariance_with, standardized_scores
+from llm2loss_pipeline.core.steps.diagnosis import training_frame
+from llm2loss_pipeline.core.truth import (
+    calibration_table,
+    condition_gap,
+    population_gaps,
+    population_losses,
+    score_world,
+)
+from llm2loss_pipeline.core.world.config import WorldConfig
+from llm2loss_pipeline.core.world.population import write_population
+from llm2loss_pipeline.core.world.traits import ATTRIBUTE_RULES
+
+SETS = {"tune": (1001, 1002), "report": tuple(range(2001, 2009))}
+IDENTITY_LEVEL = [r.name for r in ATTRIBUTE_RULES if r.rendered and r.level == "identity"]
+IMAGE_LEVEL = [r.name for r in ATTRIBUTE_RULES if r.rendered and r.level == "image"]
+TINY = {
+    "dataset": {"shard_size": 256},
+    "world": {"n_identities": 24, "images_per_identity": 16, "image_size": 32},
+    "black_box": {"image_size": 32, "epochs": 4, "width": 16},
+    "encoder": {"mode": "caption_tuned", "image_size": 32, "epochs": 2},
+    "heads": {"n_seeds": 2, "epochs": 10},
+    "report": {"n_pairs": 3, "min_group_size": 5},
+}
+# (text A, conditions of A, text B, conditions of B): questions a user asks in their own words
+QUESTIONS: list[tuple[str, dict[str, bool], str, dict[str, bool]]] = [
+    (
+        "face of an old man",
+        {"Young": False, "Male": True},
+        "face of a young woman",
+        {"Young": True, "Male": False},
+    ),
+    (
+        "face of an old man",
+        {"Young": False, "Male": True},
+        "face of a young man",
+        {"Young": True, "Male": True},
+    ),
+    (
+        "a photo of a person with gray hair",
+        {"Gray_Hair": True},
+        "a photo of a person with dark hair",
+        {"Gray_Hair": False, "Black_Hair": True},
+    ),
+    ("a face with a goatee", {"Goatee": True}, "a clean-shaven face", {"No_Beard": True}),
+    (
+        "a person wearing spectacles",
+        {"Eyeglasses": True},
+        "a person without spectacles",
+        {"Eyeglasses": False},
+    ),
+    (
+        "a smiling person",
+        {"Smiling": True},
+        "a person with a neutral expression",
+        {"Smiling": False},
+    ),
+    (
+        "a person wearing a hat",
+        {"Wearing_Hat": True},
+        "a bareheaded person",
+        {"Wearing_Hat": False},
+    ),
+    ("a blurry photo of a face", {"Blurry": True}, "a sharp photo of a face", {"Blurry": False}),
+    ("face of a woman", {"Male": False}, "face of a man", {"Male": True}),
+    ("a bald man", {"Bald": True}, "a man with a full head of hair", {"Bald": False, "Male": True}),
+]
+# texts the data cannot answer: their truth is "no difference", so only the claim rate is scored
+OFF_DOMAIN = [("a photo of a cat", "a photo of a dog"), ("a red car", "a blue car")]
+
+
+def plantings(seed: int, position: int) -> dict[str, float]:
+    """The hard attributes of the world at `position` in its set, drawn from its seed."""
+    rng = np.random.default_rng([seed, 17])
+    if position == 0:
+        return {}
+    if position == 1:
+        names = [str(rng.choice(IDENTITY_LEVEL)), str(rng.choice(IMAGE_LEVEL))]
+    else:
+        pool = IDENTITY_LEVEL + IMAGE_LEVEL
+        names = [str(n) for n in rng.choice(pool, size=int(rng.integers(1, 4)), replace=False)]
+    return {name: round(float(rng.uniform(0.5, 1.0)), 2) for name in names}
+
+
+def world_config(seed: int, position: int, tiny: bool, base: dict[str, Any]) -> dict[str, Any]:
+    config = json.loads(json.dumps(TINY if tiny else {}))
+    config.setdefault("world", {}).update(base)
+    config["world"].update({"seed": seed, "hard_attributes": plantings(seed, position)})
+    config["dataset"] = {**config.get("dataset", {}), "source": "generated"}
+    return config
+
+
+def run_pipeline(home: Path, config: dict[str, Any], log: Path) -> float:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "world.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    if not (home / "reports" / "attribute_disparity.parquet").exists():
+        cli = Path(sys.executable).parent / "llm2loss"
+        env = {**os.environ, "LLM2LOSS_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        with log.open("w") as out:
+            done = subprocess.run(
+                [str(cli), "run", "--config", str(path)], env=env, stdout=out, stderr=out
+            )
+        if done.returncode:
+            raise RuntimeError(f"pipeline failed for {home} (see {log})")
+    return time.perf_counter() - start
+
+
+def labels_ceiling(layout: Layout, diagnoser: Any, attributes: list[str]) -> np.ndarray:
+    """Per attribute: the grounded estimate with the true label as the text score."""
+    split = str(diagnoser.meta.get("extra", {}).get("eval_split", "test"))
+    frame = training_frame(layout).filter(pl.col("split") == split)
+    pool = diagnoser.image_features(np.asarray(frame["embedding"].to_list(), dtype=np.float32))
+    scores = diagnoser.score_features(pool)
+    labels = np.stack([frame[n].to_numpy().astype(np.float64) for n in attributes], axis=1)
+    usable = labels.std(axis=0) > 0
+    out = np.full(len(attributes), np.nan)
+    out[usable] = covariance_with(
+        scores, standardized_scores(labels[:, usable], np.eye(usable.sum()))
+    ).mean(0)
+    return out
+
+
+def pair_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> tuple[float, int]:
+    pairs = pl.read_parquet(report_dir / "pair_disparity.parquet")
+    if pairs.height < 3:
+        return math.nan, pairs.height
+    truth = [
+        condition_gap(loss, table, {a: True, b: True}, {a: False, b: False})
+        for a, b in (name.split(" & ") for name in pairs["pair"].to_list())
+    ]
+    from llm2loss_pipeline.core.truth import _spearman
+
+    return _spearman(pairs["est_signed_mean"].to_numpy(), np.asarray(truth)), pairs.height
+
+
+def compare_answers(diagnoser: Any, loss: np.ndarray, table: pl.DataFrame) -> list[dict]:
+    from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
+
+    questions = list(QUESTIONS)
+    for name in CELEBA_ATTRIBUTES:
+        positive, negative = attribute_prompt_pairs(name)[-1]  # a phrasing unlike the first
+        questions.append((positive, {name: True}, negative, {name: False}))
+    answers = diagnoser.compare_many([(a, b) for a, _, b, _ in questions])
+    rows = []
+    for (a, cond_a, b, cond_b), answer in zip(questions, answers, strict=True):
+        truth = condition_gap(loss, table, cond_a, cond_b)
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "p_a_worse": answer.p_a_worse,
+                "truth": truth,
+                "claimed": answer.claimed,
+                "verdict": answer.verdict,
+            }
+        )
+    for a, b in OFF_DOMAIN:
+        answer = diagnoser.compare(a, b)
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "p_a_worse": answer.p_a_worse,
+                "truth": math.nan,
+                "claimed": answer.claimed,
+                "verdict": answer.verdict,
+            }
+        )
+    return rows
+
+
+def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, Any]:
+    from llm2loss_pipeline.core.query import Diagnoser
+
+    home = Path(args.out) / f"world-{seed}"
+    base = {
+        k: v
+        for k, v in (
+            ("n_identities", args.n_identities),
+            ("images_per_identity", args.images_per_identity),
+        )
+        if v
+    }
+    config = world_config(seed, position, args.tiny, base)
+    seconds = run_pipeline(home, config, home / "run.log")
+    layout = Layout.at(home)
+    world = WorldConfig.model_validate(json.loads(json.dumps(config["world"])))
+    per_identity = args.population_per_identity or max(
+        10, 10 * round(world.images_per_identity * world.split_fractions[2])
+    )
+    population = home / "population"
+    table = write_population(world, population, per_identity)
+    loss = population_losses(layout.black_box, population, table)
+    truth = population_gaps(loss, table, list(CELEBA_ATTRIBUTES))
+    report_dir = layout.home / "reports"
+    report = pl.read_parquet(report_dir / "attribute_disparity.parquet")
+    diagnoser = Diagnoser.load(home)
+    ceiling = labels_ceiling(layout, diagnoser, list(report["attribute"]))
+    ceiling_by_name = dict(zip(report["attribute"].to_list(), ceiling, strict=True))
+    truth_ceiling = np.array([ceiling_by_name.get(n, np.nan) for n in truth["attribute"]])
+    ordered = report.join(truth.select("attribute"), on="attribute", how="inner")
+    scores = score_world(ordered, truth, list(world.hard_attributes), None)
+    scores["ceiling_spearman"] = score_world(
+        ordered.with_columns(pl.Series("est_mean", truth_ceiling)), truth, [], None
+    )["spearman"]
+    scores["pairs_spearman"], scores["n_pairs"] = pair_truth(report_dir, loss, table)
+    answers = compare_answers(diagnoser, loss, table)
+    headline = json.loads((report_dir / "headline.json").read_text())
+    return {
+        "seed": seed,
+        "planted": world.hard_attributes,
+        "n_population": table.height,
+        "pipeline_seconds": round(seconds, 1),
+        **scores,
+        "trust_check": {
+            k: headline.get(k)
+            for k in ("n_claims", "claim_precision_measured", "interval_coverage_measured")
+        },
+        "answers": answers,
+    }
+
+
+def summarize(worlds: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        values = [w[key] for w in worlds if isinstance(w[key], float) and math.isfinite(w[key])]
+        return float(np.mean(values)) if values else math.nan
+
+    answers = [a for w in worlds for a in w["answers"] if math.isfinite(a["truth"])]
+    off = [a for w in worlds for a in w["answers"] if not math.isfinite(a["truth"])]
+    claims = sum(w["n_claims"] for w in worlds)
+    correct = sum(w["n_correct_claims"] for w in worlds)
+    return {
+        "worlds": len(worlds),
+        "spearman": mean("spearman"),
+        "ceiling_spearman": mean("ceiling_spearman"),
+        "planted_recall_at_3": mean("planted_recall_at_3"),
+        "planted_significant": mean("planted_significant"),
+        "claims": claims,
+        "claim_precision_pooled": correct / claims if claims else math.nan,
+        "claim_precision_mean": mean("claim_precision"),
+        "claim_precision_min": min(
+            (w["claim_precision"] for w in worlds if math.isfinite(w["claim_precision"])),
+            default=math.nan,
+        ),
+        "coverage": mean("coverage"),
+        "pairs_spearman": mean("pairs_spearman"),
+        "pairs_spearman_min": min(
+            (w["pairs_spearman"] for w in worlds if math.isfinite(w["pairs_spearman"])),
+            default=math.nan,
+        ),
+        "compare_calibration": calibration_table(
+            np.array([a["p_a_worse"] for a in answers]), np.array([a["truth"] > 0 for a in answers])
+        ),
+        "off_domain_claims": f"{sum(a['claimed'] for a in off)} of {len(off)}",
+    }
+
+
+def print_tables(worlds: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    head = (
+        "seed",
+        "planted",
+        "spearman",
+        "ceiling",
+        "recall@3",
+        "claims",
+        "precision",
+        "coverage",
+        "pairs",
+        "secs",
+    )
+    print(" | ".join(head))
+    for w in worlds:
+        planted = ",".join(f"{k}={v}" for k, v in w["planted"].items()) or "-"
+        print(
+            f"{w['seed']} | {planted} | {w['spearman']:.2f} | {w['ceiling_spearman']:.2f} | "
+            f"{w['planted_recall_at_3']:.2f} | {w['n_claims']} | {w['claim_precision']:.2f} | "
+            f"{w['coverage']:.2f} | {w['pairs_spearman']:.2f} | {w['pipeline_seconds']:.0f}"
+        )
+    print(json.dumps({k: v for k, v in summary.items() if k != "compare_calibration"}, indent=1))
+    cal = summary["compare_calibration"]
+    print(f"compare calibration (n={cal['n']}, ECE {cal['ece']:.3f}):")
+    for row in cal["bins"]:
+        print(
+            f"  P in {row['bin']}: n={row['n']:3d} stated {row['stated']:.2f} "
+            f"observed {row['observed']:.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", choices=sorted(SETS), default="report")
+    parser.add_argument("--seeds", help="comma-separated world seeds instead of a set")
+    parser.add_argument("--tiny", action="store_true", help="CI-sized worlds (the test)")
+    parser.add_argument("--n-identities", type=int)
+    parser.add_argument("--images-per-identity", type=int)
+    parser.add_argument("--population-per-identity", type=int)
+    parser.add_argument("--out", default="/tmp/llm2loss-worlds")
+    parser.add_argument("--json", help="write the per-world results and summary here")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SETS[args.set])
+    start = time.perf_counter()
+    worlds = []
+    for position, seed in enumerate(seeds):
+        worlds.append(one_world(seed, position, args))
+        print(f"world {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+    summary = summarize(worlds)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    print_tables(worlds, summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"worlds": worlds, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

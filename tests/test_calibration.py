@@ -1,0 +1,232 @@
+"""Calibrated claims: replicate p-values, clustered errors, the text-side error, truth scoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats as sps
+
+from llm2loss_pipeline.core.heads.compare import compare_members
+from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+from llm2loss_pipeline.core.report.calibration import (
+    Calibration,
+    calibrated_claims,
+    fit_calibration,
+)
+from llm2loss_pipeline.core.report.grounded import grounded_diffs, in_probe_basis, pool_weights
+from llm2loss_pipeline.core.stats import clustered_mean_gap, replicate_pvalue
+from llm2loss_pipeline.core.truth import calibration_table, score_world
+from llm2loss_pipeline.core.world.config import WorldConfig
+from llm2loss_pipeline.core.world.population import plan_population, population_table
+
+
+def test_replicate_pvalue_uses_the_spread_as_the_standard_error():
+    values = np.array([0.9, 1.1, 1.3, 0.7, 1.0, 1.2, 0.8, 1.0])
+    z = values.mean() / values.std(ddof=1)
+    assert replicate_pvalue(values) == pytest.approx(2 * sps.t.sf(z, df=7))
+    # a t-test across replicates divides by sqrt(M) again: far surer than the data allow
+    t_test = sps.ttest_1samp(values, 0)
+    assert t_test.statistic == pytest.approx(z * math.sqrt(values.size))
+    assert t_test.pvalue < replicate_pvalue(values) / 100
+    assert replicate_pvalue(np.array([1.0, 1.0, 1.0])) == 0.0
+    assert replicate_pvalue(np.array([0.0, 0.0])) == 1.0
+    assert math.isnan(replicate_pvalue(np.array([1.0])))
+
+
+def test_twenty_of_twenty_members_are_not_proof():
+    # every member positive, yet the mean is only 1.2 standard errors from zero
+    values = np.linspace(0.01, 1.0, 20)
+    assert (values > 0).all()
+    assert replicate_pvalue(values) > 0.05
+
+
+def test_clustered_gap_matches_welch_for_singletons_and_widens_for_clusters():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=2000)
+    a = rng.random(2000) < 0.3
+    gap, se = clustered_mean_gap(y, a, np.arange(2000))
+    welch = math.sqrt(y[a].var(ddof=1) / a.sum() + y[~a].var(ddof=1) / (~a).sum())
+    assert gap[0] == pytest.approx(y[a].mean() - y[~a].mean())
+    assert se[0] == pytest.approx(welch, rel=0.01)
+    # every sample copied 5 times within its own cluster: the same information, the same error
+    y5, a5, c5 = np.repeat(y, 5), np.repeat(a, 5), np.repeat(np.arange(2000), 5)
+    _, se5 = clustered_mean_gap(y5, a5, c5)
+    assert se5[0] == pytest.approx(se[0], rel=0.01)
+    _, naive = clustered_mean_gap(y5, a5, np.arange(10_000))
+    assert naive[0] < 0.5 * se5[0]
+
+
+def test_clustered_gap_of_an_empty_side_is_nan():
+    gap, se = clustered_mean_gap(np.arange(4.0), np.ones(4, bool), np.arange(4))
+    assert math.isnan(gap[0]) and math.isnan(se[0])
+
+
+def _synthetic(n, slope=2.0, tau=0.3, s=0.1, u=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    e = rng.normal(0, 1, n)
+    truth = slope * (e + rng.normal(0, tau, n))
+    estimate = e + rng.normal(0, s, n)  # the estimate carries the data's error s
+    measured = truth + rng.normal(0, u, n)
+    return estimate, np.full(n, s), measured, np.full(n, u), truth
+
+
+def test_fit_calibration_recovers_the_scale_and_the_text_error():
+    e, s, g, u, _ = _synthetic(4000)
+    cal = fit_calibration("grounded", e, s, g, u)
+    assert cal.slope == pytest.approx(2.0, rel=0.05)
+    assert cal.text_error == pytest.approx(0.3, rel=0.15)
+    assert cal.calibrated
+
+
+def test_a_negative_slope_claims_nothing_and_few_attributes_are_uncalibrated():
+    e, s, g, u, _ = _synthetic(40)
+    against = fit_calibration("grounded", e, s, -g, u)
+    assert against.text_error == math.inf and against.p_worse(5.0, 0.1) == 0.5
+    few = fit_calibration("grounded", e[:3], s[:3], g[:3], u[:3])
+    assert not few.calibrated and few.text_error == 0.0
+
+
+def test_calibrated_intervals_cover_the_truth_nine_times_in_ten():
+    covered, claims, right = [], 0, 0
+    for seed in range(30):
+        e, s, g, u, truth = _synthetic(40, seed=seed)
+        e[0] = 0.0  # one attribute with no signal
+        frame, cal = calibrated_claims([f"a{i}" for i in range(40)], "grounded", e, s, g, u, 0.1)
+        low, high = frame["est_gap_low"].to_numpy(), frame["est_gap_high"].to_numpy()
+        covered += list((low <= truth) & (truth <= high))
+        claimed = frame["bh_significant"].to_numpy()
+        claims += int(claimed.sum())
+        right += int((np.sign(frame["est_gap"].to_numpy()) == np.sign(truth))[claimed].sum())
+        assert frame["claim"][0] == "cannot tell"
+        assert cal.slope == pytest.approx(2.0, rel=0.25)
+    assert 0.85 <= np.mean(covered) <= 0.95
+    assert right / claims >= 0.9
+
+
+def test_claims_name_a_side_only_when_sure():
+    e = np.array([3.0, -3.0, 0.05, 1.0, -1.0, 0.5, -0.5, 2.0])
+    g = 0.5 * e + np.array([0.05, -0.05, 0.02, -0.1, 0.1, 0.05, -0.05, 0.0])
+    frame, _ = calibrated_claims(
+        list("abcdefgh"), "grounded", e, np.full(8, 0.05), g, np.full(8, 0.02), 0.1
+    )
+    claims = dict(zip(frame["attribute"], frame["claim"], strict=True))
+    assert claims["a"] == "worse with" and claims["b"] == "better with"
+    assert claims["c"] == "cannot tell"
+    p = dict(zip(frame["attribute"], frame["est_p_worse"], strict=True))
+    assert p["a"] > 0.99 and p["b"] < 0.01 and 0.3 < p["c"] < 0.8
+
+
+MEMBERS = [MemberInfo(i, "regressor" if i < 10 else "ranker", "linear", i) for i in range(20)]
+
+
+def test_compare_with_calibration_says_cannot_tell_when_twenty_members_agree_on_little():
+    diffs = np.linspace(0.02, 0.08, 20)  # 20 of 20 members positive
+    cal = Calibration("grounded", slope=1.0, text_error=0.5, n_attributes=40)
+    answer = compare_members(diffs, MEMBERS, "a cat", "a dog", "grounded", cal, explained=0.9)
+    assert answer.p_greater == 1.0
+    assert 0.5 < answer.p_a_worse < 0.6 and not answer.claimed
+    assert answer.verdict.startswith("cannot tell: no measurable difference")
+    uncalibrated = compare_members(diffs, MEMBERS, "a cat", "a dog")
+    assert uncalibrated.claimed and "20 of 20 members agree" in uncalibrated.verdict
+
+
+def test_compare_off_the_data_is_not_claimed_however_large():
+    cal = Calibration("grounded", slope=1.0, text_error=0.1, n_attributes=40)
+    diffs = np.linspace(2.0, 3.0, 20)
+    answer = compare_members(diffs, MEMBERS, "a cat", "a dog", "grounded", cal, explained=0.2)
+    assert answer.p_a_worse > 0.99 and not answer.claimed
+    assert "barely vary" in answer.verdict and "20%" in answer.verdict
+    sure = compare_members(diffs, MEMBERS, "old", "young", "grounded", cal, explained=0.8)
+    assert sure.claimed and sure.verdict.startswith("the model is expected to do worse on A")
+    flipped = compare_members(-diffs, MEMBERS, "old", "young", "grounded", cal, explained=0.8)
+    assert flipped.p_a_worse == pytest.approx(1 - sure.p_a_worse)
+    assert flipped.verdict.startswith("the model is expected to do worse on B")
+
+
+def test_group_bootstrap_gives_each_identity_one_weight():
+    groups = np.repeat(np.arange(10), 6)
+    weights = pool_weights(20, 60, seed=3, groups=groups)
+    for member in weights:
+        assert np.all(member.reshape(10, 6) == member.reshape(10, 6)[:, :1])
+    assert weights.sum(axis=1) == pytest.approx(np.full(20, 60.0))
+
+
+def test_group_bootstrap_widens_the_spread_of_a_gap_that_few_identities_carry():
+    rng = np.random.default_rng(1)
+    identity = np.repeat(np.arange(30), 10)
+    effect = rng.normal(0, 1, 30)[identity]  # the loss moves with the identity, not the image
+    pool = np.stack([effect + rng.normal(0, 0.1, 300), rng.normal(size=300)], axis=1)
+    scores = np.tile(effect + rng.normal(0, 0.3, 300), (40, 1))
+    direction = np.array([[1.0, 0.0]])
+    by_image = grounded_diffs(scores, pool, direction, pool_weights(40, 300, 0))
+    by_identity = grounded_diffs(scores, pool, direction, pool_weights(40, 300, 0, identity))
+    assert by_identity.std() > 2 * by_image.std()
+
+
+def test_free_text_on_a_probe_is_asked_like_the_probe():
+    rng = np.random.default_rng(2)
+    probes = rng.normal(size=(5, 32))
+    duals = np.linalg.solve(probes @ probes.T, probes)
+    mapped, explained = in_probe_basis(probes[[2]], probes, duals)
+    assert explained[0] == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(mapped[0], duals[2], atol=1e-4)
+    outside = rng.normal(size=32)
+    outside -= probes.T @ np.linalg.lstsq(probes.T, outside, rcond=None)[0]  # orthogonal part
+    _, explained = in_probe_basis(outside[None], probes, duals)
+    assert explained[0] < 1e-6
+
+
+def test_population_draws_new_slots_of_the_same_identities():
+    config = WorldConfig(n_identities=3, images_per_identity=4, hard_attributes={"Eyeglasses": 1})
+    planned = plan_population(config, 5)
+    assert len(planned) == 15 and {p.slot for p in planned} == set(range(4, 9))
+    assert planned == plan_population(config, 5)  # a pure function of the config
+    table = population_table(planned)
+    assert table["identity"].to_list() == [1] * 5 + [2] * 5 + [3] * 5
+    # identity-level attributes follow the identity, image-level ones vary by slot
+    for identity in (1, 2, 3):
+        rows = table.filter(pl.col("identity") == identity)
+        assert rows["Male"].n_unique() == 1
+    assert 0 < table["Eyeglasses"].sum() < 15 or table.height == 15
+
+
+def test_calibration_table_folds_and_scores_overconfidence():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20_000)
+    calibrated = calibration_table(p, rng.uniform(0, 1, p.size) < p)
+    assert calibrated["ece"] < 0.02
+    sure = calibration_table(np.full(1000, 0.99), np.arange(1000) < 600)
+    assert sure["ece"] == pytest.approx(0.39, abs=0.01)
+    assert sure["bins"][-1]["observed"] == pytest.approx(0.6)
+    flipped = calibration_table(np.full(1000, 0.01), np.arange(1000) >= 600)
+    assert flipped["ece"] == pytest.approx(sure["ece"])
+
+
+def test_score_world_counts_only_claims_the_truth_supports():
+    report = pl.DataFrame(
+        {
+            "attribute": ["a", "b", "c", "d"],
+            "est_mean": [2.0, 1.0, -1.0, 0.1],
+            "est_gap": [0.4, 0.2, -0.2, 0.02],
+            "est_gap_low": [0.3, 0.1, -0.3, -0.1],
+            "est_gap_high": [0.5, 0.3, -0.1, 0.1],
+            "bh_significant": [True, True, True, False],
+        }
+    )
+    truth = pl.DataFrame(
+        {
+            "attribute": ["a", "b", "c", "d"],
+            "truth_gap": [0.45, 0.01, 0.2, 0.0],
+            "truth_low": [0.4, -0.05, 0.1, -0.05],
+            "truth_high": [0.5, 0.07, 0.3, 0.05],
+        }
+    )
+    scores = score_world(report, truth, ["a"], None)
+    # a is right; b's truth is indistinguishable from 0; c has the wrong sign
+    assert scores["n_claims"] == 3 and scores["n_correct_claims"] == 1
+    assert scores["claim_precision"] == pytest.approx(1 / 3)
+    assert scores["coverage"] == pytest.approx(2 / 4)
+    assert scores["planted_recall_at_3"] == 1.0 and scores["planted_significant"] == 1.0
