@@ -38,12 +38,7 @@ def register(subparsers: Any) -> None:
     )
     compare.add_argument("text_a", metavar="TEXT_A")
     compare.add_argument("text_b", metavar="TEXT_B")
-    compare.add_argument(
-        "--grounded",
-        action="store_true",
-        help="answer on the evaluation images (the report's default estimator) instead of the "
-        "texts' own embeddings (the paper's)",
-    )
+    _estimator(compare)
     _common(compare)
     compare.set_defaults(handler=run_compare)
 
@@ -58,8 +53,28 @@ def register(subparsers: Any) -> None:
         metavar="FILE",
         help="one prompt per line ('-' reads stdin); blank lines and lines starting with # skipped",
     )
+    _estimator(rank)
     _common(rank)
     rank.set_defaults(handler=run_rank)
+
+
+def _estimator(parser: argparse.ArgumentParser) -> None:
+    # default None: grounded, the best estimator on the many-worlds benchmark (bench/RESULTS.md)
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--grounded",
+        dest="grounded",
+        action="store_const",
+        const=True,
+        help="answer on the evaluation images, as the report does (the default)",
+    )
+    choice.add_argument(
+        "--direct",
+        dest="grounded",
+        action="store_const",
+        const=False,
+        help="the paper's estimate: the heads read the texts' own embeddings (uncalibrated)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +159,7 @@ def run_rank(args: argparse.Namespace) -> int:
             if not texts:
                 raise ValueError("no texts to rank: give them as arguments or with --file FILE")
             diagnoser = load_diagnoser(args.home, device)
-            ranking = diagnoser.rank(texts)
+            ranking = diagnoser.rank(texts, grounded=args.grounded)
             if args.plot is not None:
                 from llm2loss_pipeline.core.heads.plots import plot_ranking
 
@@ -206,7 +221,7 @@ def _print_comparison(comparison: Any) -> None:
     console.print(f"A: {comparison.text_a}", markup=False, soft_wrap=True)
     console.print(f"B: {comparison.text_b}", markup=False, soft_wrap=True)
     table = Table(title="h(A) - h(B) over ensemble members (> 0: worse on A)", title_justify="left")
-    for column in ("group", "n", "mean", "min", "q1", "median", "q3", "max", "P(A worse)"):
+    for column in ("group", "n", "mean", "min", "q1", "median", "q3", "max", "members A worse"):
         table.add_column(column, justify="left" if column == "group" else "right", no_wrap=True)
     for name, stats in comparison.groups.items():
         table.add_row(
@@ -220,10 +235,25 @@ def _print_comparison(comparison: Any) -> None:
         )
     console.print(table)
     console.print(comparison.verdict, markup=False, soft_wrap=True)
+    console.print(_meaning(comparison), style="dim", soft_wrap=True)
     console.print(
         f"estimator: {comparison.estimator}; units: {comparison.units}",
         style="dim",
         soft_wrap=True,
+    )
+
+
+def _meaning(comparison: Any) -> str:
+    if comparison.calibrated:
+        return (
+            f"P(A worse) {comparison.p_a_worse:.2f}: the probability that the model's real loss "
+            "is higher on A, from the members' spread (replicates of one fit, so their spread is "
+            "the standard error) plus the text side's error learned on the report's labelled "
+            "attributes; a side is named only at 0.9 or more."
+        )
+    return (
+        "uncalibrated: 'members A worse' is only the share of ensemble members that say so, "
+        "not a probability (build the report, and use the grounded estimator, to calibrate it)."
     )
 
 

@@ -249,7 +249,7 @@ def test_cli_compare_prints_a_table_and_the_verdict(cli_home, capsys):
     assert main(["compare", GLASSES, HAT, "--home", str(cli_home)]) == 0
     out = capsys.readouterr().out
     assert f"A: {GLASSES}" in out and f"B: {HAT}" in out
-    for word in ("regressor", "ranker", "overall", "median", "P(A worse)"):
+    for word in ("regressor", "ranker", "overall", "median", "members A worse", "uncalibrated"):
         assert word in out
     assert f"the model is expected to do worse on A ({GLASSES!r})" in out
 

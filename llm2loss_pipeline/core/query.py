@@ -34,13 +34,30 @@ from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.prompts import shows_nothing
-from llm2loss_pipeline.core.storage import StorageError, existing_dir
+from llm2loss_pipeline.core.report.calibration import Calibration
+from llm2loss_pipeline.core.storage import StorageError, existing_dir, sha256_bytes
 
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 EncoderLoader = Callable[[Path, str], Any]
 RUN_COMMAND = "llm2loss run"
 CACHE_LIMIT = 100_000
 POOL_SEED = 0  # fixed: a grounded comparison gives the same numbers every time
+# written by the report (core/report/build.py); plain names here keep this module off the report's
+# heavy imports (matplotlib) at query time
+CALIBRATION_FILE = "calibration.json"
+PROBES_FILE = "probes.safetensors"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise StorageError(f"{path}: not readable JSON ({exc}); rebuild the report") from exc
+    if not isinstance(data, dict):
+        raise StorageError(f"{path}: expected a JSON object; rebuild the report")
+    return data
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,8 @@ class Diagnoser:
         self.meta = dict(meta or {})
         self._scores: dict[str, np.ndarray] = {}
         self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._calibration: dict[str, Calibration | None] = {}
+        self._probes: tuple[np.ndarray, np.ndarray] | tuple[()] | None = None
 
     def __repr__(self) -> str:
         return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
@@ -214,17 +233,21 @@ class Diagnoser:
 
     # comparisons
 
-    def compare(self, text_a: str, text_b: str, *, grounded: bool = False) -> Comparison:
+    def compare(self, text_a: str, text_b: str, *, grounded: bool | None = None) -> Comparison:
         """Distribution over members of h(a) - h(b); positive: the model does worse on a.
 
-        grounded: answer on the evaluation images instead of the texts' own embeddings: per
-        member, the covariance of its predicted loss with the images' similarity to a rather than
-        b (core/report/grounded.py; each member on its own bootstrap resample of the images).
+        grounded (default: whenever this diagnoser has images, i.e. was loaded from a home):
+        answer on the evaluation images instead of the texts' own embeddings: per member, the
+        covariance of its predicted loss with the images' score along "a rather than b", each
+        member on its own bootstrap resample of the evaluation identities
+        (core/report/grounded.py). The texts' difference is asked in the report's probe basis,
+        and P(A worse) is calibrated with the report's text-side error
+        (core/report/calibration.py) when the report has been built.
         """
         return self.compare_many([(text_a, text_b)], grounded=grounded)[0]
 
     def compare_many(
-        self, pairs: Sequence[tuple[str, str]], *, grounded: bool = False
+        self, pairs: Sequence[tuple[str, str]], *, grounded: bool | None = None
     ) -> list[Comparison]:
         """Many comparisons, with every distinct text encoded once, in one batch."""
         pairs = list(pairs)
@@ -238,61 +261,149 @@ class Diagnoser:
             labels = ["text A", "text B"]
         flat = [text for pair in pairs for text in pair]
         members = self.ensemble.members
-        if grounded:
-            from llm2loss_pipeline.core.report.grounded import grounded_diffs
-
+        if self._grounded(grounded):
             features = self.text_features(check_texts(flat, labels))
-            directions = features[0::2] - features[1::2]
-            # Two texts with one embedding (the same text) differ by nothing; grounding would
-            # fail on their zero direction, which scores every pool image alike.
-            apart = np.linalg.norm(directions, axis=1) > 0.0
-            diffs = np.zeros((len(members), len(pairs)))
-            if apart.any():
-                pool, scores, weights = self.grounding_pool()
-                diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
+            diffs, explained = self._grounded_diffs(features[0::2] - features[1::2])
+            calibration = self.calibration("grounded")
             return [
-                compare_members(diffs[:, p], members, a, b, estimator="grounded")
+                compare_members(diffs[:, p], members, a, b, "grounded", calibration, explained[p])
                 for p, (a, b) in enumerate(pairs)
             ]
         scores = self.score_texts(flat, labels=labels)
+        calibration = self.calibration("direct")
         return [
-            compare_members(scores[:, 2 * p] - scores[:, 2 * p + 1], members, a, b)
+            compare_members(
+                scores[:, 2 * p] - scores[:, 2 * p + 1], members, a, b, "direct", calibration
+            )
             for p, (a, b) in enumerate(pairs)
         ]
 
-    def use_pool(self, embeddings: np.ndarray) -> None:
-        """Ground comparisons on these image embeddings [n, d] instead of the home's images."""
+    def _grounded(self, grounded: bool | None) -> bool:
+        if grounded is None:  # grounded wherever there are images to ground on
+            home = self.meta.get("home")
+            return self._pool is not None or (
+                home is not None and Layout.at(home).manifest.exists()
+            )
+        return grounded
+
+    def _grounded_diffs(self, directions: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
+        """[members, q] grounded estimates of text directions [q, d], and per direction the
+        share the report's probes span (None without the report's probes)."""
+        from llm2loss_pipeline.core.report.grounded import grounded_diffs, in_probe_basis
+
+        explained: list[float | None] = [None] * len(directions)
+        probes = self.probes()
+        # Two texts with one embedding (the same text) differ by nothing; grounding would fail
+        # on their zero direction, which scores every pool image alike.
+        apart = np.linalg.norm(directions, axis=1) > 0.0
+        if probes is not None and apart.any():
+            mapped, share = in_probe_basis(directions[apart], *probes)
+            directions = directions.astype(np.float64)
+            directions[apart] = mapped
+            for position, value in zip(np.flatnonzero(apart), share, strict=True):
+                explained[int(position)] = float(value)
+            apart &= np.linalg.norm(directions, axis=1) > 0.0
+        diffs = np.zeros((len(self.ensemble), len(directions)))
+        if apart.any():
+            pool, scores, weights = self.grounding_pool()
+            diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
+        return diffs, explained
+
+    def _report_file(self, name: str) -> Path | None:
+        if "home" not in self.meta:
+            return None
+        path = Layout.at(self.meta["home"]).reports / name
+        return path if path.is_file() else None
+
+    def calibration(self, estimator: str) -> Calibration | None:
+        """The report's calibration of `estimator` (None before a report, or for another
+        estimator than the report's): its scale and text-side error."""
+        if estimator not in self._calibration:
+            path = self._report_file(CALIBRATION_FILE)
+            found = None
+            if path is not None:
+                data = _read_json(path)
+                if data.get("estimator") == estimator:
+                    found = Calibration.from_json(data)
+            self._calibration[estimator] = found
+        return self._calibration[estimator]
+
+    def probes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The report's probe directions and their duals, checked against calibration.json."""
+        if self._probes is None:
+            calibration, weights = self._report_file(CALIBRATION_FILE), None
+            if calibration is not None:
+                weights = self._report_file(PROBES_FILE)
+            if weights is None:
+                self._probes = ()
+                return None
+            data = weights.read_bytes()
+            expected = _read_json(calibration).get("probes_sha256")  # type: ignore[arg-type]
+            if expected != sha256_bytes(data):
+                raise StorageError(
+                    f"{weights}: its sha256 does not match {calibration}; rebuild the report"
+                )
+            from safetensors.numpy import load as load_arrays
+
+            arrays = load_arrays(data)
+            if arrays["directions"].shape[1] != self.ensemble.embedding_dim:
+                raise StorageError(f"{weights}: probes of another dimension than the heads'")
+            self._probes = (arrays["directions"], arrays["duals"])
+        return self._probes or None  # type: ignore[return-value]
+
+    def use_pool(self, embeddings: np.ndarray, groups: np.ndarray | None = None) -> None:
+        """Ground comparisons on these image embeddings [n, d] instead of the home's images;
+        `groups` (an identity per image) makes the bootstrap resample whole identities."""
         from llm2loss_pipeline.core.report.grounded import pool_weights
 
         features = self.image_features(embeddings)
         if len(features) < 2:
             raise ValueError(f"a grounding pool needs at least 2 images, got {len(features)}")
         scores = self.score_features(features)
-        self._pool = (features, scores, pool_weights(len(scores), len(features), POOL_SEED))
+        weights = pool_weights(len(scores), len(features), POOL_SEED, groups)
+        self._pool = (features, scores, weights)
 
     def grounding_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
         heads' evaluation split, read once from the home this diagnoser was loaded from."""
         if self._pool is None:
             from llm2loss_pipeline.core.steps.diagnosis import training_frame
-            from llm2loss_pipeline.core.steps.tables import split_rows
+            from llm2loss_pipeline.core.steps.tables import read_manifest, split_rows
 
             if "home" not in self.meta:
                 raise ValueError(
                     "grounded comparisons need images: load with Diagnoser.load(home) or call "
                     "use_pool(embeddings) first"
                 )
+            layout = Layout.at(self.meta["home"])
             split = str(self.meta.get("extra", {}).get("eval_split", "test"))
-            frame = split_rows(training_frame(Layout.at(self.meta["home"])), split, "eval_split")
-            self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32))
+            frame = split_rows(training_frame(layout), split, "eval_split")
+            identity = read_manifest(layout).select("sample_id", "identity")
+            frame = frame.join(identity, on="sample_id", how="left", maintain_order="left")
+            groups = np.array(
+                [
+                    f"i{i}" if i is not None else f"s{s}"
+                    for i, s in zip(frame["identity"], frame["sample_id"], strict=True)
+                ]
+            )
+            self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32), groups)
         return self._pool  # type: ignore[return-value]
 
-    def rank(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals."""
+    def rank(self, texts: Sequence[str], *, grounded: bool | None = None) -> list[dict[str, Any]]:
+        """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals.
+
+        grounded (default as for `compare`): each text is asked as its contrast with the mean of
+        the texts ranked with it, on the evaluation images; the scores then say how much worse
+        than the average of these texts, in the units of `compare`.
+        """
         texts = check_texts(texts)
         if not texts:
             raise ValueError("rank needs at least one text")
-        return rank_texts(texts, self.score_texts(texts), self.ensemble.members)
+        if self._grounded(grounded) and len(texts) > 1:
+            features = self.text_features(texts)
+            diffs, _ = self._grounded_diffs(features - features.mean(axis=0))
+            return rank_texts(texts, diffs, self.ensemble.members, "grounded")
+        return rank_texts(texts, self.score_texts(texts), self.ensemble.members, "direct")
 
     # discovery
 

@@ -256,7 +256,10 @@ def compare_members(
 
 
 def rank_texts(
-    texts: Sequence[str], scores: np.ndarray, members: Sequence[MemberInfo]
+    texts: Sequence[str],
+    scores: np.ndarray,
+    members: Sequence[MemberInfo],
+    estimator: str = "direct",
 ) -> list[dict[str, Any]]:
     """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
 
@@ -270,7 +273,14 @@ def rank_texts(
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
-        rows.append({"text": text, **per_group[OVERALL].to_dict(), "groups": per_group})
+        rows.append(
+            {
+                "text": text,
+                **per_group[OVERALL].to_dict(),
+                "groups": per_group,
+                "estimator": estimator,
+            }
+        )
     rows.sort(key=lambda row: -row["mean"])  # stable: equal means keep input order
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
