@@ -391,3 +391,92 @@ def verify_hashed(path: str | os.PathLike[str], fix: str = "rematerialize it") -
         )
     _VERIFIED[str(target)] = key
     return meta
+
+
+# ---- one owner per home ----------------------------------------------------------------------
+#
+# Two runs with different configs on one home mix their artifacts: run A's losses were computed
+# with run B's black box and A printed B's headline. So a run owns its home for its duration
+# through an exclusive `flock` on `HOME/.llm2loss.lock`. The kernel drops a flock when its holder
+# dies, SIGKILL included, so a stale lock cannot outlive its process: the next run takes it over.
+# The file also records who holds it, for the message the second run prints.
+
+LOCK_NAME = ".llm2loss.lock"
+_HELD: dict[str, int] = {}  # home -> nesting depth, for re-entry from the holding process
+
+
+class HomeInUseError(StorageError):
+    """Another live process owns the home (it holds the lock file)."""
+
+
+@contextlib.contextmanager
+def home_lock(home: str | os.PathLike[str], description: str) -> Iterator[Path]:
+    """Own `home` for the block: an error naming the holder's pid and config if another has it.
+
+    `description` says which config and command this run is (shown to a second run). Re-entry
+    from the process that already holds the lock is allowed.
+    """
+    import fcntl
+
+    root = Path(home).resolve()
+    path = root / LOCK_NAME
+    if str(root) in _HELD:
+        _HELD[str(root)] += 1
+        try:
+            yield path
+        finally:
+            _HELD[str(root)] -= 1
+        return
+    ensure_writable_dir(root)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HomeInUseError(_in_use_message(root, _read_holder(fd))) from None
+        previous = _read_holder(fd)
+        if previous.get("pid") not in (None, os.getpid()):
+            log.info("%s: took over the lock of pid %s, which has ended", path, previous["pid"])
+        _write_holder(fd, description)
+        _HELD[str(root)] = 1
+        try:
+            yield path
+        finally:
+            del _HELD[str(root)]
+    finally:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 1 << 16).decode("utf-8") or "{}")
+        if isinstance(holder, dict):
+            return holder
+    return {}
+
+
+def _write_holder(fd: int, description: str) -> None:
+    holder = {
+        "pid": os.getpid(),
+        "host": _host(),
+        "config": description,
+        "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
+def _in_use_message(home: Path, holder: Mapping[str, Any]) -> str:
+    pid = holder.get("pid", "unknown")
+    host = holder.get("host")
+    where = f" on {host}" if host and host != _host() else ""
+    return (
+        f"home {home} is in use by pid {pid}{where} ({holder.get('config', 'config unknown')}), "
+        f"running since {holder.get('since', 'an unknown time')}. Two runs on one home would mix "
+        "their artifacts: wait for that run to end, or give this one its own home "
+        "(--home DIR or LLM2LOSS_HOME=DIR)"
+    )
