@@ -105,9 +105,21 @@ class ReportConfig(_Strict):
     )
     n_pairs: int = Field(10, ge=0, le=200)
     min_group_size: int = Field(20, ge=1, description="smaller groups are marked small_group")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate")
+    alpha: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Benjamini-Hochberg false discovery rate of the attribute claims",
+    )
     head_spearman_floor: float = Field(
         0.2, ge=-1, le=1, description="warn when held-out head Spearman is below this"
+    )
+    trust_floor: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="warn when the share of claims that the labelled attributes confirm "
+        "(headline claim_precision_measured) is below this",
     )
     estimator: str = Field(
         "grounded",
@@ -468,6 +480,27 @@ def check_paths(config: PipelineConfig, source: str = "<config>") -> PipelineCon
     problems = path_problems(config)
     if problems:
         raise ConfigError("\n".join([f"{source}: paths that cannot be used", *problems]))
+    return config
+
+
+def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfig:
+    """`config` if a run can start with it: its paths exist, its CUDA devices are here, and the
+    user's model (entry point or TorchScript) loads, runs on a probe image and, for an entry
+    point, returns the same weights twice. Else one ConfigError naming the file and the key.
+
+    A run otherwise meets these only when the step that needs them starts, after the data
+    preparation and encoder training before it."""
+    check_paths(config, source)
+    problems = device_problems(config)
+    if problems:
+        raise ConfigError("\n".join([f"{source}: devices that cannot be used", *problems]))
+    if config.black_box.source in ("entry_point", "torchscript"):
+        from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
+
+        try:
+            check_user_model(config.black_box, config.devices.black_box.torch_device())
+        except UserModelError as exc:
+            raise ConfigError(f"{source}: black_box: {exc}") from None
     return config
 
 

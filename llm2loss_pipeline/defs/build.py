@@ -23,6 +23,7 @@ from llm2loss_pipeline.defs.report.checks import (
     heads_validation_floor,
     report_group_sizes,
     report_is_complete,
+    report_trust,
 )
 from llm2loss_pipeline.defs.report.discovery import failure_hypotheses
 from llm2loss_pipeline.defs.resources import build_resources
@@ -41,7 +42,7 @@ ASSETS = [
     attribute_disparity_report,
     failure_hypotheses,
 ]
-CHECKS = [report_is_complete, report_group_sizes, heads_validation_floor]
+CHECKS = [report_is_complete, report_group_sizes, heads_validation_floor, report_trust]
 
 
 def build_definitions(

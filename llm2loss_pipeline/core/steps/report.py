@@ -166,5 +166,33 @@ def check_heads_floor(layout: Layout, floor: float) -> CheckOutcome:
     )
 
 
+def check_trust(layout: Layout, floor: float) -> CheckOutcome:
+    """The trust check of the headline: of the report's claims, the share the labelled attributes
+    confirm (each attribute judged leave-one-out); NaN (no claim) passes."""
+    import json
+
+    headline = json.loads((layout.reports / "headline.json").read_text())
+    precision = headline.get("claim_precision_measured")
+    coverage = headline.get("interval_coverage_measured")
+    claims = int(headline.get("n_claims") or 0)
+    value = float("nan") if precision is None else float(precision)
+    passed = claims == 0 or value >= floor
+    return CheckOutcome(
+        passed=passed,
+        message=(
+            "no attribute is claimed worse or better: nothing to confirm"
+            if claims == 0
+            else f"{_fmt(value)} of {claims} claims are confirmed by the measured gaps "
+            f"({'at least' if passed else 'under'} the floor {floor})"
+        ),
+        metadata={
+            "n_claims": claims,
+            "claim_precision_measured": value,
+            "interval_coverage_measured": float("nan") if coverage is None else float(coverage),
+            "trust_floor": floor,
+        },
+    )
+
+
 def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.3f}"

@@ -52,3 +52,20 @@ def heads_validation_floor(
         metadata=outcome.metadata,
         description=outcome.message,
     )
+
+
+@dg.asset_check(
+    asset=attribute_disparity_report,
+    description=(
+        "Trust check: of the attributes claimed worse or better, the share whose measured gap "
+        "agrees (each judged without its own label) is at least report.trust_floor."
+    ),
+)
+def report_trust(storage: StorageResource, report: ReportResource) -> dg.AssetCheckResult:
+    outcome = steps.check_trust(storage.layout(), report.spec().trust_floor)
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=outcome.metadata,
+        description=outcome.message,
+    )
