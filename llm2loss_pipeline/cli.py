@@ -92,16 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str | None, home: str | None):
-    from llm2loss_pipeline.core.config import ConfigError, load_config
+def _load_config(path: str | None, home: str | None, *, check: bool = False):
+    """The validated configuration, its notices printed; with `check`, also everything a run
+    can check before it starts (paths, CUDA devices, the user's model: core.config.preflight)."""
+    from llm2loss_pipeline.core.config import ConfigError, load_config, preflight
 
+    notices: list[str] = []
     try:
-        config = load_config(path)
+        config = load_config(path, notices)
+        for line in notices:
+            print(f"llm2loss: note: {line}", file=sys.stderr)
+        if home:
+            config = config.model_copy(update={"home": home})
+        return preflight(config, path or "<embedded default>") if check else config
     except ConfigError as exc:
         raise SystemExit(_fail(str(exc))) from None
-    if home:
-        config = config.model_copy(update={"home": home})
-    return config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -110,7 +115,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.core.storage import StorageError
     from llm2loss_pipeline.defs.runner import STAGES, StageFailed, run_pipeline
 
-    config = _load_config(args.config, args.home)
+    config = _load_config(args.config, args.home, check=True)
     console = Console(stderr=True, log_path=False)
     started = time.monotonic()
     status = console.status("starting", spinner="dots")
@@ -189,13 +194,16 @@ def _cmd_generate_world(args: argparse.Namespace) -> int:
         return _fail(format_validation_error(exc, "generate-world"))
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("drawing faces", total=None)
-        summary = generate_world(
-            config,
-            args.out_dir,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("drawing faces", total=None)
+            summary = generate_world(
+                config,
+                args.out_dir,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except OSError as exc:  # a target that is not an empty folder or a world, or not writable
+        return _fail(str(exc))
     print(f"wrote {summary.n_images} images of {config.n_identities} identities to {args.out_dir}")
     if args.contact_sheet:
         contact_sheet(args.out_dir, args.contact_sheet)
@@ -206,12 +214,12 @@ def _cmd_generate_world(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from llm2loss_pipeline.core.config import ConfigError, check_paths
+    from llm2loss_pipeline.core.config import ConfigError, preflight
 
     config = _load_config(args.config, None)
     print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     try:
-        check_paths(config, source=args.config or "<embedded default>")
+        preflight(config, source=args.config or "<embedded default>")
     except ConfigError as exc:
         return _fail(str(exc))
     return 0

@@ -25,6 +25,7 @@ ATTR_FILE = "list_attr_celeba.txt"
 IDENTITY_FILE = "identity_CelebA.txt"
 PARTITION_FILE = "list_eval_partition.txt"
 SHOWN = 5  # how many offending ids an error message names
+QUOTED = 200  # characters of an offending line quoted: a 30 MB line must not flood a terminal
 
 
 class CelebaFormatError(ValueError):
@@ -47,6 +48,13 @@ class CelebaTables:
     @property
     def image_dir(self) -> Path:
         return self.root / IMAGE_DIR
+
+
+def _quoted(text: str) -> str:
+    """repr(text), cut to QUOTED characters with the length left out said."""
+    if len(text) <= QUOTED:
+        return repr(text)
+    return f"{text[:QUOTED]!r}... ({len(text) - QUOTED} more characters)"
 
 
 def _fail(path: Path, line: int | None, message: str) -> CelebaFormatError:
@@ -122,12 +130,38 @@ def _tokenize(path: Path) -> _Tokens:
         line = data[: exc.start].count(b"\n") + 1
         raise _fail(path, line, f"not UTF-8 text ({exc.reason})") from None
     buf = np.frombuffer(data, dtype=np.uint8)
+    # A lone CR ends a line too (classic Mac files): turned into LF in place, so offsets hold and
+    # such a file is read line by line instead of as one enormous line.
+    lone_cr = (buf == 13) & (np.append(buf[1:], np.uint8(0)) != 10)
+    if lone_cr.any():
+        buf = buf.copy()
+        buf[lone_cr] = 10
+        data = buf.tobytes()
     blank = (buf == 32) | ((buf >= 9) & (buf <= 13))  # space, \t \n \v \f \r
     edges = np.diff((~blank).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     line = np.searchsorted(np.flatnonzero(buf == 10), starts)
     n_lines = int(line[-1]) + 1 if line.size else 0
     return _Tokens(path, data, starts, ends, line, n_lines)
+
+
+def _check_names(path: Path, ids: pl.Series, first_line: int) -> None:
+    """Refuse a sample id that is a path: ids are file names inside img_align_celeba/, and an id
+    such as `../world.json` or `/etc/passwd` would read a file outside it."""
+    bad = (
+        ids.str.contains("/", literal=True)
+        | ids.str.contains("\\", literal=True)
+        | ids.str.contains("\x00", literal=True)
+        | ids.is_in([".", ".."])
+    )
+    if bad.any():
+        index = int(bad.arg_true()[0])
+        raise _fail(
+            path,
+            first_line + index,
+            f"sample id {_quoted(ids[index])} is a path, not a file name in {IMAGE_DIR}/ "
+            "(no /, \\, '.' or '..' allowed)",
+        )
 
 
 def _check_unique(path: Path, ids: pl.Series, first_line: int) -> None:
@@ -161,7 +195,9 @@ def read_attribute_file(path: Path) -> pl.DataFrame:
     try:
         count = int(count_line)
     except ValueError:
-        raise _fail(path, 1, f"expected the number of images, found {count_line!r}") from None
+        raise _fail(
+            path, 1, f"expected the number of images, found {_quoted(count_line)}"
+        ) from None
     if tokens.n_lines < 2:
         raise _fail(path, 2, "missing the header line of the 40 attribute names")
     header = tokens.line_text(1).split()
@@ -169,7 +205,7 @@ def read_attribute_file(path: Path) -> pl.DataFrame:
         for position, (want, got) in enumerate(zip(CELEBA_ATTRIBUTES, header, strict=False)):
             if want != got:
                 raise _fail(
-                    path, 2, f"header position {position + 1} is {got!r}, expected {want!r}"
+                    path, 2, f"header position {position + 1} is {_quoted(got)}, expected {want!r}"
                 )
         raise _fail(path, 2, f"header has {len(header)} names, expected the 40 CelebA attributes")
     n_rows = tokens.n_lines - 2
@@ -177,6 +213,7 @@ def read_attribute_file(path: Path) -> pl.DataFrame:
         raise _fail(path, 1, f"the count line says {count} images but the file has {n_rows} rows")
     rows = tokens.rows(first_line=2, expected=41)
     ids = tokens.strings(rows[:, 0], "sample_id")
+    _check_names(path, ids, first_line=3)
     _check_unique(path, ids, first_line=3)
     positive, negative = _signs(tokens, rows[:, 1:])
     invalid = ~(positive | negative)
@@ -186,7 +223,7 @@ def read_attribute_file(path: Path) -> pl.DataFrame:
         raise _fail(
             path,
             3 + int(row),
-            f"column {CELEBA_ATTRIBUTES[column]} has value {value!r}; expected 1 or -1",
+            f"column {CELEBA_ATTRIBUTES[column]} has value {_quoted(value)}; expected 1 or -1",
         )
     columns = {"sample_id": ids}
     for k, name in enumerate(CELEBA_ATTRIBUTES):
@@ -200,13 +237,14 @@ def _read_pairs(path: Path, value_name: str) -> pl.DataFrame:
         raise _fail(path, 1, "file is empty")
     rows = tokens.rows(first_line=0, expected=2)
     ids = tokens.strings(rows[:, 0], "sample_id")
+    _check_names(path, ids, first_line=1)
     _check_unique(path, ids, first_line=1)
     texts = tokens.strings(rows[:, 1], value_name)
     values = texts.cast(pl.Int64, strict=False)
     invalid = values.is_null()
     if invalid.any():
         index = int(invalid.arg_true()[0])
-        raise _fail(path, 1 + index, f"{value_name} {texts[index]!r} is not an integer")
+        raise _fail(path, 1 + index, f"{value_name} {_quoted(texts[index])} is not an integer")
     return pl.DataFrame({"sample_id": ids, value_name: values})
 
 

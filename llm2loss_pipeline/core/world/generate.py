@@ -379,11 +379,8 @@ def generate_world(
     existing = read_world_json(out_dir)
     if _matches(existing, config):
         return WorldSummary.from_world_json(out_dir, existing, reused=True)  # type: ignore[arg-type]
-    if out_dir.exists() and existing is None and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(
-            f"{out_dir} exists and is not a generated world (no {WORLD_FILE}); "
-            "choose an empty or new folder"
-        )
+    if existing is None:
+        check_world_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_dir)
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
@@ -405,6 +402,27 @@ def generate_world(
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return WorldSummary.from_world_json(out_dir, json.loads(json.dumps(description)), reused=False)
+
+
+def check_world_target(out_dir: Path) -> None:
+    """Raise FileExistsError unless `out_dir` is new or an empty folder: a world is written by
+    replacing the folder whole, so anything else in it would be lost."""
+    if not out_dir.exists():
+        blocker = next((p for p in out_dir.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise FileExistsError(f"{out_dir}: {blocker} is a file, so no folder can be made there")
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder for a generated world")
+    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in out_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (
+            f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+        )
+        raise FileExistsError(
+            f"{out_dir} is not empty and is not a generated world (no {WORLD_FILE}; it holds "
+            f"{shown}); choose an empty or new folder"
+        )
 
 
 def _remove_stale_partials(out_dir: Path) -> None:
