@@ -363,7 +363,11 @@ def test_files_written(report):
         "Table 3",
         "Table 4",
         "How to read",
-        "P(&gt;0)",
+        "P(worse)",
+        "measured 90% low",
+        "measured p (Welch)",
+        "est. 90% high",
+        "Trust check on the labelled attributes",
         "Benjamini-Hochberg",
     ):
         assert needle in page, needle

@@ -59,7 +59,7 @@ from llm2loss_pipeline.core.report.measured import (
     measured_attribute_table,
 )
 from llm2loss_pipeline.core.sql import connect, run_sql
-from llm2loss_pipeline.core.stats import clustered_mean_gap
+from llm2loss_pipeline.core.stats import bh_adjust, clustered_mean_gap
 from llm2loss_pipeline.core.storage import (
     sha256_bytes,
     write_bytes_atomic,
@@ -365,6 +365,7 @@ def build_report(
         alpha,
     )
     table = _attribute_table(measured, attribute_estimates, zero_shot, claims)
+    pair_table = _calibrated_pairs(pair_table, pair_estimates, calibration, alpha)
     direct_mean = pl.DataFrame(
         {"attribute": list(attributes), "est_direct_mean": direct_diffs.mean(axis=0)},
         schema={"attribute": pl.String, "est_direct_mean": pl.Float64},
@@ -443,6 +444,32 @@ def _with_clustered_gap(
         (pl.col("gap_loss") - z * pl.col("gap_loss_se")).alias("gap_loss_low"),
         (pl.col("gap_loss") + z * pl.col("gap_loss_se")).alias("gap_loss_high"),
     )
+
+
+def _calibrated_pairs(
+    pair_table: pl.DataFrame, pair_estimates: pl.DataFrame, calibration: Calibration, alpha: float
+) -> pl.DataFrame:
+    """Pair claims judged as attribute claims are: the members' spread plus the text side's
+    error learned on the attributes (a pair's score is a sum of two standardised attribute
+    scores, asked in the same units)."""
+    if not pair_table.height or not calibration.calibrated:
+        return pair_table
+    overall = pair_estimates.filter(pl.col("group") == OVERALL)
+    mean, std = overall["mean"].to_numpy(), overall["std"].to_numpy()
+    z = calibration.z(mean, np.nan_to_num(std))
+    p = 2 * sps.norm.sf(np.abs(z))
+    q = bh_adjust(p)
+    claims = pl.DataFrame(
+        {
+            "pair": overall["pair"],
+            "est_p_worse": sps.norm.cdf(z),
+            "est_p_value": p,
+            "est_q_value": q,
+            "bh_significant": np.where(np.isfinite(q), q <= alpha, False),
+        }
+    )
+    table = pair_table.drop("est_p_value", "est_q_value", "bh_significant")
+    return table.join(claims, on="pair", how="left", maintain_order="left")
 
 
 def _pool_identities(sample_ids: Sequence[str], eval_frame: pl.DataFrame) -> np.ndarray:

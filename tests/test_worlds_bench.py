@@ -1,0 +1,79 @@
+"""The many-worlds benchmark, two tiny worlds: population truth and the scores against it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_worlds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("worlds")
+    result = out / "worlds.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "worlds.py"),
+            "--tiny",
+            "--seeds",
+            "11,12",
+            "--out",
+            str(out),
+            "--json",
+            str(result),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(result.read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_worlds_are_drawn_as_documented(two_worlds):
+    data, _ = two_worlds
+    first, second = data["worlds"]
+    assert first["planted"] == {}  # the first world of a set plants nothing
+    from llm2loss_pipeline.core.world.traits import RULES_BY_NAME
+
+    levels = sorted(RULES_BY_NAME[name].level for name in second["planted"])
+    assert levels == ["identity", "image"]
+    assert all(0.5 <= s <= 1.0 for s in second["planted"].values())
+    # the population is 10 x the test split of every identity: 24 identities x 10 x 3
+    assert first["n_population"] == second["n_population"] == 24 * 30
+
+
+@pytest.mark.slow
+def test_population_truth_shows_a_planted_failure(two_worlds):
+    data, _ = two_worlds
+    second = data["worlds"][1]
+    # a planted attribute is among the truth's worst: the planting reaches the black box
+    assert min(second["planted_truth_rank"]) <= 5
+
+
+@pytest.mark.slow
+def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
+    data, stdout = two_worlds
+    worlds, summary = data["worlds"], data["summary"]
+    assert summary["claims"] == sum(w["n_claims"] for w in worlds)
+    for world in worlds:
+        assert world["n_attributes"] == 40
+        assert world["n_correct_claims"] <= world["n_claims"]
+        truths = [a for a in world["answers"] if math.isfinite(a["truth"])]
+        assert len(truths) >= 40  # every attribute's paraphrase has a population truth
+        assert all(not a["claimed"] for a in world["answers"] if "cat" in a["a"])
+    table = summary["compare_calibration"]
+    assert table["n"] == sum(1 for w in worlds for a in w["answers"] if math.isfinite(a["truth"]))
+    assert sum(row["n"] for row in table["bins"]) == table["n"]
+    assert "compare calibration" in stdout and "ECE" in stdout
