@@ -18,6 +18,9 @@ from llm2loss_pipeline.query_cli import register as register_queries
 
 __all__ = ["build_parser", "main", "run_handler"]
 
+WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+"""the repository's workspace file (absent from a wheel install: then the module is loaded)"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -81,10 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--home")
     shards.set_defaults(handler=_cmd_shards)
 
-    ui = commands.add_parser("ui", help="open the Dagster UI on this project (dagster dev)")
-    ui.add_argument("--config", help="YAML configuration the UI's definitions load")
-    ui.add_argument("--home")
-    ui.add_argument("--port", type=int, default=3000)
+    ui = commands.add_parser(
+        "ui",
+        help="open the Dagster UI on this project's instance (the UI only; --daemon adds it)",
+        description=(
+            "Serve the Dagster UI on the instance `llm2loss run` records into "
+            "($DAGSTER_HOME, default <home>/dagster). Without --daemon nothing runs by itself: "
+            "sensors and automation stay off until the daemon runs."
+        ),
+    )
+    ui.add_argument(
+        "--config",
+        default=os.environ.get("LLM2LOSS_CONFIG") or None,
+        help="YAML configuration the UI's definitions load (default: $LLM2LOSS_CONFIG)",
+    )
+    ui.add_argument(
+        "--home",
+        help="artifact root whose instance to show (default: the config's, $LLM2LOSS_HOME or "
+        "./.llm2loss)",
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000)")
+    ui.add_argument(
+        "--daemon",
+        action="store_true",
+        help="also run the Dagster daemon (`dagster dev`): the registry sensor, the schedule and "
+        "the automation that materializes stale assets",
+    )
     ui.set_defaults(handler=_cmd_ui)
 
     register_queries(commands)
@@ -239,6 +265,18 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(args: argparse.Namespace, workspace: Path = WORKSPACE) -> list[str]:
+    """The command `llm2loss ui` replaces itself with.
+
+    Run as `python -m` with this very interpreter, so that it works without the virtual
+    environment's bin/ on PATH (an executable found by name would come from PATH, or not at all).
+    `dagster-webserver` serves the UI alone; `dagster dev` adds the daemon."""
+    module = ["-m", "llm2loss_pipeline.definitions"]
+    where = ["-w", str(workspace)] if workspace.exists() else module
+    program = ["dagster", "dev"] if args.daemon else ["dagster_webserver"]
+    return [sys.executable, "-m", *program, "-h", args.host, "-p", str(args.port), *where]
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.core.layout import Layout
     from llm2loss_pipeline.defs.runner import use_dagster_home
@@ -246,16 +284,19 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     config = _load_config(args.config, args.home)
     layout = Layout.at(config.home)
     env = dict(os.environ)
+    # The instance `llm2loss run` records into, as an absolute path (Dagster refuses others).
     env["DAGSTER_HOME"] = use_dagster_home(layout)
     env["LLM2LOSS_HOME"] = str(layout.home)
     if args.config:
         env["LLM2LOSS_CONFIG"] = str(Path(args.config).resolve())
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    command = ["dagster", "dev", "-p", str(args.port)]
-    command += (
-        ["-w", str(workspace)] if workspace.exists() else ["-m", "llm2loss_pipeline.definitions"]
+    command = ui_command(args)
+    mode = "the UI and the daemon" if args.daemon else "the UI only (no daemon)"
+    print(
+        f"llm2loss ui: {mode} on http://{args.host}:{args.port}; instance {env['DAGSTER_HOME']}",
+        file=sys.stderr,
+        flush=True,
     )
-    os.execvpe(command[0], command, env)
+    os.execve(command[0], command, env)
     return 0
 
 
