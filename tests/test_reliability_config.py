@@ -109,7 +109,7 @@ def test_two_source_keys_or_a_contradicting_source_are_refused_naming_both_keys(
             "black_box.epochs: Input should be a valid integer, got '10' (a string)",
         ),
         ("black_box: {augment: 1}\n", "black_box.augment: Input should be a valid boolean"),
-        ("heads: {epochs: 2.5}\n", "heads.epochs: Input should be a valid integer"),
+        ("heads: {epochs: 2.0}\n", "heads.epochs: Input should be a valid integer, got 2.0"),
     ],
 )
 def test_loose_types_are_refused_with_the_value_and_its_kind(tmp_path, text, needle):
@@ -118,11 +118,13 @@ def test_loose_types_are_refused_with_the_value_and_its_kind(tmp_path, text, nee
     assert needle in str(caught.value)
 
 
-def test_strict_types_still_take_what_yaml_writes_for_numbers_and_tuples(tmp_path):
+def test_strict_types_take_yaml_numbers_and_lists_but_not_numbers_as_text(tmp_path):
     text = "black_box: {lr: 1}\ndataset: {resplit_fractions: [0.6, 0.2, 0.2]}\n"
     config = load_config(_yaml(tmp_path, text))
     assert config.black_box.lr == 1.0 and config.dataset.resplit_fractions == (0.6, 0.2, 0.2)
     assert load_config(TINY).black_box.epochs == 4
+    with pytest.raises(ConfigError, match=r"black_box.lr: Input should be a valid number"):
+        load_config(_yaml(tmp_path, 'black_box: {lr: "0.01"}\n'))
 
 
 def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
