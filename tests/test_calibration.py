@@ -230,3 +230,22 @@ def test_score_world_counts_only_claims_the_truth_supports():
     assert scores["claim_precision"] == pytest.approx(1 / 3)
     assert scores["coverage"] == pytest.approx(2 / 4)
     assert scores["planted_recall_at_3"] == 1.0 and scores["planted_significant"] == 1.0
+
+
+def test_heads_bootstrap_resamples_whole_identities():
+    import torch
+
+    from llm2loss_pipeline.core.heads.train import _bootstrap_weights, _group_index
+
+    groups = np.repeat(np.array(["a", "b", "c", "d", "e"]), 4)
+    index = _group_index(groups, 20, np.arange(20))
+    generators = [torch.Generator().manual_seed(s) for s in range(50)]
+    weights = _bootstrap_weights(generators, 20, True, index).numpy()
+    for member in weights:
+        assert np.all(member.reshape(5, 4) == member.reshape(5, 4)[:, :1])
+        assert member.sum() == 20  # five groups of four drawn five times
+    assert (weights == 0).any()  # some identities are left out of some members
+    plain = _bootstrap_weights(generators, 20, True).numpy()
+    assert not all(np.all(m.reshape(5, 4) == m.reshape(5, 4)[:, :1]) for m in plain)
+    with pytest.raises(ValueError, match="one group per sample"):
+        _group_index(groups[:5], 20, np.arange(20))

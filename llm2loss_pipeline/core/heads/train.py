@@ -171,8 +171,13 @@ def train_ensemble(
     *,
     device: str | torch.device = "cpu",
     members: list[MemberInfo] | None = None,
+    groups: np.ndarray | None = None,
 ) -> HeadEnsemble:
     """Train all members of `config` on (embeddings [n, d], losses [n]); see the module docstring.
+
+    `groups` (one identity per sample) makes each member's bootstrap resample whole groups: the
+    images of one identity share its traits, so resampling them one by one would make the
+    members agree more than the data allow.
 
     `embeddings` are the gap-mapped image embeddings (`gap.image(...)`). `progress(done, total)`
     is called after every epoch (`config.effective_epochs(n)` of them). `members` restricts
@@ -224,7 +229,8 @@ def train_ensemble(
     k = config.pairs_per_sample
     batch = config.batch_size
     n_fit = len(fit_np)
-    weights = _bootstrap_weights(generators, n_fit, config.bootstrap).to(device)  # [M, n_fit]
+    group_index = _group_index(groups, n, fit_np)
+    weights = _bootstrap_weights(generators, n_fit, config.bootstrap, group_index).to(device)
     order_generator = torch.Generator().manual_seed(ORDER_SEED + config.base_seed)
     targets_fit, raw_fit = targets[fit_rows], raw[fit_rows]
     epochs = config.effective_epochs(n_fit)
@@ -428,16 +434,50 @@ def _ranker_objective(
     return (pair_weight * bce).mean(dim=1).sum()
 
 
-def _bootstrap_weights(generators: list[torch.Generator], n: int, bootstrap: bool) -> torch.Tensor:
-    """[M, n] float32: each member's draw counts of a bootstrap resample, or all ones."""
+def _group_index(groups: np.ndarray | None, n: int, fit_rows: np.ndarray) -> torch.Tensor | None:
+    """[n_fit] int64: each fitted sample's group as 0 .. G-1 (None: every sample its own)."""
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups has shape {groups.shape}; expected one group per sample ({n})")
+    _, index = np.unique(groups[fit_rows], return_inverse=True)
+    return torch.from_numpy(index.astype(np.int64))
+
+
+def _bootstrap_weights(
+    generators: list[torch.Generator],
+    n: int,
+    bootstrap: bool,
+    group_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, n] float32: each member's draw counts of a bootstrap resample, or all ones.
+
+    With `group_index`, G groups are drawn with replacement and every sample weighs its group's
+    count (a cluster bootstrap); without, the n samples are drawn.
+    """
     if not bootstrap:
         return torch.ones(len(generators), n)
-    return torch.stack(
+    if group_index is None:
+        return torch.stack(
+            [
+                torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).float()
+                for g in generators
+            ]
+        )
+    n_groups = int(group_index.max()) + 1
+    counts = torch.stack(
         [
-            torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).float()
+            torch.bincount(torch.randint(n_groups, (n_groups,), generator=g), minlength=n_groups)
             for g in generators
         ]
-    )
+    ).float()
+    weights = counts[:, group_index]
+    # a resample that drew only groups outside this split's fit rows cannot happen (the groups
+    # are those of the fit rows), but one that leaves a member no weight would train nothing
+    empty = weights.sum(dim=1) == 0
+    weights[empty] = 1.0
+    return weights
 
 
 def _reorder(

@@ -66,6 +66,22 @@ def training_frame(layout: Layout) -> pl.DataFrame:
     return frame
 
 
+def _identities(layout: Layout, rows: pl.DataFrame) -> np.ndarray | None:
+    """The identity of every row (the bootstrap resamples identities), or None without one."""
+    manifest = read_manifest(layout)
+    if "identity" not in manifest.columns:
+        return None
+    joined = rows.select("sample_id").join(
+        manifest.select("sample_id", "identity"), on="sample_id", how="left", maintain_order="left"
+    )
+    return np.array(
+        [
+            f"i{i}" if i is not None else f"s{s}"
+            for i, s in zip(joined["identity"], joined["sample_id"], strict=True)
+        ]
+    )
+
+
 def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
     """Texts whose mean embedding stands for 'the text modality' of this data set."""
     from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
@@ -105,7 +121,12 @@ def fit_heads(
     gap = fit_gap(train_emb, corpus, config.modality_gap)
     torch_device = device.torch_device()
     ensemble = train_ensemble(
-        gap.image(train_emb), train_loss, config, progress, device=torch_device
+        gap.image(train_emb),
+        train_loss,
+        config,
+        progress,
+        device=torch_device,
+        groups=_identities(layout, train),
     )
     evaluation = evaluate_ensemble(ensemble, gap.image(eval_emb), eval_loss)
     members = evaluation["members"]
