@@ -321,3 +321,28 @@ def test_cr_only_line_endings_read_like_lf_and_enormous_lines_are_clipped(tmp_pa
         read_attribute_file(huge)
     assert len(str(caught.value)) < 600
     assert "more characters)" in str(caught.value)
+
+
+# ---- crashes 4: an empty split named, with its reason -------------------------------------------
+
+
+def test_an_empty_split_is_named_with_its_reason_before_the_run_and_in_the_encoder(tmp_path):
+    root = _write_root(tmp_path / "celeba", ["000001.jpg", "000002.jpg", "000003.jpg"])
+    (root / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 2\n")
+    config = validate_config({"dataset": {"celeba_root": str(root), "split_mode": "file"}})
+    with pytest.raises(ConfigError) as caught:
+        preflight(config, "run.yaml")
+    assert str(caught.value).startswith(
+        f"run.yaml: dataset.split_mode is file, but {root / 'list_eval_partition.txt'} has no "
+        "rows with code 1 (valid); every split needs images"
+    )
+    within = validate_config({"dataset": {"celeba_root": str(root), "split_mode": "auto"}})
+    assert preflight(within) is within  # only split_mode: file is checked; auto may re-split
+
+    from llm2loss_pipeline.core.encoder.evaluate import retrieval_accuracy
+
+    with pytest.raises(ValueError) as caught:
+        retrieval_accuracy(torch.zeros(0, 4).numpy(), [], lambda texts: torch.zeros(0, 4).numpy())
+    message = str(caught.value)
+    assert "the 'valid' split has none to evaluate" in message
+    assert "list_eval_partition.txt needs rows with code 1" in message

@@ -494,6 +494,7 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
     problems = device_problems(config)
     if problems:
         raise ConfigError("\n".join([f"{source}: devices that cannot be used", *problems]))
+    _check_file_splits(config, source)
     if config.black_box.source in ("entry_point", "torchscript"):
         from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
 
@@ -502,6 +503,31 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
         except UserModelError as exc:
             raise ConfigError(f"{source}: black_box: {exc}") from None
     return config
+
+
+def _check_file_splits(config: PipelineConfig, source: str) -> None:
+    """With `split_mode: file`, every split the file names must hold images: the black box trains
+    on train, the encoder is evaluated on valid and the report measures on test, and an empty
+    one failed only after training ("retrieval_accuracy needs at least one image")."""
+    dataset = config.dataset
+    if dataset.source != "celeba" or dataset.split_mode != "file" or not dataset.celeba_root:
+        return
+    from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+    from llm2loss_pipeline.core.celeba import PARTITION_FILE, CelebaFormatError, read_partition_file
+
+    path = Path(dataset.celeba_root) / PARTITION_FILE
+    try:
+        present = set(read_partition_file(path)["split"].unique().to_list())
+    except CelebaFormatError as exc:
+        raise ConfigError(f"{source}: dataset.celeba_root: {exc}") from None
+    empty = [name for name in SPLIT_NAMES if name not in present]
+    if empty:
+        codes = ", ".join(f"{SPLIT_NAMES.index(name)} ({name})" for name in empty)
+        raise ConfigError(
+            f"{source}: dataset.split_mode is file, but {path} has no rows with code {codes}; "
+            "every split needs images (train fits the models, valid evaluates the encoder, "
+            "test is measured): add them, or set split_mode: within_identity"
+        )
 
 
 MAX_QUOTED = 200

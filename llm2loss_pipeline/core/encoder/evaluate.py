@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES, check_attribute
 from llm2loss_pipeline.core.metrics import auroc
 from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 
@@ -102,8 +102,12 @@ def retrieval_accuracy(
     encode_texts: EncodeTexts,
     k: Sequence[int] = (1, 5),
     gallery_size: int | None = 100,
+    split: str = "valid",
 ) -> dict[str, Any]:
     """Image-to-text retrieval: does an image find its own caption among its group's captions?
+
+    `split` names where the images come from (the encoder is evaluated on the validation split),
+    for the error when there are none.
 
     Images are taken in consecutive groups of `gallery_size` (None: all at once), each with its own
     caption. Within a group every image ranks the group's *distinct* caption texts by cosine
@@ -116,7 +120,14 @@ def retrieval_accuracy(
     if len(captions) != len(embeddings):
         raise ValueError(f"{len(captions)} captions for {len(embeddings)} image embeddings")
     if not len(embeddings):
-        raise ValueError("retrieval_accuracy needs at least one image")
+        code = SPLIT_NAMES.index(split) if split in SPLIT_NAMES else "?"
+        raise ValueError(
+            f"retrieval_accuracy needs at least one image, but the {split!r} split has none to "
+            "evaluate: it is empty in the dataset manifest (with dataset.split_mode: file, "
+            f"list_eval_partition.txt needs rows with code {code}; split_mode: auto or "
+            "within_identity re-splits each identity), or every image in it was skipped as "
+            "unreadable"
+        )
     ks = sorted(set(int(value) for value in k))
     if any(value < 1 for value in ks):
         raise ValueError(f"k must be positive, got {list(k)}")
