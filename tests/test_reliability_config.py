@@ -346,3 +346,18 @@ def test_an_empty_split_is_named_with_its_reason_before_the_run_and_in_the_encod
     message = str(caught.value)
     assert "the 'valid' split has none to evaluate" in message
     assert "list_eval_partition.txt needs rows with code 1" in message
+
+
+def test_a_label_map_with_an_enormous_cell_is_one_short_error(tmp_path):
+    from llm2loss_pipeline.core.blackbox.labels import LabelMapError, read_label_map
+
+    over_limit = tmp_path / "over.csv"
+    over_limit.write_text("x" * 1_000_000 + ",1\n")  # over csv's field limit: was a bare csv.Error
+    with pytest.raises(LabelMapError, match=r"over.csv line 1: not a CSV row \(field larger"):
+        read_label_map(over_limit)
+    long_cell = tmp_path / "long.csv"
+    long_cell.write_text("0,0\r" + "x" * 100_000 + ",1\r")  # CR-only line ends, too
+    with pytest.raises(LabelMapError) as caught:
+        read_label_map(long_cell)
+    assert str(caught.value).startswith(f"{long_cell} line 2: identity 'xxx")
+    assert len(str(caught.value)) < 400

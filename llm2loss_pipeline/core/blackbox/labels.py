@@ -69,7 +69,12 @@ def _csv_pairs(source: Path) -> list[tuple[str, object, object]]:
     delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
     pairs: list[tuple[str, object, object]] = []
     with source.open(newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
+        reader = csv.reader(handle, delimiter=delimiter)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:  # e.g. a cell over csv's field limit (a 30 MB line)
+            raise LabelMapError(f"{source} line {reader.line_num}: not a CSV row ({exc})") from None
+        for line_no, row in enumerate(rows, start=1):
             cells = [cell.strip() for cell in row]
             if not any(cells):
                 continue
@@ -82,6 +87,14 @@ def _csv_pairs(source: Path) -> list[tuple[str, object, object]]:
                 continue  # a header row
             pairs.append((f"line {line_no}", cells[0], cells[1]))
     return pairs
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """repr(value) cut to `limit` characters: a huge cell must not flood the terminal."""
+    text = repr(value)
+    return (
+        text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+    )
 
 
 def _is_int(text: str) -> bool:
@@ -110,10 +123,10 @@ def _checked(pairs: Sequence[tuple[str, object, object]], source: Path) -> dict[
     for where, raw_key, raw_value in pairs:
         key, value = _as_int(raw_key), _as_int(raw_value)
         if key is None:
-            raise LabelMapError(f"{source} {where}: identity {raw_key!r} is not an integer")
+            raise LabelMapError(f"{source} {where}: identity {_shown(raw_key)} is not an integer")
         if value is None or value < 0:
             raise LabelMapError(
-                f"{source} {where}: output index {raw_value!r} is not a non-negative integer"
+                f"{source} {where}: output index {_shown(raw_value)} is not a non-negative integer"
             )
         if key in mapping:
             raise LabelMapError(f"{source} {where}: identity {key} is mapped twice")
