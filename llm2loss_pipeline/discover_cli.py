@@ -1,10 +1,11 @@
-"""`llm2loss discover`: descriptions in language where the model is worse, verified on samples.
+"""`llm2loss discover`: distinct failure modes in words, verified on samples.
 
-    llm2loss discover [--top N] [--vocab FILE] [--json] [--home DIR] [--config FILE]
+    llm2loss discover [--top N] [--vocab FILE] [--only-vocab] [--json] [--home DIR] [--config FILE]
 
 Runs failure discovery (core/discovery) on the materialized encoder, heads, losses and
-embeddings and prints the ranked hypotheses; nothing is written (the failure_hypotheses asset
-writes the report's copy). Exit 2 with one line on stderr for a problem the user can fix.
+embeddings and prints the top failure modes, then every line of the user's vocabulary with its
+verdict and reason; nothing is written (the failure_hypotheses asset writes the report's copy).
+Exit 2 with one line on stderr for a problem the user can fix.
 """
 
 from __future__ import annotations
@@ -18,27 +19,46 @@ from llm2loss_pipeline.cli_common import fail, json_safe
 
 COLUMNS = (
     ("rank", "#", 3),
-    ("kept", "kept", 4),
+    ("mode", "mode", 4),
     ("estimated_gap", "est", 6),
     ("p_worse", "P(worse)", 8),
     ("measured_gap", "measured", 8),
     ("measured_auc", "AUROC", 5),
     ("q_value", "q", 8),
-    ("n_supporting", "support", 7),
+    ("n_variants", "variants", 8),
 )
+
+# The same sentences as the page (core/discovery/evidence.py), kept here so `--help` stays fast.
+EPILOG = """\
+proponents: matched samples the model does worse on (loss above the unmatched samples' median)
+  that push the heads' estimate towards 'worse' most.
+counter-examples: matched samples the model does fine on (loss at or below that median), those
+  that pull the estimate down most first: cases of the description that do not fail.
+A description is kept only when the heads' estimate and the matched samples both say worse;
+descriptions whose matched samples overlap are one failure mode, shown under its best wording."""
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "discover",
-        help="find descriptions of inputs on which the model is worse, with evidence",
+        help="find distinct failure modes in words, with evidence",
         description=(
             "Candidate descriptions (attribute phrases, their pairs, your vocabulary) scored by "
-            "the head ensemble and verified on the evaluation split's samples."
+            "the head ensemble, verified on the evaluation split's samples and grouped into "
+            "distinct failure modes."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--top", type=int, default=10, help="hypotheses to show (default 10)")
-    parser.add_argument("--vocab", metavar="FILE", help="extra descriptions, one per line")
+    parser.add_argument("--top", type=int, default=10, help="failure modes to show (default 10)")
+    parser.add_argument(
+        "--vocab",
+        metavar="FILE",
+        help="extra descriptions, one per line; each is always shown with its verdict",
+    )
+    parser.add_argument(
+        "--only-vocab", action="store_true", help="show only the --vocab descriptions"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--home", help="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
     parser.add_argument(
@@ -57,44 +77,80 @@ def run_discover(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         return fail(f"--top must be at least 1, got {args.top}", "discover")
+    if args.only_vocab and not args.vocab:
+        return fail("--only-vocab needs --vocab FILE", "discover")
     try:
         config = load_config(args.config)
         home = args.home or config.home
         diagnoser = Diagnoser.load(home)
-        report = diagnoser.discover(
-            top=args.top, vocab=args.vocab, config=config.discovery, home=home
-        )
+        report = diagnoser.discover(top=None, vocab=args.vocab, config=config.discovery, home=home)
     except (ConfigError, VocabularyError, StorageError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc), "discover")
+    table = report.table
+    modes = [] if args.only_vocab else table.filter(table["verdict"] == "mode").head(args.top)
+    vocab = table.filter(table["source"] == "vocabulary")
+    n_modes = int((table["verdict"] == "mode").sum())
     if args.json:
-        rows = json_safe(report.to_dicts())
-        evidence = report.evidence.select("rank", "role", "sample_id", "loss", "influence")
+        return _print_json(report, modes, vocab, n_modes)
+    if not args.only_vocab:
         print(
-            json.dumps(
-                {
-                    "n_candidates": report.n_candidates,
-                    "n_kept": report.n_kept,
-                    "hypotheses": rows,
-                    "evidence": evidence.to_dicts(),
-                },
-                indent=2,
-            )
+            f"{n_modes} distinct failure modes ({report.n_kept} of {report.n_candidates} "
+            f"candidate descriptions verified); top {len(modes)}:"
         )
-        return 0
-    print(f"{report.n_kept} of {report.n_candidates} candidate descriptions kept; top {args.top}:")
+        _print_rows(modes.to_dicts())
+    if vocab.height:
+        print(f"\nyour vocabulary ({vocab.height}):")
+        _print_rows(vocab.to_dicts(), reasons=True)
+    print("\n" + EPILOG)
+    return 0
+
+
+def _print_json(report: Any, modes: Any, vocab: Any, n_modes: int) -> int:
+    shown = [] if isinstance(modes, list) else modes.to_dicts()
+    ranks = {row["rank"] for row in shown} | set(vocab["rank"].to_list())
+    evidence = report.evidence.filter(report.evidence["rank"].is_in(sorted(ranks)))
+    print(
+        json.dumps(
+            {
+                "n_candidates": report.n_candidates,
+                "n_kept": report.n_kept,
+                "n_modes": n_modes,
+                "hypotheses": json_safe(shown),
+                "vocabulary": json_safe(vocab.to_dicts()),
+                "evidence": json_safe(
+                    evidence.select("rank", "role", "sample_id", "loss", "influence").to_dicts()
+                ),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if key == "q_value":
+            return f"{value:.2e}"
+        return f"{value:+.2f}" if key in ("estimated_gap", "measured_gap") else f"{value:.2f}"
+    return str(value)
+
+
+def _print_rows(rows: list[dict[str, Any]], reasons: bool = False) -> None:
     header = "  ".join(f"{label:>{width}}" for _, label, width in COLUMNS)
     print(f"{header}  description")
-    for row in report.to_dicts():
-        cells = []
-        for key, _, width in COLUMNS:
-            value = row[key]
-            if isinstance(value, bool):
-                text = "yes" if value else "no"
-            elif isinstance(value, float):
-                signed = key in ("estimated_gap", "measured_gap")
-                text = f"{value:.2e}" if key == "q_value" else f"{value:{'+' if signed else ''}.2f}"
-            else:
-                text = str(value)
-            cells.append(f"{text:>{width}}")
-        print("  ".join(cells) + "  " + row["description"])
-    return 0
+    for row in rows:
+        cells = "  ".join(f"{_cell(key, row[key]):>{width}}" for key, _, width in COLUMNS)
+        print(f"{cells}  {row['shown_as']}")
+        indent = " " * (len(header) + 2)
+        if row["shown_as"] != row["description"]:
+            print(f"{indent}tested as '{row['description']}': {row['wording']}")
+        elif row["wording"] != "supported":
+            print(f"{indent}wording: {row['wording']}")
+        if reasons:
+            print(f"{indent}{row['verdict']}: {row['reason']}")

@@ -6,6 +6,12 @@ triples of 40 x 2 values would be 3,000 and 80,000 texts, most of them about gro
 worse on, so composition is a beam: only the `beam` singles the heads rate worst are extended,
 with every other value (pairs) and then with each other (triples). A user vocabulary is added
 verbatim; duplicates keep their first source.
+
+Neutral wording. Some CelebA labels rate a person's looks or body (Attractive, Chubby, Big_Nose,
+...). Discovery speaks unprompted, so by default (`discovery.avoid_subjective`) a composed
+description says such a value in neutral words (`NEUTRAL_WORDING`: "with a round full face" for
+Chubby), and leaves out a value with no neutral wording (Attractive either way). The value is still
+the description's, so its labels verify it; only the words change. A user's vocabulary is verbatim.
 """
 
 from __future__ import annotations
@@ -19,9 +25,43 @@ from pathlib import Path
 import numpy as np
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.prompts import composed_prompt, phrases, text_lines
+from llm2loss_pipeline.core.prompts import (
+    DEFAULT_TEMPLATE,
+    Phrase,
+    _realise,  # the grammar's realiser, for phrases other than the canonical ones
+    composed_prompt,
+    phrases,
+    text_lines,
+)
 
 SOURCES = ("attribute", "pair", "triple", "vocabulary", "proposer")
+
+NEUTRAL_WORDING: dict[tuple[str, bool], str | None] = {
+    ("Attractive", True): None,  # a rating of looks: no neutral words, never said unprompted
+    ("Attractive", False): None,
+    ("Chubby", True): "with:a round full face",
+    ("Chubby", False): "with:a narrow face",
+    ("Big_Nose", True): "with:a prominent nose",
+    ("Big_Nose", False): "with:a small nose",
+    ("Big_Lips", True): "with:full lips",
+    ("Big_Lips", False): "with:thin lips",
+    ("Double_Chin", True): "with:a rounded chin",
+    ("Double_Chin", False): "with:a defined chin",
+    ("Bags_Under_Eyes", True): "with:shadows under the eyes",
+    ("Bags_Under_Eyes", False): "with:smooth skin under the eyes",
+}
+"""Subjective attribute values -> "slot:neutral words" (None: left out of composed descriptions)."""
+
+
+def neutral_phrase(attribute: str, value: bool) -> Phrase | None:
+    """The phrase discovery uses for a value: the canonical one, or its neutral wording."""
+    if (attribute, value) not in NEUTRAL_WORDING:
+        return phrases(attribute, value)[0]
+    raw = NEUTRAL_WORDING[(attribute, value)]
+    if raw is None:
+        return None
+    slot, _, text = raw.partition(":")
+    return Phrase(slot, text)
 
 
 class VocabularyError(ValueError):
@@ -41,10 +81,18 @@ class Candidate:
         return ", ".join(name if value else f"not {name}" for name, value in self.values)
 
 
-def describe_values(values: Iterable[tuple[str, bool]]) -> Candidate:
+def describe_values(values: Iterable[tuple[str, bool]], *, neutral: bool = False) -> Candidate:
+    """The candidate stating `values`; `neutral`: in NEUTRAL_WORDING's words (a value without
+    neutral words raises ValueError: callers leave those out first)."""
     ordered = tuple(sorted(values, key=lambda item: CELEBA_ATTRIBUTES.index(item[0])))
     source = {1: "attribute", 2: "pair", 3: "triple"}.get(len(ordered), "triple")
-    return Candidate(composed_prompt(dict(ordered)), source, ordered)
+    if not neutral:
+        return Candidate(composed_prompt(dict(ordered)), source, ordered)
+    chosen = [(name, neutral_phrase(name, value)) for name, value in ordered]
+    missing = [name for name, phrase in chosen if phrase is None]
+    if missing:
+        raise ValueError(f"no neutral wording for {', '.join(missing)}")
+    return Candidate(DEFAULT_TEMPLATE.format(_realise(chosen)), source, ordered)
 
 
 def is_negation(attribute: str, value: bool) -> bool:
@@ -55,7 +103,10 @@ def is_negation(attribute: str, value: bool) -> bool:
 
 
 def single_candidates(
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES, *, negations: bool = False
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    *,
+    negations: bool = False,
+    avoid_subjective: bool = False,
 ) -> list[Candidate]:
     """One description per attribute value, both values of each attribute.
 
@@ -65,10 +116,11 @@ def single_candidates(
     descriptions were "kept" on the gray-haired samples' losses).
     """
     return [
-        describe_values([(name, value)])
+        describe_values([(name, value)], neutral=avoid_subjective)
         for name in attributes
         for value in (True, False)
-        if negations or not is_negation(name, value)
+        if (negations or not is_negation(name, value))
+        and not (avoid_subjective and neutral_phrase(name, value) is None)
     ]
 
 
@@ -78,6 +130,7 @@ def compose(
     *,
     max_arity: int,
     beam: int,
+    neutral: bool = False,
 ) -> list[Candidate]:
     """Pairs and triples grown from the `beam` best-scored singles (higher score = worse).
 
@@ -101,7 +154,7 @@ def compose(
         key = frozenset(values)
         if key not in seen:
             seen.add(key)
-            composed.append(describe_values(values))
+            composed.append(describe_values(values, neutral=neutral))
 
     for first in top:
         for second in singles:
@@ -158,6 +211,7 @@ def generate_candidates(
     limit: int | None = None,
     attributes: Sequence[str] = CELEBA_ATTRIBUTES,
     negations: bool = False,
+    avoid_subjective: bool = False,
 ) -> list[Candidate]:
     """All candidates: singles, composed pairs/triples, user vocabulary, language-model proposals.
 
@@ -165,9 +219,13 @@ def generate_candidates(
     chooses which singles the beam extends. User texts and proposals come first so that `limit`
     never drops what a person asked for.
     """
-    singles = single_candidates(attributes, negations=negations)
+    singles = single_candidates(attributes, negations=negations, avoid_subjective=avoid_subjective)
     composed = compose(
-        singles, np.asarray(score([c.text for c in singles])), max_arity=max_arity, beam=beam
+        singles,
+        np.asarray(score([c.text for c in singles])),
+        max_arity=max_arity,
+        beam=beam,
+        neutral=avoid_subjective,
     )
     return merge(
         [free_text(vocabulary), free_text(proposals, "proposer"), singles, composed], limit

@@ -67,12 +67,31 @@ class DiscoverySettings(BaseModel):
         0.75, gt=0.5, le=1, description="share of members that must estimate 'worse'"
     )
     max_overlap: float = Field(
-        0.4,
+        0.5,
         gt=0,
         le=1,
-        description="Jaccard overlap of matched samples above which a lower-ranked hypothesis "
-        "is ranked after every distinct one (0.4: the two share more than half their matched "
-        "samples; two unrelated top-10% matches overlap about 0.05)",
+        description="Jaccard overlap of matched samples at or above which two kept descriptions "
+        "are one failure mode, shown under its best wording (0.5: they share two thirds of "
+        "their matched samples; two unrelated top-10% matches overlap about 0.05)",
+    )
+    avoid_subjective: bool = Field(
+        True,
+        description="word attributes that rate looks or bodies (Attractive, Chubby, Big_Nose, "
+        "...) neutrally in composed descriptions, leaving out those with no neutral words "
+        "(candidates.NEUTRAL_WORDING); false: the report's canonical words",
+    )
+    offdomain_quantile: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="a free text whose top-decile mean similarity falls below this quantile of "
+        "the attribute probes' is off-domain and never kept",
+    )
+    min_lift: float = Field(
+        1.5,
+        gt=1,
+        le=20,
+        description="lift over its base rate at which a matched set shows a named attribute",
     )
     n_evidence: int = Field(8, ge=1, le=64, description="proponents and counter-examples each")
     n_sheets: int = Field(5, ge=0, le=50, description="kept hypotheses that get a contact sheet")

@@ -1,15 +1,17 @@
 """Showing the evidence: a contact sheet per kept hypothesis and a small HTML page of all.
 
-A sheet has two rows: the proponents (matched samples that push the heads' estimate towards
-"worse" most) and the counter-examples (matched samples that pull it down, or are easy anyway),
+A sheet has two rows: the proponents (PROPONENTS) and the counter-examples (COUNTER_EXAMPLES),
 each face labelled with its sample id, loss and influence, so a reader can see whether the
-description fits the faces and whether the failure is real.
+description fits the faces and whether the failure is real. The page embeds its sheets (base64
+PNG), so it can be mailed or moved on its own, as report.html is.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,27 @@ import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 
 from llm2loss_pipeline.core.storage import write_bytes_atomic, write_text_atomic
+
+PROPONENTS = (
+    "proponents: matched samples the model does worse on (loss above the unmatched samples' "
+    "median) that push the heads' estimate towards 'worse' most"
+)
+COUNTER_EXAMPLES = (
+    "counter-examples: matched samples the model does fine on (loss at or below that median), "
+    "those that pull the estimate down most first: cases of the description that do not fail"
+)
+KEEP_RULE = (
+    "kept only when both agree: the heads estimate worse (mean above the population, P(worse) "
+    "at or above the threshold) and the matched samples are worse (Mann-Whitney, "
+    "Benjamini-Hochberg); 'estimate disagrees' means the samples are worse but the heads, "
+    "which generalise from the training split, do not rate the description worse: a lead to "
+    "check, not a finding"
+)
+MODE_RULE = (
+    "a failure mode groups the descriptions whose matched samples overlap (Jaccard at or above "
+    "discovery.max_overlap) under its best wording; a pair or triple is its own mode only when "
+    "its samples are measurably worse than its parents'"
+)
 
 CELL = 96
 LINE = 11
@@ -85,9 +108,9 @@ def hypothesis_sheets(
     out_dir: str | Path,
     n_sheets: int,
 ) -> dict[int, Path]:
-    """One sheet per kept hypothesis, best first, at most n_sheets: rank -> PNG path."""
+    """One sheet per failure mode, best first, at most n_sheets: rank -> PNG path."""
     sheets: dict[int, Path] = {}
-    kept = hypotheses.filter(pl.col("kept")).head(n_sheets)
+    kept = hypotheses.filter(pl.col("verdict") == "mode").head(n_sheets)
     for row in kept.iter_rows(named=True):
         rank = int(row["rank"])
         mine = evidence.filter(pl.col("rank") == rank).sort("position")
@@ -95,23 +118,30 @@ def hypothesis_sheets(
             ("proponents", mine.filter(pl.col("role") == "proponent").to_dicts()),
             ("counter-examples", mine.filter(pl.col("role") == "counter_example").to_dicts()),
         ]
-        title = f"#{rank} {row['description']}  (measured gap {row['measured_gap']:+.3g})"
+        title = f"#{rank} {row['shown_as']}  (measured gap {row['measured_gap']:+.3g})"
         sheets[rank] = contact_sheet(
             title, rows, image_paths, Path(out_dir) / f"hypothesis-{rank:02d}.png"
         )
     return sheets
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A cell as a reader should see it: yes/no, a dash for nothing, 3 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
-    return html.escape(str(value))
+    return str(value)
 
 
 SUMMARY_COLUMNS = (
     "rank",
-    "description",
-    "kept",
+    "mode",
+    "verdict",
+    "shown_as",
+    "wording",
     "estimated_gap",
     "p_worse",
     "measured_gap",
@@ -119,39 +149,59 @@ SUMMARY_COLUMNS = (
     "q_value",
     "n_matched",
     "n_supporting",
+    "n_variants",
 )
 """The columns of a hypothesis a reader scans first (the page, the Dagster metadata table)."""
+
+PAGE_COLUMNS = (*SUMMARY_COLUMNS, "description", "shows", "reason")
+
+
+def _embedded(path: Path, rank: int) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="evidence for hypothesis {rank}">'
+        f"<figcaption>hypothesis {rank}</figcaption></figure>"
+    )
+
+
+def _table(rows: pl.DataFrame) -> str:
+    head = "".join(f"<th>{name}</th>" for name in PAGE_COLUMNS)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(fmt(row.get(name)))}</td>" for name in PAGE_COLUMNS)
+        + "</tr>"
+        for row in rows.iter_rows(named=True)
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def discovery_html(
     hypotheses: pl.DataFrame, sheets: Mapping[int, Path], out_html: str | Path, top: int = 30
 ) -> Path:
-    """A page of the ranked hypotheses with their contact sheets (paths relative to the page)."""
+    """A self-contained page: the failure modes, the user's vocabulary, the evidence sheets."""
     out = Path(out_html)
-    columns = [*SUMMARY_COLUMNS, "redundant_with"]
-    head = "".join(f"<th>{name}</th>" for name in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(row[name])}</td>" for name in columns) + "</tr>"
-        for row in hypotheses.head(top).iter_rows(named=True)
-    )
-    figures = "".join(
-        f'<figure><img src="{html.escape(str(Path(path).relative_to(out.parent)))}" '
-        f'alt="evidence for hypothesis {rank}"><figcaption>hypothesis {rank}</figcaption></figure>'
-        for rank, path in sorted(sheets.items())
-    )
-    kept = int(hypotheses["kept"].sum())
+    modes = hypotheses.filter(pl.col("verdict") == "mode").head(top)
+    vocab = hypotheses.filter(pl.col("source") == "vocabulary")
+    figures = "".join(_embedded(path, rank) for rank, path in sorted(sheets.items()))
+    n_kept = int(hypotheses["kept"].sum())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>llm2loss failure discovery</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}img{{max-width:100%}}</style>
 </head><body>
 <h1>Failure discovery</h1>
-<p>{hypotheses.height} candidate descriptions; {kept} kept (the heads estimate worse and the
-matched evaluation samples are measurably worse, Benjamini-Hochberg controlled).
-The full table is <code>failure_hypotheses.parquet</code>; the evidence samples are in
+<p><a href="report.html">Back to the report</a></p>
+<p>{modes.height} distinct failure modes shown; {n_kept} of {hypotheses.height} candidate
+descriptions verified. {html.escape(MODE_RULE)}. A description is {html.escape(KEEP_RULE)}.
+<code>shown_as</code> is the description, or, when its matched images do not show what it names,
+the attributes they do over-represent (<code>wording</code>). The full table is
+<code>failure_hypotheses.parquet</code>; the evidence samples are in
 <code>failure_evidence.parquet</code>.</p>
-<table><tr>{head}</tr>{body}</table>
-<h2>Evidence</h2>{figures or "<p>(no kept hypothesis)</p>"}
+<h2>Failure modes</h2>{_table(modes) if modes.height else "<p>(no failure mode)</p>"}
+<h2>Your vocabulary</h2>{_table(vocab) if vocab.height else "<p>(no vocabulary given)</p>"}
+<h2>Evidence</h2>
+<ul><li>{html.escape(PROPONENTS)}</li><li>{html.escape(COUNTER_EXAMPLES)}</li></ul>
+{figures or "<p>(no failure mode)</p>"}
 </body></html>
 """
     return write_text_atomic(out, page)

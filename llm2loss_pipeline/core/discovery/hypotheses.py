@@ -22,16 +22,20 @@ after Benjamini-Hochberg control at `alpha` across all candidates (`q_value`). B
 the sample evidence only: the estimate side is a gate, because a sign test over 8 or 20
 correlated members cannot carry a false discovery rate over thousands of candidates.
 
-Ranking. Kept hypotheses first, by measured AUROC (the effect on real samples, scale-free), then
-the rest by q-value. Near duplicates ("gray hair" and "gray hair and a goatee" match mostly the
-same samples) would fill the top of the table with one finding, so a kept hypothesis whose
-matched samples overlap a better-ranked kept one by more than `max_overlap` (Jaccard) is moved
-after every distinct kept one and names it in `redundant_with`.
+Judged (modes.py): a free text that matches little in the data is off-domain and never kept;
+every description's matched samples are checked against the attribute labels its words name
+(`wording`, `shown_as`: reworded from what the matched set over-represents when they do not show
+it); kept descriptions whose matched samples overlap are grouped into failure modes, and a
+refinement stands as its own mode only when it is measurably worse than its parents.
+
+Ranking. Failure modes first, by their representative's measured AUROC (the effect on real
+samples, scale-free); then the descriptions folded under them (`folded_under`, `redundant_with`);
+then the rest by q-value. Every row says why in `reason`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +50,14 @@ from llm2loss_pipeline.core.discovery.influence import (
     member_influences,
     pool_members,
 )
-from llm2loss_pipeline.core.discovery.verify import jaccard, match_count, measure, top_matches
+from llm2loss_pipeline.core.discovery.modes import (
+    assign_modes,
+    dropped_reason,
+    offdomain_threshold,
+    top_decile_mean,
+    wording,
+)
+from llm2loss_pipeline.core.discovery.verify import match_count, measure, top_matches
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.stats import bh_adjust
@@ -56,7 +67,11 @@ INFLUENCE_BUDGET = 20_000_000
 
 HYPOTHESIS_COLUMNS = (
     "rank",
+    "mode",
+    "verdict",
     "description",
+    "shown_as",
+    "wording",
     "source",
     "attributes",
     "kept",
@@ -74,8 +89,34 @@ HYPOTHESIS_COLUMNS = (
     "n_matched",
     "n_supporting",
     "influence_weighted_gap",
+    "named_precision",
+    "named_lift",
+    "shows",
+    "top_decile_similarity",
+    "interaction_p",
+    "interaction_q",
+    "n_variants",
+    "folded_under",
     "redundant_with",
+    "reason",
 )
+"""`verdict`: mode (a distinct failure mode), folded (kept, one of a mode's variants), dropped or
+off-domain; `kept`: mode or folded; `reason`: why, in one line."""
+
+_SCHEMA = {
+    "mode": pl.Int64,
+    "n_variants": pl.Int64,
+    "named_precision": pl.Float64,
+    "named_lift": pl.Float64,
+    "interaction_p": pl.Float64,
+    "interaction_q": pl.Float64,
+    "folded_under": pl.String,
+    "redundant_with": pl.String,
+    "shows": pl.String,
+}
+
+FREE_SOURCES = ("vocabulary", "proposer")
+"""Sources whose text is not made of the probes' words: the off-domain rule applies to them."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +137,7 @@ class Discovery:
     similarity, influence; for kept hypotheses"""
     n_candidates: int
     n_kept: int
+    n_modes: int = 0
 
 
 def _estimates(
@@ -146,13 +188,18 @@ def discover(
     config: DiscoveryConfig,
     *,
     train_losses: np.ndarray | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
+    probe_embeddings: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Discovery:
-    """Score, verify, weigh and rank every candidate (module docstring).
+    """Score, verify, weigh, judge and rank every candidate (module docstring).
 
     `text_embeddings` [T, d] are the candidates' raw text embeddings; `train_embeddings` the heads'
     training images (raw), for the linear heads' Hessian; `train_losses` their losses, whose
     samples serve as the rankers' reference partners (default: the evaluation split's).
+    `labels`: attribute -> bool per evaluation sample, to check the words (None: unverified);
+    `probe_embeddings`: raw embeddings of the attribute probes, the off-domain rule's reference
+    (None: the candidates of source "attribute").
     """
     if len(candidates) != len(text_embeddings):
         raise ValueError(f"{len(candidates)} candidates but {len(text_embeddings)} text embeddings")
@@ -170,92 +217,157 @@ def discover(
     similarity = image_x.astype(np.float64) @ text_x.astype(np.float64).T  # [n, T]
     matches = top_matches(similarity, match_count(n, config.match_fraction, config.min_matches))
     measured = [measure(losses, row) for row in matches]
+    inputs = _influence_inputs(train_x, image_x, losses, train_losses, config)
+    influence = _influences(ensemble, inputs, text_x, config.damping, progress)
+    decile = top_decile_mean(similarity)
+    floor = _offdomain_floor(candidates, decile, image_x, gap, probe_embeddings, config)
 
+    q_values = bh_adjust(np.array([m.p_value for m in measured]))
+    rows = [
+        _row(t, candidates[t], measured[t], estimates, q_values[t], matches[t], influence, losses)
+        for t in range(len(candidates))
+    ]
+    for t, row in enumerate(rows):
+        row["kept"] = _agree(row, config)
+        row["top_decile_similarity"] = float(decile[t])
+        if candidates[t].source in FREE_SOURCES and decile[t] < floor:
+            row.update(kept=False, verdict="off-domain", reason=_offdomain_reason(decile[t], floor))
+        words = wording(
+            candidates[t],
+            matches[t],
+            labels,
+            min_lift=config.min_lift,
+            avoid_subjective=config.avoid_subjective,
+        )
+        row.update(
+            wording=words.verdict,
+            shown_as=words.shown_as,
+            named_precision=words.precision,
+            named_lift=words.lift,
+            shows=words.shows or None,
+        )
+    heads = assign_modes(
+        rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
+    )
+    for row in rows:
+        if not row["kept"]:
+            row["reason"] = dropped_reason(row, config)
+            row.setdefault("verdict", "dropped")
+    ranked = [dict(rows[i], rank=position + 1) for position, i in enumerate(_rank(rows, heads))]
+    table = pl.DataFrame(
+        [{key: row.get(key) for key in HYPOTHESIS_COLUMNS} for row in ranked],
+        schema_overrides=_SCHEMA,
+    )
+    evidence = _evidence(ranked, matches, similarity, influence, losses, eval_data, config)
+    return Discovery(table, evidence, len(candidates), int(table["kept"].sum()), len(heads))
+
+
+def _influence_inputs(
+    train_x: np.ndarray,
+    image_x: np.ndarray,
+    losses: np.ndarray,
+    train_losses: np.ndarray | None,
+    config: DiscoveryConfig,
+) -> InfluenceInputs:
     rng = np.random.default_rng(0)
     if train_losses is not None:
         ref_pool_x, ref_pool_loss = train_x, np.asarray(train_losses, dtype=np.float64)
     else:
         ref_pool_x, ref_pool_loss = image_x, losses
-    ref = rng.choice(
-        ref_pool_x.shape[0], min(config.ranker_partners, ref_pool_x.shape[0]), replace=False
+    ref = np.sort(
+        rng.choice(
+            ref_pool_x.shape[0], min(config.ranker_partners, ref_pool_x.shape[0]), replace=False
+        )
     )
-    inputs = InfluenceInputs(
+    return InfluenceInputs(
         train_x=train_x,
         sample_x=image_x,
         sample_loss=losses,
-        ref_x=ref_pool_x[np.sort(ref)],
-        ref_loss=ref_pool_loss[np.sort(ref)],
+        ref_x=ref_pool_x[ref],
+        ref_loss=ref_pool_loss[ref],
     )
-    influence = _influences(ensemble, inputs, text_x, config.damping, progress)
-
-    p_values = np.array([m.p_value for m in measured])
-    q_values = bh_adjust(p_values)
-    rows: list[dict[str, Any]] = []
-    for t, candidate in enumerate(candidates):
-        m = measured[t]
-        matched = matches[t]
-        weights = np.abs(influence[matched, t])
-        rest_mean = (losses.sum() - losses[matched].sum()) / (n - matched.size)
-        weighted_gap = (
-            float(np.sum(weights * (losses[matched] - rest_mean)) / weights.sum())
-            if weights.sum() > 0
-            else float("nan")
-        )
-        est = {key: float(values[t]) for key, values in estimates.items()}
-        kept = bool(
-            est["estimated_gap"] > 0
-            and est["p_worse"] >= config.min_p_worse
-            and m.gap > 0
-            and m.auc > 0.5
-            and q_values[t] <= config.alpha
-        )
-        rows.append(
-            {
-                "description": candidate.text,
-                "source": candidate.source,
-                "attributes": candidate.attributes,
-                "kept": kept,
-                **est,
-                "measured_gap": m.gap,
-                "measured_gap_std": m.gap_std,
-                "measured_auc": m.auc,
-                "p_value": m.p_value,
-                "q_value": float(q_values[t]),
-                "confidence": float(min(est["p_worse"], 1.0 - q_values[t])),
-                "n_matched": m.n_matched,
-                "n_supporting": int(np.sum(influence[matched, t] > 0)),
-                "influence_weighted_gap": weighted_gap,
-                "_index": t,
-            }
-        )
-    order = _rank(rows, matches, config.max_overlap)
-    ranked = []
-    for position, index in enumerate(order):
-        row = dict(rows[index])
-        row["rank"] = position + 1
-        ranked.append(row)
-    table = pl.DataFrame(
-        [{key: row.get(key) for key in HYPOTHESIS_COLUMNS} for row in ranked],
-        schema_overrides={"redundant_with": pl.String},
-    )
-    evidence = _evidence(ranked, matches, similarity, influence, losses, eval_data, config)
-    return Discovery(table, evidence, len(candidates), int(table["kept"].sum()))
 
 
-def _rank(rows: list[dict[str, Any]], matches: np.ndarray, max_overlap: float) -> list[int]:
-    kept = sorted(
-        (i for i, row in enumerate(rows) if row["kept"]),
-        key=lambda i: (-rows[i]["measured_auc"], rows[i]["q_value"], i),
+def _offdomain_floor(
+    candidates: Sequence[Candidate],
+    decile: np.ndarray,
+    image_x: np.ndarray,
+    gap: ModalityGap,
+    probe_embeddings: np.ndarray | None,
+    config: DiscoveryConfig,
+) -> float:
+    """The probes' `offdomain_quantile` of the top-decile statistic (-inf: no probe at all)."""
+    if probe_embeddings is not None and len(probe_embeddings):
+        probes = image_x.astype(np.float64) @ gap.text(probe_embeddings).astype(np.float64).T
+        return offdomain_threshold(top_decile_mean(probes), config.offdomain_quantile)
+    own = [t for t, c in enumerate(candidates) if c.source == "attribute"]
+    if not own:
+        return float("-inf")
+    return offdomain_threshold(decile[own], config.offdomain_quantile)
+
+
+def _offdomain_reason(statistic: float, floor: float) -> str:
+    return (
+        f"off-domain: matches little in the data (top-decile mean similarity {statistic:.3f} is "
+        f"below the attribute probes' {floor:.3f})"
     )
-    distinct: list[int] = []
-    redundant: list[int] = []
-    for i in kept:
-        twin = next((j for j in distinct if jaccard(matches[i], matches[j]) > max_overlap), None)
-        if twin is None:
-            distinct.append(i)
-        else:
-            rows[i]["redundant_with"] = rows[twin]["description"]
-            redundant.append(i)
+
+
+def _row(
+    t: int,
+    candidate: Candidate,
+    m: Any,
+    estimates: dict[str, np.ndarray],
+    q_value: float,
+    matched: np.ndarray,
+    influence: np.ndarray,
+    losses: np.ndarray,
+) -> dict[str, Any]:
+    weights = np.abs(influence[matched, t])
+    rest_mean = (losses.sum() - losses[matched].sum()) / (losses.size - matched.size)
+    weighted_gap = (
+        float(np.sum(weights * (losses[matched] - rest_mean)) / weights.sum())
+        if weights.sum() > 0
+        else float("nan")
+    )
+    est = {key: float(values[t]) for key, values in estimates.items()}
+    return {
+        "description": candidate.text,
+        "source": candidate.source,
+        "attributes": candidate.attributes,
+        **est,
+        "measured_gap": m.gap,
+        "measured_gap_std": m.gap_std,
+        "measured_auc": m.auc,
+        "p_value": m.p_value,
+        "q_value": float(q_value),
+        "confidence": float(min(est["p_worse"], 1.0 - q_value)),
+        "n_matched": m.n_matched,
+        "n_supporting": int(np.sum(influence[matched, t] > 0)),
+        "influence_weighted_gap": weighted_gap,
+        "interaction_p": float("nan"),
+        "interaction_q": float("nan"),
+        "_index": t,
+    }
+
+
+def _agree(row: dict[str, Any], config: DiscoveryConfig) -> bool:
+    """Both say worse: the heads' estimate and the matched samples (BH-controlled)."""
+    return bool(
+        row["estimated_gap"] > 0
+        and row["p_worse"] >= config.min_p_worse
+        and row["measured_gap"] > 0
+        and row["measured_auc"] > 0.5
+        and row["q_value"] <= config.alpha
+    )
+
+
+def _rank(rows: list[dict[str, Any]], heads: list[int]) -> list[int]:
+    """Modes in order, then their folded variants (by mode, then AUROC), then the rest by q."""
+    folded = sorted(
+        (i for i, row in enumerate(rows) if row.get("verdict") == "folded"),
+        key=lambda i: (rows[i]["mode"], -rows[i]["measured_auc"], i),
+    )
     rest = sorted(
         (i for i, row in enumerate(rows) if not row["kept"]),
         key=lambda i: (
@@ -264,7 +376,28 @@ def _rank(rows: list[dict[str, Any]], matches: np.ndarray, max_overlap: float) -
             i,
         ),
     )
-    return distinct + redundant + rest
+    return heads + folded + rest
+
+
+def pick_evidence(
+    losses: np.ndarray, matched: np.ndarray, influence: np.ndarray, n: int
+) -> tuple[list[int], list[int]]:
+    """Positions in `matched` of the proponents and counter-examples (n of each at most).
+
+    Proponents: matched samples with a loss above the unmatched samples' median that push the
+    heads' estimate towards "worse" (positive influence), most influential first.
+    Counter-examples: matched samples the model does fine on (loss at or below that median),
+    those that pull the estimate down most first. So every counter-example has a lower loss than
+    every proponent, and the names say what they are: cases of the description that fail, and
+    cases of it that do not.
+    """
+    rest = np.setdiff1d(np.arange(losses.size), matched)
+    median = float(np.median(losses[rest]))
+    mine = losses[matched]
+    order = np.argsort(-influence, kind="stable")
+    proponents = [int(k) for k in order if influence[k] > 0 and mine[k] > median][:n]
+    counter = [int(k) for k in order[::-1] if mine[k] <= median][:n]
+    return proponents, counter
 
 
 def _evidence(
@@ -283,20 +416,7 @@ def _evidence(
         t = row["_index"]
         matched = matches[t]
         values = influence[matched, t]
-        by_influence = np.argsort(-values, kind="stable")
-        proponents = [k for k in by_influence if values[k] > 0][: config.n_evidence]
-        counter = [k for k in by_influence[::-1] if values[k] < 0][: config.n_evidence]
-        if len(counter) < config.n_evidence:
-            # a group the heads underrate everywhere has no negative influence; its easiest
-            # matched samples still show what the description also covers
-            rest = np.setdiff1d(np.arange(losses.size), matched)
-            easy = [
-                k
-                for k in np.argsort(losses[matched], kind="stable")
-                if losses[matched][k] <= np.median(losses[rest])
-            ]
-            counter += [k for k in easy if k not in counter and k not in proponents]
-            counter = counter[: config.n_evidence]
+        proponents, counter = pick_evidence(losses, matched, values, config.n_evidence)
         for role, picks in (("proponent", proponents), ("counter_example", counter)):
             for position, k in enumerate(picks):
                 sample = int(matched[k])

@@ -107,7 +107,11 @@ def compute_discovery(
 
     `diagnoser`: anything with `encode_texts`, `ensemble` and `gap` (a `core.query.Diagnoser`).
     """
-    from llm2loss_pipeline.core.discovery.candidates import generate_candidates, read_vocabulary
+    from llm2loss_pipeline.core.discovery.candidates import (
+        generate_candidates,
+        read_vocabulary,
+        single_candidates,
+    )
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
     from llm2loss_pipeline.core.steps.diagnosis import training_frame
     from llm2loss_pipeline.core.steps.tables import split_rows
@@ -138,9 +142,11 @@ def compute_discovery(
         proposals=proposals,
         limit=config.max_candidates,
         negations=config.negations,
+        avoid_subjective=config.avoid_subjective,
     )
     say(f"discovery: {len(candidates)} candidate descriptions")
     text_embeddings = embed([c.text for c in candidates])
+    probes = [c.text for c in single_candidates(negations=True)]  # every value, canonical words
     eval_data = EvalData(
         held_out["sample_id"].to_list(),
         held_out["embedding"].to_numpy().astype(np.float32),
@@ -155,17 +161,35 @@ def compute_discovery(
         train["embedding"].to_numpy().astype(np.float32),
         config,
         train_losses=train["loss"].to_numpy(),
+        labels=eval_labels(held_out),
+        probe_embeddings=embed(probes),
         progress=say,
     )
     counts = {
         "n_candidates": result.n_candidates,
         "n_kept": result.n_kept,
+        "n_modes": result.n_modes,
         "n_eval_samples": held_out.height,
         "n_evidence_samples": result.evidence.height,
         "n_proposed": len(proposals),
     }
-    say(f"discovery: {result.n_kept} of {result.n_candidates} hypotheses kept")
+    say(
+        f"discovery: {result.n_modes} failure modes ({result.n_kept} of {result.n_candidates} "
+        "descriptions verified)"
+    )
     return DiscoveryFindings(result.hypotheses, result.evidence, counts)
+
+
+def eval_labels(frame: pl.DataFrame) -> dict[str, np.ndarray] | None:
+    """Attribute -> bool per sample, for the attributes labelled on every sample (None: none)."""
+    from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+
+    labels = {
+        name: frame[name].cast(pl.Boolean).to_numpy()
+        for name in CELEBA_ATTRIBUTES
+        if name in frame.columns and frame[name].null_count() == 0
+    }
+    return labels or None
 
 
 def _proposals(
@@ -174,7 +198,12 @@ def _proposals(
     from llm2loss_pipeline.core.discovery.candidates import single_candidates
     from llm2loss_pipeline.core.discovery.proposer import propose
 
-    singles = [c.text for c in single_candidates(negations=config.negations)]
+    singles = [
+        c.text
+        for c in single_candidates(
+            negations=config.negations, avoid_subjective=config.avoid_subjective
+        )
+    ]
     order = np.argsort(-score(singles))
     worse = [singles[i] for i in order[:10]]
     better = [singles[i] for i in order[::-1][:5]]
@@ -224,7 +253,9 @@ def write_discovery(
 
 
 def top_rows(table: pl.DataFrame, n: int = TOP_MARKDOWN) -> list[dict[str, Any]]:
-    """The first n hypotheses in the columns a reader scans first."""
-    from llm2loss_pipeline.core.discovery.evidence import SUMMARY_COLUMNS
+    """The first n failure modes in the columns a reader scans first, as the reader should see
+    them (yes/no, a dash for nothing: never True or None)."""
+    from llm2loss_pipeline.core.discovery.evidence import SUMMARY_COLUMNS, fmt
 
-    return table.head(n).select(SUMMARY_COLUMNS).to_dicts()
+    modes = table.filter(pl.col("verdict") == "mode").head(n).select(SUMMARY_COLUMNS)
+    return [{key: fmt(value) for key, value in row.items()} for row in modes.to_dicts()]

@@ -1,0 +1,294 @@
+"""From verified descriptions to distinct failure modes whose words the images bear out.
+
+Three judgements on the hypotheses table (hypotheses.py calls them in this order):
+
+Off-domain. A free text (the user's vocabulary, a language model's proposal) that matches little
+in the data, "face of a cat" on faces, still has a top 10% of most similar samples, and those may
+well be worse; what it names is not what they show. The statistic is the text's mean similarity
+over its top decile of samples (`top_decile_mean`), on the sphere used for matching. The reference
+is the same statistic over the attribute probes (every attribute value's canonical prompt, texts
+known to describe this data): a free text whose statistic falls below the probes'
+`offdomain_quantile` (5th percentile) is off-domain and never kept. Composed descriptions are made
+of probe words and are not filtered.
+
+Wording. Where attribute labels exist, every kept description is checked against its own matched
+samples (`wording`): for each attribute value it names, its precision (share of matched samples
+with the value) and lift (precision / the split's base rate). A value is shown by the images when
+its lift is at least `min_lift` or, for a value too common for that lift to be possible (base rate
+above 1 / min_lift), when its precision closes half the distance from the base rate to 1. A
+description whose named values are not all shown is reworded from the values its matched set does
+over-represent ("goatee, gray hair" rather than "hat"), or marked "words not supported by the
+images" when none stands out. Free text names no label: "unverified". Without labels:
+"unverified".
+
+Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
+attributes, then pairs, then triples), better-worded first, then by measured AUROC. One whose
+matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded under it. A
+refinement (a pair or triple) whose parents (its attribute values alone) are candidates stands as
+its own mode only when its matched losses are worse than every parent's matched-only losses
+(one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across refinements at
+`alpha`); otherwise it is folded under its best parent's mode (a refinement of parents that are no
+failure at all stands as its own mode: nothing else names those samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.discovery.candidates import (
+    Candidate,
+    describe_values,
+    is_negation,
+    neutral_phrase,
+)
+from llm2loss_pipeline.core.discovery.verify import jaccard
+from llm2loss_pipeline.core.stats import bh_adjust
+
+SUPPORTED = "supported"
+REWORDED = "reworded"
+NOT_SUPPORTED = "words not supported by the images"
+UNVERIFIED = "unverified"
+_WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
+
+
+def top_decile_mean(similarity: np.ndarray) -> np.ndarray:
+    """Mean of each column's top 10% (at least one) of values: [n, T] -> [T]."""
+    n = similarity.shape[0]
+    k = max(1, int(np.ceil(0.1 * n)))
+    top = -np.sort(-similarity, axis=0)[:k]
+    return top.mean(axis=0)
+
+
+def offdomain_threshold(probe_statistics: np.ndarray, quantile: float) -> float:
+    """The probes' `quantile` of the top-decile statistic; free text below it is off-domain."""
+    values = np.asarray(probe_statistics, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("the off-domain rule needs at least one attribute probe")
+    return float(np.quantile(values, quantile))
+
+
+@dataclass(frozen=True)
+class Wording:
+    verdict: str
+    precision: float | None
+    """lowest precision among the named values (None: nothing named, or no labels)"""
+    lift: float | None
+    """lowest lift among the named values"""
+    shows: str
+    """the values the matched set over-represents most, 'Goatee 54% (x4.1)'"""
+    shown_as: str
+    """the words the output shows: the description, or its rewording"""
+
+
+def _rates(labels: Mapping[str, np.ndarray], matched: np.ndarray) -> dict[tuple[str, bool], tuple]:
+    """(precision, base rate, lift) of every attribute value over the matched samples."""
+    rates = {}
+    for name, column in labels.items():
+        for value in (True, False):
+            has = column == value
+            base = float(has.mean())
+            precision = float(has[matched].mean())
+            rates[(name, value)] = (precision, base, precision / base if base > 0 else 0.0)
+    return rates
+
+
+def _shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
+    if precision <= base:
+        return False
+    if base * min_lift <= 1.0:
+        return lift >= min_lift
+    return precision >= (1.0 + base) / 2.0  # too common for the lift: half the way to all
+
+
+def _over_represented(rates: dict, min_lift: float, avoid_subjective: bool) -> list:
+    """Values the matched set shows, most precise first, that have wording to say them in:
+    not worded as an absence ("without a hat": the text tower ignores the negation)."""
+    shown = [
+        (key, precision, lift)
+        for key, (precision, base, lift) in rates.items()
+        if _shown(precision, base, lift, min_lift)
+        and precision >= 0.25
+        and not (key[0] in CELEBA_ATTRIBUTES and is_negation(*key))
+    ]
+    if avoid_subjective:
+        shown = [item for item in shown if neutral_phrase(*item[0]) is not None]
+    return sorted(shown, key=lambda item: (-item[1], -item[2], item[0]))
+
+
+def _label(key: tuple[str, bool]) -> str:
+    name, value = key
+    return name if value else f"not {name}"
+
+
+def wording(
+    candidate: Candidate,
+    matched: np.ndarray,
+    labels: Mapping[str, np.ndarray] | None,
+    *,
+    min_lift: float = 1.5,
+    avoid_subjective: bool = True,
+) -> Wording:
+    """How well the matched samples show what `candidate` names (module docstring)."""
+    if not labels:
+        return Wording(UNVERIFIED, None, None, "", candidate.text)
+    rates = _rates(labels, matched)
+    over = _over_represented(rates, min_lift, avoid_subjective)
+    shows = ", ".join(f"{_label(key)} {p:.0%} (x{lift:.1f})" for key, p, lift in over[:3])
+    named = [key for key in candidate.values if key in rates]
+    if not named:
+        return Wording(UNVERIFIED, None, None, shows, candidate.text)
+    precision = min(rates[key][0] for key in named)
+    lift = min(rates[key][2] for key in named)
+    if all(_shown(*rates[key], min_lift) for key in named):
+        return Wording(SUPPORTED, precision, lift, shows, candidate.text)
+    usable = [key for key, _, _ in over if key[0] in CELEBA_ATTRIBUTES][:2]
+    if not usable:
+        return Wording(NOT_SUPPORTED, precision, lift, shows, candidate.text)
+    reworded = describe_values(usable, neutral=avoid_subjective).text
+    return Wording(REWORDED, precision, lift, shows, reworded)
+
+
+def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:
+    """For each composed candidate, the indices of its single-value candidates that exist."""
+    singles = {c.values[0]: i for i, c in enumerate(candidates) if len(c.values) == 1}
+    return {
+        i: [singles[value] for value in c.values if value in singles]
+        for i, c in enumerate(candidates)
+        if len(c.values) >= 2 and any(value in singles for value in c.values)
+    }
+
+
+def interaction_p(losses: np.ndarray, matched: np.ndarray, parent: np.ndarray) -> float:
+    """One-sided Mann-Whitney: are the refinement's matched losses larger than those of the
+    samples only its parent matches? 1.0 when fewer than 3 such samples (the same group)."""
+    only_parent = np.setdiff1d(parent, matched)
+    if only_parent.size < 3 or np.ptp(losses) == 0:
+        return 1.0
+    test = sps.mannwhitneyu(losses[matched], losses[only_parent], alternative="greater")
+    return float(test.pvalue)
+
+
+def interaction_tests(
+    rows: list[dict[str, Any]],
+    candidates: Sequence[Candidate],
+    matches: np.ndarray,
+    losses: np.ndarray,
+) -> dict[int, list[int]]:
+    """Fill `interaction_p` / `interaction_q` of kept refinements; returns their parents."""
+    parents = {i: p for i, p in _parents(candidates).items() if rows[i]["kept"]}
+    tested = sorted(parents)
+    p = [max(interaction_p(losses, matches[i], matches[j]) for j in parents[i]) for i in tested]
+    q = bh_adjust(np.asarray(p, dtype=np.float64)) if tested else np.zeros(0)
+    for i, p_i, q_i in zip(tested, p, q, strict=True):
+        rows[i]["interaction_p"], rows[i]["interaction_q"] = float(p_i), float(q_i)
+    return parents
+
+
+def _visit_order(rows: list[dict[str, Any]], candidates: Sequence[Candidate]) -> list[int]:
+    kept = [i for i, row in enumerate(rows) if row["kept"]]
+    return sorted(
+        kept,
+        key=lambda i: (
+            max(1, len(candidates[i].values)),
+            _WORDING_ORDER.get(rows[i]["wording"], 1),
+            -rows[i]["measured_auc"],
+            rows[i]["q_value"],
+            i,
+        ),
+    )
+
+
+def _fold(row: dict[str, Any], into: dict[str, Any], reason: str) -> None:
+    row.update(verdict="folded", folded_under=into["description"], reason=reason)
+    row["redundant_with"] = into["description"]
+
+
+def assign_modes(
+    rows: list[dict[str, Any]],
+    candidates: Sequence[Candidate],
+    matches: np.ndarray,
+    losses: np.ndarray,
+    *,
+    max_overlap: float,
+    alpha: float,
+) -> list[int]:
+    """Group kept rows into modes (module docstring); returns the representatives, best first,
+    after setting each kept row's verdict, mode, folded_under and reason."""
+    parents = interaction_tests(rows, candidates, matches, losses)
+    heads: list[int] = []
+    for i in _visit_order(rows, candidates):
+        row = rows[i]
+        twin = next((j for j in heads if jaccard(matches[i], matches[j]) >= max_overlap), None)
+        if twin is not None:
+            share = jaccard(matches[i], matches[twin])
+            _fold(row, rows[twin], f"matches the same samples (Jaccard {share:.2f})")
+            row["_head"] = twin
+            continue
+        in_modes = [j for j in parents.get(i, []) if rows[j].get("verdict") in ("mode", "folded")]
+        if in_modes and row["interaction_q"] > alpha:
+            parent = min(in_modes, key=lambda j: rows[j]["q_value"])
+            home = parent if rows[parent]["verdict"] == "mode" else rows[parent]["_head"]
+            _fold(
+                row,
+                rows[home],
+                f"not measurably worse than its parent '{rows[parent]['description']}' "
+                f"(interaction q {row['interaction_q']:.2g} > {alpha})",
+            )
+            row["_head"] = home
+            continue
+        row.update(verdict="mode", reason=_kept_reason(row, alpha))
+        row["_head"] = i
+        heads.append(i)
+    return _number_modes(rows, heads)
+
+
+def _kept_reason(row: dict[str, Any], alpha: float) -> str:
+    reason = (
+        f"kept: the heads estimate worse (P(worse) {row['p_worse']:.2f}) and the matched samples "
+        f"are worse (q {row['q_value']:.2g} <= {alpha})"
+    )
+    if np.isfinite(row.get("interaction_q", np.nan)):
+        reason += f"; worse than its parents (interaction q {row['interaction_q']:.2g})"
+    return reason
+
+
+def _number_modes(rows: list[dict[str, Any]], heads: list[int]) -> list[int]:
+    ordered = sorted(heads, key=lambda i: (-rows[i]["measured_auc"], rows[i]["q_value"], i))
+    ids = {i: position + 1 for position, i in enumerate(ordered)}
+    for i in ordered:
+        rows[i]["mode"] = ids[i]
+        rows[i]["n_variants"] = 0
+    for row in rows:
+        if row.get("verdict") == "folded":
+            row["mode"] = ids[row["_head"]]
+            rows[row["_head"]]["n_variants"] += 1
+    return ordered
+
+
+def dropped_reason(row: dict[str, Any], config: Any) -> str:
+    """Why a candidate that is not a failure mode was dropped, in one line."""
+    if row.get("verdict") == "off-domain":
+        return row["reason"]
+    samples_worse = row["measured_gap"] > 0 and row["measured_auc"] > 0.5
+    significant = samples_worse and row["q_value"] <= config.alpha
+    heads_worse = row["estimated_gap"] > 0 and row["p_worse"] >= config.min_p_worse
+    if not significant:
+        return (
+            f"matched samples not measurably worse (gap {row['measured_gap']:+.2f}, "
+            f"q {row['q_value']:.2g} > {config.alpha})"
+            if samples_worse
+            else f"matched samples not worse (gap {row['measured_gap']:+.2f})"
+        )
+    if not heads_worse:
+        return (
+            f"estimate disagrees: the matched samples are worse (q {row['q_value']:.2g}) but the "
+            f"heads do not estimate worse (estimate {row['estimated_gap']:+.2f}, P(worse) "
+            f"{row['p_worse']:.2f} < {config.min_p_worse}); kept only when both agree"
+        )
+    return "dropped"

@@ -1,0 +1,322 @@
+"""Failure modes: overlap folding, the refinement's interaction test, words checked against the
+labels, the off-domain rule, evidence whose names fit, neutral wording, a self-contained page."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from llm2loss_pipeline.core.discovery.candidates import (
+    Candidate,
+    describe_values,
+    generate_candidates,
+    single_candidates,
+)
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.discovery.evidence import discovery_html, fmt
+from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover, pick_evidence
+from llm2loss_pipeline.core.discovery.modes import (
+    NOT_SUPPORTED,
+    REWORDED,
+    SUPPORTED,
+    UNVERIFIED,
+    assign_modes,
+    interaction_p,
+    offdomain_threshold,
+    top_decile_mean,
+    wording,
+)
+from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.heads.gap import ModalityGap
+from llm2loss_pipeline.core.heads.train import train_ensemble
+
+SUBJECTIVE_WORDS = ("attractive", "chubby", "big nose", "big lips", "double chin", "bags under")
+
+
+# neutral vocabulary
+
+
+def test_composed_descriptions_avoid_subjective_words_by_default() -> None:
+    assert DiscoveryConfig().avoid_subjective is True
+    neutral = single_candidates(avoid_subjective=True)
+    texts = " | ".join(c.text.lower() for c in neutral)
+    assert not any(word in texts for word in SUBJECTIVE_WORDS), texts
+    assert not any(name == "Attractive" for c in neutral for name, _ in c.values)
+    chubby = next(c for c in neutral if c.values == (("Chubby", True),))
+    assert chubby.text == "face of a person with a round full face"
+    # the value stays the description's, so the labels still verify it
+    nose = describe_values([("Big_Nose", True), ("Gray_Hair", True)], neutral=True)
+    assert nose.values == (("Big_Nose", True), ("Gray_Hair", True))
+    assert "prominent nose" in nose.text and "gray hair" in nose.text
+    with pytest.raises(ValueError, match="no neutral wording for Attractive"):
+        describe_values([("Attractive", False)], neutral=True)
+    # opted out: the report's canonical words, "unattractive" included
+    canonical = " | ".join(c.text for c in single_candidates(avoid_subjective=False))
+    assert "face of an unattractive person" in canonical
+
+
+def test_pairs_grown_from_the_beam_are_neutral_too() -> None:
+    def score(texts):  # rate the subjective singles worst, so the beam starts from them
+        return np.array([5.0 if ("round" in t or "prominent" in t) else 0.0 for t in texts])
+
+    candidates = generate_candidates(score, max_arity=2, beam=2, avoid_subjective=True)
+    pairs = [c for c in candidates if c.source == "pair"]
+    assert pairs and all(word not in c.text for c in pairs for word in SUBJECTIVE_WORDS)
+    assert any(("Chubby", True) in c.values for c in pairs)
+
+
+# off-domain
+
+
+def test_top_decile_mean_and_threshold_are_pinned() -> None:
+    similarity = np.arange(20, dtype=float).reshape(20, 1) / 10  # 0.0 .. 1.9
+    assert top_decile_mean(similarity)[0] == pytest.approx((1.9 + 1.8) / 2)  # ceil(10% of 20)
+    assert offdomain_threshold(np.linspace(0, 1, 101), 0.05) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="at least one attribute probe"):
+        offdomain_threshold(np.zeros(0), 0.05)
+
+
+# words against labels
+
+
+def _labels(n: int = 200) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Goatee on samples 0-39 (20%), Gray_Hair on 0-29 and 100-129, hats at 10% everywhere."""
+    idx = np.arange(n)
+    labels = {
+        "Goatee": idx < 40,
+        "Gray_Hair": (idx < 30) | ((idx >= 100) & (idx < 130)),
+        "Wearing_Hat": idx % 10 == 0,
+    }
+    return labels, idx[:40]  # the matched set: the goatee samples
+
+
+def test_a_description_its_images_do_not_show_is_reworded_from_what_they_do() -> None:
+    labels, matched = _labels()
+    goatee = wording(describe_values([("Goatee", True)]), matched, labels)
+    assert goatee.verdict == SUPPORTED
+    assert goatee.precision == 1.0 and goatee.lift == pytest.approx(5.0)
+    hat = wording(describe_values([("Wearing_Hat", True)]), matched, labels)
+    assert hat.verdict == REWORDED
+    assert hat.precision == pytest.approx(0.1) and hat.lift == pytest.approx(1.0)
+    assert hat.shown_as == "face of a person with a goatee and gray hair"
+    assert hat.shows.startswith("Goatee 100% (x5.0), Gray_Hair 75% (x2.5)")
+    # nothing over-represented: marked, not reworded
+    spread = np.arange(3, 200, 5)  # every attribute at its base rate, no hat at all
+    flat = wording(describe_values([("Wearing_Hat", True)]), spread, labels)
+    assert flat.verdict == NOT_SUPPORTED and flat.shown_as == "face of a person wearing a hat"
+    # free text names no label; without labels nothing is verified
+    assert flat.shows == ""  # "not Wearing_Hat 100%" is worded as an absence: not offered
+    assert wording(Candidate("a cat", "vocabulary"), matched, labels).verdict == UNVERIFIED
+    assert wording(describe_values([("Goatee", True)]), matched, None).verdict == UNVERIFIED
+
+
+# modes
+
+
+def _row(description: str, auc: float, q: float = 1e-6, wording_: str = SUPPORTED) -> dict:
+    return {
+        "description": description,
+        "kept": True,
+        "wording": wording_,
+        "measured_auc": auc,
+        "q_value": q,
+        "p_worse": 1.0,
+        "interaction_p": float("nan"),
+        "interaction_q": float("nan"),
+    }
+
+
+def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interaction() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    losses = rng.exponential(1.0, n)
+    losses[:40] += 2.0  # the goatee group is worse
+    losses[200:220] += 6.0  # goatee + glasses is much worse than goatee alone
+    goatee = describe_values([("Goatee", True)])
+    glasses = describe_values([("Eyeglasses", True)])
+    candidates = [
+        goatee,
+        glasses,
+        describe_values([("Goatee", True), ("Gray_Hair", True)]),  # the same samples
+        describe_values([("Goatee", True), ("Smiling", True)]),  # fewer, no worse
+        describe_values([("Eyeglasses", True), ("Goatee", True)]),  # much worse
+        Candidate("a second wording of goatee", "vocabulary"),
+    ]
+    matches = np.array(
+        [
+            np.arange(0, 40),
+            np.r_[np.arange(200, 220), np.arange(300, 320)],
+            np.r_[np.arange(2, 40), np.arange(50, 52)],
+            np.r_[np.arange(0, 15), np.arange(100, 125)],
+            np.r_[np.arange(200, 220), np.arange(20, 40)],
+            np.r_[np.arange(0, 36), np.arange(60, 64)],
+        ]
+    )
+    aurocs = [0.8, 0.6, 0.81, 0.7, 0.95, 0.79]
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, aurocs, strict=True)]
+    rows[1]["kept"] = False  # glasses alone: no failure
+    heads = assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05)
+
+    assert [rows[i]["description"] for i in heads] == [candidates[4].text, goatee.text]
+    assert rows[4]["verdict"] == "mode" and rows[4]["mode"] == 1
+    assert rows[4]["interaction_q"] <= 0.05
+    assert rows[0]["verdict"] == "mode" and rows[0]["n_variants"] == 3
+    for i in (2, 5):  # overlap
+        assert rows[i]["verdict"] == "folded" and rows[i]["redundant_with"] == goatee.text
+        assert "Jaccard" in rows[i]["reason"] and rows[i]["mode"] == 2
+    assert rows[3]["verdict"] == "folded" and rows[3]["interaction_q"] > 0.05
+    assert "not measurably worse than its parent" in rows[3]["reason"]
+
+
+def test_the_interaction_test_compares_against_the_parents_own_samples() -> None:
+    losses = np.r_[np.full(20, 5.0), np.full(20, 1.0), np.linspace(0, 1, 60)]
+    parent = np.arange(40)
+    assert interaction_p(losses, np.arange(20), parent) < 1e-6
+    assert interaction_p(losses, np.arange(20, 40), parent) == 1.0 or (
+        interaction_p(losses, np.arange(20, 40), parent) > 0.99
+    )
+    assert interaction_p(losses, np.arange(39), parent) == 1.0  # parent-only: 1 sample
+
+
+# evidence
+
+
+def test_counter_examples_are_the_easy_matched_samples_and_proponents_the_hard_ones() -> None:
+    rng = np.random.default_rng(4)
+    losses = rng.exponential(1.0, 300)
+    matched = np.arange(60)
+    influence = rng.normal(size=60)
+    influence[np.argmax(losses[matched])] = -5.0  # a hard sample that pulls the estimate down
+    proponents, counter = pick_evidence(losses, matched, influence, 8)
+    median = np.median(losses[60:])
+    assert proponents and counter
+    assert max(losses[matched][counter]) <= median < min(losses[matched][proponents])
+    assert int(np.argmax(losses[matched])) not in counter  # was the first counter-example
+    assert all(influence[k] > 0 for k in proponents)
+    assert list(influence[counter]) == sorted(influence[counter])
+
+
+# the page
+
+
+def test_the_page_stands_alone_links_back_and_explains_its_words(tmp_path) -> None:
+    sheet = tmp_path / "discovery" / "hypothesis-01.png"
+    sheet.parent.mkdir()
+    Image.new("RGB", (4, 4), "red").save(sheet)
+    table = pl.DataFrame(
+        {
+            "rank": [1, 2],
+            "mode": [1, None],
+            "verdict": ["mode", "dropped"],
+            "description": ["face of a person wearing a hat", "a cat"],
+            "shown_as": ["face of a person with gray hair and a goatee", "a cat"],
+            "wording": [REWORDED, UNVERIFIED],
+            "source": ["attribute", "vocabulary"],
+            "kept": [True, False],
+            "estimated_gap": [0.5, -0.1],
+            "p_worse": [1.0, 0.2],
+            "measured_gap": [1.4, 0.2],
+            "measured_auc": [0.8, 0.55],
+            "q_value": [1e-9, 0.3],
+            "n_matched": [72, 72],
+            "n_supporting": [40, 10],
+            "n_variants": [3, None],
+            "shows": ["Goatee 54% (x4.1)", None],
+            "reason": ["kept: ...", "off-domain: matches little in the data"],
+        }
+    )
+    page = discovery_html(table, {1: sheet}, tmp_path / "discovery.html").read_text()
+    assert "data:image/png;base64," in page and "hypothesis-01.png" not in page
+    assert 'href="report.html"' in page
+    assert "proponents: matched samples the model does worse on" in page
+    assert "counter-examples: matched samples the model does fine on" in page
+    assert "kept only when both agree" in page and "Your vocabulary" in page
+    assert ">True<" not in page and ">None<" not in page and ">nan<" not in page
+    assert fmt(True) == "yes" and fmt(None) == "-" and fmt(float("nan")) == "-"
+
+
+def test_discover_help_explains_proponents_and_counter_examples(capsys) -> None:
+    from llm2loss_pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["discover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "proponents: matched samples the model does worse on" in text
+    assert "counter-examples: matched samples the model does fine on" in text
+    assert "--only-vocab" in text
+    assert main(["discover", "--only-vocab"]) == 2
+    assert "--only-vocab needs --vocab FILE" in capsys.readouterr().err
+
+
+# the whole judgement on constructed embeddings
+
+DIM = 16
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Images in the span of e0..e7 (the data's domain, widest along e0), a faint trace of the
+    worse group along e12; the 20% furthest along e0 are worse."""
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        x = np.zeros((n, DIM))
+        x[:, :8] = rng.normal(size=(n, 8)) * np.r_[2.0, np.ones(7)]  # e0: the data's main axis
+        x = _unit(x)
+        group = x[:, 0] > np.quantile(x[:, 0], 0.8)
+        x[:, 12] = 0.02 * group
+        loss = rng.exponential(0.5, n) + 1.5 * (group & (rng.random(n) < 0.8))
+        return _unit(x).astype(np.float32), loss
+
+    train_x, train_loss = draw(800)
+    eval_x, eval_loss = draw(600)
+    ensemble = train_ensemble(
+        train_x, train_loss, HeadsConfig(n_seeds=2, epochs=15, hidden=16, min_steps=50)
+    )
+    gap = ModalityGap(np.zeros(DIM, np.float32), np.zeros(DIM, np.float32), mode="none")
+    eval_data = EvalData([f"s{i:04d}.jpg" for i in range(600)], eval_x, eval_loss)
+    probes = np.zeros((20, DIM))
+    probes[:, :8] = rng.normal(size=(20, 8))
+    return ensemble, gap, eval_data, train_x, train_loss, _unit(probes).astype(np.float32)
+
+
+def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) -> None:
+    ensemble, gap, eval_data, train_x, train_loss, probes = world
+    group = np.eye(DIM)[0]
+    candidates = [
+        Candidate("the group", "vocabulary"),
+        Candidate("the group, said again", "vocabulary"),
+        Candidate("a cat", "vocabulary"),
+    ]
+    texts = np.vstack([group, _unit(group + 0.05 * np.eye(DIM)[1]), np.eye(DIM)[12]])
+    result = discover(
+        candidates,
+        texts.astype(np.float32),
+        ensemble,
+        gap,
+        eval_data,
+        train_x,
+        DiscoveryConfig(),
+        train_losses=train_loss,
+        probe_embeddings=probes,
+    )
+    rows = {row["description"]: row for row in result.hypotheses.to_dicts()}
+    cat = rows["a cat"]
+    assert cat["measured_gap"] > 0.5 and cat["q_value"] < 1e-6  # its top decile IS the group
+    assert cat["verdict"] == "off-domain" and not cat["kept"]
+    assert cat["top_decile_similarity"] < 0.05 and "off-domain" in cat["reason"]
+    assert rows["the group"]["verdict"] == "mode" and rows["the group"]["n_variants"] == 1
+    again = rows["the group, said again"]
+    assert again["verdict"] == "folded" and again["redundant_with"] == "the group"
+    assert result.n_modes == 1 and result.n_kept == 2
+    assert result.hypotheses.row(0, named=True)["description"] == "the group"
+    assert all(row["reason"] for row in rows.values())
