@@ -18,6 +18,8 @@ EXIT_PIPE_CLOSED = 1
 """the reader of our output went away (`llm2loss rank ... | head`)"""
 EXIT_USAGE = 2
 """a problem the user can fix, told in one line on stderr (argparse uses 2 for its errors too)"""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT, as a shell reports it)"""
 
 
 def fail(message: str, command: str | None = None) -> int:
@@ -49,4 +51,8 @@ def run_handler(args: argparse.Namespace) -> int:
         # Python would complain again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE_CLOSED
+    except KeyboardInterrupt as exc:  # Ctrl-C is an answer, not a crash: one line, no traceback
+        reason = f": {exc}" if str(exc) else ""
+        print(f"llm2loss: interrupted{reason}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code

@@ -209,3 +209,41 @@ def test_the_pixel_cap_is_one_setting_and_skip_skips(tmp_path: Path, monkeypatch
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "many")
     with pytest.raises(ValueError, match="LLM2LOSS_MAX_IMAGE_PIXELS='many' is not a whole"):
         images.load_image(png)
+
+
+# ---- a ready loss table with exactly the README's columns ------------------------------------
+
+
+def test_a_loss_table_with_only_the_documented_columns_reaches_the_report(tmp_path: Path):
+    """README: `loss_table_path` with columns `sample_id, loss` (and optional `predicted`).
+
+    Before, the report always crashed in intersectional.py (`float(None)`) unless `p_true` and
+    `true_class_auroc` were given too. Now the loss-based numbers are computed and the metrics
+    the table cannot give (accuracy, AUROC) are NaN, i.e. missing, in every table.
+    """
+    import json
+    import math
+
+    from tests.fault_helpers import clone_home, fast_config, reference_home, run_steps
+
+    _, reference = reference_home()
+    home = clone_home(reference, tmp_path / "home", models=["encoder", "image_embeddings"])
+    shards = sorted(reference.shard_dir("per_sample_losses").glob("shard-*.parquet"))
+    measured = pl.concat([pl.read_parquet(path) for path in shards])
+    table = tmp_path / "losses.parquet"
+    measured.select("sample_id", "loss").write_parquet(table)
+    config = fast_config(
+        home.home, black_box={"source": "loss_table", "loss_table_path": str(table)}
+    )
+    run_steps(config, ["black_box", "losses", "heads", "report"])
+
+    cells = pl.read_parquet(home.reports / "pair_cells.parquet")
+    filled = cells.filter(pl.col("n") > 0)
+    assert filled.height > 0 and filled["mean_loss"].is_nan().sum() == 0
+    assert filled["accuracy"].is_nan().all() and filled["auroc"].is_nan().all()
+    disparity = pl.read_parquet(home.reports / "attribute_disparity.parquet")
+    assert disparity["gap_loss"].is_nan().sum() < disparity.height
+    assert disparity["gap_accuracy"].is_nan().all()
+    headline = json.loads((home.reports / "headline.json").read_text())
+    assert any(isinstance(v, float) and not math.isnan(v) for v in headline.values())
+    assert (home.reports / "report.html").stat().st_size > 0

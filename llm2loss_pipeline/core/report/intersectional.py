@@ -135,13 +135,20 @@ def measured_pair_cells(
                     "value_a": value_a,
                     "value_b": value_b,
                     "n": n,
-                    "mean_loss": float(hit["mean_loss"]) if hit else math.nan,
-                    "accuracy": float(hit["accuracy"]) if hit else math.nan,
-                    "auroc": float(hit["auroc"]) if hit else math.nan,
+                    "mean_loss": _number(hit, "mean_loss"),
+                    "accuracy": _number(hit, "accuracy"),
+                    "auroc": _number(hit, "auroc"),
                     "small_group": n < min_group_size,
                 }
             )
     return pl.DataFrame(rows, schema=CELL_SCHEMA)
+
+
+def _number(hit: dict | None, key: str) -> float:
+    """A cell's metric, NaN (shown as missing) for an empty cell or a metric the loss table
+    cannot give: a ready loss table with only `sample_id, loss` has no accuracy or AUROC."""
+    value = hit.get(key) if hit else None
+    return math.nan if value is None else float(value)
 
 
 def pair_cell_prompts(

@@ -72,6 +72,33 @@ def fit_encoder(
 ) -> EncoderResult:
     """`on_bad_image` is `dataset.on_bad_image`: fail listing every unreadable training image,
     or train without them and record them in the sidecar's metrics."""
+    with one_cpu_thread(device):
+        return _fit_encoder(layout, config, device, progress, on_bad_image)
+
+
+def one_cpu_thread(device: DeviceSpec) -> Any:
+    """One torch thread while a CPU step runs, restored after.
+
+    Float sums split over threads add their partial sums in an order that depends on the
+    thread count, so with torch's default (one thread per core) the same seed gave other
+    encoder weights on another machine: on the tiny world OMP_NUM_THREADS=1 and =2 trained
+    different encoders (issue 23: report Spearman 0.350 vs 0.317, p 0.040 vs 0.063). With one
+    thread the weights are identical whatever the core count (bench/RESULTS.md, Red team, round
+    two); the built-in black box has done the same (`cpu_threads: 1`) for speed on shared
+    cores. On a GPU this changes nothing.
+    """
+    from llm2loss_pipeline.core.blackbox.train import cpu_threads
+
+    return cpu_threads(1 if device.torch_device().type == "cpu" else None)
+
+
+def _fit_encoder(
+    layout: Layout,
+    config: EncoderConfig,
+    device: DeviceSpec,
+    progress: Callable[..., None] | None,
+    on_bad_image: str,
+) -> EncoderResult:
     from llm2loss_pipeline.core.encoder import build_encoder, save_encoder, train_caption_tuned
     from llm2loss_pipeline.core.encoder.checkpoint import loading_snippet
 
@@ -150,7 +177,10 @@ def shard_embeddings(
     rows = shard_rows(read_manifest(layout), shard)
     encoder = load_encoder(layout.encoder_dir, device.torch_device())
     # skip mode, so that in fail mode every bad image is listed at once just below
-    result = embed_images(encoder, items_of(rows), device, on_bad_image="skip", progress=progress)
+    with one_cpu_thread(device):  # the same embeddings whatever the core count
+        result = embed_images(
+            encoder, items_of(rows), device, on_bad_image="skip", progress=progress
+        )
     skipped_ids = [sample_id for sample_id, _ in result.skipped]
     fail_on_bad_images(EMBEDDINGS_TABLE, shard, rows, skipped_ids, dataset.on_bad_image)
     frame = embedding_frame(result.sample_ids, result.embeddings)
