@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# two tiny pipelines and their populations: about 3 minutes on a quiet 2-core machine
+pytestmark = pytest.mark.timeout(2400)
+
+
 @pytest.fixture(scope="module")
 def two_worlds(tmp_path_factory):
     out = tmp_path_factory.mktemp("worlds")
@@ -34,7 +38,7 @@ def two_worlds(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=2300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(result.read_text()), done.stdout
