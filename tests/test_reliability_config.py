@@ -361,3 +361,16 @@ def test_a_label_map_with_an_enormous_cell_is_one_short_error(tmp_path):
         read_label_map(long_cell)
     assert str(caught.value).startswith(f"{long_cell} line 2: identity 'xxx")
     assert len(str(caught.value)) < 400
+
+
+def test_an_entry_point_that_does_not_fit_the_label_map_file_fails_before_the_run(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{identity},{identity - 1}\n" for identity in range(1, 9)))
+    raw = yaml.safe_load(_entry_point_config(tmp_path, "seeded").read_text())
+    raw["black_box"]["label_map_path"] = str(labels)
+    config = load_config(_yaml(tmp_path, yaml.safe_dump(raw)))
+    with pytest.raises(ConfigError) as caught:
+        preflight(config, "run.yaml")
+    assert "the model has 5 outputs but the label map needs 8" in str(caught.value)
+    labels.write_text("".join(f"{identity},{identity - 1}\n" for identity in range(1, 6)))
+    assert preflight(config) is config

@@ -496,13 +496,28 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
         raise ConfigError("\n".join([f"{source}: devices that cannot be used", *problems]))
     _check_file_splits(config, source)
     if config.black_box.source in ("entry_point", "torchscript"):
-        from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
-
-        try:
-            check_user_model(config.black_box, config.devices.black_box.torch_device())
-        except UserModelError as exc:
-            raise ConfigError(f"{source}: black_box: {exc}") from None
+        _check_user_model(config, source)
     return config
+
+
+def _check_user_model(config: PipelineConfig, source: str) -> None:
+    from llm2loss_pipeline.core.blackbox.labels import (
+        LabelMapError,
+        num_outputs_needed,
+        read_label_map,
+    )
+    from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
+
+    black_box = config.black_box
+    try:
+        needed = (
+            num_outputs_needed(read_label_map(black_box.label_map_path))
+            if black_box.label_map_path
+            else None
+        )
+        check_user_model(black_box, config.devices.black_box.torch_device(), needed)
+    except (UserModelError, LabelMapError) as exc:
+        raise ConfigError(f"{source}: black_box: {exc}") from None
 
 
 def _check_file_splits(config: PipelineConfig, source: str) -> None:

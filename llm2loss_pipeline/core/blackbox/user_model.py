@@ -274,21 +274,22 @@ def _checked(
 
 
 def check_user_model(
-    config: BlackBoxConfig, device: str | torch.device = "cpu"
+    config: BlackBoxConfig, device: str | torch.device = "cpu", num_classes: int | None = None
 ) -> dict[str, Any] | None:
     """Load and dry-run the user's model before anything else runs; None for other sources.
 
-    The label map needs the dataset, so the output count is not checked here (black_box_model
-    checks it). An entry point is called twice: a model whose weights differ between two calls
+    The output count is checked when `num_classes` is known (from a label map file); the
+    default label map needs the dataset, so black_box_model checks it. An entry point is called
+    twice: a model whose weights differ between two calls
     (an unseeded random init) would give losses that no later run reproduces, and the loss step
     would then refuse it as "changed since black_box_model was materialized", which no rerun
     fixes."""
     if config.source not in ("entry_point", "torchscript"):
         return None
-    kwargs: dict[str, Any] = {"device": device, "allow_extra_outputs": True}
-    first = load_user_model(config, 1, **kwargs)
+    kwargs: dict[str, Any] = {"device": device, "allow_extra_outputs": num_classes is None}
+    first = load_user_model(config, num_classes or 1, **kwargs)
     if config.source == "entry_point":
-        second = load_user_model(config, 1, **kwargs)
+        second = load_user_model(config, num_classes or 1, **kwargs)
         changed = _first_changed_weight(first.model, second.model)
         if changed is not None:
             raise UserModelError(
