@@ -247,3 +247,31 @@ def test_a_loss_table_with_only_the_documented_columns_reaches_the_report(tmp_pa
     headline = json.loads((home.reports / "headline.json").read_text())
     assert any(isinstance(v, float) and not math.isnan(v) for v in headline.values())
     assert (home.reports / "report.html").stat().st_size > 0
+
+
+# ---- training does not depend on the machine's core count -----------------------------------
+
+
+def test_the_encoder_trains_with_a_fixed_thread_count_whatever_torch_was_set_to(monkeypatch):
+    """Measured: OMP_NUM_THREADS=1 and =2 trained different encoders (same seed); with the
+    count pinned, the same sha256 (bench/RESULTS.md, Red team, round two)."""
+    import torch
+
+    from llm2loss_pipeline.core.device import DeviceSpec
+    from llm2loss_pipeline.core.steps import encoder as step
+
+    seen: list[int] = []
+    monkeypatch.setattr(step, "_fit_encoder", lambda *args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step.fit_encoder(None, None, DeviceSpec(device="cpu"))
+        monkeypatch.setenv(step.CPU_THREADS_ENV, "3")
+        step.fit_encoder(None, None, DeviceSpec(device="cpu"))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 3]
+    monkeypatch.setenv(step.CPU_THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="LLM2LOSS_CPU_THREADS='0' must be a whole number"):
+        step.fit_encoder(None, None, DeviceSpec(device="cpu"))

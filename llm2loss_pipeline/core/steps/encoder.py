@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,24 +73,36 @@ def fit_encoder(
 ) -> EncoderResult:
     """`on_bad_image` is `dataset.on_bad_image`: fail listing every unreadable training image,
     or train without them and record them in the sidecar's metrics."""
-    with one_cpu_thread(device):
+    with pinned_cpu_threads(device):
         return _fit_encoder(layout, config, device, progress, on_bad_image)
 
 
-def one_cpu_thread(device: DeviceSpec) -> Any:
-    """One torch thread while a CPU step runs, restored after.
+CPU_THREADS_ENV = "LLM2LOSS_CPU_THREADS"
+
+
+def pinned_cpu_threads(device: DeviceSpec) -> Any:
+    """A fixed number of torch threads while a CPU step runs (default 1), restored after.
 
     Float sums split over threads add their partial sums in an order that depends on the
     thread count, so with torch's default (one thread per core) the same seed gave other
     encoder weights on another machine: on the tiny world OMP_NUM_THREADS=1 and =2 trained
-    different encoders (issue 23: report Spearman 0.350 vs 0.317, p 0.040 vs 0.063). With one
-    thread the weights are identical whatever the core count (bench/RESULTS.md, Red team, round
-    two); the built-in black box has done the same (`cpu_threads: 1`) for speed on shared
-    cores. On a GPU this changes nothing.
+    different encoders (issue 23: report Spearman 0.350 vs 0.317, p 0.040 vs 0.063). With a
+    fixed count the weights are identical whatever the core count (measured: the same sha256
+    with 1 and 2 OpenMP threads; bench/RESULTS.md, Red team, round two). The count is the
+    result's, not the machine's: `$LLM2LOSS_CPU_THREADS=N` trades speed on a large CPU for
+    results that match other runs with the same N. On a GPU this changes nothing.
     """
     from llm2loss_pipeline.core.blackbox.train import cpu_threads
 
-    return cpu_threads(1 if device.torch_device().type == "cpu" else None)
+    return cpu_threads(fixed_cpu_threads() if device.torch_device().type == "cpu" else None)
+
+
+def fixed_cpu_threads() -> int:
+    """`$LLM2LOSS_CPU_THREADS` (a whole number >= 1), default 1."""
+    raw = os.environ.get(CPU_THREADS_ENV, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${CPU_THREADS_ENV}={raw!r} must be a whole number of threads >= 1")
+    return int(raw)
 
 
 def _fit_encoder(
@@ -177,7 +190,7 @@ def shard_embeddings(
     rows = shard_rows(read_manifest(layout), shard)
     encoder = load_encoder(layout.encoder_dir, device.torch_device())
     # skip mode, so that in fail mode every bad image is listed at once just below
-    with one_cpu_thread(device):  # the same embeddings whatever the core count
+    with pinned_cpu_threads(device):  # the same embeddings whatever the core count
         result = embed_images(
             encoder, items_of(rows), device, on_bad_image="skip", progress=progress
         )
