@@ -38,7 +38,8 @@ def test_the_asset_writes_the_ranked_table_evidence_sheets_and_views(home) -> No
     (event,) = result.get_asset_materialization_events()
     metadata = event.materialization.metadata
     assert metadata["n_candidates"].value > 40
-    assert "| rank | description |" in metadata["top_hypotheses"].value
+    assert "| rank | mode | verdict | shown_as |" in metadata["top_hypotheses"].value
+    assert "| True |" not in metadata["top_hypotheses"].value
     table = pl.read_parquet(layout.reports / "failure_hypotheses.parquet")
     assert table.height == metadata["n_candidates"].value
     assert table["rank"].to_list() == list(range(1, table.height + 1))
@@ -47,12 +48,24 @@ def test_the_asset_writes_the_ranked_table_evidence_sheets_and_views(home) -> No
     assert (kept["q_value"] <= 0.05).all() and (kept["measured_gap"] > 0).all()
     assert (kept["p_worse"] >= 0.75).all()
     assert kept["rank"].to_list() == list(range(1, kept.height + 1))  # kept ones come first
+    modes = table.filter(pl.col("verdict") == "mode")
+    assert metadata["n_modes"].value == modes.height
+    assert modes["rank"].to_list() == list(range(1, modes.height + 1))  # modes lead
+    assert modes["mode"].to_list() == list(range(1, modes.height + 1))
+    assert int(modes["n_variants"].sum()) == kept.height - modes.height
+    assert set(table.filter(pl.col("verdict") == "folded")["folded_under"]) <= set(
+        modes["description"]
+    )
+    assert table["reason"].null_count() == 0
+    # the tiny world has labels: every kept description's words are checked against them
+    assert set(kept["wording"]) <= {"supported", "reworded", "words not supported by the images"}
     evidence = pl.read_parquet(layout.reports / "failure_evidence.parquet")
     assert set(evidence["rank"]) <= set(kept["rank"])
     sheets = sorted((layout.reports / "discovery").glob("hypothesis-*.png"))
-    assert len(sheets) == min(5, kept.height)
+    assert len(sheets) == min(5, modes.height)
     html = (layout.reports / "discovery.html").read_text()
-    assert "Failure discovery" in html and all(s.name in html for s in sheets)
+    assert "Failure discovery" in html and html.count("data:image/png;base64,") == len(sheets)
+    assert 'href="report.html"' in html
     with duckdb.connect(str(layout.duckdb), read_only=True) as con:
         (count,) = con.execute("SELECT count(*) FROM failure_hypotheses").fetchone()
         assert count == table.height
@@ -84,12 +97,21 @@ def test_cli_discover_prints_json_and_a_table(home, capsys, tmp_path) -> None:
             == 0
         )
     out = json.loads(capsys.readouterr().out)
-    assert len(out["hypotheses"]) == 3 and out["n_candidates"] > 40
-    assert {"description", "measured_gap", "q_value", "kept"} <= set(out["hypotheses"][0])
+    assert len(out["hypotheses"]) == min(3, out["n_modes"]) and out["n_candidates"] > 40
+    assert all(row["verdict"] == "mode" for row in out["hypotheses"])
+    (mine,) = out["vocabulary"]  # the user's line is always there, with its verdict and reason
+    assert mine["description"] == "face of a person wearing eyeglasses and a hat"
+    assert mine["verdict"] in ("mode", "folded", "dropped", "off-domain") and mine["reason"]
     with fh.one_thread():
-        assert main(["discover", "--home", str(layout.home), "--top", "2"]) == 0
+        args = ["discover", "--home", str(layout.home), "--vocab", str(vocab)]
+        assert main([*args, "--top", "2"]) == 0
+        text = capsys.readouterr().out
+        assert "distinct failure modes" in text and "your vocabulary (1):" in text
+        assert "kept only when the heads' estimate and the matched samples both say" in text
+        assert main([*args, "--only-vocab"]) == 0
     text = capsys.readouterr().out
-    assert "candidate descriptions kept" in text and "description" in text
+    assert "distinct failure modes" not in text
+    assert "face of a person wearing eyeglasses and a hat" in text
 
 
 def test_cli_discover_errors_are_one_clear_line(home, capsys, tmp_path) -> None:

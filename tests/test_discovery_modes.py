@@ -57,6 +57,17 @@ def test_composed_descriptions_avoid_subjective_words_by_default() -> None:
     assert "face of an unattractive person" in canonical
 
 
+def test_a_vocabulary_line_that_is_an_attribute_phrase_keeps_its_values() -> None:
+    candidates = generate_candidates(
+        lambda texts: np.zeros(len(texts)),
+        max_arity=1,
+        vocabulary=["Face of a person  with a goatee"],
+    )
+    first = candidates[0]
+    assert first.source == "vocabulary" and first.values == (("Goatee", True),)
+    assert sum("goatee" in c.text.lower() for c in candidates) == 1
+
+
 def test_pairs_grown_from_the_beam_are_neutral_too() -> None:
     def score(texts):  # rate the subjective singles worst, so the beam starts from them
         return np.array([5.0 if ("round" in t or "prominent" in t) else 0.0 for t in texts])
@@ -143,6 +154,7 @@ def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interacti
         describe_values([("Goatee", True), ("Smiling", True)]),  # fewer, no worse
         describe_values([("Eyeglasses", True), ("Goatee", True)]),  # much worse
         Candidate("a second wording of goatee", "vocabulary"),
+        describe_values([("Eyeglasses", True), ("Young", False)]),  # glasses' easy half
     ]
     matches = np.array(
         [
@@ -152,9 +164,10 @@ def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interacti
             np.r_[np.arange(0, 15), np.arange(100, 125)],
             np.r_[np.arange(200, 220), np.arange(20, 40)],
             np.r_[np.arange(0, 36), np.arange(60, 64)],
+            np.r_[np.arange(300, 320), np.arange(320, 340)],
         ]
     )
-    aurocs = [0.8, 0.6, 0.81, 0.7, 0.95, 0.79]
+    aurocs = [0.8, 0.6, 0.81, 0.7, 0.95, 0.79, 0.9]
     rows = [_row(c.text, auc) for c, auc in zip(candidates, aurocs, strict=True)]
     rows[1]["kept"] = False  # glasses alone: no failure
     heads = assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05)
@@ -168,6 +181,9 @@ def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interacti
         assert "Jaccard" in rows[i]["reason"] and rows[i]["mode"] == 2
     assert rows[3]["verdict"] == "folded" and rows[3]["interaction_q"] > 0.05
     assert "not measurably worse than its parent" in rows[3]["reason"]
+    # a refinement no worse than its parent, which is no failure mode: not a mode at all
+    assert rows[6]["verdict"] == "dropped" and not rows[6]["kept"]
+    assert "no failure mode" in rows[6]["reason"] and rows[6]["interaction_q"] > 0.05
 
 
 def test_the_interaction_test_compares_against_the_parents_own_samples() -> None:

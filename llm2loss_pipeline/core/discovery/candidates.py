@@ -185,15 +185,24 @@ def read_vocabulary(path: str | os.PathLike[str]) -> list[str]:
 
 
 def merge(groups: Iterable[Iterable[Candidate]], limit: int | None = None) -> list[Candidate]:
-    """Candidates in order, each text once (case- and space-insensitive), at most `limit`."""
+    """Candidates in order, each text once (case- and space-insensitive), at most `limit`.
+
+    A text given twice keeps its first source; when a later copy states attribute values (a
+    vocabulary line that is an attribute phrase word for word), the kept one takes them, so that
+    the labels can check its words."""
     result: list[Candidate] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for group in groups:
         for candidate in group:
             key = " ".join(candidate.text.lower().split())
-            if key and key not in seen:
-                seen.add(key)
+            if not key:
+                continue
+            if key not in seen:
+                seen[key] = len(result)
                 result.append(candidate)
+            elif candidate.values and not result[seen[key]].values:
+                first = result[seen[key]]
+                result[seen[key]] = Candidate(first.text, first.source, candidate.values)
     return result if limit is None else result[:limit]
 
 

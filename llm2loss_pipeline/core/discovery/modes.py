@@ -27,8 +27,8 @@ matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded
 refinement (a pair or triple) whose parents (its attribute values alone) are candidates stands as
 its own mode only when its matched losses are worse than every parent's matched-only losses
 (one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across refinements at
-`alpha`); otherwise it is folded under its best parent's mode (a refinement of parents that are no
-failure at all stands as its own mode: nothing else names those samples).
+`alpha`); otherwise it is folded under its best parent's mode, or dropped when no parent is in a
+mode (its samples are no worse than samples the description does not single out).
 """
 
 from __future__ import annotations
@@ -107,18 +107,19 @@ def _shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
 
 
 def _over_represented(rates: dict, min_lift: float, avoid_subjective: bool) -> list:
-    """Values the matched set shows, most precise first, that have wording to say them in:
-    not worded as an absence ("without a hat": the text tower ignores the negation)."""
+    """Values the matched set over-represents by at least `min_lift`, highest lift first, that
+    have wording to say them in: not worded as an absence ("without a hat": the text tower
+    ignores the negation). A common value at 100% (lift 1.2) says nothing about the set."""
     shown = [
         (key, precision, lift)
-        for key, (precision, base, lift) in rates.items()
-        if _shown(precision, base, lift, min_lift)
+        for key, (precision, _, lift) in rates.items()
+        if lift >= min_lift
         and precision >= 0.25
         and not (key[0] in CELEBA_ATTRIBUTES and is_negation(*key))
     ]
     if avoid_subjective:
         shown = [item for item in shown if neutral_phrase(*item[0]) is not None]
-    return sorted(shown, key=lambda item: (-item[1], -item[2], item[0]))
+    return sorted(shown, key=lambda item: (-item[2], -item[1], item[0]))
 
 
 def _label(key: tuple[str, bool]) -> str:
@@ -231,6 +232,14 @@ def assign_modes(
             row["_head"] = twin
             continue
         in_modes = [j for j in parents.get(i, []) if rows[j].get("verdict") in ("mode", "folded")]
+        if i in parents and row["interaction_q"] > alpha and not in_modes:
+            row.update(
+                kept=False,
+                verdict="dropped",
+                reason=f"not measurably worse than its parents (interaction q "
+                f"{row['interaction_q']:.2g} > {alpha}), and they are no failure mode",
+            )
+            continue
         if in_modes and row["interaction_q"] > alpha:
             parent = min(in_modes, key=lambda j: rows[j]["q_value"])
             home = parent if rows[parent]["verdict"] == "mode" else rows[parent]["_head"]
@@ -273,7 +282,7 @@ def _number_modes(rows: list[dict[str, Any]], heads: list[int]) -> list[int]:
 
 def dropped_reason(row: dict[str, Any], config: Any) -> str:
     """Why a candidate that is not a failure mode was dropped, in one line."""
-    if row.get("verdict") == "off-domain":
+    if row.get("reason"):  # off-domain, or a refinement no worse than its parents
         return row["reason"]
     samples_worse = row["measured_gap"] > 0 and row["measured_auc"] > 0.5
     significant = samples_worse and row["q_value"] <= config.alpha

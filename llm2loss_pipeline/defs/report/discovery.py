@@ -35,7 +35,7 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
     group_name="report",
     kinds={"pytorch", "duckdb", "html"},
     owners=OWNERS,
-    code_version="discovery-v1",
+    code_version="discovery-v2",
     automation_condition=FOLLOW_UPSTREAM,
     description=(
         "Candidate descriptions (attribute phrases, pairs, triples, a user vocabulary, optionally "
