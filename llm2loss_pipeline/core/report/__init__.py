@@ -8,7 +8,19 @@
 - `build`: `build_report`, which runs all of it; `publish`: DuckDB views for users.
 """
 
-from llm2loss_pipeline.core.report.build import ReportResult, build_report, markdown_tables
+from llm2loss_pipeline.core.report.build import (
+    ReportResult,
+    build_report,
+    build_report_from_config,
+    markdown_tables,
+)
 from llm2loss_pipeline.core.report.publish import PublishResult, publish_views
 
-__all__ = ["PublishResult", "ReportResult", "build_report", "markdown_tables", "publish_views"]
+__all__ = [
+    "PublishResult",
+    "ReportResult",
+    "build_report",
+    "build_report_from_config",
+    "markdown_tables",
+    "publish_views",
+]

@@ -20,6 +20,7 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
+from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import LEVEL, Calibration, calibrated_claims
@@ -216,6 +217,137 @@ def _headline(
     return headline
 
 
+@dataclass(frozen=True)
+class ReportHooks:
+    """What the report takes besides its settings, injectable for tests and benches.
+
+    prompt_pairs / compose_prompt / pair_templates / auroc_fn default to
+    `core.prompts.attribute_prompt_pairs`, `core.prompts.composed_prompt`,
+    `core.prompts.TEMPLATES` and `core.metrics.auroc`. embeddings: precomputed (sample ids,
+    [N, dim] image embeddings) of the split, instead of reading the image_embeddings shards.
+    """
+
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES
+    prompt_pairs: PromptPairs | None = None
+    compose_prompt: ComposePrompt | None = None
+    pair_templates: Sequence[str] | None = None
+    auroc_fn: AurocFn | None = None
+    embeddings: tuple[Sequence[str], np.ndarray] | None = None
+
+    def with_defaults(self) -> ReportHooks:
+        if self.prompt_pairs and self.compose_prompt and self.pair_templates and self.auroc_fn:
+            return self
+        default_pairs, default_compose, default_templates = _default_prompt_functions()
+        return dataclasses.replace(
+            self,
+            prompt_pairs=self.prompt_pairs or default_pairs,
+            compose_prompt=self.compose_prompt or default_compose,
+            pair_templates=self.pair_templates or default_templates,
+            auroc_fn=self.auroc_fn or _default_auroc(),
+        )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the report reads off the labelled split: the measured side of every comparison."""
+
+    n_losses: int
+    table: pl.DataFrame
+    eval_frame: pl.DataFrame
+    pairs: list[tuple[str, str]]
+    cells: pl.DataFrame
+    # (sample ids, [N, dim] image embeddings, labels by attribute); None when nothing needs it
+    pool: tuple[list[str], np.ndarray, dict[str, np.ndarray]] | None
+
+
+@dataclass(frozen=True)
+class Estimated:
+    """The heads' answers: per member and attribute (`diffs`) and per pair cell (`cells`)."""
+
+    direct_diffs: np.ndarray
+    diffs: np.ndarray
+    cells: np.ndarray
+    grounding: Grounding | None = None
+
+
+@dataclass(frozen=True)
+class Probes:
+    by_attribute: dict[str, list[tuple[str, str]]]
+    pair_cells: dict
+
+
+class DirectEstimator:
+    """The paper's estimator: the heads score the probe texts' own embeddings."""
+
+    name = DIRECT
+    needs_pool = False
+
+    def texts(self, probes: Probes) -> list[str]:
+        # the direct pairs score composed sentences, so those are scored in the same call
+        return [t for by_cell in probes.pair_cells.values() for ts in by_cell.values() for t in ts]
+
+    def estimate(self, scorer, scores, direct_diffs, probes, measured, config) -> Estimated:
+        n_members = len(list(scorer.members))
+        if measured.pairs:
+            cells = estimated_pair_cells(scores, probes.pair_cells)
+        else:
+            cells = np.zeros((n_members, 0, len(CELLS)))
+        return Estimated(direct_diffs, direct_diffs, cells)
+
+    def zero_shot(self, estimated, measured, zero_shot, auroc_fn, notes) -> pl.DataFrame:
+        notes.append(
+            "estimator 'direct': the heads scored the probe texts' own embeddings (the paper's "
+            "method); the grounded estimator is usually closer to the measured disparities"
+        )
+        return zero_shot
+
+    def extra_correlations(self, estimated, measured, attributes, alpha) -> list[pl.DataFrame]:
+        return []
+
+    def finish_headline(self, headline: dict[str, float]) -> None:
+        headline["spearman_signed_direct"] = headline["spearman_signed_overall"]
+
+
+class GroundedEstimator:
+    """The heads answer each probe on the split's images (see `core.report.grounded`)."""
+
+    name = "grounded"
+    needs_pool = True
+
+    def texts(self, probes: Probes) -> list[str]:
+        return []  # grounded pairs compose the attributes' scores, not sentences
+
+    def estimate(self, scorer, scores, direct_diffs, probes, measured, config) -> Estimated:
+        ids, pool, _ = measured.pool  # type: ignore[misc]
+        grounding = Grounding.build(
+            scorer,
+            pool,
+            probes.by_attribute,
+            config.dual_ridge,
+            groups=_pool_identities(ids, measured.eval_frame),
+        )
+        cells = grounding.pair_cells(measured.pairs, CELLS)
+        return Estimated(direct_diffs, grounding.attribute_diffs(), cells, grounding)
+
+    def zero_shot(self, estimated, measured, zero_shot, auroc_fn, notes) -> pl.DataFrame:
+        dual = _dual_zero_shot(estimated.grounding, measured.pool[2], auroc_fn)  # type: ignore[index,arg-type]
+        return zero_shot.join(dual, on="attribute", how="left")
+
+    def extra_correlations(self, estimated, measured, attributes, alpha) -> list[pl.DataFrame]:
+        # the paper's direct estimate beside the grounded one, as group "direct" of table 2
+        everyone = tuple(range(estimated.direct_diffs.shape[0]))
+        direct_group = [MemberGroup(DIRECT, None, None, everyone)]
+        direct = summarize(estimated.direct_diffs, list(attributes), direct_group, alpha)
+        return [correlate.table2(measured.table, direct, direct_group)]
+
+    def finish_headline(self, headline: dict[str, float]) -> None:
+        pass  # spearman_signed_direct comes from the "direct" group of table 2
+
+
+ESTIMATOR_OBJECTS = {"grounded": GroundedEstimator(), DIRECT: DirectEstimator()}
+assert tuple(ESTIMATOR_OBJECTS) == ESTIMATORS
+
+
 def build_report(
     layout: Layout,
     scorer: ScorerLike,
@@ -237,195 +369,238 @@ def build_report(
     dual_ridge: float = 0.1,
     log: Callable[[str], None] | None = None,
 ) -> ReportResult:
-    """Build the attribute disparity report of the black box on `eval_split`.
+    """`build_report_from_config` with the settings as keywords (tests and benches call it so).
 
-    scorer: the diagnosis heads (`members`, `score_texts(texts) -> [members, texts]`).
+    pairs: attribute pairs for the intersectional table; None takes the `n_pairs` most frequent
+    co-occurring positive pairs of the split; [] skips pairs. Everything else: see
+    `ReportConfig`, `ReportHooks` and `build_report_from_config`.
+    """
+    # model_construct: the checks below keep their own messages (alpha, estimator, pairs)
+    config = ReportConfig.model_construct(
+        eval_split=eval_split,
+        pairs=[":".join(pair) for pair in validate_pairs(pairs or ())],
+        n_pairs=0 if pairs is not None and not pairs else n_pairs,
+        min_group_size=min_group_size,
+        alpha=alpha,
+        estimator=estimator,
+        dual_ridge=dual_ridge,
+    )
+    hooks = ReportHooks(
+        attributes, prompt_pairs, compose_prompt, pair_templates, auroc_fn, embeddings
+    )
+    return build_report_from_config(
+        layout, scorer, encode_texts, config, hooks=hooks, out_dir=out_dir, log=log
+    )
+
+
+def build_report_from_config(
+    layout: Layout,
+    scorer: ScorerLike,
+    encode_texts: EncodeTexts | None,
+    config: ReportConfig,
+    *,
+    hooks: ReportHooks = ReportHooks(),
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ReportResult:
+    """Build the attribute disparity report of the black box on `config.eval_split`.
+
+    scorer: the diagnosis heads (`members`, `score_texts(texts) -> [members, texts]`; the grounded
+        estimator also needs text_features/image_features/score_features).
     encode_texts: the encoder's text tower (texts -> [texts, dim], L2-normalised) for the
         zero-shot AUROC; None skips it (NaN column, noted).
-    pairs: attribute pairs for the intersectional table; None takes the `n_pairs` most frequent
-        co-occurring positive pairs of the split; [] skips pairs.
-    prompt_pairs / compose_prompt / pair_templates / auroc_fn: default to
-        `core.prompts.attribute_prompt_pairs`, `core.prompts.composed_prompt`,
-        `core.prompts.TEMPLATES` and `core.metrics.auroc` (injectable for tests).
-    embeddings: precomputed (sample ids, [N, dim] image embeddings) of the split, instead of
-        reading the image_embeddings shards.
-    estimator: "grounded" (default: the heads answer each probe on the split's images, see
-        `core.report.grounded`; needs a scorer with text_features/image_features/score_features)
-        or "direct" (the paper: the heads score the probe texts' own embeddings). The direct
-        estimate is always kept too: `est_direct_mean`, headline `spearman_signed_direct`.
-    dual_ridge: the grounded estimator's regularisation of the dual probe directions.
+    config.estimator: "grounded" (the heads answer each probe on the split's images) or "direct"
+        (the paper: the heads score the probe texts' own embeddings). The direct estimate is
+        always kept too: `est_direct_mean`, headline `spearman_signed_direct`.
+    config.pairs: 'A:B' pairs; empty takes the `n_pairs` most frequent ones (0: no pairs).
     out_dir: where files go (default `layout.reports`).
     """
     say = log or (lambda _message: None)
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    one_of("estimator", estimator, ESTIMATORS)
-    if prompt_pairs is None or compose_prompt is None or pair_templates is None:
-        default_pairs, default_compose, default_templates = _default_prompt_functions()
-        prompt_pairs = prompt_pairs or default_pairs
-        compose_prompt = compose_prompt or default_compose
-        pair_templates = pair_templates or default_templates
+    if not 0 < config.alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {config.alpha}")
+    estimator = ESTIMATOR_OBJECTS[one_of("estimator", config.estimator, ESTIMATORS)]
+    hooks = hooks.with_defaults()
+    needs_pool = encode_texts is not None or estimator.needs_pool
+    measured = measure_report(layout, config, hooks, needs_pool, say)
+    estimated, probes = estimate_report(scorer, estimator, measured, config, hooks, say)
+    result = assemble_report(
+        scorer, encode_texts, estimator, measured, estimated, probes, config, hooks, say
+    )
     out = Path(out_dir) if out_dir is not None else layout.reports
-    members = list(scorer.members)
-    groups = member_groups(members)
-    notes: list[str] = []
+    say(f"writing the report to {out}")
+    return write_report(result, out, member_groups(list(scorer.members)))
 
+
+def measure_report(
+    layout: Layout,
+    config: ReportConfig,
+    hooks: ReportHooks,
+    needs_pool: bool,
+    say: Callable[[str], None],
+) -> Measured:
+    """The measured side: per attribute and pair cell, from the labels and the black box's
+    losses; the split's image embeddings too when the zero-shot AUROC or the estimator needs
+    them."""
+    split, attributes = config.eval_split, hooks.attributes
     inputs = EvalInputs.from_layout(layout)
     con = connect(None)
     try:
-        coverage = check_inputs(con, inputs, eval_split, attributes)
+        coverage = check_inputs(con, inputs, split, attributes)
         say(f"measuring {len(attributes)} attributes on {coverage['n_losses']} samples")
-        measured = measured_attribute_table(con, inputs, eval_split, min_group_size, attributes)
-        eval_frame = run_sql(
-            con,
-            "eval_join",
-            {"split": eval_split, "attribute_names": list(attributes)},
-            inputs.tables(),
-        )
-        measured = _with_clustered_gap(measured, eval_frame, attributes)
-        chosen = validate_pairs(
-            pairs if pairs is not None else frequent_pairs(con, inputs, eval_split, n_pairs)
-        )
-        cells = measured_pair_cells(con, inputs, eval_split, chosen, min_group_size, attributes)
-        zero_shot_data = None
-        if encode_texts is not None or estimator == "grounded":
-            zero_shot_data = _zero_shot_data(con, inputs, eval_split, attributes, embeddings)
+        table = measured_attribute_table(con, inputs, split, config.min_group_size, attributes)
+        params = {"split": split, "attribute_names": list(attributes)}
+        eval_frame = run_sql(con, "eval_join", params, inputs.tables())
+        table = _with_clustered_gap(table, eval_frame, attributes)
+        if config.pairs:
+            chosen = validate_pairs([pair.split(":") for pair in config.pairs])
+        elif config.n_pairs == 0:
+            chosen = []
+        else:
+            chosen = validate_pairs(frequent_pairs(con, inputs, split, config.n_pairs))
+        cells = measured_pair_cells(con, inputs, split, chosen, config.min_group_size, attributes)
+        pool = None
+        if needs_pool:
+            pool = _zero_shot_data(con, inputs, split, attributes, hooks.embeddings)
     finally:
         con.close()
+    return Measured(coverage["n_losses"], table, eval_frame, chosen, cells, pool)
 
-    prompts_by_attribute = collect_prompt_pairs(attributes, prompt_pairs)
-    pair_prompts = pair_cell_prompts(chosen, compose_prompt, pair_templates)
-    texts = [t for pairs_ in prompts_by_attribute.values() for pair in pairs_ for t in pair]
-    if estimator == "direct":  # grounded pairs compose the attributes' scores, not sentences
-        texts += [t for by_cell in pair_prompts.values() for ts in by_cell.values() for t in ts]
-    say(f"scoring {len(set(texts))} prompts with {len(members)} heads")
+
+def estimate_report(
+    scorer: ScorerLike,
+    estimator: DirectEstimator | GroundedEstimator,
+    measured: Measured,
+    config: ReportConfig,
+    hooks: ReportHooks,
+    say: Callable[[str], None],
+) -> tuple[Estimated, Probes]:
+    """The heads' side: every probe text scored in one batched call, then the estimator's
+    per-member answers for each attribute and pair cell."""
+    by_attribute = collect_prompt_pairs(hooks.attributes, hooks.prompt_pairs)  # type: ignore[arg-type]
+    pair_cells = pair_cell_prompts(measured.pairs, hooks.compose_prompt, hooks.pair_templates)  # type: ignore[arg-type]
+    probes = Probes(by_attribute, pair_cells)
+    texts = [t for pairs_ in by_attribute.values() for pair in pairs_ for t in pair]
+    texts += estimator.texts(probes)
+    say(f"scoring {len(set(texts))} prompts with {len(list(scorer.members))} heads")
     scores = score_texts_once(scorer, texts)
+    direct_diffs = member_diffs(scores, by_attribute)
+    if estimator.needs_pool:
+        say(f"grounding the probes on the {len(measured.pool[1])} images of split "  # type: ignore[index]
+            f"{config.eval_split!r}")  # fmt: skip
+    return estimator.estimate(scorer, scores, direct_diffs, probes, measured, config), probes
 
-    direct_diffs = member_diffs(scores, prompts_by_attribute)
-    grounding = None
-    if estimator == "grounded":
-        pool = zero_shot_data[1]  # type: ignore[index]
-        say(f"grounding the probes on the {len(pool)} images of split {eval_split!r}")
-        grounding = Grounding.build(
-            scorer,
-            pool,
-            prompts_by_attribute,
-            dual_ridge,
-            groups=_pool_identities(zero_shot_data[0], eval_frame),  # type: ignore[index]
-        )
-        diffs = grounding.attribute_diffs()
-        cells_est = grounding.pair_cells(chosen, CELLS)
-    else:
-        diffs = direct_diffs
-        if chosen:
-            cells_est = estimated_pair_cells(scores, pair_prompts)
-        else:
-            cells_est = np.zeros((len(members), 0, len(CELLS)))
-    attribute_estimates = summarize(diffs, list(attributes), groups, alpha)
-    diffs_long = member_diffs_long(diffs, list(attributes), members)
+
+def assemble_report(
+    scorer: ScorerLike,
+    encode_texts: EncodeTexts | None,
+    estimator: DirectEstimator | GroundedEstimator,
+    measured: Measured,
+    estimated: Estimated,
+    probes: Probes,
+    config: ReportConfig,
+    hooks: ReportHooks,
+    say: Callable[[str], None],
+) -> ReportResult:
+    """Measured beside estimated: summaries, calibrated claims, correlations and the headline."""
+    attributes, alpha = list(hooks.attributes), config.alpha
+    members = list(scorer.members)
+    groups = member_groups(members)
+    notes: list[str] = []
+    attribute_estimates = summarize(estimated.diffs, attributes, groups, alpha)
     pair_table, pair_estimates, pair_diffs = pair_tables(
-        cells, cells_est, chosen, members, groups, alpha
+        measured.cells, estimated.cells, measured.pairs, members, groups, alpha
     )
-
-    if zero_shot_data is not None and encode_texts is not None:
-        say("zero-shot attribute classification")
-        _, image_embeddings, labels = zero_shot_data
-        zero_shot = zero_shot_auroc(
-            image_embeddings,
-            labels,
-            prompts_by_attribute,
-            encode_texts,  # type: ignore[arg-type]
-            auroc_fn or _default_auroc(),
-        )
-    else:
-        notes.append("no text encoder was given: the zero-shot AUROC column is empty")
-        zero_shot = pl.DataFrame(
-            {"attribute": list(attributes), "zero_shot_auroc": [math.nan] * len(attributes)}
-        )
-
-    if grounding is not None:
-        zero_shot = zero_shot.join(
-            _dual_zero_shot(grounding, zero_shot_data[2], auroc_fn or _default_auroc()),  # type: ignore[index]
-            on="attribute",
-            how="left",
-        )
-    else:
-        notes.append(
-            "estimator 'direct': the heads scored the probe texts' own embeddings (the paper's "
-            "method); the grounded estimator is usually closer to the measured disparities"
-        )
+    zero_shot = _zero_shot_table(encode_texts, measured, probes, hooks, notes, say)
+    zero_shot = estimator.zero_shot(estimated, measured, zero_shot, hooks.auroc_fn, notes)
     overall = attribute_estimates.filter(pl.col("group") == OVERALL)
     claims, calibration = calibrated_claims(
-        list(attributes),
-        estimator,
+        attributes,
+        estimator.name,
         overall["mean"].to_numpy(),
         overall["std"].to_numpy(),
-        measured["gap_loss"].to_numpy(),
-        measured["gap_loss_se"].to_numpy(),
+        measured.table["gap_loss"].to_numpy(),
+        measured.table["gap_loss_se"].to_numpy(),
         alpha,
     )
-    table = _attribute_table(measured, attribute_estimates, zero_shot, claims)
+    table = _attribute_table(measured.table, attribute_estimates, zero_shot, claims)
     pair_table = _calibrated_pairs(pair_table, pair_estimates, calibration, alpha)
     direct_mean = pl.DataFrame(
-        {"attribute": list(attributes), "est_direct_mean": direct_diffs.mean(axis=0)},
+        {"attribute": attributes, "est_direct_mean": estimated.direct_diffs.mean(axis=0)},
         schema={"attribute": pl.String, "est_direct_mean": pl.Float64},
     )
     table = table.join(direct_mean, on="attribute", how="left", maintain_order="left")
     correlations = pl.concat(
         [
-            correlate.table2(measured, attribute_estimates, groups),
+            correlate.table2(measured.table, attribute_estimates, groups),
             correlate.table3(table),
             correlate.table1(table, attribute_estimates, groups),
             correlate.pair_correlations(pair_table, pair_estimates, groups),
+            *estimator.extra_correlations(estimated, measured, attributes, alpha),
         ]
     )
-    if grounding is not None:
-        # the paper's direct estimate beside the grounded one, as group "direct" of table 2
-        direct_group = [MemberGroup(DIRECT, None, None, tuple(range(len(members))))]
-        direct_estimates = summarize(direct_diffs, list(attributes), direct_group, alpha)
-        correlations = pl.concat(
-            [correlations, correlate.table2(measured, direct_estimates, direct_group)]
-        )
-    headline = _headline(table, correlations, pair_table, len(members), coverage["n_losses"])
+    headline = _headline(table, correlations, pair_table, len(members), measured.n_losses)
     headline.update(trust_check(table, calibration))
-    if grounding is None:
-        headline["spearman_signed_direct"] = headline["spearman_signed_overall"]
-    top = (
+    estimator.finish_headline(headline)
+    small = table.filter(pl.col("small_group"))["attribute"].to_list()
+    if small:
+        notes.append(
+            f"small groups (< {config.min_group_size} samples on one side), kept and flagged: "
+            + ", ".join(small)
+        )
+    return ReportResult(
+        eval_split=config.eval_split,
+        alpha=alpha,
+        min_group_size=config.min_group_size,
+        n_eval_samples=measured.n_losses,
+        n_members=len(members),
+        attribute_table=table,
+        attribute_estimates=attribute_estimates,
+        member_diffs=member_diffs_long(estimated.diffs, attributes, members),
+        pair_table=pair_table,
+        pair_cells=measured.cells,
+        pair_estimates=pair_estimates,
+        pair_member_diffs=pair_diffs,
+        correlations=correlations,
+        headline=headline,
+        top_attributes=_top_attributes(table),
+        estimator=estimator.name,
+        notes=notes,
+        calibration=calibration,
+        grounding=estimated.grounding,
+    )
+
+
+def _zero_shot_table(
+    encode_texts: EncodeTexts | None,
+    measured: Measured,
+    probes: Probes,
+    hooks: ReportHooks,
+    notes: list[str],
+    say: Callable[[str], None],
+) -> pl.DataFrame:
+    """Per attribute: the encoder's zero-shot AUROC (NaN, and a note, without a text encoder)."""
+    if measured.pool is None or encode_texts is None:
+        notes.append("no text encoder was given: the zero-shot AUROC column is empty")
+        names = list(hooks.attributes)
+        return pl.DataFrame({"attribute": names, "zero_shot_auroc": [math.nan] * len(names)})
+    say("zero-shot attribute classification")
+    _, image_embeddings, labels = measured.pool
+    return zero_shot_auroc(
+        image_embeddings,
+        labels,
+        probes.by_attribute,
+        encode_texts,
+        hooks.auroc_fn,  # type: ignore[arg-type]
+    )
+
+
+def _top_attributes(table: pl.DataFrame) -> list[str]:
+    return (
         table.filter(pl.col("est_mean").is_not_nan())
         .sort("est_mean", descending=True)["attribute"]
         .head(TOP_K)
         .to_list()
     )
-    small = table.filter(pl.col("small_group"))["attribute"].to_list()
-    if small:
-        notes.append(
-            f"small groups (< {min_group_size} samples on one side), kept and flagged: "
-            + ", ".join(small)
-        )
-
-    result = ReportResult(
-        eval_split=eval_split,
-        alpha=alpha,
-        min_group_size=min_group_size,
-        n_eval_samples=coverage["n_losses"],
-        n_members=len(members),
-        attribute_table=table,
-        attribute_estimates=attribute_estimates,
-        member_diffs=diffs_long,
-        pair_table=pair_table,
-        pair_cells=cells,
-        pair_estimates=pair_estimates,
-        pair_member_diffs=pair_diffs,
-        correlations=correlations,
-        headline=headline,
-        top_attributes=top,
-        estimator=estimator,
-        notes=notes,
-        calibration=calibration,
-        grounding=grounding,
-    )
-    say(f"writing the report to {out}")
-    return write_report(result, out, groups)
 
 
 def _with_clustered_gap(

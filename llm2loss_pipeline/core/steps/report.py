@@ -62,23 +62,16 @@ def make_report(
     layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
 ) -> ReportStepResult:
     from llm2loss_pipeline.core.query import Diagnoser
-    from llm2loss_pipeline.core.report import build_report, markdown_tables, publish_views
+    from llm2loss_pipeline.core.report import (
+        build_report_from_config,
+        markdown_tables,
+        publish_views,
+    )
     from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
 
     diagnoser = Diagnoser.load(layout.home)
-    result = build_report(
-        layout,
-        diagnoser,
-        diagnoser.encode_texts,
-        eval_split=config.eval_split,
-        pairs=[pair.split(":") for pair in config.pairs] or None,
-        n_pairs=config.n_pairs,
-        min_group_size=config.min_group_size,
-        alpha=config.alpha,
-        estimator=config.estimator,
-        dual_ridge=config.dual_ridge,
-        out_dir=layout.reports,
-        log=log,
+    result = build_report_from_config(
+        layout, diagnoser, diagnoser.encode_texts, config, out_dir=layout.reports, log=log
     )
     published = publish_views(layout.duckdb, layout, member_metrics=member_metrics_path(layout))
     html = result.files["report_html"]
