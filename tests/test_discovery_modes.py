@@ -112,6 +112,7 @@ def test_a_description_its_images_do_not_show_is_reworded_from_what_they_do() ->
     assert hat.verdict == REWORDED
     assert hat.precision == pytest.approx(0.1) and hat.lift == pytest.approx(1.0)
     assert hat.shown_as == "face of a person with a goatee and gray hair"
+    assert hat.shown_attributes == "Goatee, Gray_Hair" and goatee.shown_attributes == "Goatee"
     assert hat.shows.startswith("Goatee 100% (x5.0), Gray_Hair 75% (x2.5)")
     # nothing over-represented: marked, not reworded
     spread = np.arange(3, 200, 5)  # every attribute at its base rate, no hat at all

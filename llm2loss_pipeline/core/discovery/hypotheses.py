@@ -71,6 +71,7 @@ HYPOTHESIS_COLUMNS = (
     "verdict",
     "description",
     "shown_as",
+    "shown_attributes",
     "wording",
     "source",
     "attributes",
@@ -113,6 +114,7 @@ _SCHEMA = {
     "folded_under": pl.String,
     "redundant_with": pl.String,
     "shows": pl.String,
+    "shown_attributes": pl.String,
 }
 
 FREE_SOURCES = ("vocabulary", "proposer")
@@ -242,6 +244,7 @@ def discover(
         row.update(
             wording=words.verdict,
             shown_as=words.shown_as,
+            shown_attributes=words.shown_attributes or None,
             named_precision=words.precision,
             named_lift=words.lift,
             shows=words.shows or None,

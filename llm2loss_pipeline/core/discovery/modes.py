@@ -84,6 +84,9 @@ class Wording:
     """the values the matched set over-represents most, 'Goatee 54% (x4.1)'"""
     shown_as: str
     """the words the output shows: the description, or its rewording"""
+    shown_attributes: str = ""
+    """the labelled values `shown_as` states and the images show ('Goatee, Gray_Hair'); empty
+    when the words are unverified or not supported"""
 
 
 def _rates(labels: Mapping[str, np.ndarray], matched: np.ndarray) -> dict[tuple[str, bool], tuple]:
@@ -147,12 +150,14 @@ def wording(
     precision = min(rates[key][0] for key in named)
     lift = min(rates[key][2] for key in named)
     if all(_shown(*rates[key], min_lift) for key in named):
-        return Wording(SUPPORTED, precision, lift, shows, candidate.text)
+        stated = ", ".join(_label(key) for key in named)
+        return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated)
     usable = [key for key, _, _ in over if key[0] in CELEBA_ATTRIBUTES][:2]
     if not usable:
         return Wording(NOT_SUPPORTED, precision, lift, shows, candidate.text)
-    reworded = describe_values(usable, neutral=avoid_subjective).text
-    return Wording(REWORDED, precision, lift, shows, reworded)
+    reworded = describe_values(usable, neutral=avoid_subjective)
+    stated = ", ".join(_label(key) for key in reworded.values)
+    return Wording(REWORDED, precision, lift, shows, reworded.text, stated)
 
 
 def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:
