@@ -12,6 +12,17 @@ attributes the baseline misses, the planted hard attributes, and the training se
 One torch thread: the default machine has 2 shared cores, and the pipeline's own timings are
 taken the same way. Every variant builds a fresh encoder, so caption embedding is paid (and
 timed) by each.
+
+With `--pipeline`, quality is measured through the pipeline instead, on the embedded default
+resized to `--identities` x `--images`: per world seed the world, black box and losses once,
+then per pool_size, in a copy of that home, the encoder, embeddings, heads and report (the
+steps the Dagster assets call, `bench/scale.py`'s `run_stage`), printing the encoder's mean
+zero-shot AUROC (validation split), the report's headline Spearman and the planted attributes'
+ranks. A pool_size of at least the pool (2
+captions per training image) is the whole pool, i.e. the behaviour before `pool_size` existed:
+
+    nice -n 10 .venv/bin/python bench/encoder_quality.py --pipeline --home /tmp/q \
+        --identities 60 --images 20 --world-seeds 0,1 --pool-sizes 1000000,512,160
 """
 
 from __future__ import annotations
@@ -126,12 +137,100 @@ def run_variant(name: str, overrides: dict, train: tuple, valid: tuple, device: 
     }
 
 
+def _pipeline_config(home: Path, world_seed: int, pool_size: int, args):
+    config = load_config(None)
+    world = config.world.model_copy(
+        update={
+            "seed": world_seed,
+            "n_identities": args.identities,
+            "images_per_identity": args.images,
+        }
+    )
+    encoder = config.encoder.model_copy(update={"pool_size": pool_size})
+    return config.model_copy(update={"home": str(home), "world": world, "encoder": encoder})
+
+
+def run_pipeline_variant(base: Path, world_seed: int, pool_size: int, args) -> dict:
+    """The encoder-dependent stages (encoder, embeddings, heads, report) in a copy of `base`,
+    a home where the world, the black box and the losses are done; the quality numbers."""
+    import shutil
+
+    from scale import run_stage  # bench/scale.py: the steps the Dagster assets call
+
+    home = base.parent / f"{base.name}_p{pool_size}"
+    if home.exists():
+        shutil.rmtree(home)
+    shutil.copytree(base, home, symlinks=True)
+    config = _pipeline_config(home, world_seed, pool_size, args)
+    started = time.perf_counter()
+    for stage in ("encoder", "embeddings", "heads", "report"):
+        run_stage(stage, config)
+    sidecar = json.loads((home / "models" / "encoder" / "encoder.json").read_text())
+    metrics = sidecar.get("metrics", {})
+    headline = json.loads((home / "reports" / "headline.json").read_text())
+    table = pl.read_parquet(home / "reports" / "attribute_disparity.parquet")
+    ranked = table.sort("est_mean", descending=True, nulls_last=True)["attribute"].to_list()
+    return {
+        "world_seed": world_seed,
+        "pool_size": pool_size,
+        "n_captions": metrics.get("n_captions"),
+        "max_columns_per_step": metrics.get("max_columns_per_step"),
+        "zero_shot_auroc_mean": metrics.get("zero_shot_auroc_mean"),
+        "spearman_signed_overall": headline.get("spearman_signed_overall"),
+        "planted_ranks": {name: ranked.index(name) + 1 for name in config.world.hard_attributes},
+        "encoder_seconds_train": metrics.get("seconds_train"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def build_base(home: Path, world_seed: int, args) -> Path:
+    """World, black box and losses: what every pool_size variant of one world shares."""
+    from scale import run_stage
+
+    if not (home / "tables" / "per_sample_losses").exists():
+        config = _pipeline_config(home, world_seed, 1, args)
+        for stage in ("world", "black_box", "losses"):
+            run_stage(stage, config)
+    return home
+
+
+def pipeline_main(args) -> int:
+    seeds = [int(value) for value in args.world_seeds.split(",")]
+    sizes = [int(value) for value in args.pool_sizes.split(",")]
+    results = []
+    for seed in seeds:
+        base = build_base(args.home / f"w{seed}", seed, args)
+        for size in sizes:
+            result = run_pipeline_variant(base, seed, size, args)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    header = f"{'world':>5} {'pool_size':>9} {'columns':>7} {'zero-shot':>9} {'Spearman':>8}"
+    print(f"\n{header}  planted")
+    for r in results:
+        ranks = " / ".join(str(rank) for rank in r["planted_ranks"].values())
+        print(
+            f"{r['world_seed']:>5} {r['pool_size']:>9} {r['max_columns_per_step']:>7} "
+            f"{r['zero_shot_auroc_mean']:>9.3f} {r['spearman_signed_overall']:>+8.3f}  {ranks}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("/tmp/disc_default"))
     parser.add_argument("--variants", default="baseline,aux", help=f"of {sorted(VARIANTS)}")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--pipeline", action="store_true", help="through the whole pipeline")
+    parser.add_argument("--identities", type=int, default=60)
+    parser.add_argument("--images", type=int, default=20, help="images per identity")
+    parser.add_argument("--world-seeds", default="0,1")
+    parser.add_argument("--pool-sizes", default="1000000,512,160")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        torch.set_num_threads(1)
+        return pipeline_main(args)
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
