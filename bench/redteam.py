@@ -116,7 +116,14 @@ def llm2loss(*args: str, timeout: float = 120, **kwargs) -> Run:
 
 
 def child(code: str, timeout: float = 120, **kwargs) -> Run:
-    return run([PYTHON, "-c", textwrap.dedent(code)], timeout, **kwargs)
+    """A Python child calling the library. An exception it raises is what a caller of the
+    library sees: printed as one line (exit 2) and judged on its message, not as a traceback."""
+    body = textwrap.indent(textwrap.dedent(code), "    ")
+    wrapped = (
+        "import sys\ntry:\n" + body + "\nexcept Exception as exc:\n"
+        "    print(f'error: {type(exc).__name__}: {exc}', file=sys.stderr)\n    sys.exit(2)\n"
+    )
+    return run([PYTHON, "-c", wrapped], timeout, **kwargs)
 
 
 def is_traceback(result: Run) -> bool:
@@ -217,14 +224,26 @@ def case(name: str, item: str):
 # ---- silent wrong results ---------------------------------------------------------------------
 
 
-def _source_case(world: World, name: str, section: str, key: str, value: str, source: str):
-    path = world.config(f"{name}.yaml", f"{section}:\n  {key}: {value}\n")
-    result = llm2loss("check-config", str(path))
+def _source_case(
+    world: World, name: str, section: str, key: str, value: str, source: str, **kwargs
+):
+    """configs/tiny.yaml plus one path key and no `source:`: inferred, or refused naming both."""
+    path = world.tiny_with(f"{name}.yaml", f"{section}: {{{key}: {value}}}")
+    result = llm2loss("check-config", str(path), **kwargs)
     return classify(
         result,
         error=rf"(source.*{key}|{key}.*source)",
         ok=lambda r: re.search(rf"^\s*source: {source}\s*$", r.out, re.M) is not None,
     )
+
+
+SEEDED_MODEL = """
+    import torch
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 20)).eval()
+"""
 
 
 @case("path-key-celeba-root", "silent 1")
@@ -237,26 +256,35 @@ def _(world: World):
 def _(world: World):
     model = world.work / "models" / "f.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
-    child(f"""
-        import torch
-        torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(),
-                       torch.nn.LazyLinear(20) if False else torch.nn.Linear(3*32*32, 20))),
-                       {str(model)!r})
-    """)
+    env = _entry_point_module(world, "mymodels", SEEDED_MODEL)
+    child(
+        f"""
+        import torch, mymodels
+        torch.jit.save(torch.jit.script(mymodels.build()), {str(model)!r})
+    """,
+        env=env,
+    )
     return _source_case(world, "ts", "black_box", "torchscript_path", str(model), "torchscript")
 
 
 @case("path-key-entry-point", "silent 1")
 def _(world: World):
-    return _source_case(world, "ep", "black_box", "entry_point", "'mymodels:build'", "entry_point")
+    env = _entry_point_module(world, "mymodels", SEEDED_MODEL)
+    return _source_case(
+        world, "ep", "black_box", "entry_point", "'mymodels:build'", "entry_point", env=env
+    )
 
 
 @case("path-key-loss-table", "silent 1")
 def _(world: World):
-    table = world.work / "losses-any.parquet"
+    table = world.work / "losses-all.parquet"
     child(f"""
         import polars as pl
-        pl.DataFrame({{"sample_id": ["000001.jpg"], "loss": [1.0]}}).write_parquet({str(table)!r})
+        from pathlib import Path
+        base = Path({str(world.ensure_base())!r})
+        shards = sorted(base.glob("tables/per_sample_losses/shard-*.parquet"))
+        frame = pl.concat([pl.read_parquet(p) for p in shards]).select("sample_id", "loss")
+        frame.write_parquet({str(table)!r})
     """)
     return _source_case(world, "lt", "black_box", "loss_table_path", str(table), "loss_table")
 
@@ -329,6 +357,38 @@ def _(world: World):
         timeout=900,
     )
     return classify(result, error=r"shard-00001\.parquet.*(sha256|not readable|decode)")
+
+
+@case("bitrot-scan-200-flips", "silent 3")
+def _(world: World):
+    """200 random single-bit flips of one loss shard, each read back by the heads' reader."""
+    home = world.clone("bitrot-scan")
+    result = child(
+        f"""
+        import random, shutil
+        from llm2loss_pipeline.core.layout import Layout
+        from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards
+        layout = Layout.at({str(home)!r})
+        manifest = read_manifest(layout)
+        shard = layout.shard_table("per_sample_losses", "shard-00001")
+        pristine = shard.read_bytes()
+        rng, silent, caught = random.Random(0), 0, 0
+        for _ in range(200):
+            data = bytearray(pristine)
+            bit = rng.randrange(len(data) * 8)
+            data[bit // 8] ^= 1 << (bit % 8)
+            shard.write_bytes(bytes(data))
+            try:
+                read_shards(layout, "per_sample_losses", manifest)
+                silent += 1
+            except Exception as exc:
+                caught += "shard-00001.parquet" in str(exc)
+        shard.write_bytes(pristine)
+        print(f"{{caught}} of 200 flips refused naming the file, {{silent}} read silently")
+    """,
+        timeout=600,
+    )
+    return classify(result, ok=lambda r: "200 of 200 flips refused" in r.out)
 
 
 @case("stale-shards-after-shard-size", "silent 4")
@@ -595,6 +655,45 @@ def _(world: World):
         if verdict[0] == "clear error" and not said:
             return "unclear error", "stopped, but never said what it waited for"
         return verdict
+    finally:
+        sleeper.kill()
+
+
+@case("gpu-slot-wait-timeout", "crash 1")
+def _(world: World):
+    home = world.clone("gpu-timeout")
+    env = {"DAGSTER_HOME": str(home / "dagster"), "LLM2LOSS_SLOT_WAIT_S": "5"}
+    sleeper = subprocess.Popen(["sleep", "900"])  # a live process that "holds" the slot
+    try:
+        child(
+            f"""
+            import uuid
+            import dagster as dg
+            from dagster._core.storage.dagster_run import DagsterRun
+            instance = dg.DagsterInstance.get()
+            instance.event_log_storage.set_concurrency_slots("gpu", 1)
+            run_id = str(uuid.uuid4())
+            instance.add_run(DagsterRun(job_name="elsewhere", run_id=run_id,
+                status=dg.DagsterRunStatus.STARTED,
+                tags={{"llm2loss/pid": "{sleeper.pid}", "llm2loss/host": "other-host"}}))
+            instance.event_log_storage.claim_concurrency_slot("gpu", run_id, "step", 0)
+        """,
+            env=env,
+        )
+        result = llm2loss(
+            "run",
+            "--config",
+            str(TINY),
+            "--home",
+            str(home),
+            "--stage",
+            "signals",
+            "--shard",
+            "shard-00000",
+            timeout=300,
+            env=env,
+        )
+        return classify(result, error=r"gave up after waiting 5 s for a slot: pool 'gpu'")
     finally:
         sleeper.kill()
 
