@@ -21,7 +21,7 @@ from scipy import stats as sps
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
 from llm2loss_pipeline.core.discovery.hypotheses import _estimates
-from llm2loss_pipeline.core.discovery.verify import measure
+from llm2loss_pipeline.core.discovery.verify import jaccard, measure
 from llm2loss_pipeline.core.report.correlate import correlation_row
 from llm2loss_pipeline.core.report.measured import EvalInputs, measured_attribute_table
 from llm2loss_pipeline.core.stats import (
@@ -30,6 +30,7 @@ from llm2loss_pipeline.core.stats import (
     correlations,
     one_sample_t_pvalue,
     prob_positive,
+    replicate_pvalue,
 )
 from llm2loss_pipeline.core.storage import (
     atomic_path,
@@ -91,6 +92,14 @@ def test_one_sample_t_p_value_is_two_sided() -> None:
     assert one_sample_t_pvalue(-values) == pytest.approx(expected, rel=1e-12)
 
 
+def test_replicate_p_value_uses_the_members_spread_with_m_minus_1_degrees_of_freedom() -> None:
+    # mean 2, std 1 (ddof 1), so the statistic is 2 on 2 degrees of freedom, where the t
+    # distribution has a closed form: P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2
+    expected = 1.0 - 2.0 / np.sqrt(6.0)
+    assert replicate_pvalue(np.array([1.0, 2.0, 3.0])) == pytest.approx(expected, rel=1e-12)
+    assert replicate_pvalue(np.array([-1.0, -2.0, -3.0])) == pytest.approx(expected, rel=1e-12)
+
+
 # --- the measured table's gap_loss_p: Welch's t-test on the per-sample losses -------------------
 
 
@@ -145,6 +154,23 @@ def test_discovery_p_value_is_one_sided_mann_whitney() -> None:
     assert result.gap == pytest.approx(losses[inside].mean() - losses[~inside].mean())
     # matched samples that are better give a p-value near 1, not near 0 (the test is one-sided)
     assert measure(-losses, matched).p_value > 0.5
+
+
+def test_discovery_measures_a_single_matched_sample() -> None:
+    losses = np.array([0.1, 0.2, 0.3, 5.0, 0.4])
+    result = measure(losses, np.array([3]))
+    assert (result.n_matched, result.n_rest) == (1, 4)
+    assert result.gap == pytest.approx(5.0 - 0.25)
+    assert result.auc == 1.0
+    expected = sps.mannwhitneyu([5.0], [0.1, 0.2, 0.3, 0.4], alternative="greater").pvalue
+    assert result.p_value == pytest.approx(expected)
+
+
+def test_jaccard_overlap_of_matched_sets() -> None:
+    assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == pytest.approx(0.5)
+    assert jaccard(np.array([1, 2]), np.array([3])) == 0.0
+    assert jaccard(np.array([7]), np.array([7])) == 1.0
+    assert jaccard(np.array([], dtype=int), np.array([], dtype=int)) == 0.0
 
 
 class _Members:
