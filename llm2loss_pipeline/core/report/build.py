@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -20,7 +21,6 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
-from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import LEVEL, Calibration, calibrated_claims
@@ -217,6 +217,33 @@ def _headline(
     return headline
 
 
+class ReportSettings(Protocol):
+    """The report's settings: `core.config.ReportConfig` (not imported: config names the
+    report's estimators, so the import would close a cycle), or `KeywordSettings`."""
+
+    eval_split: str
+    pairs: Sequence[str]
+    n_pairs: int
+    min_group_size: int
+    alpha: float
+    estimator: str
+    dual_ridge: float
+
+
+@dataclass(frozen=True)
+class KeywordSettings:
+    """`ReportConfig`'s report fields, unchecked: `build_report` checks them with its own
+    messages (alpha, estimator, pairs)."""
+
+    eval_split: str
+    pairs: Sequence[str]
+    n_pairs: int
+    min_group_size: int
+    alpha: float
+    estimator: str
+    dual_ridge: float
+
+
 @dataclass(frozen=True)
 class ReportHooks:
     """What the report takes besides its settings, injectable for tests and benches.
@@ -375,8 +402,7 @@ def build_report(
     co-occurring positive pairs of the split; [] skips pairs. Everything else: see
     `ReportConfig`, `ReportHooks` and `build_report_from_config`.
     """
-    # model_construct: the checks below keep their own messages (alpha, estimator, pairs)
-    config = ReportConfig.model_construct(
+    config = KeywordSettings(
         eval_split=eval_split,
         pairs=[":".join(pair) for pair in validate_pairs(pairs or ())],
         n_pairs=0 if pairs is not None and not pairs else n_pairs,
@@ -397,7 +423,7 @@ def build_report_from_config(
     layout: Layout,
     scorer: ScorerLike,
     encode_texts: EncodeTexts | None,
-    config: ReportConfig,
+    config: ReportSettings,
     *,
     hooks: ReportHooks = ReportHooks(),
     out_dir: str | Path | None = None,
@@ -433,7 +459,7 @@ def build_report_from_config(
 
 def measure_report(
     layout: Layout,
-    config: ReportConfig,
+    config: ReportSettings,
     hooks: ReportHooks,
     needs_pool: bool,
     say: Callable[[str], None],
@@ -470,7 +496,7 @@ def estimate_report(
     scorer: ScorerLike,
     estimator: DirectEstimator | GroundedEstimator,
     measured: Measured,
-    config: ReportConfig,
+    config: ReportSettings,
     hooks: ReportHooks,
     say: Callable[[str], None],
 ) -> tuple[Estimated, Probes]:
@@ -497,7 +523,7 @@ def assemble_report(
     measured: Measured,
     estimated: Estimated,
     probes: Probes,
-    config: ReportConfig,
+    config: ReportSettings,
     hooks: ReportHooks,
     say: Callable[[str], None],
 ) -> ReportResult:
