@@ -138,7 +138,8 @@ def test_compare_off_the_data_is_not_claimed_however_large():
     diffs = np.linspace(2.0, 3.0, 20)
     answer = compare_members(diffs, MEMBERS, "a cat", "a dog", "grounded", cal, explained=0.2)
     assert answer.p_a_worse > 0.99 and not answer.claimed
-    assert "barely vary" in answer.verdict and "20%" in answer.verdict
+    assert "mostly not something these images vary in" in answer.verdict
+    assert "20%" in answer.verdict
     sure = compare_members(diffs, MEMBERS, "old", "young", "grounded", cal, explained=0.8)
     assert sure.claimed and sure.verdict.startswith("the model is expected to do worse on A")
     flipped = compare_members(-diffs, MEMBERS, "old", "young", "grounded", cal, explained=0.8)
