@@ -187,6 +187,20 @@ def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interacti
     assert "no failure mode" in rows[6]["reason"] and rows[6]["interaction_q"] > 0.05
 
 
+def test_descriptions_whose_images_show_the_same_attributes_are_one_mode() -> None:
+    losses = np.r_[np.full(100, 3.0), np.linspace(0, 1, 300)]
+    candidates = [Candidate(f"text {i}", "vocabulary") for i in range(3)]
+    matches = np.array([np.arange(0, 30), np.arange(50, 80), np.arange(200, 230)])
+    rows = [_row(c.text, 0.9 - 0.1 * i) for i, c in enumerate(candidates)]
+    for row, shown in zip(rows, ["Goatee, Gray_Hair", "Gray_Hair, Goatee", "Goatee"], strict=True):
+        row["shown_attributes"] = shown
+    heads = assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05)
+    assert heads == [0, 2]
+    assert rows[1]["verdict"] == "folded" and rows[1]["folded_under"] == "text 0"
+    assert "show the same attributes" in rows[1]["reason"]
+    assert rows[2]["verdict"] == "mode" and rows[0]["n_variants"] == 1
+
+
 def test_the_interaction_test_compares_against_the_parents_own_samples() -> None:
     losses = np.r_[np.full(20, 5.0), np.full(20, 1.0), np.linspace(0, 1, 60)]
     parent = np.arange(40)

@@ -23,7 +23,9 @@ images" when none stands out. Free text names no label: "unverified". Without la
 
 Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
 attributes, then pairs, then triples), better-worded first, then by measured AUROC. One whose
-matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded under it. A
+matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded under it, and so
+is one whose images show the same labelled values as a mode's (`shown_attributes`: the same words
+to a reader, though found on other samples). A
 refinement (a pair or triple) whose parents (its attribute values alone) are candidates stands as
 its own mode only when its matched losses are worse than every parent's matched-only losses
 (one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across refinements at
@@ -236,6 +238,12 @@ def assign_modes(
             _fold(row, rows[twin], f"matches the same samples (Jaccard {share:.2f})")
             row["_head"] = twin
             continue
+        same = _same_words(row, rows, heads)
+        if same is not None:
+            reason = f"its images show the same attributes ({row['shown_attributes']})"
+            _fold(row, rows[same], reason)
+            row["_head"] = same
+            continue
         in_modes = [j for j in parents.get(i, []) if rows[j].get("verdict") in ("mode", "folded")]
         if i in parents and row["interaction_q"] > alpha and not in_modes:
             row.update(
@@ -260,6 +268,19 @@ def assign_modes(
         row["_head"] = i
         heads.append(i)
     return _number_modes(rows, heads)
+
+
+def _same_words(row: dict[str, Any], rows: list[dict[str, Any]], heads: list[int]) -> int | None:
+    """The mode whose images show the same labelled values as `row`'s (None: none does): two
+    descriptions that end up saying the same words are one finding to a reader."""
+    mine = _value_set(row.get("shown_attributes"))
+    if not mine:
+        return None
+    return next((j for j in heads if _value_set(rows[j].get("shown_attributes")) == mine), None)
+
+
+def _value_set(stated: str | None) -> frozenset[str]:
+    return frozenset(part.strip() for part in (stated or "").split(",") if part.strip())
 
 
 def _kept_reason(row: dict[str, Any], alpha: float) -> str:
