@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -184,100 +185,169 @@ def train_ensemble(
     training to some members of the grid (used to show that a member trained alone equals the
     same member trained in the batch).
     """
-    x_np = check_embeddings(embeddings)
-    l_np = check_losses(losses)
-    if l_np.shape[0] != x_np.shape[0]:
-        raise ValueError(
-            f"{x_np.shape[0]} embeddings but {l_np.shape[0]} losses: they must be the same samples"
-        )
-    n, dim = x_np.shape
-    if n < 2:
-        raise ValueError(f"need at least 2 training samples, got {n}")
-    scaler, targets_np = fit_transform(l_np, config.target_scaling)
-    device = torch.device(device)
-    chosen = list(members) if members is not None else member_grid(config)
-    if not chosen:
-        raise ValueError("no members to train: `members` is empty")
-    _check_members(chosen)
-    order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks are contiguous rows
-    generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
-    fused, frozen_bias = _initial_parameters(order, generators, dim, config.hidden, device)
-    params, leaves = fused.views(), fused.leaves()
-    arch_counts = [(arch, sum(m.arch == arch for m in order)) for arch in ARCHS]
-    reg_rows = torch.tensor(
-        [r for r, m in enumerate(order) if m.kind == "regressor"], device=device
-    )
-    rank_rows = [r for r, m in enumerate(order) if m.kind == "ranker"]
-    rank_rows_t = torch.tensor(rank_rows, device=device)
-
-    # The embeddings are neither copied nor scaled up front (at 200,000 x 512 that was two passes
-    # of 400 MB and 0.4 s per call): each mini-batch is gathered from them and scaled in place.
-    x = torch.from_numpy(x_np).to(device)
-    scale = math.sqrt(dim)
-    targets = torch.from_numpy(targets_np).to(device)
-    # float64: the rankers only compare losses, and float32 would tie losses that differ.
-    raw = torch.tensor(l_np, dtype=torch.float64, device=device)
-    fit_np, holdout_np = holdout_split(n, config.holdout_fraction)
-    fit_rows = torch.from_numpy(fit_np).to(device)
-    selector = _Selector(x, scale, l_np, holdout_np, arch_counts, params, device)
-    optimizer = torch.optim.AdamW(
-        list(leaves.values()),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        fused=True,
-    )
-    k = config.pairs_per_sample
-    batch = config.batch_size
-    n_fit = len(fit_np)
-    group_index = _group_index(groups, n, fit_np)
-    weights = _bootstrap_weights(generators, n_fit, config.bootstrap, group_index).to(device)
-    order_generator = torch.Generator().manual_seed(ORDER_SEED + config.base_seed)
-    targets_fit, raw_fit = targets[fit_rows], raw[fit_rows]
-    epochs = config.effective_epochs(n_fit)
-    bounds = batch_bounds(n_fit, batch)
-    total_steps = epochs * len(bounds)
-    step = 0
-
-    for epoch in range(epochs):
-        perm = torch.randperm(n_fit, generator=order_generator).to(device)  # positions in fit
-        perm_rows = fit_rows.index_select(0, perm)  # the same samples as rows of x
-        partners = (
-            torch.stack([torch.rand(n_fit * k, generator=generators[r]) for r in rank_rows]).to(
-                device
-            )
-            if rank_rows
-            else None
-        )
-        for start, stop in bounds:
-            pos = perm[start:stop]
-            size = pos.shape[0]
-            # index_select rather than advanced indexing: 5x faster for these row gathers.
-            xb = fused.buffer("x", size, dim)
-            torch.index_select(x, 0, perm_rows[start:stop], out=xb).mul_(scale)
-            out = fused.step_forward(xb)  # [M, B]
-            w = weights.index_select(1, pos)
-            objective = out.new_zeros(())
-            if len(reg_rows):
-                err = out.index_select(0, reg_rows) - targets_fit.index_select(0, pos)
-                objective = objective + (w.index_select(0, reg_rows) * err.square()).mean(1).sum()
-            if partners is not None:
-                objective = objective + _ranker_objective(
-                    out.index_select(0, rank_rows_t),
-                    raw_fit.index_select(0, pos),
-                    w.index_select(0, rank_rows_t),
-                    partners[:, start * k : stop * k],
-                )
-            for group in optimizer.param_groups:  # cosine decay, the same for every member
-                group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            step += 1
-            objective.backward()  # overwrites every leaf's .grad (FusedParameters.step_forward)
-            for name, rows in frozen_bias.items():
-                leaves[name].grad.index_fill_(0, rows, 0.0)
-            optimizer.step()
-        selector.update(epoch + 1)
+    run = _Run.setup(embeddings, losses, config, torch.device(device), members, groups)
+    for epoch in range(run.epochs):
+        _train_epoch(run, config, epoch)
+        run.selector.update(epoch + 1)
         if progress is not None:
-            progress(epoch + 1, epochs)
+            progress(epoch + 1, run.epochs)
+    return _finish(run, config)
 
+
+@dataclass
+class _Run:
+    """One training run's fixed state (data on the device, parameters, optimiser, schedule)."""
+
+    x_np: np.ndarray
+    scaler: Any
+    order: list[MemberInfo]
+    generators: list[torch.Generator]
+    fused: FusedParameters
+    frozen_bias: dict[str, torch.Tensor]
+    leaves: dict[str, torch.Tensor]
+    reg_rows: torch.Tensor
+    rank_rows: list[int]
+    rank_rows_t: torch.Tensor
+    x: torch.Tensor
+    scale: float
+    fit_rows: torch.Tensor
+    holdout_np: np.ndarray
+    targets_fit: torch.Tensor
+    raw_fit: torch.Tensor
+    selector: _Selector
+    optimizer: torch.optim.Optimizer
+    weights: torch.Tensor
+    order_generator: torch.Generator
+    epochs: int
+    bounds: list[tuple[int, int]]
+    step: int = 0
+
+    @property
+    def n_fit(self) -> int:
+        return int(self.fit_rows.shape[0])
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * len(self.bounds)
+
+    @classmethod
+    def setup(
+        cls,
+        embeddings: np.ndarray,
+        losses: np.ndarray,
+        config: HeadsConfig,
+        device: torch.device,
+        members: list[MemberInfo] | None,
+        groups: np.ndarray | None,
+    ) -> _Run:
+        x_np = check_embeddings(embeddings)
+        l_np = check_losses(losses)
+        if l_np.shape[0] != x_np.shape[0]:
+            raise ValueError(
+                f"{x_np.shape[0]} embeddings but {l_np.shape[0]} losses: they must be the same "
+                "samples"
+            )
+        n, dim = x_np.shape
+        if n < 2:
+            raise ValueError(f"need at least 2 training samples, got {n}")
+        scaler, targets_np = fit_transform(l_np, config.target_scaling)
+        chosen = list(members) if members is not None else member_grid(config)
+        if not chosen:
+            raise ValueError("no members to train: `members` is empty")
+        _check_members(chosen)
+        order = [m for arch in ARCHS for m in chosen if m.arch == arch]  # stacks: contiguous rows
+        # the order of every draw from these generators is part of each member's seed stream
+        generators = [torch.Generator().manual_seed(member_stream_seed(m)) for m in order]
+        fused, frozen_bias = _initial_parameters(order, generators, dim, config.hidden, device)
+        arch_counts = [(arch, sum(m.arch == arch for m in order)) for arch in ARCHS]
+        reg_rows = [r for r, m in enumerate(order) if m.kind == "regressor"]
+        rank_rows = [r for r, m in enumerate(order) if m.kind == "ranker"]
+        # The embeddings are neither copied nor scaled up front (at 200,000 x 512 that was two
+        # passes of 400 MB and 0.4 s per call): each mini-batch is gathered and scaled in place.
+        x = torch.from_numpy(x_np).to(device)
+        targets = torch.from_numpy(targets_np).to(device)
+        # float64: the rankers only compare losses, and float32 would tie losses that differ.
+        raw = torch.tensor(l_np, dtype=torch.float64, device=device)
+        fit_np, holdout_np = holdout_split(n, config.holdout_fraction)
+        fit_rows = torch.from_numpy(fit_np).to(device)
+        selector = _Selector(
+            x, math.sqrt(dim), l_np, holdout_np, arch_counts, fused.views(), device
+        )
+        leaves = fused.leaves()
+        optimizer = torch.optim.AdamW(
+            list(leaves.values()), lr=config.lr, weight_decay=config.weight_decay, fused=True
+        )
+        group_index = _group_index(groups, n, fit_np)
+        weights = _bootstrap_weights(generators, len(fit_np), config.bootstrap, group_index)
+        return cls(
+            x_np=x_np,
+            scaler=scaler,
+            order=order,
+            generators=generators,
+            fused=fused,
+            frozen_bias=frozen_bias,
+            leaves=leaves,
+            reg_rows=torch.tensor(reg_rows, device=device),
+            rank_rows=rank_rows,
+            rank_rows_t=torch.tensor(rank_rows, device=device),
+            x=x,
+            scale=math.sqrt(dim),
+            fit_rows=fit_rows,
+            holdout_np=holdout_np,
+            targets_fit=targets[fit_rows],
+            raw_fit=raw[fit_rows],
+            selector=selector,
+            optimizer=optimizer,
+            weights=weights.to(device),
+            order_generator=torch.Generator().manual_seed(ORDER_SEED + config.base_seed),
+            epochs=config.effective_epochs(len(fit_np)),
+            bounds=batch_bounds(len(fit_np), config.batch_size),
+        )
+
+
+def _train_epoch(run: _Run, config: HeadsConfig, epoch: int) -> None:
+    """One pass over the fit rows in this epoch's order, every member stepping on each batch."""
+    n_fit, k, dim = run.n_fit, config.pairs_per_sample, run.x.shape[1]
+    device = run.x.device
+    perm = torch.randperm(n_fit, generator=run.order_generator).to(device)  # positions in fit
+    perm_rows = run.fit_rows.index_select(0, perm)  # the same samples as rows of x
+    partners = None
+    if run.rank_rows:
+        draws = [torch.rand(n_fit * k, generator=run.generators[r]) for r in run.rank_rows]
+        partners = torch.stack(draws).to(device)
+    for start, stop in run.bounds:
+        pos = perm[start:stop]
+        # index_select rather than advanced indexing: 5x faster for these row gathers.
+        xb = run.fused.buffer("x", pos.shape[0], dim)
+        torch.index_select(run.x, 0, perm_rows[start:stop], out=xb).mul_(run.scale)
+        out = run.fused.step_forward(xb)  # [M, B]
+        w = run.weights.index_select(1, pos)
+        objective = out.new_zeros(())
+        if len(run.reg_rows):
+            err = out.index_select(0, run.reg_rows) - run.targets_fit.index_select(0, pos)
+            objective = objective + (w.index_select(0, run.reg_rows) * err.square()).mean(1).sum()
+        if partners is not None:
+            objective = objective + _ranker_objective(
+                out.index_select(0, run.rank_rows_t),
+                run.raw_fit.index_select(0, pos),
+                w.index_select(0, run.rank_rows_t),
+                partners[:, start * k : stop * k],
+            )
+        cosine = 0.5 * (1.0 + math.cos(math.pi * run.step / run.total_steps))
+        for group in run.optimizer.param_groups:  # cosine decay, the same for every member
+            group["lr"] = config.lr * cosine
+        run.step += 1
+        objective.backward()  # overwrites every leaf's .grad (FusedParameters.step_forward)
+        for name, rows in run.frozen_bias.items():
+            run.leaves[name].grad.index_fill_(0, rows, 0.0)
+        run.optimizer.step()
+
+
+def _finish(run: _Run, config: HeadsConfig) -> HeadEnsemble:
+    """Each member's best epoch, the sqrt(d) scale folded in, members back in index order, and
+    the output standardisation measured on the training embeddings."""
+    dim = run.x_np.shape[1]
+    selector, order = run.selector, run.order
     best = selector.best_params()
     with torch.no_grad():
         for arch, stack in best.items():
@@ -286,10 +356,10 @@ def train_ensemble(
     renumbered = [MemberInfo(i, m.kind, m.arch, m.seed) for i, m in enumerate(indexed)]
     position = [order.index(m) for m in indexed]
     training = {
-        "epochs": epochs,
-        "steps": total_steps,
-        "n_fit": n_fit,
-        "n_holdout": len(holdout_np),
+        "epochs": run.epochs,
+        "steps": run.total_steps,
+        "n_fit": run.n_fit,
+        "n_holdout": len(run.holdout_np),
         "best_epoch": [int(selector.best_epoch[p]) for p in position],
         "holdout_spearman": [
             None if np.isnan(selector.best_score[p]) else float(selector.best_score[p])
@@ -301,12 +371,12 @@ def train_ensemble(
         _reorder(best, order, indexed),
         np.zeros(len(order)),
         np.ones(len(order)),
-        scaler,
+        run.scaler,
         config,
         dim,
         training=training,
     )
-    outputs = ensemble.predict(x_np[standardization_rows(n)]).astype(np.float64)
+    outputs = ensemble.predict(run.x_np[standardization_rows(len(run.x_np))]).astype(np.float64)
     std = outputs.std(axis=1)
     ensemble.out_mean = outputs.mean(axis=1)
     ensemble.out_std = np.where(std > 0.0, std, 1.0)  # a constant member stays constant

@@ -161,7 +161,7 @@ def _fit_heads(
         },
     )
     kind_rows = [{"group": name, **values} for name, values in evaluation["groups"].items()]
-    gap_rows = gap_effect_rows(train, held_out, gap, config, encoder, torch_device)
+    gap_rows = gap_effect_rows(train, held_out, corpus, config, encoder, torch_device)
 
     write_parquet_atomic(pl.DataFrame(members), member_metrics_path(layout))
     write_json_atomic(metrics_dir(layout) / "kind_metrics.json", kind_rows)
@@ -188,7 +188,7 @@ def _fit_heads(
 def gap_effect_rows(
     train: pl.DataFrame,
     held_out: pl.DataFrame,
-    gap: Any,
+    corpus: np.ndarray,
     config: HeadsConfig,
     encoder: Any,
     device: Any,
@@ -197,7 +197,9 @@ def gap_effect_rows(
 
     For each mode: the held-out Spearman of the ensemble on images (centring should not hurt it)
     and the correlation, across attributes, between the disparity estimated from text and the
-    one measured on held-out samples (what centring is for).
+    one measured on held-out samples (what centring is for). `corpus`: the embedded
+    `text_corpus(train, config.base_seed)`, the one the heads' own gap was fitted on (encoded
+    once: it is the same texts).
     """
     from llm2loss_pipeline.core.heads.gap import measure_gap_effect
     from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
@@ -210,7 +212,6 @@ def gap_effect_rows(
     if len(usable) < 3:
         return []
     prompts = [attribute_prompt_pairs(present[i])[0] for i in usable]
-    corpus = encoder.encode_texts(text_corpus(train, config.base_seed))
     effect = measure_gap_effect(
         train_embeddings=train["embedding"].to_numpy().astype(np.float32),
         train_losses=train["loss"].to_numpy(),
