@@ -275,22 +275,3 @@ def test_the_encoder_trains_with_a_fixed_thread_count_whatever_torch_was_set_to(
     monkeypatch.setenv(step.CPU_THREADS_ENV, "0")
     with pytest.raises(ValueError, match="LLM2LOSS_CPU_THREADS='0' must be a whole number"):
         step.fit_encoder(None, None, DeviceSpec(device="cpu"))
-
-
-def test_the_heads_train_with_a_fixed_thread_count_whatever_torch_was_set_to(monkeypatch):
-    """Measured: 1 and 2 torch threads trained different heads from the same embeddings."""
-    import torch
-
-    from llm2loss_pipeline.core.device import DeviceSpec
-    from llm2loss_pipeline.core.steps import diagnosis
-
-    seen: list[int] = []
-    monkeypatch.setattr(diagnosis, "_fit_heads", lambda *args: seen.append(torch.get_num_threads()))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        diagnosis.fit_heads(None, None, DeviceSpec(device="cpu"))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1]

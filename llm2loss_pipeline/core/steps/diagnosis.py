@@ -102,22 +102,6 @@ def fit_heads(
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
 ) -> HeadsResult:
-    """Train and save the ensemble with a fixed CPU thread count (`$LLM2LOSS_CPU_THREADS`,
-    default 1): measured on the tiny world, 1 and 2 torch threads trained different heads (and
-    2 threads on 2 shared cores took 411 s instead of 60 s); see steps.encoder.pinned_cpu_threads.
-    """
-    from llm2loss_pipeline.core.steps.encoder import pinned_cpu_threads
-
-    with pinned_cpu_threads(device):
-        return _fit_heads(layout, config, device, progress)
-
-
-def _fit_heads(
-    layout: Layout,
-    config: HeadsConfig,
-    device: DeviceSpec,
-    progress: Callable[..., None] | None,
-) -> HeadsResult:
     from llm2loss_pipeline.core.encoder import load_encoder
     from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
     from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble
