@@ -99,8 +99,8 @@ def run_discover(args: argparse.Namespace) -> int:
         )
         _print_rows(modes.to_dicts())
     if vocab.height:
-        print(f"\nyour vocabulary ({vocab.height}):")
-        _print_rows(vocab.to_dicts(), reasons=True)
+        print(f"{'' if args.only_vocab else chr(10)}your vocabulary ({vocab.height}):")
+        _print_rows(vocab.to_dicts(), vocabulary=True)
     print("\n" + EPILOG)
     return 0
 
@@ -141,16 +141,21 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-def _print_rows(rows: list[dict[str, Any]], reasons: bool = False) -> None:
+def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
+    """Modes under the words their images bear out; the user's lines under their own words,
+    with what the images show and the verdict's reason."""
     header = "  ".join(f"{label:>{width}}" for _, label, width in COLUMNS)
     print(f"{header}  description")
+    indent = " " * (len(header) + 2)
     for row in rows:
         cells = "  ".join(f"{_cell(key, row[key]):>{width}}" for key, _, width in COLUMNS)
-        print(f"{cells}  {row['shown_as']}")
-        indent = " " * (len(header) + 2)
+        print(f"{cells}  {row['description'] if vocabulary else row['shown_as']}")
         if row["shown_as"] != row["description"]:
-            print(f"{indent}tested as '{row['description']}': {row['wording']}")
+            said = "the images show" if vocabulary else f"tested as '{row['description']}'"
+            shown = row["shown_as"] if vocabulary else row["wording"]
+            print(f"{indent}{said}: {shown}")
         elif row["wording"] != "supported":
-            print(f"{indent}wording: {row['wording']}")
-        if reasons:
+            extra = f"; the images show {row['shows']}" if row["shows"] else ""
+            print(f"{indent}wording: {row['wording']}{extra}")
+        if vocabulary:
             print(f"{indent}{row['verdict']}: {row['reason']}")
