@@ -146,7 +146,7 @@ def _pipeline_config(home: Path, world_seed: int, pool_size: int, args):
             "images_per_identity": args.images,
         }
     )
-    encoder = config.encoder.model_copy(update={"pool_size": pool_size})
+    encoder = config.encoder.model_copy(update={"pool_size": pool_size, "seed": args.encoder_seed})
     return config.model_copy(update={"home": str(home), "world": world, "encoder": encoder})
 
 
@@ -157,7 +157,7 @@ def run_pipeline_variant(base: Path, world_seed: int, pool_size: int, args) -> d
 
     from scale import run_stage  # bench/scale.py: the steps the Dagster assets call
 
-    home = base.parent / f"{base.name}_p{pool_size}"
+    home = base.parent / f"{base.name}_p{pool_size}_e{args.encoder_seed}"
     if home.exists():
         shutil.rmtree(home)
     shutil.copytree(base, home, symlinks=True)
@@ -173,6 +173,7 @@ def run_pipeline_variant(base: Path, world_seed: int, pool_size: int, args) -> d
     return {
         "world_seed": world_seed,
         "pool_size": pool_size,
+        "encoder_seed": args.encoder_seed,
         "n_captions": metrics.get("n_captions"),
         "max_columns_per_step": metrics.get("max_columns_per_step"),
         "zero_shot_auroc_mean": metrics.get("zero_shot_auroc_mean"),
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20, help="images per identity")
     parser.add_argument("--world-seeds", default="0,1")
     parser.add_argument("--pool-sizes", default="1000000,512,160")
+    parser.add_argument("--encoder-seed", type=int, default=0, help="its noise: run another seed")
     args = parser.parse_args(argv)
     if args.pipeline:
         torch.set_num_threads(1)

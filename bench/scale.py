@@ -6,9 +6,10 @@ same identities with more images each, plus a variant with more identities
 (`--identities-variant 4`: 4 x the identities, as many images each as the base).
 Every stage runs in its own child process, so its peak resident memory is that child's own
 (`os.wait4`'s ru_maxrss), and its wall time excludes imports (stated separately as start-up).
-Per world and stage it prints seconds, milliseconds per image of the world, and peak RSS, and per
-stage the growth exponent b of seconds ~ images^b fitted (least squares, log-log) over the
-more-images series: 1 is linear.
+Per world and stage it prints wall seconds, CPU seconds (the child's process time: on a shared
+machine wall time mostly measures the other jobs), CPU milliseconds per image of the world, and
+peak RSS, and per stage the growth exponent b of seconds ~ images^b fitted (least squares,
+log-log) over the more-images series, on CPU and on wall time: 1 is linear.
 
     nice -n 10 .venv/bin/python bench/scale.py --scales 1,4 --home /tmp/scale --json out.json
 
@@ -110,9 +111,10 @@ def child_main(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     config = _config(args)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     run_stage(args.child, config)
-    print(json.dumps({"stage": args.child, "seconds": time.perf_counter() - started}))
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(json.dumps({"stage": args.child, "seconds": seconds, "cpu_seconds": cpu}))
     return 0
 
 
@@ -146,9 +148,11 @@ def _spawn(stage: str, home: Path, identities: int, images: int, args) -> dict:
     wall = time.perf_counter() - started
     if process.returncode:
         raise RuntimeError(f"stage {stage} failed in {home} (exit {process.returncode})")
-    seconds = json.loads(output.strip().splitlines()[-1])["seconds"]
+    measured = json.loads(output.strip().splitlines()[-1])
+    seconds = measured["seconds"]
     return {
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(measured["cpu_seconds"], 2),
         "startup_seconds": round(wall - seconds, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
     }
@@ -176,6 +180,7 @@ def run_world(label: str, identities: int, images: int, args, reuse: Path | None
     n = _n_images(home)
     for row in stages.values():
         row["ms_per_image"] = round(1000 * row["seconds"] / n, 3)
+        row["cpu_ms_per_image"] = round(1000 * row["cpu_seconds"] / n, 3)
     return {
         "label": label,
         "identities": identities,
@@ -199,7 +204,7 @@ def growth_exponent(points: list[tuple[int, float]]) -> float:
 def print_table(worlds: list[dict]) -> None:
     series = [w for w in worlds if w["identities"] == worlds[0]["identities"]]
     header = " | ".join(f"{w['label']} ({w['n']:,})" for w in worlds)
-    print(f"\n| stage | {header} | exponent |")
+    print(f"\n| stage | {header} | exponent CPU / wall |")
     print("|---|" + "---|" * len(worlds) + "---|")
     for stage in STAGES:
         cells = []
@@ -208,11 +213,15 @@ def print_table(worlds: list[dict]) -> None:
             cells.append(
                 "-"
                 if row is None
-                else f"{row['seconds']:.1f} s, {row['ms_per_image']:.2f} ms/img, "
-                f"{row['peak_rss_mb']:.0f} MB"
+                else f"{row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU = "
+                f"{row['cpu_ms_per_image']:.2f} ms/img, {row['peak_rss_mb']:.0f} MB"
             )
-        points = [(w["n"], w["stages"][stage]["seconds"]) for w in series if stage in w["stages"]]
-        print(f"| {stage} | " + " | ".join(cells) + f" | {growth_exponent(points):.2f} |")
+        measured = [w for w in series if stage in w["stages"]]
+        exponents = [
+            f"{growth_exponent([(w['n'], w['stages'][stage][key]) for w in measured]):.2f}"
+            for key in ("cpu_seconds", "seconds")
+        ]
+        print(f"| {stage} | " + " | ".join(cells) + f" | {' / '.join(exponents)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
