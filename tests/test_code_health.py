@@ -53,3 +53,45 @@ def test_gap_effect_uses_the_text_corpus_embedded_once(monkeypatch):
     assert seen["text_corpus_embeddings"] is corpus
     assert all(call != corpus_texts for call in encoder.calls)
     assert len(seen["prompts"]) == len(CELEBA_ATTRIBUTES)
+
+
+def test_one_markdown_renderer_for_metadata_and_report():
+    """Dagster metadata tables and the report's tables format numbers the same way (they used to
+    be two renderers: 4 significant digits here, 3 decimals there)."""
+    from llm2loss_pipeline.core.markdown import markdown_table
+    from llm2loss_pipeline.core.report.build import _markdown
+    from llm2loss_pipeline.defs.metadata import markdown_table as metadata_table
+
+    rows = [{"group": "a|b", "spearman": 0.123456, "p": 2.5e-5, "n": 12, "ok": True, "x": None}]
+    rows.append({"group": "c", "spearman": float("nan"), "p": 0.5, "n": 3, "ok": False, "x": 1.0})
+    expected = (
+        "| group | spearman | p | n | ok | x |\n|---|---|---|---|---|---|\n"
+        "| a\\|b | 0.123 | 2.50e-05 | 12 | yes |  |\n| c | – | 0.500 | 3 |  | 1.000 |"
+    )
+    assert metadata_table is markdown_table
+    assert markdown_table(rows) == expected
+    assert _markdown(pl.DataFrame(rows), list(rows[0])) == expected
+    assert markdown_table([]) == "_(empty)_"
+
+
+def test_member_names_and_groups_have_one_home():
+    from llm2loss_pipeline.core import members
+    from llm2loss_pipeline.core.heads import compare
+    from llm2loss_pipeline.core.heads import config as heads_config
+    from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+    from llm2loss_pipeline.core.report import build, plots
+
+    assert heads_config.KINDS is members.KINDS and heads_config.ARCHS is members.ARCHS
+    assert build.KINDS is members.KINDS and plots.KINDS is members.KINDS
+    assert compare.OVERALL is members.OVERALL is build.OVERALL
+    assert not hasattr(compare, "member_groups") or compare.member_groups is members.member_groups
+    grid = [
+        MemberInfo(0, "regressor", "linear", 0),
+        MemberInfo(1, "ranker", "mlp", 0),
+        MemberInfo(2, "regressor", "mlp", 0),
+    ]
+    # the answers list kinds, then everyone; the report adds kind x arch groups after the kinds
+    assert compare.kind_groups(grid) == {"regressor": [0, 2], "ranker": [1], "overall": [0, 1, 2]}
+    names = [group.name for group in members.member_groups(grid)]
+    assert names == ["overall", "regressor", "ranker", "regressor/linear", "regressor/mlp",
+                     "ranker/mlp"]  # fmt: skip

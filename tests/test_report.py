@@ -24,8 +24,8 @@ from scipy.stats import rankdata
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.members import member_groups
 from llm2loss_pipeline.core.report import build_report, markdown_tables, publish_views
-from llm2loss_pipeline.core.report.estimated import member_groups
 from llm2loss_pipeline.core.report.html import html_table, text
 from llm2loss_pipeline.core.report.measured import ReportInputError
 

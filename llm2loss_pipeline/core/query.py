@@ -27,7 +27,7 @@ from llm2loss_pipeline.core.heads.compare import (
     Comparison,
     Spread,
     compare_members,
-    member_groups,
+    kind_groups,
     rank_texts,
 )
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
@@ -224,7 +224,7 @@ class Diagnoser:
         """Per text: the ensemble mean and spread (std, quartiles, range), per kind and overall."""
         texts = check_texts(texts)
         scores = self.score_texts(texts)
-        groups = member_groups(self.ensemble.members)
+        groups = kind_groups(self.ensemble.members)
         rows = []
         for t, text in enumerate(texts):
             per_group = {name: Spread.of(scores[idx, t]).to_dict() for name, idx in groups.items()}

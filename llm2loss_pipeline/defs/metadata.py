@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+# the one markdown-table renderer lives in core (the report uses it too); assets import it here
+from llm2loss_pipeline.core.markdown import markdown_table as markdown_table
 
 _POLARS_TO_TYPE = {
     "String": "string",
@@ -38,22 +41,6 @@ def table_metadata(frame: Any, path: Path | None = None) -> dict[str, Any]:
     if path is not None:
         meta["path"] = dg.MetadataValue.path(str(path))
     return meta
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    if not rows:
-        return "_(empty)_"
-    columns = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
 
 
 def png_markdown(path: Path, alt: str) -> dg.MetadataValue:

@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.heads.config import KINDS
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+from llm2loss_pipeline.core.members import OVERALL, member_groups
 from llm2loss_pipeline.core.report.calibration import Calibration
 
 CONFIDENT = 0.8
 CLAIM = 0.9
 MIN_EXPLAINED = 0.25  # chosen on the tuning worlds (bench/worlds.py --set tune), see RESULTS
-OVERALL = "overall"
 
 
 @dataclass(frozen=True)
@@ -103,12 +102,11 @@ class DiffStats(Spread):
         return {**super().to_dict(), "n_agree": self.n_agree}
 
 
-def member_groups(members: Sequence[MemberInfo]) -> dict[str, list[int]]:
-    """Member indices per kind present, and all of them under "overall"."""
-    groups = {kind: [m.index for m in members if m.kind == kind] for kind in KINDS}
-    groups = {kind: rows for kind, rows in groups.items() if rows}
-    groups[OVERALL] = [m.index for m in members]
-    return groups
+def kind_groups(members: Sequence[MemberInfo]) -> dict[str, list[int]]:
+    """Member positions per kind present, then all of them under "overall" (`member_groups`
+    without the kind x arch groups, in the order the answers list them)."""
+    overall, *kinds = member_groups(members, by_arch=False)
+    return {group.name: list(group.positions) for group in (*kinds, overall)}
 
 
 @dataclass(frozen=True)
@@ -244,7 +242,7 @@ def compare_members(
         raise ValueError(f"{values.size} differences for {len(members)} members")
     if not np.isfinite(values).all():
         raise ValueError("differences contain NaN or inf")
-    groups = {name: DiffStats.of(values[rows]) for name, rows in member_groups(members).items()}
+    groups = {name: DiffStats.of(values[rows]) for name, rows in kind_groups(members).items()}
     return Comparison(
         text_a=text_a,
         text_b=text_b,
@@ -271,7 +269,7 @@ def rank_texts(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(members), len(texts)):
         raise ValueError(f"scores must be [{len(members)}, {len(texts)}], got {scores.shape}")
-    groups = member_groups(members)
+    groups = kind_groups(members)
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}

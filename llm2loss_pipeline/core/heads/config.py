@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llm2loss_pipeline.core.attributes import SPLIT_NAMES
 from llm2loss_pipeline.core.choices import one_of
+from llm2loss_pipeline.core.members import ARCHS, KINDS
 
-KINDS: tuple[str, ...] = ("regressor", "ranker")
-ARCHS: tuple[str, ...] = ("linear", "mlp")
 TARGET_SCALINGS: tuple[str, ...] = ("log1p", "raw", "rank")
 GAP_MODES: tuple[str, ...] = ("center", "none")
 

@@ -22,20 +22,18 @@ from scipy import stats as sps
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.markdown import markdown_table
+from llm2loss_pipeline.core.members import KINDS, OVERALL, MemberGroup, member_groups
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import LEVEL, Calibration, calibrated_claims
 from llm2loss_pipeline.core.report.estimated import (
-    KINDS,
-    OVERALL,
     AurocFn,
     EncodeTexts,
-    MemberGroup,
     PromptPairs,
     ScorerLike,
     collect_prompt_pairs,
     member_diffs,
     member_diffs_long,
-    member_groups,
     score_texts_once,
     summarize,
     zero_shot_auroc,
@@ -834,22 +832,8 @@ def write_report(result: ReportResult, out: Path, groups) -> ReportResult:
     return dataclasses.replace(result, files=dict(files))
 
 
-def _markdown(frame: pl.DataFrame, columns: Sequence[str], digits: int = 3) -> str:
-    def cell(value: object) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, bool):
-            return "yes" if value else ""
-        if isinstance(value, float):
-            if math.isnan(value):
-                return "–"
-            return f"{value:.2e}" if value != 0 and abs(value) < 1e-3 else f"{value:.{digits}f}"
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in frame.select(columns).iter_rows():
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+def _markdown(frame: pl.DataFrame, columns: Sequence[str]) -> str:
+    return markdown_table(frame.select(columns).to_dicts(), columns)
 
 
 def markdown_tables(result: ReportResult) -> dict[str, str]:

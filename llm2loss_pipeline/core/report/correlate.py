@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.report.estimated import MemberGroup
+from llm2loss_pipeline.core.members import MemberGroup
 from llm2loss_pipeline.core.report.measured import METRICS
 from llm2loss_pipeline.core.stats import complete_pairs, correlations
 

@@ -33,23 +33,13 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+from llm2loss_pipeline.core.members import MemberGroup, MemberInfoLike
 from llm2loss_pipeline.core.stats import (
     benjamini_hochberg,
     bh_adjust,
     prob_positive,
     replicate_pvalue,
 )
-
-KINDS = ("regressor", "ranker")
-ARCHS = ("linear", "mlp")
-OVERALL = "overall"
-
-
-class MemberInfoLike(Protocol):
-    index: int
-    kind: str
-    arch: str
-    seed: int
 
 
 class ScorerLike(Protocol):
@@ -61,39 +51,6 @@ class ScorerLike(Protocol):
 PromptPairs = Callable[[str], Sequence[tuple[str, str]]]
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 AurocFn = Callable[[np.ndarray, np.ndarray], float]
-
-
-@dataclass(frozen=True)
-class MemberGroup:
-    """A named subset of ensemble members (positions into the scorer's member list)."""
-
-    name: str
-    kind: str | None
-    arch: str | None
-    positions: tuple[int, ...]
-
-
-def member_groups(members: Sequence[MemberInfoLike]) -> list[MemberGroup]:
-    """The whole ensemble, then each head kind, then each kind x arch present in `members`."""
-    if not members:
-        raise ValueError("the scorer has no ensemble members")
-    for member in members:
-        if not isinstance(member.kind, str) or not isinstance(member.arch, str):
-            raise ValueError(f"member {member!r} needs string `kind` and `arch`")
-    groups = [MemberGroup(OVERALL, None, None, tuple(range(len(members))))]
-    kinds = _ordered({m.kind for m in members}, KINDS)
-    for kind in kinds:
-        positions = tuple(i for i, m in enumerate(members) if m.kind == kind)
-        groups.append(MemberGroup(kind, kind, None, positions))
-    for kind in kinds:
-        for arch in _ordered({m.arch for m in members if m.kind == kind}, ARCHS):
-            positions = tuple(i for i, m in enumerate(members) if m.kind == kind and m.arch == arch)
-            groups.append(MemberGroup(f"{kind}/{arch}", kind, arch, positions))
-    return groups
-
-
-def _ordered(values: set[str], preferred: Sequence[str]) -> list[str]:
-    return [v for v in preferred if v in values] + sorted(values - set(preferred))
 
 
 @dataclass(frozen=True)

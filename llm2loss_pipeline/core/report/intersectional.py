@@ -23,8 +23,8 @@ import numpy as np
 import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
+from llm2loss_pipeline.core.members import MemberGroup
 from llm2loss_pipeline.core.report.estimated import (
-    MemberGroup,
     TextScores,
     member_diffs_long,
     summarize,

@@ -15,7 +15,7 @@ import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from llm2loss_pipeline.core.report.estimated import KINDS, MemberGroup
+from llm2loss_pipeline.core.members import KINDS, MemberGroup
 from llm2loss_pipeline.core.stats import prob_positive
 from llm2loss_pipeline.core.storage import write_bytes_atomic
 
