@@ -1,16 +1,21 @@
 """Backfills on the tiny world: some shards, then the rest, from Python and from the Dagster CLI.
 
 One module-scoped home: `llm2loss run --stage prepare` (a real subprocess, as a user would run it)
-writes the data and models and registers the shard partitions in a file-backed DAGSTER_HOME; the
-tests then backfill shards through that same instance, in order.
+writes the data and models and registers the shard partitions in a file-backed DAGSTER_HOME. The
+staged backfill (one shard, a diagnose that is refused, the rest, a diagnose that succeeds) runs
+once in the `backfilled` fixture, and the tests assert on what it recorded; the tests that install
+a new model version work on a copy of the home and instance. So no test depends on which tests
+ran before it (checked in both orders and one at a time).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -73,27 +78,45 @@ def _materialized(instance: dg.DagsterInstance, key: dg.AssetKey) -> set[str]:
     return set(instance.get_materialized_partitions(key))
 
 
-def test_diagnose_waits_until_every_shard_is_backfilled(prepared) -> None:
+@dataclass(frozen=True)
+class Backfill:
+    """What the staged backfill saw at each stage."""
+
+    after_first_shard: set[str]
+    refusal: str
+    heads_after_refusal: bool
+    after_all_shards: dict[str, set[str]]
+
+
+@pytest.fixture(scope="module")
+def backfilled(prepared) -> Backfill:
     config, instance, layout, shards, _ = prepared
     run_pipeline(config, ["signals"], shards=shards[:1], instance=instance)
-    assert _materialized(instance, LOSSES) == {shards[0]}
+    after_first = _materialized(instance, LOSSES)
     with pytest.raises(StageFailed) as failure:
         run_pipeline(config, ["diagnose"], instance=instance)
-    message = str(failure.value)
+    heads_after_refusal = (layout.heads_dir / "ensemble.json").exists()
+    run_pipeline(config, ["signals"], shards=shards[1:], instance=instance)
+    after_all = {table: _materialized(instance, dg.AssetKey(table)) for table in TABLES}
+    run_pipeline(config, ["diagnose"], instance=instance)
+    return Backfill(after_first, str(failure.value), heads_after_refusal, after_all)
+
+
+def test_diagnose_waits_until_every_shard_is_backfilled(prepared, backfilled) -> None:
+    _, _, _, shards, _ = prepared
+    assert backfilled.after_first_shard == {shards[0]}
     # It names the shards still missing, and the command that backfills them.
+    message = backfilled.refusal
     assert f"{len(shards) - 1} of {len(shards)} shards" in message
     for shard in shards[1:]:
         assert shard in message
     assert f"llm2loss run --stage signals --shard {shards[1]}" in message
-    assert not (layout.heads_dir / "ensemble.json").exists()
+    assert not backfilled.heads_after_refusal
 
 
-def test_backfilling_the_rest_lets_diagnose_see_the_whole_table(prepared) -> None:
-    config, instance, layout, shards, _ = prepared
-    run_pipeline(config, ["signals"], shards=shards[1:], instance=instance)
-    assert _materialized(instance, LOSSES) == set(shards)
-    assert _materialized(instance, dg.AssetKey("image_embeddings")) == set(shards)
-    run_pipeline(config, ["diagnose"], instance=instance)
+def test_backfilling_the_rest_lets_diagnose_see_the_whole_table(prepared, backfilled) -> None:
+    _, instance, layout, shards, _ = prepared
+    assert backfilled.after_all_shards == {table: set(shards) for table in TABLES}
 
     manifest = pl.read_parquet(layout.manifest)
     heads = instance.get_latest_materialization_event(dg.AssetKey("diagnosis_heads"))
@@ -110,7 +133,7 @@ def test_backfilling_the_rest_lets_diagnose_see_the_whole_table(prepared) -> Non
     assert rows == shards_seen == manifest.height
 
 
-def test_rerunning_a_shard_rewrites_identical_bytes(prepared) -> None:
+def test_rerunning_a_shard_rewrites_identical_bytes(prepared, backfilled) -> None:
     config, instance, layout, shards, _ = prepared
     key = shards[1]
     before = {table: sha256_file(layout.shard_table(table, key)) for table in TABLES}
@@ -120,7 +143,7 @@ def test_rerunning_a_shard_rewrites_identical_bytes(prepared) -> None:
     assert {table: sha256_file(layout.shard_table(table, key)) for table in TABLES} == before
 
 
-def test_cli_backfill_of_one_partition(prepared) -> None:
+def test_cli_backfill_of_one_partition(prepared, backfilled) -> None:
     _, instance, layout, shards, env = prepared
     key = shards[-1]
     before = sha256_file(layout.shard_table("per_sample_losses", key))
@@ -159,10 +182,25 @@ def _scripted_model(path: Path, num_classes: int, seed: int) -> None:
     torch.jit.save(torch.jit.script(model.eval()), str(path))
 
 
+@pytest.fixture()
+def sandbox(prepared, backfilled, tmp_path):
+    """A copy of the backfilled home and Dagster instance: a new black box version installed
+    here would change every later test's losses on the shared one."""
+    config, _, layout, shards, env = prepared
+    home, dagster_home = tmp_path / "home", tmp_path / "dagster"
+    shutil.copytree(layout.home, home, symlinks=True)
+    shutil.copytree(env["DAGSTER_HOME"], dagster_home, symlinks=True)
+    copy = dg.DagsterInstance.from_config(str(dagster_home))
+    moved = config.model_copy(update={"home": str(home)})
+    yield moved, copy, Layout(home.resolve()), shards, _env(home, dagster_home)
+    copy.dispose()
+
+
 def _registry_run(prepared, tmp_path: Path) -> tuple[dg.RunRequest, dg.ExecuteInProcessResult]:
     config, instance, layout, _, _ = prepared
     manifest = pl.read_parquet(layout.manifest)
     n_classes = manifest.filter(pl.col("split") == "train")["identity"].n_unique()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     _scripted_model(tmp_path / "identity-v2.pt", n_classes, seed=3)
     sensor = build_model_registry_sensor(tmp_path, black_box=config.black_box, settle_seconds=0)
     tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
@@ -177,9 +215,9 @@ def _registry_run(prepared, tmp_path: Path) -> tuple[dg.RunRequest, dg.ExecuteIn
     return request, outcome
 
 
-def test_a_registry_version_materializes_the_black_box_from_that_file(prepared, tmp_path) -> None:
-    _, instance, _, _, _ = prepared
-    request, outcome = _registry_run(prepared, tmp_path)
+def test_a_registry_version_materializes_the_black_box_from_that_file(sandbox, tmp_path) -> None:
+    _, instance, _, _, _ = sandbox
+    request, outcome = _registry_run(sandbox, tmp_path / "registry")
     assert outcome.success
     record = instance.get_latest_materialization_event(dg.AssetKey("black_box_model"))
     assert record.run_id == outcome.run_id
@@ -189,9 +227,9 @@ def test_a_registry_version_materializes_the_black_box_from_that_file(prepared, 
     assert run.asset_selection == {dg.AssetKey("black_box_model")}
 
 
-def test_losses_launched_by_automation_use_the_registry_version(prepared, tmp_path) -> None:
-    config, instance, layout, shards, _ = prepared
-    request, outcome = _registry_run(prepared, tmp_path)
+def test_losses_launched_by_automation_use_the_registry_version(sandbox, tmp_path) -> None:
+    config, instance, layout, shards, _ = sandbox
+    request, outcome = _registry_run(sandbox, tmp_path / "registry")
     assert outcome.success
     key = shards[0]
     # What the automation sensor launches: the losses with the deployment's run config.

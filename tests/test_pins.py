@@ -61,6 +61,12 @@ def test_bh_q_values_equal_scipy() -> None:
     assert 0 < rejected.sum() < p.size  # the comparison decides something here
 
 
+def test_bh_accepts_the_ends_of_the_unit_interval() -> None:
+    np.testing.assert_allclose(bh_adjust([1.0, 0.0, 0.5]), [1.0, 0.0, 0.75])
+    with pytest.raises(ValueError, match=r"position 1 is 1\.5"):
+        bh_adjust([0.5, 1.5])
+
+
 def test_prob_positive_counts_ties_half() -> None:
     assert prob_positive(np.array([1.0, -1.0, 0.0, 2.0])) == pytest.approx(0.625)
 
