@@ -238,36 +238,44 @@ def assign_modes(
             _fold(row, rows[twin], f"matches the same samples (Jaccard {share:.2f})")
             row["_head"] = twin
             continue
+        if i in parents and _judge_refinement(rows, i, parents[i], alpha):
+            continue
         same = _same_words(row, rows, heads)
         if same is not None:
             reason = f"its images show the same attributes ({row['shown_attributes']})"
             _fold(row, rows[same], reason)
             row["_head"] = same
             continue
-        in_modes = [j for j in parents.get(i, []) if rows[j].get("verdict") in ("mode", "folded")]
-        if i in parents and row["interaction_q"] > alpha and not in_modes:
-            row.update(
-                kept=False,
-                verdict="dropped",
-                reason=f"not measurably worse than its parents (interaction q "
-                f"{row['interaction_q']:.2g} > {alpha}), and they are no failure mode",
-            )
-            continue
-        if in_modes and row["interaction_q"] > alpha:
-            parent = min(in_modes, key=lambda j: rows[j]["q_value"])
-            home = parent if rows[parent]["verdict"] == "mode" else rows[parent]["_head"]
-            _fold(
-                row,
-                rows[home],
-                f"not measurably worse than its parent '{rows[parent]['description']}' "
-                f"(interaction q {row['interaction_q']:.2g} > {alpha})",
-            )
-            row["_head"] = home
-            continue
         row.update(verdict="mode", reason=_kept_reason(row, alpha))
         row["_head"] = i
         heads.append(i)
     return _number_modes(rows, heads)
+
+
+def _judge_refinement(rows: list[dict[str, Any]], i: int, parents: list[int], alpha: float) -> bool:
+    """Fold (under its best parent's mode) or drop a refinement no worse than its parents;
+    returns whether it was (False: it is worse than them, and may stand as a mode)."""
+    row = rows[i]
+    if row["interaction_q"] <= alpha:
+        return False
+    in_modes = [j for j in parents if rows[j].get("verdict") in ("mode", "folded")]
+    if not in_modes:
+        row.update(
+            kept=False,
+            verdict="dropped",
+            reason=f"not measurably worse than its parents (interaction q "
+            f"{row['interaction_q']:.2g} > {alpha}), and they are no failure mode",
+        )
+        return True
+    parent = min(in_modes, key=lambda j: rows[j]["q_value"])
+    home = parent if rows[parent]["verdict"] == "mode" else rows[parent]["_head"]
+    reason = (
+        f"not measurably worse than its parent '{rows[parent]['description']}' "
+        f"(interaction q {row['interaction_q']:.2g} > {alpha})"
+    )
+    _fold(row, rows[home], reason)
+    row["_head"] = home
+    return True
 
 
 def _same_words(row: dict[str, Any], rows: list[dict[str, Any]], heads: list[int]) -> int | None:
