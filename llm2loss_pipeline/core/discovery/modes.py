@@ -22,15 +22,17 @@ images" when none stands out. Free text names no label: "unverified". Without la
 "unverified".
 
 Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
-attributes, then pairs, then triples), better-worded first, then by measured AUROC. One whose
-matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded under it, and so
-is one whose images show the same labelled values as a mode's (`shown_attributes`: the same words
-to a reader, though found on other samples). A
-refinement (a pair or triple) whose parents (its attribute values alone) are candidates stands as
-its own mode only when its matched losses are worse than every parent's matched-only losses
-(one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across refinements at
-`alpha`); otherwise it is folded under its best parent's mode, or dropped when no parent is in a
-mode (its samples are no worse than samples the description does not single out).
+attributes, then pairs, then triples), better-worded first, then by measured AUROC. In turn:
+1. one whose matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded
+   under it;
+2. a refinement (a pair or triple) whose parents (its attribute values alone) are candidates must
+   be worse than every parent: its matched losses against the losses of the samples only the
+   parent matches (one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across
+   refinements at `alpha`). If not, it is folded under its best parent's mode, or dropped when no
+   parent is in a mode (its samples are no worse than samples it does not single out);
+3. one whose images show the same labelled values as a mode's (`shown_attributes`: the same
+   words to a reader, though found on other samples) is folded under it;
+4. what is left is a new mode. Modes are numbered by their representative's measured AUROC.
 """
 
 from __future__ import annotations
