@@ -177,8 +177,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_report_summary(layout) -> None:
     from llm2loss_pipeline.core.steps.report import HEADLINE_KEYS
 
-    headline_path = layout.reports / "headline.json"
-    html = layout.reports / "report.html"
+    headline_path = layout.headline
+    html = layout.report_html
     if not headline_path.exists() or not html.exists():
         return
     headline = json.loads(headline_path.read_text())

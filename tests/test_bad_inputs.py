@@ -27,7 +27,6 @@ from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.steps.black_box import (
     LOSSES_TABLE,
     fit_black_box,
-    reference_path,
     shard_losses,
 )
 from llm2loss_pipeline.core.steps.data import prepare_dataset
@@ -280,7 +279,7 @@ def test_bad_loss_table_through_fit_black_box_names_samples_and_keeps_the_old(
     )
     fit_black_box(layout, good.black_box, good.devices.black_box)
     copy = layout.black_box.parent / "loss_table.parquet"
-    recorded = {path: sha256_file(path) for path in (copy, reference_path(layout))}
+    recorded = {path: sha256_file(path) for path in (copy, layout.black_box_reference)}
 
     frame, needle = broken_loss_tables(all_losses)[case]
     bad_path = tmp_path / f"{case}.csv"

@@ -95,3 +95,37 @@ def test_member_names_and_groups_have_one_home():
     names = [group.name for group in members.member_groups(grid)]
     assert names == ["overall", "regressor", "ranker", "regressor/linear", "regressor/mlp",
                      "ranker/mlp"]  # fmt: skip
+
+
+def test_layout_names_every_artifact_where_it_always_was(tmp_path):
+    """The paths the steps used to build by hand, now named once by Layout (same places, so
+    existing homes keep working)."""
+    from llm2loss_pipeline.core import layout as layout_module
+    from llm2loss_pipeline.core.heads.checkpoint import INDEX
+    from llm2loss_pipeline.core.report import measured
+    from llm2loss_pipeline.core.steps import black_box, encoder
+
+    layout = layout_module.Layout.at(tmp_path)
+    home = layout.home
+    expected = {
+        "black_box_reference": "models/black_box/reference.json",
+        "black_box_curve": "models/black_box/training_curve.png",
+        "loss_table_copy": "models/black_box/loss_table.parquet",
+        "heads_index": f"models/heads/{INDEX}",
+        "member_metrics": "models/heads_metrics/member_metrics.parquet",
+        "kind_metrics": "models/heads_metrics/kind_metrics.json",
+        "gap_effect": "models/heads_metrics/gap_effect.json",
+        "attribute_table": "reports/attribute_disparity.parquet",
+        "headline": "reports/headline.json",
+        "report_html": "reports/report.html",
+        "hypotheses": "reports/failure_hypotheses.parquet",
+        "evidence": "reports/failure_evidence.parquet",
+        "discovery_dir": "reports/discovery",
+        "discovery_html": "reports/discovery.html",
+    }
+    assert {name: getattr(layout, name) for name in expected} == {
+        name: home / relative for name, relative in expected.items()
+    }
+    # one definition of each table name, that the steps and the report share
+    assert black_box.LOSSES_TABLE is measured.LOSSES_TABLE is layout_module.LOSSES_TABLE
+    assert encoder.EMBEDDINGS_TABLE is measured.EMBEDDINGS_TABLE is layout_module.EMBEDDINGS_TABLE

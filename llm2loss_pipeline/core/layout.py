@@ -8,6 +8,10 @@ from pathlib import Path
 
 from llm2loss_pipeline.core.storage import resolve_home
 
+LOSSES_TABLE = "per_sample_losses"
+EMBEDDINGS_TABLE = "image_embeddings"
+"""Shard tables under tables/ (one folder of Parquet shards each, `Layout.shard_dir`)."""
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -46,8 +50,26 @@ class Layout:
         return self.home / "models"
 
     @property
+    def black_box_dir(self) -> Path:
+        return self.models / "black_box"
+
+    @property
     def black_box(self) -> Path:
-        return self.models / "black_box" / "model.safetensors"
+        return self.black_box_dir / "model.safetensors"
+
+    @property
+    def black_box_reference(self) -> Path:
+        """Where a model that is not trained here (user model, loss table) is recorded."""
+        return self.black_box_dir / "reference.json"
+
+    @property
+    def black_box_curve(self) -> Path:
+        return self.black_box_dir / "training_curve.png"
+
+    @property
+    def loss_table_copy(self) -> Path:
+        """The user's loss table as it was read (`black_box.source: loss_table`)."""
+        return self.black_box_dir / "loss_table.parquet"
 
     @property
     def encoder_dir(self) -> Path:
@@ -58,10 +80,60 @@ class Layout:
     def heads_dir(self) -> Path:
         return self.models / "heads"
 
+    @property
+    def heads_index(self) -> Path:
+        """The ensemble's index file (`core.heads.checkpoint.INDEX`)."""
+        return self.heads_dir / "ensemble.json"
+
+    @property
+    def heads_metrics_dir(self) -> Path:
+        return self.models / "heads_metrics"
+
+    @property
+    def member_metrics(self) -> Path:
+        return self.heads_metrics_dir / "member_metrics.parquet"
+
+    @property
+    def kind_metrics(self) -> Path:
+        return self.heads_metrics_dir / "kind_metrics.json"
+
+    @property
+    def gap_effect(self) -> Path:
+        return self.heads_metrics_dir / "gap_effect.json"
+
     # outputs
     @property
     def reports(self) -> Path:
         return self.home / "reports"
+
+    @property
+    def attribute_table(self) -> Path:
+        return self.reports / "attribute_disparity.parquet"
+
+    @property
+    def headline(self) -> Path:
+        return self.reports / "headline.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.reports / "report.html"
+
+    @property
+    def hypotheses(self) -> Path:
+        return self.reports / "failure_hypotheses.parquet"
+
+    @property
+    def evidence(self) -> Path:
+        return self.reports / "failure_evidence.parquet"
+
+    @property
+    def discovery_dir(self) -> Path:
+        """One evidence sheet per hypothesis."""
+        return self.reports / "discovery"
+
+    @property
+    def discovery_html(self) -> Path:
+        return self.reports / "discovery.html"
 
     @property
     def duckdb(self) -> Path:

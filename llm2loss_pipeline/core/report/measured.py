@@ -26,11 +26,8 @@ import polars as pl
 from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
-from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.sql import parquet_source, run_sql, shard_glob
-
-LOSSES_TABLE = "per_sample_losses"
-EMBEDDINGS_TABLE = "image_embeddings"
 
 METRICS = ("loss", "accuracy", "auroc")
 """Performance metrics, each with a `<metric>_true`/`<metric>_false`, `gap_<metric>` and

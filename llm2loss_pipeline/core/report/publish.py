@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.report.measured import EMBEDDINGS_TABLE, LOSSES_TABLE
+from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.sql import SqlError, connect, parquet_source, relation, shard_glob
 from llm2loss_pipeline.core.storage import atomic_path
 

@@ -14,7 +14,7 @@ import polars as pl
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
-from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.layout import LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.steps.tables import (
     fail_on_bad_images,
     items_of,
@@ -23,8 +23,6 @@ from llm2loss_pipeline.core.steps.tables import (
     write_shard,
 )
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
-
-LOSSES_TABLE = "per_sample_losses"
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,6 @@ class ShardTableResult:
     summary: dict[str, Any] = field(default_factory=dict)
     dropped: list[Any] = field(default_factory=list)
     skipped: list[Any] = field(default_factory=list)
-
-
-def reference_path(layout: Layout) -> Path:
-    """Where a model that is not trained here (user model, loss table) is recorded."""
-    return layout.black_box.parent / "reference.json"
 
 
 def _label_map(config: BlackBoxConfig, manifest: pl.DataFrame) -> dict[int, int]:
@@ -115,8 +108,8 @@ def _train_builtin(
         config=config,
         train_result=result,
     )
-    reference_path(layout).unlink(missing_ok=True)
-    curve_png = plot_training_curve(result, layout.black_box.parent / "training_curve.png")
+    layout.black_box_reference.unlink(missing_ok=True)
+    curve_png = plot_training_curve(result, layout.black_box_curve)
     return BlackBoxResult(
         source="builtin",
         path=layout.black_box,
@@ -155,7 +148,7 @@ def _record_user_model(
         "weights_sha256": digest,
         "sha256": digest,
     }
-    path = write_json_atomic(reference_path(layout), reference)
+    path = write_json_atomic(layout.black_box_reference, reference)
     return BlackBoxResult(source=config.source, path=path, sha256=digest, metrics={})
 
 
@@ -167,10 +160,10 @@ def _record_loss_table(
     assert config.loss_table_path is not None  # guaranteed by BlackBoxConfig
     label_map = _label_map(config, manifest) if config.label_map_path else None
     table = read_loss_table(config.loss_table_path, manifest, label_map=label_map)
-    copy = write_parquet_atomic(table, layout.black_box.parent / "loss_table.parquet")
+    copy = write_parquet_atomic(table, layout.loss_table_copy)
     digest = sha256_file(copy)
     write_json_atomic(
-        reference_path(layout),
+        layout.black_box_reference,
         {"source": "loss_table", "loss_table_path": config.loss_table_path, "sha256": digest},
     )
     return BlackBoxResult(
@@ -200,7 +193,7 @@ def materialized_config(layout: Layout, config: BlackBoxConfig) -> BlackBoxConfi
     config names: a run launched by automation after the registry sensor brought a new model
     carries the deployment's default `black_box` settings.
     """
-    reference = reference_path(layout)
+    reference = layout.black_box_reference
     if not reference.exists():
         return config.model_copy(update={"source": "builtin"})
     recorded = json.loads(reference.read_text())
@@ -224,7 +217,7 @@ def shard_losses(
     if config.source == "loss_table":
         from llm2loss_pipeline.core.blackbox.loss_table import split_loss_table
 
-        table = pl.read_parquet(_required(layout.black_box.parent / "loss_table.parquet"))
+        table = pl.read_parquet(_required(layout.loss_table_copy))
         frame = split_loss_table(table, manifest, shard)
     else:
         from llm2loss_pipeline.core.blackbox.labels import map_labels
@@ -275,7 +268,7 @@ def _load_black_box(
         loaded = load_black_box(_required(layout.black_box), torch_device)
         assert loaded.label_map is not None
         return loaded, loaded.label_map
-    reference = json.loads(_required(reference_path(layout)).read_text())
+    reference = json.loads(_required(layout.black_box_reference).read_text())
     label_map = label_map_from_json(reference["label_map"])
     loaded = load_user_model(config, num_outputs_needed(label_map), device=torch_device)
     if _state_digest(loaded.model) != reference["weights_sha256"]:

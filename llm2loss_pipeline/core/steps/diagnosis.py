@@ -15,9 +15,7 @@ import polars as pl
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.heads.config import HeadsConfig
-from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.steps.black_box import LOSSES_TABLE
-from llm2loss_pipeline.core.steps.encoder import EMBEDDINGS_TABLE
+from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards, split_rows
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
 
@@ -40,16 +38,8 @@ class HeadsResult:
     headline: dict[str, float] = field(default_factory=dict)
 
 
-def metrics_dir(layout: Layout) -> Path:
-    return layout.models / "heads_metrics"
-
-
-def member_metrics_path(layout: Layout) -> Path:
-    return metrics_dir(layout) / "member_metrics.parquet"
-
-
 def read_kind_metrics(layout: Layout) -> list[dict[str, Any]]:
-    path = metrics_dir(layout) / "kind_metrics.json"
+    path = layout.kind_metrics
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize diagnosis_heads first")
     return json.loads(path.read_text())
@@ -147,9 +137,9 @@ def fit_heads(
     kind_rows = [{"group": name, **values} for name, values in evaluation["groups"].items()]
     gap_rows = gap_effect_rows(train, held_out, corpus, config, encoder, torch_device)
 
-    write_parquet_atomic(pl.DataFrame(members), member_metrics_path(layout))
-    write_json_atomic(metrics_dir(layout) / "kind_metrics.json", kind_rows)
-    write_json_atomic(metrics_dir(layout) / "gap_effect.json", gap_rows)
+    write_parquet_atomic(pl.DataFrame(members), layout.member_metrics)
+    write_json_atomic(layout.kind_metrics, kind_rows)
+    write_json_atomic(layout.gap_effect, gap_rows)
     headline = {
         f"heldout_spearman_{row['group']}": float(row["ensemble_spearman"]) for row in kind_rows
     }
@@ -157,7 +147,7 @@ def fit_heads(
         headline[f"gap_{row['modality_gap']}_disparity_spearman"] = row["disparity_spearman"]
     return HeadsResult(
         path=layout.heads_dir,
-        sha256=sha256_file(layout.heads_dir / "ensemble.json"),
+        sha256=sha256_file(layout.heads_index),
         train_split=config.train_split,
         eval_split=config.eval_split,
         n_train=train.height,

@@ -22,22 +22,6 @@ from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 TOP_MARKDOWN = 10
 
 
-def hypotheses_path(layout: Layout) -> Path:
-    return layout.reports / "failure_hypotheses.parquet"
-
-
-def evidence_path(layout: Layout) -> Path:
-    return layout.reports / "failure_evidence.parquet"
-
-
-def discovery_dir(layout: Layout) -> Path:
-    return layout.reports / "discovery"
-
-
-def discovery_html_path(layout: Layout) -> Path:
-    return layout.reports / "discovery.html"
-
-
 @dataclass(frozen=True)
 class DiscoveryFindings:
     """What discovery computes, before anything is written (`compute_discovery`)."""
@@ -218,22 +202,21 @@ def write_discovery(
     """The tables, contact sheets and page of `result` under reports/, and the DuckDB views."""
     from llm2loss_pipeline.core.discovery.evidence import discovery_html, hypothesis_sheets
     from llm2loss_pipeline.core.discovery.publish import publish_with_discovery
-    from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
     from llm2loss_pipeline.core.steps.tables import read_manifest
 
     manifest = read_manifest(layout)
     paths = dict(zip(manifest["sample_id"].to_list(), manifest["path"].to_list(), strict=True))
-    sheet_dir = discovery_dir(layout)
+    sheet_dir = layout.discovery_dir
     sheet_dir.mkdir(parents=True, exist_ok=True)
     for stale in sheet_dir.glob("hypothesis-*.png"):
         stale.unlink()  # a rerun with fewer kept hypotheses must not leave old sheets behind
     sheets = hypothesis_sheets(
         result.hypotheses, result.evidence, paths, sheet_dir, config.n_sheets
     )
-    table_path = write_parquet_atomic(result.hypotheses, hypotheses_path(layout))
-    evidence_file = write_parquet_atomic(result.evidence, evidence_path(layout))
-    html = discovery_html(result.hypotheses, sheets, discovery_html_path(layout))
-    metrics = member_metrics_path(layout)
+    table_path = write_parquet_atomic(result.hypotheses, layout.hypotheses)
+    evidence_file = write_parquet_atomic(result.evidence, layout.evidence)
+    html = discovery_html(result.hypotheses, sheets, layout.discovery_html)
+    metrics = layout.member_metrics
     published = publish_with_discovery(
         layout,
         {"failure_hypotheses": table_path, "failure_evidence": evidence_file},

@@ -15,7 +15,7 @@ import polars as pl
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
-from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, Layout
 from llm2loss_pipeline.core.steps.tables import (
     fail_on_bad_images,
     items_of,
@@ -26,7 +26,6 @@ from llm2loss_pipeline.core.steps.tables import (
 )
 from llm2loss_pipeline.core.storage import sha256_file
 
-EMBEDDINGS_TABLE = "image_embeddings"
 VALIDATION_SAMPLE = 2000
 """Validation images used for the encoder's zero-shot and retrieval metrics (enough for stable
 AUROCs; all of them would cost a full embedding pass of the valid split on real data)."""

@@ -54,10 +54,6 @@ class CheckOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def attribute_table_path(layout: Layout) -> Path:
-    return layout.reports / "attribute_disparity.parquet"
-
-
 def make_report(
     layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
 ) -> ReportStepResult:
@@ -67,18 +63,17 @@ def make_report(
         markdown_tables,
         publish_views,
     )
-    from llm2loss_pipeline.core.steps.diagnosis import member_metrics_path
 
     diagnoser = Diagnoser.load(layout.home)
     result = build_report_from_config(
         layout, diagnoser, diagnoser.encode_texts, config, out_dir=layout.reports, log=log
     )
-    published = publish_views(layout.duckdb, layout, member_metrics=member_metrics_path(layout))
+    published = publish_views(layout.duckdb, layout, member_metrics=layout.member_metrics)
     html = result.files["report_html"]
     return ReportStepResult(
         html_path=html,
         duckdb_path=published.db_path,
-        sha256=sha256_file(attribute_table_path(layout)),
+        sha256=sha256_file(layout.attribute_table),
         headline=dict(result.headline),
         top_attributes=list(result.top_attributes),
         markdown=markdown_tables(result),
@@ -88,7 +83,7 @@ def make_report(
 
 
 def _attribute_table(layout: Layout) -> pl.DataFrame:
-    path = attribute_table_path(layout)
+    path = layout.attribute_table
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize attribute_disparity_report first")
     return pl.read_parquet(path)
@@ -164,7 +159,7 @@ def check_trust(layout: Layout, floor: float) -> CheckOutcome:
     confirm (each attribute judged leave-one-out); NaN (no claim) passes."""
     import json
 
-    headline = json.loads((layout.reports / "headline.json").read_text())
+    headline = json.loads(layout.headline.read_text())
     precision = headline.get("claim_precision_measured")
     coverage = headline.get("interval_coverage_measured")
     claims = int(headline.get("n_claims") or 0)
