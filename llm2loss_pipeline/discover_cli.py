@@ -35,7 +35,9 @@ proponents: matched samples the model does worse on (loss above the unmatched sa
 counter-examples: matched samples the model does fine on (loss at or below that median), those
   that pull the estimate down most first: cases of the description that do not fail.
 A description is kept only when the heads' estimate and the matched samples both say worse;
-descriptions whose matched samples overlap are one failure mode, shown under its best wording."""
+  "estimate disagrees": the samples are worse but the heads, which generalise from the training
+  split, do not rate it worse: a lead to check, not a finding.
+Descriptions whose matched samples overlap are one failure mode, shown under its best wording."""
 
 
 def register(subparsers: Any) -> None:
@@ -94,8 +96,9 @@ def run_discover(args: argparse.Namespace) -> int:
         return _print_json(report, modes, vocab, n_modes)
     if not args.only_vocab:
         print(
-            f"{n_modes} distinct failure modes ({report.n_kept} of {report.n_candidates} "
-            f"candidate descriptions verified); top {len(modes)}:"
+            f"{n_modes} distinct failure modes at a {config.discovery.alpha:.0%} false discovery "
+            f"rate ({report.n_kept} of {report.n_candidates} candidate descriptions verified); "
+            f"top {len(modes)}:"
         )
         _print_rows(modes.to_dicts())
     if vocab.height:
