@@ -343,6 +343,7 @@ class SlotWatch:
         self.say = on_message or logging.getLogger(__name__).warning
         self._stop = threading.Event()
         self._abort: _SlotWaitAborted | None = None
+        self.can_raise = False
 
     def watching(self, run_id: str) -> _Watching:
         self._abort = None
@@ -412,7 +413,10 @@ class SlotWatch:
 
     def _raise(self, main: int, reason: str, interrupted: bool) -> None:
         self._abort = _SlotWaitAborted(reason, interrupted)
-        signal.pthread_kill(main, signal.SIGUSR1)
+        if self.can_raise:  # without our handler, SIGUSR1 would end the whole process
+            signal.pthread_kill(main, signal.SIGUSR1)
+        else:
+            self.say(f"{reason} (cannot stop the wait from here: not run in the main thread)")
 
 
 class _Watching:
@@ -423,8 +427,10 @@ class _Watching:
 
     def __enter__(self) -> _Watching:
         # Signal handlers can only be set in the main thread; elsewhere the watch only reports.
-        if threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        if main:
             self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+        self.watch.can_raise = main
         self.watch._stop.clear()
         self._thread = threading.Thread(
             target=self.watch.loop,
@@ -443,8 +449,8 @@ class _Watching:
         self.watch._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)  # type: ignore[arg-type]
+        if self.watch.can_raise:
+            signal.signal(signal.SIGUSR1, self._previous or signal.SIG_DFL)  # type: ignore[arg-type]
 
 
 def _interrupt_captured() -> bool:
