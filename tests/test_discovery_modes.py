@@ -351,3 +351,28 @@ def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) ->
     assert result.n_modes == 1 and result.n_kept == 2
     assert result.hypotheses.row(0, named=True)["description"] == "the group"
     assert all(row["reason"] for row in rows.values())
+
+
+def test_a_mode_whose_images_show_other_attributes_is_shown_in_their_words(world) -> None:
+    ensemble, gap, eval_data, train_x, train_loss, probes = world
+    group = eval_data.embeddings[:, 12] > 0  # the worse group, as labelled
+    hats = np.random.default_rng(5).random(group.size) < 0.1  # unrelated to the group
+    labels = {"Goatee": group, "Wearing_Hat": hats}
+    hat = describe_values([("Wearing_Hat", True)])  # words about hats, embedding at the group
+    result = discover(
+        [hat],
+        np.eye(DIM)[:1].astype(np.float32),
+        ensemble,
+        gap,
+        eval_data,
+        train_x,
+        DiscoveryConfig(),
+        train_losses=train_loss,
+        labels=labels,
+        probe_embeddings=probes,
+    )
+    row = result.hypotheses.row(0, named=True)
+    assert row["verdict"] == "mode" and row["description"] == hat.text
+    assert row["wording"] == REWORDED and row["shown_as"] == "face of a person with a goatee"
+    assert row["named_lift"] < 1.5 and row["shown_attributes"] == "Goatee"
+    assert row["shows"].startswith("Goatee 100% (x5.0)")
