@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,10 @@ def test_heads_and_report(tiny) -> None:
     table = pl.read_parquet(layout.reports / "attribute_disparity.parquet")
     assert table.height == 40
     html = (layout.reports / "report.html").read_text()
-    assert "Eyeglasses" in html and "<table" in html
+    # every attribute's row shows the published group sizes
+    for row in table.iter_rows(named=True):
+        cells = f"<td>{row['attribute']}</td><td>{row['n_true']}</td><td>{row['n_false']}</td>"
+        assert re.search(r'<tr(?: class="[^"]*")?>' + re.escape(cells), html), cells
     headline = json.loads((layout.reports / "headline.json").read_text())
     assert headline["n_attributes"] == 40
     with duckdb.connect(str(layout.duckdb), read_only=True) as con:
@@ -137,8 +141,18 @@ def test_asset_checks_ran(tiny) -> None:
         )
         for record in records
     }
-    assert set(results) == {"report_is_complete", "report_group_sizes", "heads_validation_floor"}
+    assert {"report_is_complete", "report_group_sizes", "heads_validation_floor"} <= set(results)
     assert results["report_is_complete"] is True
+    # The tiny world is too small for the other two to pass (planted_tiny.yaml is the world where
+    # every check passes, tests/test_planted_e2e.py): each warns exactly when its condition holds.
+    from llm2loss_pipeline.core.steps.diagnosis import read_kind_metrics
+
+    config, _, layout, _, _ = tiny
+    table = pl.read_parquet(layout.reports / "attribute_disparity.parquet")
+    assert results["report_group_sizes"] == (not table["small_group"].any())
+    floor = config.report.head_spearman_floor
+    spearman = [row["ensemble_spearman"] for row in read_kind_metrics(layout)]
+    assert spearman and results["heads_validation_floor"] == all(s >= floor for s in spearman)
 
 
 def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
@@ -162,20 +176,38 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert 0.0 <= result["p_a_worse"] <= 1.0
-    assert set(result["groups"]) >= {"regressor", "ranker", "overall"}
-    assert len(result["members"]) == 8
-    assert result["verdict"]
+    # the CLI says what the Python API says on the same home, member by member
+    from llm2loss_pipeline import Diagnoser
+
+    diagnoser = Diagnoser.load(str(layout.home), device="cpu")
+    expected = diagnoser.compare("face of an old man", "face of a young woman")
+    diffs = np.array([member["diff"] for member in result["members"]])
+    np.testing.assert_allclose(diffs, expected.diffs, rtol=1e-5, atol=1e-6)
+    assert len(diffs) == 8
+    assert result["p_a_worse"] == pytest.approx(expected.p_a_worse, abs=1e-9)
+    assert result["verdict"] == expected.verdict
+    share = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
+    assert result["members_a_worse"] == pytest.approx(share)
+    for group, stats in result["groups"].items():
+        members = [m["diff"] for m in result["members"] if group in ("overall", m["kind"])]
+        assert stats["n"] == len(members) and stats["mean"] == pytest.approx(np.mean(members))
+    texts = ["face of a person wearing eyeglasses", "face of a smiling person", "face of a child"]
     ranked = subprocess.run(
-        [*cli, "rank", "--file", "-", "--home", str(layout.home)],
-        input="face of a person wearing eyeglasses\nface of a smiling person\n",
+        [*cli, "rank", "--file", "-", "--home", str(layout.home), "--json"],
+        input="\n".join(texts) + "\n",
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert ranked.returncode == 0, ranked.stderr
-    assert "eyeglasses" in ranked.stdout
+    rows = json.loads(ranked.stdout)
+    in_process = diagnoser.rank(texts)
+    assert [row["text"] for row in rows] == [row["text"] for row in in_process]
+    assert [row["rank"] for row in rows] == [1, 2, 3]
+    means = [row["mean"] for row in rows]
+    assert means == sorted(means, reverse=True)
+    np.testing.assert_allclose(means, [row["mean"] for row in in_process], rtol=1e-5, atol=1e-6)
     empty = subprocess.run(
         [*cli, "compare", "", "face", "--home", str(layout.home)],
         capture_output=True,
