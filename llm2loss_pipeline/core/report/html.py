@@ -61,19 +61,36 @@ def p_value(value: Any) -> str:
     return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
 
 
+CellClass = Callable[[Mapping[str, Any], str], str]
+
+
 def html_table(
     frame: pl.DataFrame,
     columns: Sequence[tuple[str, str, Format]],
     row_class: Callable[[Mapping[str, Any]], str] | None = None,
+    cell_class: CellClass | None = None,
 ) -> str:
-    """A `<table>` of `frame` showing `columns` as (column, header, formatter)."""
+    """A `<table>` of `frame` showing `columns` as (column, header, formatter); `row_class` and
+    `cell_class` (row, column) give CSS classes to rows and single cells."""
     head = "".join(f"<th>{_esc(header)}</th>" for _, header, _ in columns)
     body = []
     for row in frame.iter_rows(named=True):
         css = row_class(row) if row_class else ""
-        cells = "".join(f"<td>{_esc(fmt(row[column]))}</td>" for column, _, fmt in columns)
+        cells = "".join(
+            _cell(fmt(row[column]), cell_class(row, column) if cell_class else "")
+            for column, _, fmt in columns
+        )
         body.append(f'<tr class="{_esc(css)}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _cell(value: str, css: str) -> str:
+    return f'<td class="{_esc(css)}">{_esc(value)}</td>' if css else f"<td>{_esc(value)}</td>"
+
+
+def scroll_box(table: str) -> str:
+    """A wide table in its own horizontally scrolling box; the first column stays in view."""
+    return f"<div class='scroll'>{table}</div>"
 
 
 def image_tag(path: Path, alt: str) -> str:
@@ -130,6 +147,24 @@ ATTRIBUTE_COLUMNS: list[tuple[str, str, Format]] = [
     ("small_group", "small group", text),
 ]
 
+TABLE4_MAIN_COLUMNS: list[tuple[str, str, Format]] = [
+    ("attribute", "attribute", text),
+    ("n_true", "n with", text),
+    ("n_false", "n without", text),
+    ("loss_true", "loss with", num(3)),
+    ("loss_false", "loss without", num(3)),
+    ("gap_loss", "measured gap (loss)", num(3)),
+    ("measured_interval", "measured 90% interval", text),
+    ("gap_loss_p", "Welch p", p_value),
+    ("est_gap", "est. gap (loss)", num(3)),
+    ("est_interval", "est. 90% interval", text),
+    ("est_p_worse", "P(worse)", num(2)),
+    ("claim", "claim", text),
+    ("zero_shot_auroc", "0-shot AUROC", num(3)),
+    ("small_group", "small group", text),
+]
+"""Table 4 as most readers need it; every column is in the full table under it."""
+
 PAIR_COLUMNS: list[tuple[str, str, Format]] = [
     ("pair", "pair (A & B)", text),
     ("n_TT", "n A&B", text),
@@ -156,10 +191,20 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1400px; color: #222; }
 table { border-collapse: collapse; font-size: 12px; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+td { white-space: nowrap; }
 th { background: #f0f0f0; position: sticky; top: 0; }
 td:first-child, th:first-child { text-align: left; }
 tr.small td { color: #999; font-style: italic; }
 tr.significant td:first-child { font-weight: bold; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 0.5em 0 1.5em; }
+.scroll table { margin: 0; }
+.scroll td:first-child, .scroll th:first-child { position: sticky; left: 0; z-index: 1; }
+.scroll td:first-child { background: #fff; }
+.scroll th:first-child { background: #f0f0f0; z-index: 2; }
+td.small-cell { color: #999; font-style: italic; }
+td.small-cell::after { content: "*"; }
+td.claim-worse { color: #d62728; font-weight: bold; }
+td.claim-better { color: #1f77b4; font-weight: bold; }
 .headline li { margin: 0.2em 0; }
 .guide { background: #f7f7fb; padding: 0.6em 1.2em; border-left: 4px solid #88a; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
@@ -173,6 +218,73 @@ def _attribute_row_class(row: Mapping[str, Any]) -> str:
     if row.get("bh_significant"):
         classes.append("significant")
     return " ".join(classes)
+
+
+def _claim_cell(row: Mapping[str, Any], column: str) -> str:
+    if column != "claim":
+        return ""
+    return {"worse with": "claim-worse", "better with": "claim-better"}.get(row.get("claim"), "")
+
+
+def _small_cells(min_group_size: int) -> CellClass:
+    """Marks a pair's count and loss cells whose cell has fewer than `min_group_size` samples,
+    as small attribute groups are marked (the pair row is greyed when TT or FF is small)."""
+
+    def css(row: Mapping[str, Any], column: str) -> str:
+        cell = column.rsplit("_", 1)[-1]
+        if column.split("_")[0] in ("n", "loss") and f"n_{cell}" in row:
+            return "small-cell" if (row[f"n_{cell}"] or 0) < min_group_size else ""
+        return ""
+
+    return css
+
+
+def _interval(frame: pl.DataFrame, low: str, high: str) -> pl.Series:
+    """'[low, high]' strings (a dash when either end is missing), one column instead of two."""
+    fmt = num(3)
+    if low not in frame.columns or high not in frame.columns:
+        return pl.Series(["–"] * frame.height, dtype=pl.String)
+    values = [
+        "–" if fmt(a) == "–" or fmt(b) == "–" else f"[{fmt(a)}, {fmt(b)}]"
+        for a, b in zip(frame[low], frame[high], strict=True)
+    ]
+    return pl.Series(values, dtype=pl.String)
+
+
+def _table4(result: ReportResult) -> str:
+    table = result.attribute_table.sort("est_mean", descending=True, nulls_last=True)
+    table = table.with_columns(
+        measured_interval=_interval(table, "gap_loss_low", "gap_loss_high"),
+        est_interval=_interval(table, "est_gap_low", "est_gap_high"),
+    )
+    main = [c for c in TABLE4_MAIN_COLUMNS if c[0] in table.columns]
+    every = [c for c in ATTRIBUTE_COLUMNS if c[0] in table.columns]
+    return (
+        scroll_box(html_table(table, main, _attribute_row_class, _claim_cell))
+        + "<details><summary>Table 4 with every column (accuracy, AUROC, GT-RMM, the members' "
+        "quartiles, per head kind, the direct estimate)</summary>"
+        + scroll_box(html_table(table, every, _attribute_row_class, _claim_cell))
+        + "</details>"
+    )
+
+
+TABLE_TITLES = {
+    1: "Table 1: disparity over-estimation vs zero-shot AUROC",
+    2: "Table 2: estimated vs measured disparity (measured by mean loss)",
+    3: "Table 3: zero-shot AUROC vs measured |disparity| (GT-RMM)",
+    4: "Table 4: per attribute",
+}
+
+
+def _contents() -> str:
+    """The tables in the order they appear, each linked, so the text refers to them in order."""
+    items = "".join(f"<li><a href='#table{k}'>{_esc(t)}</a></li>" for k, t in TABLE_TITLES.items())
+    items += "<li><a href='#pairs'>Attribute pairs</a></li><li><a href='#figures'>Figures</a></li>"
+    return f"<h2>Contents</h2><ol class='contents'>{items}</ol>"
+
+
+def _heading(k: int) -> str:
+    return f"<h2 id='table{k}'>{_esc(TABLE_TITLES[k])}</h2>"
 
 
 def _headline(result: ReportResult) -> str:
@@ -311,27 +423,27 @@ def render_html(result: ReportResult) -> str:
         _headline(result),
         "<h2>How to read this report</h2>",
         _guide(result),
-        "<h2>Table 2: estimated vs measured disparity (measured by mean loss)</h2>",
+        _contents(),
+        _heading(1),
+        "<p>Over-estimation = z(|estimated|) - z(GT-RMM of loss), z-scores across attributes.</p>",
+        html_table(corr.filter(pl.col("table") == "table1"), CORRELATION_COLUMNS),
+        _heading(2),
         html_table(table2_loss, CORRELATION_COLUMNS),
         "<details><summary>Table 2 with accuracy- and AUROC-based measured disparity</summary>",
         html_table(table2_rest, CORRELATION_COLUMNS),
         "</details>",
-        "<h2>Table 3: zero-shot AUROC vs measured |disparity| (GT-RMM)</h2>",
+        _heading(3),
         html_table(corr.filter(pl.col("table") == "table3"), CORRELATION_COLUMNS),
-        "<h2>Table 1: disparity over-estimation vs zero-shot AUROC</h2>",
-        "<p>Over-estimation = z(|estimated|) - z(GT-RMM of loss), z-scores across attributes.</p>",
-        html_table(corr.filter(pl.col("table") == "table1"), CORRELATION_COLUMNS),
-        "<h2>Table 4: per attribute</h2>",
-        "<p>Sorted by estimated disparity (whole ensemble). Greyed rows: small groups.</p>",
-        html_table(
-            result.attribute_table.sort("est_mean", descending=True, nulls_last=True),
-            [c for c in ATTRIBUTE_COLUMNS if c[0] in result.attribute_table.columns],
-            _attribute_row_class,
-        ),
-        "<h2>Attribute pairs (intersectional)</h2>",
+        _heading(4),
+        "<p>Sorted by estimated disparity (whole ensemble). Greyed rows: small groups. The table "
+        "scrolls sideways inside its box; the attribute column stays in view.</p>",
+        _table4(result),
+        "<h2 id='pairs'>Attribute pairs (intersectional)</h2>",
         "<p>Cells: TT = both attributes, TF = first only, FT = second only, FF = neither. "
         "Signed disparity = loss(TT) - loss(FF); worst cell = highest loss among cells with at "
-        f"least {_esc(result.min_group_size)} samples. "
+        f"least {_esc(result.min_group_size)} samples. Counts and losses marked * (grey) are "
+        f"small cells, under {_esc(result.min_group_size)} samples; a pair whose TT or FF cell "
+        "is small is greyed, as small attribute groups are. "
         + (
             "Grounded cell estimates score each image by the sum of the two attributes' scores "
             "with the cell's signs, so both conditions weigh the same."
@@ -339,9 +451,16 @@ def render_html(result: ReportResult) -> str:
             else "Estimated cells read composed prompts such as 'face of a young man'."
         )
         + "</p>",
-        html_table(result.pair_table, PAIR_COLUMNS, _attribute_row_class),
+        scroll_box(
+            html_table(
+                result.pair_table,
+                PAIR_COLUMNS,
+                _attribute_row_class,
+                _small_cells(result.min_group_size),
+            )
+        ),
         html_table(corr.filter(pl.col("table") == "pairs"), CORRELATION_COLUMNS),
-        "<h2>Figures</h2>",
+        "<h2 id='figures'>Figures</h2>",
     ]
     for name, path in result.files.items():
         if str(path).endswith(".png"):

@@ -29,7 +29,7 @@ from llm2loss_pipeline.core.report.estimated import (
     member_diffs_long,
     summarize,
 )
-from llm2loss_pipeline.core.report.measured import EvalInputs
+from llm2loss_pipeline.core.report.measured import EvalInputs, measured_attribute_table
 from llm2loss_pipeline.core.sql import run_sql
 
 CELLS: tuple[tuple[str, bool, bool], ...] = (
@@ -65,23 +65,84 @@ def validate_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
     return result
 
 
+WORST_ATTRIBUTES = 3
+"""How many of the attributes measured worst seed the default pairs."""
+
+
 def frequent_pairs(
     con: duckdb.DuckDBPyConnection,
     inputs: EvalInputs,
     split: str,
     k: int = 10,
     attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    min_group_size: int = 20,
 ) -> list[tuple[str, str]]:
-    """The `k` attribute pairs whose positives co-occur most often on `split`, in CelebA order."""
+    """The default `k` pairs on `split`: about half built from the attributes measured worst,
+    the rest the pairs whose positives co-occur most often; each pair in CelebA order.
+
+    Only the most frequent pairs would be common attributes (Smiling & Mouth_Slightly_Open),
+    which says little about where the model fails; pairs of the worst attributes show whether
+    their failures compound. A worst pair needs `min_group_size` samples with both attributes,
+    so its TT cell is measurable.
+    """
     if k < 1:
         raise ValueError(f"the number of pairs must be at least 1, got {k}")
-    params = {"split": split, "k": int(k), "attribute_names": list(attributes)}
+    n_all = len(attributes) * (len(attributes) - 1) // 2
+    params = {"split": split, "k": n_all, "attribute_names": list(attributes)}
     frame = run_sql(con, "frequent_pairs", params, inputs.tables())
+    counts = [(_ordered(a, b), int(n)) for a, b, n in frame.iter_rows()]
+    ranked = worst_measured(con, inputs, split, attributes, min_group_size, n=len(attributes))
+    chosen = _worst_pairs(counts, ranked, (k + 1) // 2, min_group_size)
+    for pair, _ in counts:
+        if len(chosen) >= k:
+            break
+        if pair not in chosen:
+            chosen.append(pair)
+    return chosen
+
+
+def worst_measured(
+    con: duckdb.DuckDBPyConnection,
+    inputs: EvalInputs,
+    split: str,
+    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    min_group_size: int = 20,
+    n: int = WORST_ATTRIBUTES,
+) -> list[str]:
+    """The `n` attributes with the largest measured loss gap (worse with them) among those with
+    at least `min_group_size` samples on both sides."""
+    table = measured_attribute_table(con, inputs, split, min_group_size, attributes)
+    usable = table.filter(~pl.col("small_group") & pl.col("gap_loss").is_finite())
+    return usable.sort("gap_loss", descending=True)["attribute"].head(n).to_list()
+
+
+def _worst_pairs(
+    counts: Sequence[tuple[tuple[str, str], int]], ranked: Sequence[str], k: int, min_both: int
+) -> list[tuple[str, str]]:
+    """Up to `k` pairs holding one of the WORST_ATTRIBUTES first of `ranked` (worst first) that
+    have a partner with `min_both` samples of both. The worst attributes take turns, worst
+    first, each adding its next partner: other worst attributes first, then the most frequent.
+    A rare attribute with no such partner is passed over, as its TT cell could not be measured."""
+    usable = [(pair, n) for pair, n in counts if n >= min_both]
+    paired = {name for pair, _ in usable for name in pair}
+    worst = [name for name in ranked if name in paired][:WORST_ATTRIBUTES]
+    both_worst = set(worst)
+    ordered = [
+        pair for pair, n in sorted(usable, key=lambda i: (not set(i[0]) <= both_worst, -i[1]))
+    ]
+    partners = {name: [pair for pair in ordered if name in pair] for name in worst}
+    chosen: list[tuple[str, str]] = []
+    for turn in range(max((len(p) for p in partners.values()), default=0)):
+        for name in worst:
+            mine = partners[name]
+            if len(chosen) < k and turn < len(mine) and mine[turn] not in chosen:
+                chosen.append(mine[turn])
+    return chosen
+
+
+def _ordered(a: str, b: str) -> tuple[str, str]:
     order = {name: i for i, name in enumerate(CELEBA_ATTRIBUTES)}
-    pairs = []
-    for a, b in frame.select("attribute_a", "attribute_b").iter_rows():
-        pairs.append((a, b) if order[a] < order[b] else (b, a))
-    return pairs
+    return (a, b) if order[a] < order[b] else (b, a)
 
 
 CELL_SCHEMA = {

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from llm2loss_pipeline.core.members import KINDS, MemberGroup
 from llm2loss_pipeline.core.stats import prob_positive
@@ -21,6 +22,10 @@ from llm2loss_pipeline.core.storage import write_bytes_atomic
 
 DPI = 100
 _KIND_COLOURS = {"regressor": "#1f77b4", "ranker": "#d62728", "overall": "#444444"}
+CLAIM_COLOURS = {"worse with": "#d62728", "better with": "#1f77b4", "cannot tell": "#bbbbbb"}
+"""Bar colour per claim (the calibrated, BH-controlled verdict), so colour says what is claimed."""
+N_LABELLED = 4
+"""The scatter labels the attributes among the N largest and N smallest on either axis."""
 
 
 def save_png(figure: Figure, path: str | Path) -> Path:
@@ -57,23 +62,44 @@ def scatter_estimated_vs_measured(
         colour = _KIND_COLOURS.get(group.name, "#2ca02c")
         axes.scatter(x[~small], y[~small], color=colour, s=22)
         axes.scatter(x[small], y[small], facecolors="none", edgecolors=colour, s=22)
-        for xi, yi, name in zip(x, y, joined["attribute"].to_list(), strict=True):
-            if np.isfinite(xi) and np.isfinite(yi):
-                axes.annotate(
-                    _label(name),
-                    (xi, yi),
-                    fontsize=6,
-                    alpha=0.8,
-                    xytext=(2, 2),
-                    textcoords="offset points",
-                )
+        names = joined["attribute"].to_list()
+        for i in sorted(extreme_points(x, y)):
+            axes.annotate(
+                _label(names[i]),
+                (x[i], y[i]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         axes.axhline(0, color="#999999", linewidth=0.8)
         axes.axvline(0, color="#999999", linewidth=0.8)
-        axes.set_xlabel(f"measured {measure.replace('_', ' ')} (with - without)")
-        axes.set_ylabel("estimated disparity (standardized loss)")
+        axes.set_xlabel(f"measured {measure.replace('_', ' ')}: with - without (loss units)")
+        axes.set_ylabel("estimated disparity (estimate units, not loss)")
         axes.set_title(f"{group.name} ({len(group.positions)} members)")
-    figure.suptitle("Estimated vs measured disparity per attribute (positive = worse with it)")
+    figure.suptitle(
+        "Estimated vs measured disparity per attribute (positive = worse with it). The axes are "
+        "in different units:\ncompare the order of the points, not their values. Labelled: the "
+        f"{N_LABELLED} largest and smallest on each axis.",
+        y=1.06,  # two lines: above the panels' own titles
+    )
     return save_png(figure, path)
+
+
+def extreme_points(x: np.ndarray, y: np.ndarray, k: int = N_LABELLED) -> set[int]:
+    """Indices of the `k` largest and `k` smallest finite points by x and by y: labelling only
+    these keeps 40 labels from piling up in the middle, where they say least."""
+    finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    chosen: set[int] = set()
+    for values in (x, y):
+        order = finite[np.argsort(values[finite], kind="stable")]
+        chosen.update(order[:k].tolist())
+        chosen.update(order[-k:].tolist())
+    return chosen
+
+
+def bar_colours(table: pl.DataFrame) -> list[str]:
+    """One colour per row of `table` from its `claim` ("cannot tell" when absent or null)."""
+    return [CLAIM_COLOURS.get(c, CLAIM_COLOURS["cannot tell"]) for c in _claims(table)]
 
 
 def attribute_bars(table: pl.DataFrame, path: str | Path) -> Path:
@@ -83,20 +109,31 @@ def attribute_bars(table: pl.DataFrame, path: str | Path) -> Path:
     mean = ordered["est_mean"].to_numpy().astype(float)
     q1 = ordered["est_q1"].to_numpy().astype(float)
     q3 = ordered["est_q3"].to_numpy().astype(float)
-    significant = ordered["bh_significant"].to_numpy()
     figure = Figure(figsize=(7.5, max(3.0, 0.22 * len(names) + 1.2)))
     axes = figure.add_subplot(1, 1, 1)
     positions = np.arange(len(names))
-    colours = ["#d62728" if s else "#9fb4cc" for s in significant]
-    axes.barh(positions, mean, color=colours, height=0.7)
+    axes.barh(positions, mean, color=bar_colours(ordered), height=0.7)
     axes.hlines(positions, q1, q3, color="black", linewidth=1.2)
     axes.scatter(q1, positions, marker="|", color="black", s=30)
     axes.scatter(q3, positions, marker="|", color="black", s=30)
     axes.axvline(0, color="#666666", linewidth=0.8)
     axes.set_yticks(positions, names, fontsize=7)
     axes.set_xlabel("estimated disparity: h(with) - h(without), ensemble mean; whisker = q1..q3")
-    axes.set_title("Estimated disparity per attribute (red: BH-significant)")
+    present = [claim for claim in CLAIM_COLOURS if claim in _claims(ordered)]
+    axes.legend(
+        handles=[Patch(color=CLAIM_COLOURS[c], label=f"claimed {c}" if c != "cannot tell" else c)
+                 for c in present],
+        loc="lower right",
+        fontsize=7,
+    )  # fmt: skip
+    axes.set_title("Estimated disparity per attribute, coloured by the report's claim")
     return save_png(figure, path)
+
+
+def _claims(table: pl.DataFrame) -> list[str]:
+    if "claim" not in table.columns:
+        return ["cannot tell"] * table.height
+    return [c or "cannot tell" for c in table["claim"]]
 
 
 def member_boxes(
