@@ -66,7 +66,22 @@ def read_loss_table(
 ) -> pl.DataFrame:
     """Read and validate a ready loss table against the manifest (see the module docstring)."""
     source = Path(path)
-    raw = _read(source)
+    table = _typed(_read(source), source)
+    known = manifest.select("sample_id", "split", "identity", "index")
+    _check_sample_ids(table, known, source)
+    table = _checked_values(table, source)
+    joined = _with_labels(
+        known.join(table, on="sample_id", how="left").sort("index"), label_map, source
+    )
+    for name in ("predicted", *OPTIONAL_FLOAT):
+        if name not in joined.columns:
+            joined = joined.with_columns(pl.lit(None, dtype=LOSS_SCHEMA[name]).alias(name))
+    joined = joined.with_columns(correct=pl.col("predicted") == pl.col("label"))
+    return joined.select([pl.col(name).cast(dtype) for name, dtype in LOSS_SCHEMA.items()])
+
+
+def _typed(raw: pl.DataFrame, source: Path) -> pl.DataFrame:
+    """The known columns of `raw`, each cast to its type (sample_id and loss required)."""
     missing = [name for name in ("sample_id", "loss") if name not in raw.columns]
     if missing:
         raise LossTableError(
@@ -81,7 +96,11 @@ def read_loss_table(
     for name in OPTIONAL_FLOAT:
         if name in raw.columns:
             table = table.with_columns(_cast(raw, name, pl.Float64(), source).alias(name))
+    return table
 
+
+def _check_sample_ids(table: pl.DataFrame, known: pl.DataFrame, source: Path) -> None:
+    """Every sample id present once, and exactly the manifest's samples."""
     null_ids = table["sample_id"].is_null()
     if null_ids.any():
         rows = (null_ids.arg_true() + 2).to_list()  # +1 for 1-based, +1 for the header row
@@ -94,7 +113,6 @@ def read_loss_table(
             f"loss table {source}: sample ids appear more than once: {_some(duplicated.to_list())}"
         )
 
-    known = manifest.select("sample_id", "split", "identity", "index")
     extra = table.join(known, on="sample_id", how="anti")["sample_id"]
     absent = known.join(table, on="sample_id", how="anti").sort("index")["sample_id"]
     if len(extra):
@@ -107,6 +125,9 @@ def read_loss_table(
             f"{_some(absent.to_list())}"
         )
 
+
+def _checked_values(table: pl.DataFrame, source: Path) -> pl.DataFrame:
+    """Finite losses >= 0 (rounding below 0 clipped), p_true in [0, 1], classes >= 0."""
     loss = pl.col("loss")
     bad = table.filter(loss.is_null() | loss.is_nan() | loss.is_infinite())
     if len(bad):
@@ -136,8 +157,14 @@ def read_loss_table(
                 f"loss table {source}: negative predicted class for samples "
                 f"{_some(negative_pred['sample_id'].to_list())}"
             )
+    return table
 
-    joined = known.join(table, on="sample_id", how="left").sort("index")
+
+def _with_labels(
+    joined: pl.DataFrame, label_map: Mapping[int, int] | None, source: Path
+) -> pl.DataFrame:
+    """The true class of every sample: the label map's (checked against a label column), the
+    table's label column, or the identity."""
     if label_map is not None:
         mapping = pl.DataFrame(
             {
@@ -166,12 +193,7 @@ def read_loss_table(
             joined = joined.with_columns(label=pl.col("_mapped"))
     elif "label" not in joined.columns:
         joined = joined.with_columns(label=pl.col("identity"))
-
-    for name in ("predicted", *OPTIONAL_FLOAT):
-        if name not in joined.columns:
-            joined = joined.with_columns(pl.lit(None, dtype=LOSS_SCHEMA[name]).alias(name))
-    joined = joined.with_columns(correct=pl.col("predicted") == pl.col("label"))
-    return joined.select([pl.col(name).cast(dtype) for name, dtype in LOSS_SCHEMA.items()])
+    return joined
 
 
 def split_loss_table(frame: pl.DataFrame, manifest: pl.DataFrame, shard: str) -> pl.DataFrame:

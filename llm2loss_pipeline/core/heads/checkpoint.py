@@ -100,21 +100,7 @@ def save_ensemble(
         }
         sidecars: list[dict[str, Any]] = []
         for member in ensemble.members:
-            meta = {
-                **common,
-                **member.to_dict(),
-                "hidden": ensemble.config.hidden if member.arch == "mlp" else None,
-                "standardization": {
-                    "mean": float(ensemble.out_mean[member.index]),
-                    "std": float(ensemble.out_std[member.index]),
-                },
-                "metrics": dict(metrics[member.index]) if metrics is not None else {},
-                "training": {
-                    key: ensemble.training[key][member.index]
-                    for key in PER_MEMBER_TRAINING
-                    if key in ensemble.training
-                },
-            }
+            meta = _member_sidecar(ensemble, member, common, metrics)
             path = staging / f"{member.name}.safetensors"
             sidecars.append(save_checkpoint(path, ensemble.member_tensors(member.index), meta))
         gap_side = save_checkpoint(staging / GAP_FILE, gap.tensors(), {**common, **gap.meta()})
@@ -145,6 +131,30 @@ def save_ensemble(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sidecars
+
+
+def _member_sidecar(
+    ensemble: HeadEnsemble,
+    member: MemberInfo,
+    common: dict[str, Any],
+    metrics: Sequence[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """What one member's sidecar says besides its weights."""
+    return {
+        **common,
+        **member.to_dict(),
+        "hidden": ensemble.config.hidden if member.arch == "mlp" else None,
+        "standardization": {
+            "mean": float(ensemble.out_mean[member.index]),
+            "std": float(ensemble.out_std[member.index]),
+        },
+        "metrics": dict(metrics[member.index]) if metrics is not None else {},
+        "training": {
+            key: ensemble.training[key][member.index]
+            for key in PER_MEMBER_TRAINING
+            if key in ensemble.training
+        },
+    }
 
 
 def _remove_stale_staging(final: Path) -> None:
@@ -212,13 +222,7 @@ def load_ensemble(
     for position, entry in enumerate(entries):
         path = _listed_file(folder, entry, f"members[{position}]")
         weights, meta = load_checkpoint(path)
-        if meta.get("sha256") != entry.get("sha256"):
-            raise StorageError(f"{path}: sha256 differs from {folder / INDEX}; the folder is mixed")
-        if not _sidecar_matches(path, entry):
-            raise StorageError(
-                f"{sidecar_path(path)}: sha256 differs from {folder / INDEX}; the sidecar was "
-                "modified or the folder is mixed"
-            )
+        _check_listed(folder, path, meta, entry)
         member, mean, std = _member_from_sidecar(path, meta, position, index)
         members.append(member)
         tensors.append(weights)
@@ -238,19 +242,9 @@ def load_ensemble(
         )
     training.update(per_member)
 
-    params: dict[str, dict[str, torch.Tensor]] = {}
-    for arch in ARCHS:
-        of_arch = [t for m, t in zip(members, tensors, strict=True) if m.arch == arch]
-        if of_arch:
-            try:
-                params[arch] = HeadEnsemble.stack_member_tensors(arch, of_arch)
-            except (KeyError, IndexError, RuntimeError) as exc:
-                raise StorageError(
-                    f"{folder}: {arch} member tensors are malformed ({exc})"
-                ) from exc
     ensemble = HeadEnsemble(
         members,
-        params,
+        _stacked(folder, members, tensors),
         np.array(means),
         np.array(stds),
         scaler,
@@ -274,6 +268,34 @@ def load_ensemble(
     if gap.dim != expected_dim:
         raise StorageError(f"{gap_path}: dimension {gap.dim}, expected {expected_dim}")
     return ensemble, gap, index
+
+
+def _check_listed(folder: Path, path: Path, meta: dict[str, Any], entry: dict[str, Any]) -> None:
+    """A member's weights and sidecar are the ones the index lists (same sha256)."""
+    if meta.get("sha256") != entry.get("sha256"):
+        raise StorageError(f"{path}: sha256 differs from {folder / INDEX}; the folder is mixed")
+    if not _sidecar_matches(path, entry):
+        raise StorageError(
+            f"{sidecar_path(path)}: sha256 differs from {folder / INDEX}; the sidecar was "
+            "modified or the folder is mixed"
+        )
+
+
+def _stacked(
+    folder: Path, members: list[MemberInfo], tensors: list[dict[str, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The members' tensors stacked per architecture, as the ensemble holds them."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for arch in ARCHS:
+        of_arch = [t for m, t in zip(members, tensors, strict=True) if m.arch == arch]
+        if of_arch:
+            try:
+                params[arch] = HeadEnsemble.stack_member_tensors(arch, of_arch)
+            except (KeyError, IndexError, RuntimeError) as exc:
+                raise StorageError(
+                    f"{folder}: {arch} member tensors are malformed ({exc})"
+                ) from exc
+    return params
 
 
 def _listed_file(folder: Path, entry: Any, where: str) -> Path:
