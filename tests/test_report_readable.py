@@ -155,3 +155,65 @@ def test_default_pairs_include_the_attribute_measured_worst(tmp_path):
     assert HIDDEN_WORST in pairs[0]  # the worst attribute's pair comes first
     assert ("Eyeglasses", "Wearing_Hat") in pairs  # the most frequent pair stays
     assert all(CELEBA_ATTRIBUTES.index(a) < CELEBA_ATTRIBUTES.index(b) for a, b in pairs)
+
+
+def test_dagster_metadata_is_tables_and_file_links(built):
+    import dagster as dg
+    from dagster._serdes import serialize_value
+
+    from llm2loss_pipeline.core.steps.report import ReportStepResult
+    from llm2loss_pipeline.defs.report.assets import report_metadata
+
+    _, result, _ = built
+    files = result.files
+    plots_ = {name: path for name, path in files.items() if str(path).endswith(".png")}
+    step = ReportStepResult(
+        html_path=files["report_html"],
+        duckdb_path=files["report_html"].parent / "llm2loss.duckdb",
+        sha256="0" * 64,
+        headline=dict(result.headline),
+        top_attributes=list(result.top_attributes),
+        markdown={},
+        plots=plots_,
+    )
+    metadata = report_metadata("direct", step, files["report_html"].parent)
+
+    for name in ("table2", "table3", "table4"):
+        assert isinstance(metadata[name], dg.TableMetadataValue), name
+    table2, table4 = metadata["table2"], metadata["table4"]
+    names2 = [c.name for c in table2.schema.columns]
+    assert names2[:3] == ["group", "estimate", "measure"] and "spearman_p" in names2
+    types2 = {c.name: c.type for c in table2.schema.columns}
+    assert types2["spearman"] == "float" and types2["spearman_p"] == "string"
+    assert types2["n"] == "int"
+    expected = result.table("table2").filter(pl.col("measure") == "loss")
+    assert len(table2.records) == expected.height
+    overall = next(
+        r.data
+        for r in table2.records
+        if r.data["group"] == "overall" and r.data["estimate"] == "signed"
+    )
+    want = expected.row(
+        by_predicate=(pl.col("group") == "overall") & (pl.col("estimate") == "signed"), named=True
+    )
+    assert overall["spearman"] == round(want["spearman"], 4)
+    p = want["spearman_p"]
+    assert overall["spearman_p"] == (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
+
+    assert len(table4.records) == 40
+    columns4 = {c.name: c for c in table4.schema.columns}
+    for needed in ("gap_loss_low", "gap_loss_high", "gap_loss_p", "est_gap", "claim"):
+        assert needed in columns4 and columns4[needed].description, needed
+    top = table4.records[0].data  # sorted by estimated disparity: a planted attribute first
+    assert top["attribute"] in ("Eyeglasses", "Wearing_Hat") and top["claim"] == "worse with"
+    assert re.fullmatch(r"\d\.\d\de-\d\d", top["gap_loss_p"])  # tiny p in e-notation
+    rare = next(r.data for r in table4.records if r.data["attribute"] == "Blurry")
+    assert rare["gap_loss"] is None and rare["small_group"] is True  # NaN is empty, not "nan"
+
+    assert set(plots_) >= {"attribute_bars", "estimated_vs_measured"}
+    for name, path in plots_.items():
+        value = metadata[f"plot_{name}"]
+        assert isinstance(value, dg.PathMetadataValue) and value.path == str(path)
+    assert isinstance(metadata["report_html"], dg.PathMetadataValue)
+    event = serialize_value(dg.MaterializeResult(metadata=metadata).metadata)
+    assert "base64" not in event and len(event) < 100_000

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 # the one markdown-table renderer lives in core (the report uses it too); assets import it here
+from llm2loss_pipeline.core.markdown import cell
 from llm2loss_pipeline.core.markdown import markdown_table as markdown_table
+
+DIGITS = 4
+"""Floats in table metadata are rounded: the UI shows every digit it is given."""
 
 _POLARS_TO_TYPE = {
     "String": "string",
@@ -26,10 +31,7 @@ _POLARS_TO_TYPE = {
 def column_schema(frame: Any) -> dg.TableSchema:
     """The `dagster/column_schema` of a polars DataFrame."""
     return dg.TableSchema(
-        columns=[
-            dg.TableColumn(name, _POLARS_TO_TYPE.get(str(dtype).split("(")[0], str(dtype)))
-            for name, dtype in frame.schema.items()
-        ]
+        columns=[dg.TableColumn(name, _column_type(dtype)) for name, dtype in frame.schema.items()]
     )
 
 
@@ -41,6 +43,43 @@ def table_metadata(frame: Any, path: Path | None = None) -> dict[str, Any]:
     if path is not None:
         meta["path"] = dg.MetadataValue.path(str(path))
     return meta
+
+
+def table_value(
+    frame: Any, columns: Mapping[str, str], p_values: Sequence[str] = ()
+) -> dg.TableMetadataValue:
+    """A table the Dagster UI shows as a table, with a schema: `columns` (name -> description)
+    picks and orders the columns (those missing from `frame` are left out); `p_values` are
+    shown as text, 3 decimals or e-notation under 1e-3, as in the report; other floats are
+    rounded to DIGITS; NaN is empty."""
+    names = [name for name in columns if name in frame.columns]
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name,
+                "string" if name in p_values else _column_type(frame.schema[name]),
+                description=columns[name],
+            )
+            for name in names
+        ]
+    )
+    records = [
+        dg.TableRecord({name: _record_value(row[name], name in p_values) for name in names})
+        for row in frame.select(names).iter_rows(named=True)
+    ]
+    return dg.MetadataValue.table(records, schema)
+
+
+def _column_type(dtype: Any) -> str:
+    return _POLARS_TO_TYPE.get(str(dtype).split("(")[0], str(dtype))
+
+
+def _record_value(value: Any, p_value: bool) -> str | int | float | bool | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if p_value:
+        return None if value is None else cell(float(value))
+    return round(value, DIGITS) if isinstance(value, float) else value
 
 
 def png_markdown(path: Path, alt: str) -> dg.MetadataValue:

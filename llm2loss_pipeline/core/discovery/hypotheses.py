@@ -180,6 +180,7 @@ def _influences(
     return pooled
 
 
+# long: the discovery stages in order (verify, fold into modes, evidence); being rewritten by the discovery issue
 def discover(
     candidates: Sequence[Candidate],
     text_embeddings: np.ndarray,
