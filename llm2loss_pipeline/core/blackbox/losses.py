@@ -164,17 +164,9 @@ def _compute(
     progress: Progress | None,
     task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> LossResult:
-    from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
-
     model = prepared_for_inference(model, device)
     targets_cpu = torch.from_numpy(targets_all)
-    loader = DataLoader(
-        ImageFolderDataset(list(items), transform=preprocess, on_bad_image=on_bad_image),
-        shuffle=False,
-        collate_fn=collate_skipping,
-        generator=torch.Generator().manual_seed(0),  # leave the caller's global RNG untouched
-        **spec.loader_kwargs(device),
-    )
+    loader = _loader(items, preprocess, on_bad_image, spec, device)
     total_batches = len(loader)
     # Without worker processes, decode the next batch on a thread while this one runs: the JPEG
     # decoders (torchvision's, PIL's) and torch's kernels release the GIL, so they overlap.
@@ -233,16 +225,43 @@ def _compute(
         {
             "sample_id": [items[p][0] for p in position],
             "split": [splits[p] for p in position],
-            "label": target,
-            "loss": per_sample_loss,
-            "predicted": predicted,
-            "correct": predicted == target,
-            "p_true": np.exp(-per_sample_loss),
-            "true_class_auroc": auroc,
+            **_loss_columns(target, per_sample_loss, predicted, auroc),
         },
         schema=LOSS_SCHEMA,
     )
     return LossResult(frame=frame, dropped=dropped_ids, skipped=skipped_ids)
+
+
+def _loader(
+    items: Sequence[tuple[str, str]],
+    preprocess: Preprocess,
+    on_bad_image: str,
+    spec: DeviceSpec,
+    device: torch.device,
+) -> DataLoader:
+    """The images in order; a bad image is skipped or fails as `on_bad_image` says."""
+    from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
+
+    return DataLoader(
+        ImageFolderDataset(list(items), transform=preprocess, on_bad_image=on_bad_image),
+        shuffle=False,
+        collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(0),  # leave the caller's global RNG untouched
+        **spec.loader_kwargs(device),
+    )
+
+
+def _loss_columns(
+    target: np.ndarray, loss: np.ndarray, predicted: np.ndarray, auroc: np.ndarray
+) -> dict[str, np.ndarray]:
+    return {
+        "label": target,
+        "loss": loss,
+        "predicted": predicted,
+        "correct": predicted == target,
+        "p_true": np.exp(-loss),
+        "true_class_auroc": auroc,
+    }
 
 
 def prefetched(iterable: Iterable[T], depth: int = 2) -> Iterator[T]:

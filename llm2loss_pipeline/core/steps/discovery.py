@@ -91,11 +91,7 @@ def compute_discovery(
 
     `diagnoser`: anything with `encode_texts`, `ensemble` and `gap` (a `core.query.Diagnoser`).
     """
-    from llm2loss_pipeline.core.discovery.candidates import (
-        generate_candidates,
-        read_vocabulary,
-        single_candidates,
-    )
+    from llm2loss_pipeline.core.discovery.candidates import generate_candidates, single_candidates
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
     from llm2loss_pipeline.core.steps.diagnosis import training_frame
     from llm2loss_pipeline.core.steps.tables import split_rows
@@ -106,10 +102,7 @@ def compute_discovery(
     held_out = split_rows(frame, config.eval_split, "discovery.eval_split")
     train = split_rows(frame, ensemble.config.train_split, "heads.train_split")
 
-    texts = list(config.vocabulary)
-    if config.vocabulary_path:
-        texts += read_vocabulary(config.vocabulary_path)
-    texts += list(vocabulary)
+    texts = _vocabulary(config, vocabulary)
     embed = _TextCache(diagnoser.encode_texts)
 
     def score(batch: Sequence[str]) -> np.ndarray:
@@ -149,19 +142,33 @@ def compute_discovery(
         probe_embeddings=embed(probes),
         progress=say,
     )
-    counts = {
-        "n_candidates": result.n_candidates,
-        "n_kept": result.n_kept,
-        "n_modes": result.n_modes,
-        "n_eval_samples": held_out.height,
-        "n_evidence_samples": result.evidence.height,
-        "n_proposed": len(proposals),
-    }
     say(
         f"discovery: {result.n_modes} failure modes ({result.n_kept} of {result.n_candidates} "
         "descriptions verified)"
     )
+    counts = _counts(result, held_out.height, len(proposals))
     return DiscoveryFindings(result.hypotheses, result.evidence, counts)
+
+
+def _vocabulary(config: DiscoveryConfig, vocabulary: Sequence[str]) -> list[str]:
+    """The configured words, then the vocabulary file's, then the caller's."""
+    from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
+
+    texts = list(config.vocabulary)
+    if config.vocabulary_path:
+        texts += read_vocabulary(config.vocabulary_path)
+    return texts + list(vocabulary)
+
+
+def _counts(result: Any, n_eval: int, n_proposed: int) -> dict[str, int]:
+    return {
+        "n_candidates": result.n_candidates,
+        "n_kept": result.n_kept,
+        "n_modes": result.n_modes,
+        "n_eval_samples": n_eval,
+        "n_evidence_samples": result.evidence.height,
+        "n_proposed": n_proposed,
+    }
 
 
 def eval_labels(frame: pl.DataFrame) -> dict[str, np.ndarray] | None:
