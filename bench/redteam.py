@@ -151,7 +151,11 @@ def classify(
         message = last_line(result.err or result.out)
         if len(result.err) > max_error_chars:
             return "unclear error", f"exit {result.rc}, {len(result.err)} chars of stderr"
-        if error is None or re.search(error, result.text, re.S):
+        found = re.search(error, result.text, re.S) if error is not None else None
+        if error is None or found:
+            if found:  # show the line that says it, not the last line of the output
+                start = result.text.rfind("\n", 0, found.start()) + 1
+                message = result.text[start:].strip().splitlines()[0][:240]
             return "clear error", f"exit {result.rc}: {message}"
         return "unclear error", f"exit {result.rc}: {message}"
     if ok is not None and ok(result):
