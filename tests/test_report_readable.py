@@ -161,13 +161,13 @@ def test_dagster_metadata_is_tables_and_file_links(built):
     import dagster as dg
     from dagster._serdes import serialize_value
 
-    from llm2loss_pipeline.core.steps.report import ReportStepResult
+    from llm2loss_pipeline.core.steps.report import DisparityReportResult
     from llm2loss_pipeline.defs.report.assets import report_metadata
 
     _, result, _ = built
     files = result.files
     plots_ = {name: path for name, path in files.items() if str(path).endswith(".png")}
-    step = ReportStepResult(
+    step = DisparityReportResult(
         html_path=files["report_html"],
         duckdb_path=files["report_html"].parent / "llm2loss.duckdb",
         sha256="0" * 64,

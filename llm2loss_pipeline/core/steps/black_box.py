@@ -36,7 +36,7 @@ class BlackBoxResult:
 
 
 @dataclass(frozen=True)
-class ShardTableResult:
+class LossShardResult:
     frame: pl.DataFrame
     path: Path
     sha256: str
@@ -208,7 +208,7 @@ def shard_losses(
     dataset: DatasetConfig,
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
-) -> ShardTableResult:
+) -> LossShardResult:
     config = materialized_config(layout, config)
     manifest = read_manifest(layout)
     rows = shard_rows(manifest, shard)
@@ -240,7 +240,7 @@ def shard_losses(
         fail_on_bad_images(LOSSES_TABLE, shard, rows, result.skipped, dataset.on_bad_image)
         frame, dropped, skipped = result.frame, list(result.dropped), list(result.skipped)
     path = write_shard(layout, LOSSES_TABLE, shard, frame, rows)  # with its sha256 sidecar
-    return ShardTableResult(
+    return LossShardResult(
         frame=frame,
         path=path,
         sha256=sha256_file(path),

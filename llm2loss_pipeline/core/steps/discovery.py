@@ -32,7 +32,7 @@ class DiscoveryFindings:
 
 
 @dataclass(frozen=True)
-class DiscoveryStepResult:
+class FailureHypothesesResult:
     """The findings and the files `write_discovery` wrote for them."""
 
     hypotheses: pl.DataFrame
@@ -68,7 +68,7 @@ def run_discovery(
     *,
     vocabulary: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
-) -> DiscoveryStepResult:
+) -> FailureHypothesesResult:
     """The failure_hypotheses asset's step: compute the hypotheses, then write their files.
 
     `diagnoser`: a loaded `core.query.Diagnoser` (the caller loads it, so that this step does not
@@ -205,7 +205,7 @@ def _proposals(
 
 def write_discovery(
     layout: Layout, config: DiscoveryConfig, result: DiscoveryFindings
-) -> DiscoveryStepResult:
+) -> FailureHypothesesResult:
     """The tables, contact sheets and page of `result` under reports/, and the DuckDB views."""
     from llm2loss_pipeline.core.discovery.evidence import discovery_html, hypothesis_sheets
     from llm2loss_pipeline.core.discovery.publish import publish_with_discovery
@@ -229,7 +229,7 @@ def write_discovery(
         {"failure_hypotheses": table_path, "failure_evidence": evidence_file},
         member_metrics=metrics if metrics.exists() else None,
     )
-    return DiscoveryStepResult(
+    return FailureHypothesesResult(
         hypotheses=result.hypotheses,
         evidence=result.evidence,
         hypotheses_path=table_path,

@@ -36,7 +36,7 @@ HEADLINE_KEYS = (
 
 
 @dataclass(frozen=True)
-class ReportStepResult:
+class DisparityReportResult:
     html_path: Path
     duckdb_path: Path
     sha256: str
@@ -56,7 +56,7 @@ class CheckOutcome:
 
 def make_report(
     layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
-) -> ReportStepResult:
+) -> DisparityReportResult:
     from llm2loss_pipeline.core.query import Diagnoser
     from llm2loss_pipeline.core.report import (
         build_report_from_config,
@@ -70,7 +70,7 @@ def make_report(
     )
     published = publish_views(layout.duckdb, layout, member_metrics=layout.member_metrics)
     html = result.files["report_html"]
-    return ReportStepResult(
+    return DisparityReportResult(
         html_path=html,
         duckdb_path=published.db_path,
         sha256=sha256_file(layout.attribute_table),

@@ -67,7 +67,7 @@ def report_tables(reports: Path) -> dict[str, dg.TableMetadataValue]:
 
 
 def report_metadata(
-    estimator: str, result: steps.ReportStepResult, reports: Path
+    estimator: str, result: steps.DisparityReportResult, reports: Path
 ) -> dict[str, dg.MetadataValue]:
     """The report's materialization metadata. Plots are linked as files: embedding them put
     about 450 KB of base64 into every materialization event."""
