@@ -244,11 +244,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.core.config import ConfigError, preflight
 
     config = _load_config(args.config, None)
-    print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-    try:
+    try:  # checked before the dump: a bad configuration prints only its error (issue 21)
         preflight(config, source=args.config or "<embedded default>")
     except ConfigError as exc:
         return _fail(str(exc))
+    print(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     return 0
 
 

@@ -41,6 +41,29 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def envelope(
+    command: str,
+    estimator: str | None,
+    calibrated: bool,
+    results: list[Any],
+    notes: list[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The one top-level JSON shape of `compare`, `rank` and `discover` (README, "Reading compare
+    and rank"): what was asked, how it was estimated, the answers, and the notes (warnings) met;
+    a command's own fields follow. Strict JSON (json_safe)."""
+    return json_safe(
+        {
+            "command": command,
+            "estimator": estimator,
+            "calibrated": bool(calibrated),
+            "results": results,
+            "notes": list(notes or []),
+            **extra,
+        }
+    )
+
+
 def run_handler(args: argparse.Namespace) -> int:
     """A command's exit code; a reader that closed our output early (`| head`) is not an error
     worth a traceback."""

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from llm2loss_pipeline.cli_common import fail, json_safe
+from llm2loss_pipeline.cli_common import envelope, fail
 
 COLUMNS = (
     ("rank", "#", 3),
@@ -112,21 +112,20 @@ def _print_json(report: Any, modes: Any, vocab: Any, n_modes: int) -> int:
     shown = [] if isinstance(modes, list) else modes.to_dicts()
     ranks = {row["rank"] for row in shown} | set(vocab["rank"].to_list())
     evidence = report.evidence.filter(report.evidence["rank"].is_in(sorted(ranks)))
-    print(
-        json.dumps(
-            {
-                "n_candidates": report.n_candidates,
-                "n_kept": report.n_kept,
-                "n_modes": n_modes,
-                "hypotheses": json_safe(shown),
-                "vocabulary": json_safe(vocab.to_dicts()),
-                "evidence": json_safe(
-                    evidence.select("rank", "role", "sample_id", "loss", "influence").to_dicts()
-                ),
-            },
-            indent=2,
-        )
+    # the shape compare and rank share (cli_common.envelope): the hypotheses are the results;
+    # they are the heads' reading of each description's own embedding, verified on samples
+    body = envelope(
+        "discover",
+        "direct",
+        False,
+        shown,
+        n_candidates=report.n_candidates,
+        n_kept=report.n_kept,
+        n_modes=n_modes,
+        vocabulary=vocab.to_dicts(),
+        evidence=evidence.select("rank", "role", "sample_id", "loss", "influence").to_dicts(),
     )
+    print(json.dumps(body, indent=2))
     return 0
 
 

@@ -1,12 +1,15 @@
 """`llm2loss compare` and `llm2loss rank`: text questions to the trained heads, from the shell.
 
     llm2loss compare "face of an old male" "face of a young female" [--json] [--plot out.png]
+    llm2loss compare --pairs pairs.tsv          # one "A<TAB>B" per line; '-' reads stdin
     llm2loss rank "a person wearing glasses" "a person wearing a hat" [--file prompts.txt | -]
+    llm2loss ask                                # loads once, then answers "A | B" lines
 
 `register(subparsers)` adds both commands to the main `llm2loss` parser (cli.py); each handler
 returns the exit code: 0, or 2 after printing one clear line to stderr for a problem the user can
 fix (nothing materialized yet, an empty text, heads from another encoder, an unreadable file).
-`python -m llm2loss_pipeline.query_cli ...` runs the two commands on their own.
+`python -m llm2loss_pipeline.query_cli ...` runs the commands on their own. With `--json` all of
+them print one shape (cli_common.envelope); `ask --json` prints one such object per line.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llm2loss_pipeline.cli_common import fail, json_safe, run_handler
+from llm2loss_pipeline.cli_common import envelope, fail, run_handler
 
 PIPE_WIDTH = 120
 WIDE = 110
@@ -36,8 +39,14 @@ def register(subparsers: Any) -> None:
         help="compare the expected loss on two kinds of input described in text",
         description="Distribution over the head ensemble of h(A) - h(B); > 0: worse on A.",
     )
-    compare.add_argument("text_a", metavar="TEXT_A")
-    compare.add_argument("text_b", metavar="TEXT_B")
+    compare.add_argument("text_a", metavar="TEXT_A", nargs="?")
+    compare.add_argument("text_b", metavar="TEXT_B", nargs="?")
+    compare.add_argument(
+        "--pairs",
+        metavar="FILE",
+        help="many comparisons at once: one 'A<TAB>B' per line ('-' reads stdin); blank lines "
+        "and lines starting with # skipped",
+    )
     _estimator(compare)
     _common(compare)
     compare.set_defaults(handler=run_compare)
@@ -56,6 +65,16 @@ def register(subparsers: Any) -> None:
     _estimator(rank)
     _common(rank)
     rank.set_defaults(handler=run_rank)
+
+    ask = subparsers.add_parser(
+        "ask",
+        help="load once, then answer 'A | B' lines from stdin (a blank line or end of input quits)",
+        description="Interactive or piped comparisons: each line 'A | B' is answered as "
+        "`compare A B` would, without loading the heads again.",
+    )
+    _estimator(ask)
+    _common(ask, plot=False)
+    ask.set_defaults(handler=run_ask)
 
 
 def _estimator(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +96,15 @@ def _estimator(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, plot: bool = True) -> None:
     parser.add_argument("--home", help="artifact root (default: $LLM2LOSS_HOME or ./.llm2loss)")
     parser.add_argument(
         "--device", default="cpu", help="text encoder device: cpu, cuda, cuda:N, auto (default cpu)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    if not plot:
+        parser.set_defaults(plot=None)
+        return
     parser.add_argument(
         "--plot",
         metavar="FILE",
@@ -119,10 +141,25 @@ def _check_options(args: argparse.Namespace) -> str:
     return device
 
 
-def _notes(command: str, caught: list[warnings.WarningMessage]) -> None:
-    """Warnings of the query (a text truncated to the encoder's context) as one line each."""
-    for warning in caught:
-        print(f"llm2loss {command}: note: {warning.message}", file=sys.stderr)
+def _notes(command: str, caught: list[warnings.WarningMessage]) -> list[str]:
+    """Warnings of the query (a text truncated to the encoder's context), one line each on
+    stderr; returned for the JSON's "notes"."""
+    notes = list(dict.fromkeys(str(warning.message) for warning in caught))
+    for note in notes:
+        print(f"llm2loss {command}: note: {note}", file=sys.stderr)
+    return notes
+
+
+def _compare_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.pairs is not None:
+        if args.text_a is not None:
+            raise ValueError("give TEXT_A TEXT_B or --pairs FILE, not both")
+        if args.plot is not None:
+            raise ValueError("--plot draws one comparison; leave it out with --pairs")
+        return read_pairs(args.pairs)
+    if args.text_a is None or args.text_b is None:
+        raise ValueError("compare needs two texts, TEXT_A TEXT_B (or --pairs FILE)")
+    return [(args.text_a, args.text_b)]
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -130,22 +167,31 @@ def run_compare(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", UserWarning)
         try:
             device = _check_options(args)
+            pairs = _compare_inputs(args)
             diagnoser = load_diagnoser(args.home, device)
-            comparison = diagnoser.compare(args.text_a, args.text_b, grounded=args.grounded)
+            comparisons = diagnoser.compare_many(pairs, grounded=args.grounded)
             if args.plot is not None:
                 from llm2loss_pipeline.core.heads.plots import plot_comparison
 
-                plot_comparison(comparison, args.plot)
+                plot_comparison(comparisons[0], args.plot)
         except _handled_errors() as exc:
             return fail(str(exc), "compare")
-    _notes("compare", caught)
+    notes = _notes("compare", caught)
     if args.json:
-        print(json.dumps(json_safe(comparison.to_dict()), indent=2))
+        print(json.dumps(comparison_json(comparisons, notes), indent=2))
+    elif args.pairs is not None:
+        _print_pairs(comparisons)
     else:
-        _print_comparison(comparison)
+        _print_comparison(comparisons[0])
     if args.plot is not None:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def comparison_json(comparisons: Sequence[Any], notes: list[str]) -> dict[str, Any]:
+    first = comparisons[0]
+    results = [comparison.to_dict() for comparison in comparisons]
+    return envelope("compare", first.estimator, first.calibrated, results, notes)
 
 
 def run_rank(args: argparse.Namespace) -> int:
@@ -166,9 +212,11 @@ def run_rank(args: argparse.Namespace) -> int:
                 plot_ranking(ranking, args.plot)
         except _handled_errors() as exc:
             return fail(str(exc), "rank")
-    _notes("rank", caught)
+    notes = _notes("rank", caught)
     if args.json:
-        print(json.dumps(json_safe(ranking), indent=2))
+        estimator = ranking[0]["estimator"] if ranking else None
+        # a ranking is ordered by member means: no calibrated probability is attached to it
+        print(json.dumps(envelope("rank", estimator, False, ranking, notes), indent=2))
     else:
         _print_ranking(ranking, n_members=len(diagnoser.members))
     if args.plot is not None:
@@ -176,24 +224,111 @@ def run_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+ASK_SEPARATOR = "|"
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """Answer 'A | B' lines until a blank line or the end of stdin; a bad line is named on
+    stderr and skipped (exit 2 at the end, so that a script notices)."""
+    try:
+        device = _check_options(args)
+        diagnoser = load_diagnoser(args.home, device)
+    except _handled_errors() as exc:
+        return fail(str(exc), "ask")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("ask: 'A | B' compares A with B; a blank line quits", file=sys.stderr)
+    bad = 0
+    for number, line in enumerate(_stdin_lines(interactive), start=1):
+        if not line.strip():
+            break
+        try:
+            pair = _ask_pair(line, number)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                (comparison,) = diagnoser.compare_many([pair], grounded=args.grounded)
+        except _handled_errors() as exc:
+            bad += 1
+            fail(f"line {number}: {exc}", "ask")
+            continue
+        notes = _notes("ask", caught)
+        if args.json:
+            print(json.dumps(comparison_json([comparison], notes)), flush=True)
+        else:
+            print(comparison.verdict, flush=True)
+    return 2 if bad else 0
+
+
+def _stdin_lines(interactive: bool):
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def _ask_pair(line: str, number: int) -> tuple[str, str]:
+    parts = [part.strip() for part in line.split(ASK_SEPARATOR)]
+    if len(parts) != 2:
+        raise ValueError(
+            f"expected 'A | B' (two texts and one '|'), got {len(parts)} part(s): {line.strip()!r}"
+        )
+    return parts[0], parts[1]
+
+
+def read_pairs(source: str) -> list[tuple[str, str]]:
+    """Pairs from a file or stdin ('-'): one 'A<TAB>B' per line, UTF-8; blank lines and lines
+    starting with # skipped. A line without exactly one tab, or with an empty side, is named by
+    its number."""
+    name = "stdin" if source == "-" else f"pairs file {source}"
+    data = _read_bytes(source, name)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PromptFileError(f"{name} line {line}: not valid UTF-8") from exc
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = [part.strip() for part in line.split("\t")]
+        if len(parts) != 2:
+            raise PromptFileError(
+                f"{name} line {number}: expected two texts separated by one tab, "
+                f"got {len(parts)} field(s): {line.strip()!r}"
+            )
+        for side, part in zip("AB", parts, strict=True):
+            if not part:
+                raise PromptFileError(f"{name} line {number}: text {side} is empty")
+        pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise PromptFileError(f"{name} has no pairs (one 'A<TAB>B' per line)")
+    return pairs
+
+
+def _read_bytes(source: str, name: str) -> bytes:
+    if source == "-":
+        stdin = getattr(sys.stdin, "buffer", None)  # bytes, to name the line of a bad one
+        return stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+    path = Path(source)
+    if path.is_dir():
+        raise PromptFileError(f"{name} is a directory; give a file with one item per line")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise PromptFileError(f"{name} does not exist") from exc
+    except OSError as exc:
+        raise PromptFileError(f"{name} cannot be read ({exc.strerror or exc})") from exc
+
+
 def read_prompts(source: str) -> list[str]:
     """Prompts from a file or stdin ('-'), parsed by `core.prompts.text_lines` (one per line,
     UTF-8, blank lines and # comments skipped). Any readable path works (a pipe, /dev/stdin,
     process substitution), not only regular files."""
     name = "stdin" if source == "-" else f"prompt file {source}"
-    if source == "-":
-        stdin = getattr(sys.stdin, "buffer", None)  # bytes, to name the line of a bad one
-        data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
-    else:
-        path = Path(source)
-        if path.is_dir():
-            raise PromptFileError(f"{name} is a directory; give a file with one prompt per line")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise PromptFileError(f"{name} does not exist") from exc
-        except OSError as exc:
-            raise PromptFileError(f"{name} cannot be read ({exc.strerror or exc})") from exc
+    data = _read_bytes(source, name)
     from llm2loss_pipeline.core.prompts import text_lines
 
     try:
@@ -240,6 +375,34 @@ def _print_comparison(comparison: Any) -> None:
         f"estimator: {comparison.estimator}; units: {comparison.units}",
         style="dim",
         soft_wrap=True,
+    )
+
+
+def _print_pairs(comparisons: Sequence[Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    first = comparisons[0]
+    share = "P(A worse)" if first.calibrated else "members A worse"
+    table = Table(title=f"h(A) - h(B), {len(comparisons)} pairs", title_justify="left")
+    for column in ("#", "A", "B", "mean", share, "verdict"):
+        wide = column in ("A", "B", "verdict")
+        table.add_column(column, justify="left" if wide else "right", overflow="fold")
+    for number, comparison in enumerate(comparisons, start=1):
+        overall = comparison.groups["overall"]
+        value = comparison.p_a_worse if first.calibrated else overall.p_greater
+        table.add_row(
+            str(number),
+            Text(comparison.text_a),
+            Text(comparison.text_b),
+            f"{overall.mean:+.3f}",
+            f"{value:.2f}",
+            Text(comparison.verdict.split(":")[0]),
+        )
+    console.print(table)
+    console.print(
+        f"estimator: {first.estimator}; units: {first.units}", style="dim", soft_wrap=True
     )
 
 

@@ -260,7 +260,7 @@ def test_cli_compare_json_and_plot(cli_home, capsys, tmp_path):
         main(["compare", GLASSES, HAT, "--home", str(cli_home), "--json", "--plot", str(plot)]) == 0
     )
     captured = capsys.readouterr()
-    data = json.loads(captured.out)
+    data = json.loads(captured.out)["results"][0]  # the shape compare, rank, discover share
     assert data["text_a"] == GLASSES and data["p_a_worse"] >= 0.8
     assert data["groups"]["overall"]["n"] == 8 and len(data["members"]) == 8
     assert plot.read_bytes()[:8] == PNG_MAGIC
@@ -271,7 +271,7 @@ def test_cli_rank_from_arguments_file_and_stdin(cli_home, capsys, tmp_path, monk
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"# planted failures\n\n{HAT}\n  {GLASSES}  \n")
     assert main(["rank", SMILING, "--file", str(prompts), "--home", str(cli_home), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["results"]
     assert sorted(r["text"] for r in rows) == sorted([HAT, GLASSES, SMILING])
     assert rows[0]["text"] == GLASSES
 

@@ -99,8 +99,8 @@ def test_cli_discover_prints_json_and_a_table(home, capsys, tmp_path) -> None:
             == 0
         )
     out = json.loads(capsys.readouterr().out)
-    assert len(out["hypotheses"]) == min(3, out["n_modes"]) and out["n_candidates"] > 40
-    assert all(row["verdict"] == "mode" for row in out["hypotheses"])
+    assert len(out["results"]) == min(3, out["n_modes"]) and out["n_candidates"] > 40
+    assert all(row["verdict"] == "mode" for row in out["results"])
     (mine,) = out["vocabulary"]  # the user's line is always there, with its verdict and reason
     assert mine["description"] == "face of a person wearing eyeglasses and a hat"
     assert mine["verdict"] in ("mode", "folded", "dropped", "off-domain") and mine["reason"]

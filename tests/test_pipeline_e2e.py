@@ -175,7 +175,7 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    (result,) = json.loads(done.stdout)["results"]
     # the CLI says what the Python API says on the same home, member by member
     from llm2loss_pipeline import Diagnoser
 
@@ -201,7 +201,7 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
         timeout=300,
     )
     assert ranked.returncode == 0, ranked.stderr
-    rows = json.loads(ranked.stdout)
+    rows = json.loads(ranked.stdout)["results"]
     in_process = diagnoser.rank(texts)
     assert [row["text"] for row in rows] == [row["text"] for row in in_process]
     assert [row["rank"] for row in rows] == [1, 2, 3]

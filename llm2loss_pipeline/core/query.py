@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.heads.checkpoint import INDEX, load_ensemble
+from llm2loss_pipeline.core.heads.checkpoint import INDEX
 from llm2loss_pipeline.core.heads.compare import (
     OVERALL,
     Comparison,
@@ -46,6 +46,9 @@ POOL_SEED = 0  # fixed: a grounded comparison gives the same numbers every time
 # heavy imports (matplotlib) at query time
 CALIBRATION_FILE = "calibration.json"
 PROBES_FILE = "probes.safetensors"
+ENCODER_SIDECAR = "encoder.json"  # core/encoder/checkpoint.py writes it last, with the sha256
+TEXT_INDEX_DIR = ("cache", "text_embeddings")  # under the home: <encoder sha256>.safetensors
+TEXT_INDEX_LIMIT = 20_000  # texts kept on disk (30 MB at d = 384); the newest are kept
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -88,6 +91,122 @@ def default_encoder_loader(encoder_dir: Path, device: str) -> Any:
     from llm2loss_pipeline.core.encoder import load_encoder
 
     return load_encoder(encoder_dir, device)
+
+
+def _encoder_identity(encoder_dir: Path) -> tuple[str, int] | None:
+    """(weights sha256, embed_dim) from the encoder's sidecar, or None where it has none (then
+    the encoder is loaded at once, as before)."""
+    try:
+        import json
+
+        sidecar = json.loads((encoder_dir / ENCODER_SIDECAR).read_text(encoding="utf-8"))
+        sha256, dim = sidecar["sha256"], sidecar["embed_dim"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(sha256, str) or len(sha256) != 64 or not isinstance(dim, int):
+        return None
+    return sha256, dim
+
+
+class TextIndex:
+    """Text embeddings already computed by one encoder, kept on disk under the home so that a
+    question about known texts needs neither the encoder nor open_clip's imports (seconds).
+
+    One safetensors file per encoder sha256: the embeddings [n, d] and the texts (JSON, in the
+    header's metadata). A damaged or foreign file is ignored and rewritten: it is only a cache.
+    """
+
+    def __init__(self, path: Path, sha256: str, dim: int) -> None:
+        self.path, self.sha256, self.dim = path, sha256, dim
+        self.rows: dict[str, np.ndarray] | None = None
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if self.rows is None:
+            self.rows = {}
+            try:
+                import json
+
+                from safetensors import safe_open
+
+                with safe_open(str(self.path), framework="numpy") as handle:
+                    meta = handle.metadata() or {}
+                    if meta.get("encoder_sha256") == self.sha256:
+                        texts = json.loads(meta["texts"])
+                        matrix = handle.get_tensor("embeddings")
+                        if matrix.shape == (len(texts), self.dim):
+                            self.rows = dict(zip(texts, matrix, strict=True))
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # rebuilt below
+                self.rows = {}
+        return self.rows
+
+    def lookup(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        rows = self._read()
+        return {text: rows[text] for text in texts if text in rows}
+
+    def add(self, texts: Sequence[str], embeddings: np.ndarray) -> None:
+        """Remember new texts, and rewrite the file atomically (a reader never sees half)."""
+        import json
+
+        from safetensors.numpy import save
+
+        rows = self._read()
+        rows.update(zip(texts, np.asarray(embeddings, dtype=np.float32), strict=True))
+        for old in list(rows)[: max(0, len(rows) - TEXT_INDEX_LIMIT)]:
+            del rows[old]
+        names = list(rows)
+        matrix = np.stack([rows[t] for t in names]) if names else np.zeros((0, self.dim))
+        meta = {"encoder_sha256": self.sha256, "texts": json.dumps(names, ensure_ascii=False)}
+        data = save({"embeddings": np.ascontiguousarray(matrix, np.float32)}, metadata=meta)
+        try:  # a read-only home still answers; it only stays slow
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            staging.write_bytes(data)
+            os.replace(staging, self.path)
+        except OSError:
+            pass
+
+
+class LazyTextEncoder:
+    """`encode_texts` of the home's encoder, loaded on the first text the index does not know."""
+
+    def __init__(self, load: Callable[[], Any], sha256: str, index: TextIndex) -> None:
+        self._load, self.sha256, self.index = load, sha256, index
+        self.encoder: Any = None
+
+    def __repr__(self) -> str:
+        state = repr(self.encoder) if self.encoder is not None else "not loaded yet"
+        return f"encoder {self.sha256[:12]} ({state})"
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        import warnings
+
+        texts = list(texts)
+        known = self.index.lookup(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in known))
+        if missing:
+            if self.encoder is None:
+                self.encoder = self._load()
+                if str(self.encoder.sha256) != self.sha256:
+                    raise StorageError(
+                        f"the encoder's weights ({str(self.encoder.sha256)[:12]}) changed since "
+                        f"its {ENCODER_SIDECAR} ({self.sha256[:12]}) was read; ask again"
+                    )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                new = np.asarray(self.encoder.encode_texts(missing), dtype=np.float32)
+            for warning in caught:  # passed on, and such a batch is not remembered: a later
+                warnings.warn_explicit(  # question about the same text gets the note again
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
+            if new.shape != (len(missing), self.index.dim):
+                raise ValueError(
+                    f"the text encoder returned shape {new.shape} for {len(missing)} texts; "
+                    f"the heads expect [n, {self.index.dim}]"
+                )
+            known.update(zip(missing, new, strict=True))
+            if not caught:
+                self.index.add(missing, new)
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.index.dim))
 
 
 def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> list[str]:
@@ -172,14 +291,26 @@ class Diagnoser:
                 f"{'is' if len(missing) == 1 else 'are'} not materialized yet; "
                 f"run `{RUN_COMMAND}` (with --home {layout.home} or LLM2LOSS_HOME set) first"
             )
-        encoder = (encoder_loader or default_encoder_loader)(encoder_dir, device)
+        from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
+
+        loader = encoder_loader or default_encoder_loader
+        identity = _encoder_identity(encoder_dir)
+        if identity is None:  # no sidecar to read the identity from: load the encoder now
+            encoder = loader(encoder_dir, device)
+            identity = (str(encoder.sha256), int(encoder.embed_dim))
+            encode_texts: EncodeTexts = encoder.encode_texts
+        else:  # the encoder (open_clip, seconds) waits for the first text never seen before
+            index = TextIndex(
+                layout.home.joinpath(*TEXT_INDEX_DIR, f"{identity[0]}.safetensors"), *identity
+            )
+            encode_texts = encoder = LazyTextEncoder(
+                lambda: loader(encoder_dir, device), identity[0], index
+            )
         ensemble, gap, meta = load_ensemble(
-            heads_dir,
-            expected_dim=int(encoder.embed_dim),
-            expected_encoder_sha256=str(encoder.sha256),
+            heads_dir, expected_dim=identity[1], expected_encoder_sha256=identity[0]
         )
         meta = {**meta, "home": str(layout.home), "encoder": repr(encoder)}
-        return cls(encoder.encode_texts, ensemble, gap, meta)
+        return cls(encode_texts, ensemble, gap, meta)
 
     @property
     def members(self) -> list[MemberInfo]:

@@ -70,6 +70,17 @@ def _wrap(text: str, width: int = 60) -> str:
     return ("\n".join(textwrap.wrap(text, width)) or text).replace("$", r"\$")
 
 
+def estimator_line(estimator: str, calibrated: bool, p_a_worse: float | None = None) -> str:
+    """What a chart's numbers come from, for its title: the estimator and whether calibrated."""
+    read = {
+        "grounded": "grounded on the evaluation images",
+        "direct": "direct: the heads read the texts' own embeddings",
+    }.get(estimator, estimator)
+    if calibrated and p_a_worse is not None:
+        return f"estimator: {read}; calibrated P(A worse) {p_a_worse:.2f}"
+    return f"estimator: {read}; uncalibrated"
+
+
 def plot_comparison(comparison: Comparison, out_png: str | os.PathLike[str]) -> Path:
     plt = _pyplot()
     names = list(comparison.groups)
@@ -104,14 +115,18 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike[str]) -> 
         low, high = min(0.0, *comparison.diffs), max(0.0, *comparison.diffs)
         pad = 0.08 * (high - low) or 1.0
         ax.set_xlim(low - pad, high + pad)  # zero is always in view
+        # the share of members, not a probability: P(A worse) is the calibrated one, in the title
         labels = [
-            f"{name}\nP(A worse)={comparison.groups[name].p_greater:.2f}"
+            f"{name}\nmembers A worse {comparison.groups[name].p_greater:.2f}"
             for name in reversed(names)
         ]
         ax.set_yticks(range(len(names)), labels)
-        ax.set_xlabel("h(A) - h(B)  [member std of predicted loss; > 0: worse on A]")
+        ax.set_xlabel(_wrap(f"h(A) - h(B) [{comparison.units}]", 90), fontsize=8)
         ax.set_title(
-            f"A: {_wrap(comparison.text_a)}\nB: {_wrap(comparison.text_b)}", fontsize=10, loc="left"
+            f"A: {_wrap(comparison.text_a)}\nB: {_wrap(comparison.text_b)}\n"
+            f"{estimator_line(comparison.estimator, comparison.calibrated, comparison.p_a_worse)}",
+            fontsize=10,
+            loc="left",
         )
         ax.grid(axis="x", alpha=0.3)
         return _save(fig, out_png)
@@ -140,9 +155,16 @@ def plot_ranking(ranking: Sequence[dict[str, Any]], out_png: str | os.PathLike[s
             [_wrap(str(row["text"]), 45) for row in reversed(list(ranking))],
             fontsize=8,
         )
-        ax.set_xlabel("estimated loss [member std above the training average]; right = worse")
+        estimator = str(ranking[0].get("estimator", "direct"))
+        ax.set_xlabel(
+            "estimated loss [member std above the training average]; right = worse"
+            if estimator == "direct"
+            else "estimated loss vs the mean of these texts [units of compare]; right = worse"
+        )
         ax.set_title(
-            "Estimated loss by text, worst first (mean, q1..q3, min..max over members)", fontsize=10
+            "Estimated loss by text, worst first (mean, q1..q3, min..max over members)\n"
+            f"{estimator_line(estimator, calibrated=False)}",
+            fontsize=10,
         )
         ax.grid(axis="x", alpha=0.3)
         return _save(fig, out_png)

@@ -37,9 +37,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy import stats as sps
-
-from llm2loss_pipeline.core.stats import bh_adjust
 
 LEVEL = 0.9
 MIN_ATTRIBUTES = 5  # below this the slope and the text error cannot be learned
@@ -70,7 +67,9 @@ class Calibration:
 
     def p_worse(self, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
         """P(the real gap is > 0) for estimates with member mean `mean` and spread `std`."""
-        return sps.norm.cdf(self.z(mean, std))
+        # the normal CDF by erfc: scipy's import costs a query more than the answer does
+        z = np.asarray(self.z(mean, std), dtype=np.float64)
+        return (0.5 * np.vectorize(math.erfc, otypes=[np.float64])(-z / math.sqrt(2.0)))[()]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +144,10 @@ def calibrated_claims(
 ) -> tuple[pl.DataFrame, Calibration]:
     """One row per attribute (CLAIM_SCHEMA), each judged by a calibration fitted without it;
     and the calibration fitted on all of them (what free-text comparisons use)."""
+    from scipy import stats as sps  # here, not at the top: queries import this module
+
+    from llm2loss_pipeline.core.stats import bh_adjust
+
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
     quantile = float(sps.norm.ppf(0.5 + level / 2))
     rows = []
