@@ -23,7 +23,11 @@ from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
 from llm2loss_pipeline.core.discovery.hypotheses import _estimates
 from llm2loss_pipeline.core.discovery.verify import jaccard, measure
 from llm2loss_pipeline.core.report.correlate import correlation_row
-from llm2loss_pipeline.core.report.measured import EvalInputs, measured_attribute_table
+from llm2loss_pipeline.core.report.measured import (
+    EvalInputs,
+    _welch_p,
+    measured_attribute_table,
+)
 from llm2loss_pipeline.core.stats import (
     benjamini_hochberg,
     bh_adjust,
@@ -140,6 +144,15 @@ def test_measured_gap_loss_p_is_welch_on_the_per_sample_table(tmp_path: Path) ->
     assert checked >= 35
     # the groups are unbalanced, so swapping n_true and n_false would move the p-values
     assert (table["n_true"] != table["n_false"]).all()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_welch_p_is_defined_from_two_samples_a_side(n: int) -> None:
+    a, b = np.array([1.0, 1.5, 0.7][:n]), np.array([0.2, 0.4, 0.1, 0.3])
+    summary = (a.mean(), a.var(ddof=1), n, b.mean(), b.var(ddof=1), b.size)
+    expected = sps.ttest_ind(a, b, equal_var=False).pvalue
+    assert _welch_p(*summary) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(_welch_p(1.0, 0.0, 1, 0.5, 0.1, 4))  # one sample has no variance
 
 
 # --- discovery: one-sided Mann-Whitney, and the members' sign test ------------------------------
