@@ -126,7 +126,7 @@ class TextIndex:
             try:
                 import json
 
-                from safetensors import safe_open
+                from safetensors import SafetensorError, safe_open
 
                 with safe_open(str(self.path), framework="numpy") as handle:
                     meta = handle.metadata() or {}
@@ -135,7 +135,7 @@ class TextIndex:
                         matrix = handle.get_tensor("embeddings")
                         if matrix.shape == (len(texts), self.dim):
                             self.rows = dict(zip(texts, matrix, strict=True))
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # rebuilt below
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # rebuilt later
                 self.rows = {}
         return self.rows
 
