@@ -31,6 +31,7 @@ from llm2loss_pipeline.core.report.measured import (
 from llm2loss_pipeline.core.stats import (
     benjamini_hochberg,
     bh_adjust,
+    clustered_mean_gap,
     correlations,
     one_sample_t_pvalue,
     prob_positive,
@@ -108,6 +109,16 @@ def test_replicate_p_value_uses_the_members_spread_with_m_minus_1_degrees_of_fre
     expected = 1.0 - 2.0 / np.sqrt(6.0)
     assert replicate_pvalue(np.array([1.0, 2.0, 3.0])) == pytest.approx(expected, rel=1e-12)
     assert replicate_pvalue(np.array([-1.0, -2.0, -3.0])) == pytest.approx(expected, rel=1e-12)
+
+
+def test_clustered_gap_of_a_one_sample_group_is_defined() -> None:
+    values = np.array([4.0, 1.0, 2.0, 3.0])
+    groups = np.array([[True, True], [False, True], [False, False], [False, False]])
+    gap, se = clustered_mean_gap(values, groups, np.arange(4))
+    np.testing.assert_allclose(gap, [4.0 - 2.0, 2.5 - 2.5])
+    assert np.isfinite(se).all()
+    gap, se = clustered_mean_gap(values, np.ones((4, 1), dtype=bool), np.arange(4))
+    assert np.isnan(gap[0]) and np.isnan(se[0])  # an empty side
 
 
 # --- the measured table's gap_loss_p: Welch's t-test on the per-sample losses -------------------
