@@ -1,6 +1,15 @@
 """Latency of text comparisons: 1,000 prompt pairs through `Diagnoser`, cold and warm.
 
     python bench/query_latency.py [--pairs 1000] [--threads 1]
+    python bench/query_latency.py --home DIR [--repeats 3] [--pairs 1000]   # round two
+
+With --home (a materialized home, e.g. after `make run`): side by side, the cold `llm2loss
+compare A B --json` as a user runs it (a fresh process: wall and CPU seconds, median of
+--repeats), once with texts new to the home's text-embedding index (the encoder loads) and once
+with known ones (it does not), next to `python -c "import torch"` alone, and the warm per-pair
+time of `compare_many` on one loaded Diagnoser (what `compare --pairs` and `ask` use), with the
+home's default estimator (grounded where the home has images). Targets: cold <= 2 s, warm <= 1 ms
+per pair.
 
 Uses the pipeline's real encoder when `llm2loss_pipeline.core.encoder` can build it offline (the
 caption_tuned build: frozen all-MiniLM-L6-v2 text tower; the image tower stays untrained, which
@@ -68,11 +77,81 @@ def build_text_encoder():
         return HashingEncoder(), f"hashing stand-in (real encoder unavailable: {exc})"
 
 
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child) of one fresh process that must succeed."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def median_of(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
+
+
+def home_latency(home: str, n_pairs: int, repeats: int) -> None:
+    """Round two: what a user waits for, cold and warm, on a materialized home."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [str(Path(sys.executable).with_name("llm2loss")), "compare"]
+    if not Path(cli[0]).exists():
+        cli = [sys.executable, "-m", "llm2loss_pipeline.cli", "compare"]
+    known = ["face of an old male", "face of a young female"]
+    timed_process([*cli, *known, "--home", home, "--json"], env)  # into the index, if new
+    torch_runs, new_runs, known_runs = [], [], []
+    for repeat in range(repeats):
+        torch_runs.append(timed_process([sys.executable, "-c", "import torch"], env))
+        fresh = [f"face of a person number {time.time_ns()} {repeat}", known[1]]
+        new_runs.append(timed_process([*cli, *fresh, "--home", home, "--json"], env))
+        known_runs.append(timed_process([*cli, *known, "--home", home, "--json"], env))
+
+    t0 = time.perf_counter()
+    diagnoser = Diagnoser.load(home)
+    load_s = time.perf_counter() - t0
+    texts = prompt_texts()
+    pairs = [(texts[i % len(texts)], texts[(7 * i + 3) % len(texts)]) for i in range(n_pairs)]
+    first = diagnoser.compare_many(pairs)  # encodes new texts, reads the grounding pool
+    t0 = time.perf_counter()
+    warm = diagnoser.compare_many(pairs)
+    warm_s = time.perf_counter() - t0
+    assert [c.diffs for c in first] == [c.diffs for c in warm]
+    t0 = time.perf_counter()
+    for pair in pairs[:200]:
+        diagnoser.compare_many([pair])  # one line of `ask` at a time
+    ask_s = (time.perf_counter() - t0) / min(200, len(pairs))
+
+    print(f"home {home}; estimator {warm[0].estimator}; {len(diagnoser.members)} members")
+    print(f"cold, median of {repeats} fresh processes   wall s   CPU s")
+    for name, runs in (
+        ("python -c 'import torch' alone", torch_runs),
+        ("llm2loss compare, texts new to index", new_runs),
+        ("llm2loss compare, texts in the index", known_runs),
+    ):
+        wall, cpu = median_of(runs)
+        print(f"  {name:<38} {wall:7.2f} {cpu:7.2f}")
+    print(f"warm, one Diagnoser (loaded in {load_s:.2f} s)      ms per pair")
+    print(f"  compare_many, {len(pairs)} pairs in one batch     {1000 * warm_s / len(pairs):8.3f}")
+    print(f"  compare_many, one pair per call (ask)     {1000 * ask_s:8.3f}")
+    print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--home", help="measure cold CLI and warm batch latency on this home")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per cold arm")
     args = parser.parse_args()
+    if args.home:
+        home_latency(args.home, args.pairs, args.repeats)
+        return
     import torch
 
     if args.threads:
