@@ -107,14 +107,29 @@ def test_scatter_states_units_and_labels_only_extremes(built, monkeypatch, tmp_p
     for axes in figure.axes:
         assert "loss units" in axes.get_xlabel() and "not loss" in axes.get_ylabel()
         labels = [t.get_text() for t in axes.texts]
-        assert 2 * plots.N_LABELLED <= len(labels) <= 4 * plots.N_LABELLED < 40
+        assert 2 <= len(labels) <= 4 * plots.N_LABELLED < 40
         assert "Eyeglasses" in labels  # the largest on both axes
+        positions = np.array([t.xy for t in axes.texts])
+        span = np.ptp(positions, axis=0)
+        for a in range(len(positions)):  # no two labels print over each other
+            for b in range(a):
+                dx, dy = np.abs(positions[a] - positions[b])
+                assert dx > 0.2 * span[0] or dy > 0.05 * span[1], (labels[a], labels[b])
 
 
 def test_extreme_points_are_the_top_and_bottom_of_each_axis():
     x = np.arange(10.0)
     y = np.array([5, 4, 9, 0, 3, 8, 2, 7, 1, np.nan])
     assert plots.extreme_points(x, y, k=2) == {0, 1, 7, 8, 3, 2, 5}
+
+
+def test_spread_out_drops_labels_that_would_overlap():
+    x = np.array([0.0, 10.0, 0.1, 5.0, -10.0])
+    y = np.array([0.0, 10.0, 0.05, 5.0, -10.0])
+    # 0 and 2 would print over each other; 2 is the median point, 0 is farther out: 2 goes
+    assert plots.spread_out({0, 1, 2, 4}, x, y) == [0, 1, 4]
+    assert plots.spread_out({0, 1, 2, 4}, x, y, gap_x=0.001) == [0, 1, 2, 4]
+    assert plots.spread_out(set(), x, y) == []
 
 
 def test_small_pair_cells_are_marked(tmp_path):

@@ -63,7 +63,7 @@ def scatter_estimated_vs_measured(
         axes.scatter(x[~small], y[~small], color=colour, s=22)
         axes.scatter(x[small], y[small], facecolors="none", edgecolors=colour, s=22)
         names = joined["attribute"].to_list()
-        for i in sorted(extreme_points(x, y)):
+        for i in spread_out(extreme_points(x, y), x, y):
             axes.annotate(
                 _label(names[i]),
                 (x[i], y[i]),
@@ -78,8 +78,8 @@ def scatter_estimated_vs_measured(
         axes.set_title(f"{group.name} ({len(group.positions)} members)")
     figure.suptitle(
         "Estimated vs measured disparity per attribute (positive = worse with it). The axes are "
-        "in different units:\ncompare the order of the points, not their values. Labelled: the "
-        f"{N_LABELLED} largest and smallest on each axis.",
+        "in different units:\ncompare the order of the points, not their values. Labelled: among the "
+        f"{N_LABELLED} largest and smallest on each axis, those with room for a label.",
         y=1.06,  # two lines: above the panels' own titles
     )
     return save_png(figure, path)
@@ -95,6 +95,33 @@ def extreme_points(x: np.ndarray, y: np.ndarray, k: int = N_LABELLED) -> set[int
         chosen.update(order[:k].tolist())
         chosen.update(order[-k:].tolist())
     return chosen
+
+
+def spread_out(
+    indices: set[int], x: np.ndarray, y: np.ndarray, gap_x: float = 0.2, gap_y: float = 0.05
+) -> list[int]:
+    """`indices` without those whose label would overlap the label of a point kept before (a
+    label is about `gap_x` of the x range wide and `gap_y` of the y range tall). The farthest
+    from the centre are kept first, so a dense corner keeps its most extreme label and loses
+    the ones that would print over it."""
+    if not indices:
+        return []
+    finite = np.isfinite(x) & np.isfinite(y)
+    span_x = float(np.ptp(x[finite])) or 1.0
+    span_y = float(np.ptp(y[finite])) or 1.0
+    cx, cy = float(np.median(x[finite])), float(np.median(y[finite]))
+    kept: list[int] = []
+
+    def far(i: int) -> float:
+        return ((x[i] - cx) / span_x) ** 2 + ((y[i] - cy) / span_y) ** 2
+
+    for i in sorted(indices, key=far, reverse=True):
+        clear = (
+            abs(x[i] - x[j]) > gap_x * span_x or abs(y[i] - y[j]) > gap_y * span_y for j in kept
+        )
+        if all(clear):
+            kept.append(i)
+    return sorted(kept)
 
 
 def bar_colours(table: pl.DataFrame) -> list[str]:
