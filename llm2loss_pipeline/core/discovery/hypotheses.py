@@ -180,7 +180,6 @@ def _influences(
     return pooled
 
 
-# long: the discovery stages in order (verify, fold into modes, evidence); being rewritten by the discovery issue
 def discover(
     candidates: Sequence[Candidate],
     text_embeddings: np.ndarray,
@@ -231,25 +230,7 @@ def discover(
         for t in range(len(candidates))
     ]
     for t, row in enumerate(rows):
-        row["kept"] = _agree(row, config)
-        row["top_decile_similarity"] = float(decile[t])
-        if candidates[t].source in FREE_SOURCES and decile[t] < floor:
-            row.update(kept=False, verdict="off-domain", reason=_offdomain_reason(decile[t], floor))
-        words = wording(
-            candidates[t],
-            matches[t],
-            labels,
-            min_lift=config.min_lift,
-            avoid_subjective=config.avoid_subjective,
-        )
-        row.update(
-            wording=words.verdict,
-            shown_as=words.shown_as,
-            shown_attributes=words.shown_attributes or None,
-            named_precision=words.precision,
-            named_lift=words.lift,
-            shows=words.shows or None,
-        )
+        row.update(_judge(candidates[t], matches[t], row, decile[t], floor, labels, config))
     heads = assign_modes(
         rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
     )
@@ -264,6 +245,37 @@ def discover(
     )
     evidence = _evidence(ranked, matches, similarity, influence, losses, eval_data, config)
     return Discovery(table, evidence, len(candidates), int(table["kept"].sum()), len(heads))
+
+
+def _judge(
+    candidate: Candidate,
+    matched: np.ndarray,
+    row: dict[str, Any],
+    decile: float,
+    floor: float,
+    labels: Mapping[str, np.ndarray] | None,
+    config: DiscoveryConfig,
+) -> dict[str, Any]:
+    """One candidate's gate (both agree), off-domain rule and wording, as row fields."""
+    fields: dict[str, Any] = {"kept": _agree(row, config), "top_decile_similarity": float(decile)}
+    if candidate.source in FREE_SOURCES and decile < floor:
+        fields.update(kept=False, verdict="off-domain", reason=_offdomain_reason(decile, floor))
+    words = wording(
+        candidate,
+        matched,
+        labels,
+        min_lift=config.min_lift,
+        avoid_subjective=config.avoid_subjective,
+    )
+    return {
+        **fields,
+        "wording": words.verdict,
+        "shown_as": words.shown_as,
+        "shown_attributes": words.shown_attributes or None,
+        "named_precision": words.precision,
+        "named_lift": words.lift,
+        "shows": words.shows or None,
+    }
 
 
 def _influence_inputs(
