@@ -128,12 +128,14 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
 def _check_options(args: argparse.Namespace) -> str:
     """Options that can be checked before the (slow) loading of the encoder and heads; returns
     the torch device to load on."""
-    from llm2loss_pipeline.core.device import resolve_device
+    device = args.device
+    if device != "cpu":  # resolving imports torch (seconds); "cpu" needs no resolving
+        from llm2loss_pipeline.core.device import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        raise ValueError(f"--device {args.device}: {exc}") from exc
+        try:
+            device = resolve_device(args.device)
+        except ValueError as exc:
+            raise ValueError(f"--device {args.device}: {exc}") from exc
     if args.plot is not None:
         from llm2loss_pipeline.core.heads.plots import plot_format
 

@@ -217,3 +217,58 @@ def test_charts_name_their_estimator(cli_home, tmp_path, monkeypatch):
     plots.plot_ranking(diagnoser.rank([GLASSES, HAT]), tmp_path / "r.png")
     assert "estimator: direct" in titles[0] and "uncalibrated" in titles[0]
     assert "estimator: direct" in titles[1]
+
+
+def test_a_query_snapshot_answers_grounded_questions_without_torch(indexed_home):
+    from llm2loss_pipeline.core.heads.checkpoint import INDEX
+    from llm2loss_pipeline.core.query import (
+        HEADS_INDEX,
+        SNAPSHOT_DIR,
+        LazyEnsemble,
+        snapshot_key,
+        write_snapshot,
+    )
+
+    assert HEADS_INDEX == INDEX
+    diagnoser = Diagnoser.load(indexed_home, encoder_loader=fake_loader)
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((60, DIM)).astype(np.float32)
+    diagnoser.use_pool(images / np.linalg.norm(images, axis=1, keepdims=True), np.arange(60) % 20)
+    grounded = diagnoser.compare(GLASSES, HAT, grounded=True)
+    direct = diagnoser.compare(GLASSES, HAT, grounded=False)
+    layout = Layout.at(indexed_home)
+    key = snapshot_key(layout, layout.heads_dir, SHA)
+    write_snapshot(indexed_home.joinpath(*SNAPSHOT_DIR, f"{key}.safetensors"), diagnoser)
+
+    loaded = Diagnoser.load(indexed_home, encoder_loader=fake_loader)
+    assert isinstance(loaded.ensemble, LazyEnsemble) and loaded.members == diagnoser.members
+    np.testing.assert_array_equal(loaded.gap.text_mean, diagnoser.gap.text_mean)
+    assert loaded.compare(GLASSES, HAT).estimator == "grounded"  # the pool came with it
+    np.testing.assert_allclose(loaded.compare(GLASSES, HAT).diffs, grounded.diffs, atol=1e-9)
+    # a direct question loads the heads themselves, and says what they say
+    np.testing.assert_allclose(
+        loaded.compare(GLASSES, HAT, grounded=False).diffs, direct.diffs, atol=1e-9
+    )
+
+    script = (
+        "import json, sys\n"
+        "from llm2loss_pipeline.cli import main\n"
+        f"code = main(['compare', {GLASSES!r}, {HAT!r}, '--home', {str(indexed_home)!r},"
+        " '--json'])\n"
+        f"heavy = sorted(m for m in {(*HEAVY, 'torch')!r} if m in sys.modules)\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    answer, status = done.stdout.strip().rsplit("\n", 1)
+    assert json.loads(status) == {"code": 0, "heavy": []}
+    out = json.loads(answer)
+    assert out["estimator"] == "grounded"
+    np.testing.assert_allclose(diffs_of(out["results"][0]), grounded.diffs, atol=1e-9)
+
+    (layout.heads_dir / HEADS_INDEX).touch()  # the heads changed: the snapshot no longer fits
+    again = Diagnoser.load(indexed_home, encoder_loader=fake_loader)
+    assert not isinstance(again.ensemble, LazyEnsemble)

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 KINDS: tuple[str, ...] = ("regressor", "ranker")
 ARCHS: tuple[str, ...] = ("linear", "mlp")
 OVERALL = "overall"
 """The group of every member."""
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One ensemble member (core/heads/ensemble.py trains and runs it). Defined here, without
+    torch, so that a question answered from the query snapshot (core/query.py) needs no torch."""
+
+    index: int
+    kind: str
+    arch: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"member-{self.index:02d}-{self.kind}-{self.arch}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "arch": self.arch, "seed": self.seed}
 
 
 class MemberInfoLike(Protocol):

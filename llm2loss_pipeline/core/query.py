@@ -17,11 +17,10 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.heads.checkpoint import INDEX
 from llm2loss_pipeline.core.heads.compare import (
     OVERALL,
     Comparison,
@@ -30,12 +29,15 @@ from llm2loss_pipeline.core.heads.compare import (
     kind_groups,
     rank_texts,
 )
-from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble, MemberInfo
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.members import MemberInfo
 from llm2loss_pipeline.core.prompts import shows_nothing
 from llm2loss_pipeline.core.report.calibration import Calibration
 from llm2loss_pipeline.core.storage import StorageError, existing_dir, sha256_bytes
+
+if TYPE_CHECKING:  # torch: imported only when a text must be scored by the heads themselves
+    from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble
 
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 EncoderLoader = Callable[[Path, str], Any]
@@ -49,6 +51,9 @@ PROBES_FILE = "probes.safetensors"
 ENCODER_SIDECAR = "encoder.json"  # core/encoder/checkpoint.py writes it last, with the sha256
 TEXT_INDEX_DIR = ("cache", "text_embeddings")  # under the home: <encoder sha256>.safetensors
 TEXT_INDEX_LIMIT = 20_000  # texts kept on disk (30 MB at d = 384); the newest are kept
+HEADS_INDEX = "ensemble.json"  # core/heads/checkpoint.INDEX, named here to keep torch out
+SNAPSHOT_DIR = ("cache", "query")  # under the home: <key>.safetensors (QuerySnapshot)
+SNAPSHOT_FORMAT = "llm2loss-query-snapshot/1"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -84,6 +89,16 @@ class DiscoveryReport:
 
 class NotMaterializedError(StorageError):
     """The encoder or the heads have not been materialized under this home yet."""
+
+
+def _load_heads(heads_dir: Path, identity: tuple[str, int], build: Callable[..., Any]) -> Any:
+    """`build(ensemble, gap, index record)` of the heads, checked against the encoder's
+    (sha256, dim): HeadMismatchError for another encoder, StorageError if damaged."""
+    from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
+
+    return build(
+        *load_ensemble(heads_dir, expected_dim=identity[1], expected_encoder_sha256=identity[0])
+    )
 
 
 def default_encoder_loader(encoder_dir: Path, device: str) -> Any:
@@ -209,6 +224,109 @@ class LazyTextEncoder:
         return np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.index.dim))
 
 
+class LazyEnsemble:
+    """The head ensemble as a grounded question needs it: its members and input dimension, from
+    the query snapshot. The ensemble itself (torch: seconds to import) loads on first use of
+    anything else (scoring texts directly, discovery)."""
+
+    def __init__(
+        self, members: Sequence[MemberInfo], embedding_dim: int, load: Callable[[], Any]
+    ) -> None:
+        self.members = tuple(members)
+        self.embedding_dim = int(embedding_dim)
+        self._load, self._real = load, None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def real(self) -> HeadEnsemble:
+        if self._real is None:
+            self._real = self._load()
+        return self._real
+
+    def standardized(self, emb: Any) -> np.ndarray:
+        return self.real().standardized(emb)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not delegated: copy and pickle probe these before __init__
+            raise AttributeError(name)
+        return getattr(self.real(), name)
+
+
+def snapshot_key(layout: Layout, heads_dir: Path, encoder_sha256: str) -> str:
+    """What a query snapshot depends on: the encoder, every file of the heads and every table
+    the grounding pool is read from (name, size, modification time; no file is read)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{SNAPSHOT_FORMAT}\0{encoder_sha256}\n".encode())
+    for folder in (heads_dir, layout.tables):
+        files = sorted(path for path in folder.rglob("*") if path.is_file())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
+    """Save what a grounded question reads (members, modality gap, index record, grounding
+    pool) so that the next process answers without torch; the older snapshots go."""
+    import json
+
+    from safetensors.numpy import save
+
+    features, scores, weights = diagnoser.grounding_pool()
+    meta = {k: v for k, v in diagnoser.meta.items() if k not in ("home", "encoder")}
+    header = {
+        "format": SNAPSHOT_FORMAT,
+        "members": json.dumps([m.to_dict() for m in diagnoser.ensemble.members]),
+        "embedding_dim": str(diagnoser.ensemble.embedding_dim),
+        "gap_mode": diagnoser.gap.mode,
+        "meta": json.dumps(meta),
+    }
+    arrays = {
+        "gap_image_mean": diagnoser.gap.image_mean,
+        "gap_text_mean": diagnoser.gap.text_mean,
+        "pool_features": features,
+        "pool_scores": scores,
+        "pool_weights": weights,
+    }
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=header)
+    try:  # a read-only home still answers; the next process only stays slower
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_bytes(data)
+        os.replace(staging, path)
+        for old in path.parent.glob("*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict, tuple] | None:
+    """(members, embedding_dim, gap, index record, pool) of a snapshot, or None where there is
+    none or it cannot be read (then the heads load as before, and write a new one)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != SNAPSHOT_FORMAT:
+                return None
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        members = [MemberInfo(**m) for m in json.loads(header["members"])]
+        gap = ModalityGap(arrays["gap_image_mean"], arrays["gap_text_mean"], header["gap_mode"])
+        pool = (arrays["pool_features"], arrays["pool_scores"], arrays["pool_weights"])
+        meta = json.loads(header["meta"])
+        return members, int(header["embedding_dim"]), gap, meta, pool
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+
+
 def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> list[str]:
     """Texts as a list, with a ValueError naming the first empty or non-string one."""
     if isinstance(texts, str):
@@ -257,6 +375,7 @@ class Diagnoser:
         self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._calibration: dict[str, Calibration | None] = {}
         self._probes: tuple[np.ndarray, np.ndarray] | tuple[()] | None = None
+        self._snapshot: Path | None = None  # where to save the query snapshot (Diagnoser.load)
 
     def __repr__(self) -> str:
         return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
@@ -274,43 +393,63 @@ class Diagnoser:
         Raises NotMaterializedError when either is missing, HeadMismatchError when the heads were
         trained on another encoder than the one saved now, StorageError when files are damaged.
         """
-        from llm2loss_pipeline.core.device import resolve_device
+        if str(device) != "cpu":  # resolving imports torch; "cpu" is already a torch device
+            from llm2loss_pipeline.core.device import resolve_device
 
-        device = resolve_device(str(device))  # "auto", torch.device objects, a clear error
+            device = resolve_device(str(device))  # "auto", torch.device objects, a clear error
+        device = str(device)
         layout = Layout.at(home)
         # existing_dir: a run killed while it swapped in a new folder leaves the old one aside.
         encoder_dir, heads_dir = existing_dir(layout.encoder_dir), existing_dir(layout.heads_dir)
         missing = []
         if not encoder_dir.is_dir() or not any(encoder_dir.iterdir()):
             missing.append(f"the encoder ({layout.encoder_dir})")
-        if not (heads_dir / INDEX).is_file():
-            missing.append(f"the diagnosis heads ({layout.heads_dir / INDEX})")
+        if not (heads_dir / HEADS_INDEX).is_file():
+            missing.append(f"the diagnosis heads ({layout.heads_dir / HEADS_INDEX})")
         if missing:
             raise NotMaterializedError(
                 f"nothing to query under {layout.home}: {' and '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not materialized yet; "
                 f"run `{RUN_COMMAND}` (with --home {layout.home} or LLM2LOSS_HOME set) first"
             )
-        from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
-
         loader = encoder_loader or default_encoder_loader
         identity = _encoder_identity(encoder_dir)
         if identity is None:  # no sidecar to read the identity from: load the encoder now
             encoder = loader(encoder_dir, device)
             identity = (str(encoder.sha256), int(encoder.embed_dim))
-            encode_texts: EncodeTexts = encoder.encode_texts
-        else:  # the encoder (open_clip, seconds) waits for the first text never seen before
-            index = TextIndex(
-                layout.home.joinpath(*TEXT_INDEX_DIR, f"{identity[0]}.safetensors"), *identity
-            )
-            encode_texts = encoder = LazyTextEncoder(
-                lambda: loader(encoder_dir, device), identity[0], index
-            )
-        ensemble, gap, meta = load_ensemble(
-            heads_dir, expected_dim=identity[1], expected_encoder_sha256=identity[0]
+            return cls._with_heads(encoder.encode_texts, repr(encoder), heads_dir, layout, identity)
+        # the encoder (open_clip, seconds) waits for the first text never seen before
+        index = TextIndex(
+            layout.home.joinpath(*TEXT_INDEX_DIR, f"{identity[0]}.safetensors"), *identity
         )
-        meta = {**meta, "home": str(layout.home), "encoder": repr(encoder)}
-        return cls(encode_texts, ensemble, gap, meta)
+        lazy = LazyTextEncoder(lambda: loader(encoder_dir, device), identity[0], index)
+        snapshot = layout.home.joinpath(
+            *SNAPSHOT_DIR, f"{snapshot_key(layout, heads_dir, identity[0])}.safetensors"
+        )
+        found = read_snapshot(snapshot)
+        if found is None:
+            diagnoser = cls._with_heads(lazy, repr(lazy), heads_dir, layout, identity)
+            diagnoser._snapshot = snapshot  # written once the grounding pool has been read
+            return diagnoser
+        members, dim, gap, meta, pool = found
+        ensemble = LazyEnsemble(
+            members, dim, lambda: _load_heads(heads_dir, identity, lambda e, g, m: e)
+        )
+        meta = {**meta, "home": str(layout.home), "encoder": repr(lazy)}
+        diagnoser = cls(lazy, ensemble, gap, meta)  # type: ignore[arg-type]
+        diagnoser._pool = pool
+        return diagnoser
+
+    @classmethod
+    def _with_heads(
+        cls, encode_texts: EncodeTexts, encoder: str, heads_dir: Path, layout: Layout, identity
+    ) -> Diagnoser:
+        def build(ensemble, gap, meta):
+            return cls(
+                encode_texts, ensemble, gap, {**meta, "home": str(layout.home), "encoder": encoder}
+            )
+
+        return _load_heads(heads_dir, identity, build)
 
     @property
     def members(self) -> list[MemberInfo]:
@@ -518,6 +657,8 @@ class Diagnoser:
                 ]
             )
             self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32), groups)
+            if self._snapshot is not None:
+                write_snapshot(self._snapshot, self)
         return self._pool  # type: ignore[return-value]
 
     def rank(self, texts: Sequence[str], *, grounded: bool | None = None) -> list[dict[str, Any]]:

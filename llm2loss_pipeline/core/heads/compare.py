@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.heads.ensemble import MemberInfo
-from llm2loss_pipeline.core.members import OVERALL, member_groups
+from llm2loss_pipeline.core.members import OVERALL, MemberInfo, member_groups
 from llm2loss_pipeline.core.report.calibration import Calibration
 
 CONFIDENT = 0.8

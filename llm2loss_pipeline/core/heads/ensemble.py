@@ -22,7 +22,6 @@ what makes statistics pooled over both kinds ("overall") meaningful.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,23 +29,9 @@ import torch
 
 from llm2loss_pipeline.core.heads.config import ARCHS, KINDS, HeadsConfig
 from llm2loss_pipeline.core.heads.scaling import TargetScaler
+from llm2loss_pipeline.core.members import MemberInfo  # torch-free, for queries; re-exported
 
 CHUNK_FLOATS = 1 << 20
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    index: int
-    kind: str
-    arch: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"member-{self.index:02d}-{self.kind}-{self.arch}-s{self.seed}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "kind": self.kind, "arch": self.arch, "seed": self.seed}
 
 
 def member_grid(config: HeadsConfig) -> list[MemberInfo]:
