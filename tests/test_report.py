@@ -249,6 +249,18 @@ def test_member_groups_and_estimates(report):
     eyeglasses = result.member_diffs.filter(pl.col("attribute") == "Eyeglasses")["diff"].mean()
     row = result.attribute_table.row(by_predicate=pl.col("attribute") == "Eyeglasses", named=True)
     assert row["est_mean"] == pytest.approx(eyeglasses)
+    # each group's estimate is the mean over that group's members, not over the others
+    diffs = result.member_diffs.filter(pl.col("attribute") == "Eyeglasses")
+    for group in ("regressor", "ranker", "regressor/mlp", "ranker/linear"):
+        kind, _, arch = group.partition("/")
+        mine = diffs.filter((pl.col("kind") == kind) & ((pl.col("arch") == arch) | (arch == "")))
+        estimate = result.attribute_estimates.filter(
+            (pl.col("attribute") == "Eyeglasses") & (pl.col("group") == group)
+        ).row(0, named=True)
+        assert estimate["mean"] == pytest.approx(mine["diff"].mean()), group
+    assert row["est_mean_regressor"] == pytest.approx(
+        diffs.filter(pl.col("kind") == "regressor")["diff"].mean()
+    )
 
 
 def test_correlations_tables(report):
