@@ -272,3 +272,15 @@ def test_a_query_snapshot_answers_grounded_questions_without_torch(indexed_home)
     (layout.heads_dir / HEADS_INDEX).touch()  # the heads changed: the snapshot no longer fits
     again = Diagnoser.load(indexed_home, encoder_loader=fake_loader)
     assert not isinstance(again.ensemble, LazyEnsemble)
+
+
+def test_quartiles_are_numpys_bit_for_bit():
+    from llm2loss_pipeline.core.heads.compare import quartiles
+
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        values = rng.standard_normal(int(rng.integers(1, 41))) * 10 ** rng.uniform(-5, 5)
+        if trial % 5 == 0:
+            values = np.round(values, 1)  # ties
+        assert quartiles(values) == [float(q) for q in np.quantile(values, [0.25, 0.5, 0.75])]
+    assert np.isnan(quartiles(np.array([1.0, np.nan]))).all()

@@ -376,6 +376,7 @@ class Diagnoser:
         self._calibration: dict[str, Calibration | None] = {}
         self._probes: tuple[np.ndarray, np.ndarray] | tuple[()] | None = None
         self._snapshot: Path | None = None  # where to save the query snapshot (Diagnoser.load)
+        self._basis: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def __repr__(self) -> str:
         return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
@@ -559,15 +560,17 @@ class Diagnoser:
     def _grounded_diffs(self, directions: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
         """[members, q] grounded estimates of text directions [q, d], and per direction the
         share the report's probes span (None without the report's probes)."""
-        from llm2loss_pipeline.core.report.grounded import grounded_diffs, in_probe_basis
+        from llm2loss_pipeline.core.report.grounded import grounded_diffs, probe_basis
 
         explained: list[float | None] = [None] * len(directions)
         probes = self.probes()
+        if probes is not None and self._basis is None:  # its solve is done once per session
+            self._basis = probe_basis(*probes)
         # Two texts with one embedding (the same text) differ by nothing; grounding would fail
         # on their zero direction, which scores every pool image alike.
         apart = np.linalg.norm(directions, axis=1) > 0.0
         if probes is not None and apart.any():
-            mapped, share = in_probe_basis(directions[apart], *probes)
+            mapped, share = self._basis(directions[apart])  # type: ignore[misc]
             directions = directions.astype(np.float64)
             directions[apart] = mapped
             for position, value in zip(np.flatnonzero(apart), share, strict=True):

@@ -279,12 +279,26 @@ def in_probe_basis(
     pair whose difference the probes barely span (a cat vs a dog, on faces) differs in little
     that the labelled images vary along; `explained` lets the caller say so.
     """
-    t = np.asarray(directions, dtype=np.float64)
+    return probe_basis(probe_directions, probe_duals)(directions)
+
+
+def probe_basis(
+    probe_directions: np.ndarray, probe_duals: np.ndarray
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`in_probe_basis` with the probes' side (a k x k solve, tens of milliseconds) done once,
+    for a caller that asks many times (a query session: core/query.py)."""
     d = np.asarray(probe_directions, dtype=np.float64)
+    duals = np.asarray(probe_duals, dtype=np.float64)
     gram = d @ d.T
     ridge = 1e-6 * np.trace(gram) / len(d)
-    coefficients = np.linalg.solve(gram + ridge * np.eye(len(d)), d @ t.T).T  # [q, k]
-    projected = coefficients @ d
-    norms = np.einsum("qd,qd->q", t, t)
-    explained = np.where(norms > 0, np.einsum("qd,qd->q", projected, projected) / norms, 0.0)
-    return coefficients @ np.asarray(probe_duals, dtype=np.float64), np.minimum(explained, 1.0)
+    solver = np.linalg.solve(gram + ridge * np.eye(len(d)), d)  # [k, dim]
+
+    def apply(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = np.asarray(directions, dtype=np.float64)
+        coefficients = t @ solver.T  # [q, k], argmin |t - c D| with the ridge
+        projected = coefficients @ d
+        norms = np.einsum("qd,qd->q", t, t)
+        explained = np.where(norms > 0, np.einsum("qd,qd->q", projected, projected) / norms, 0.0)
+        return coefficients @ duals, np.minimum(explained, 1.0)
+
+    return apply
