@@ -127,6 +127,14 @@ def plantings(seed: int, position: int) -> dict[str, float]:
     return {name: round(float(rng.uniform(0.5, 1.0)), 2) for name in names}
 
 
+def set_position(seed: int, index: int) -> int:
+    """A seed's place in its set (what its plantings depend on), or its place in the list."""
+    for seeds in SETS.values():
+        if seed in seeds:
+            return seeds.index(seed)
+    return index
+
+
 def world_config(seed: int, position: int, tiny: bool, base: dict[str, Any]) -> dict[str, Any]:
     config = json.loads(json.dumps(TINY if tiny else {}))
     config.setdefault("world", {}).update(base)
@@ -345,15 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--population-per-identity", type=int)
     parser.add_argument("--out", default="/tmp/llm2loss-worlds")
     parser.add_argument("--json", help="write the per-world results and summary here")
+    parser.add_argument("--merge", nargs="+", help="summarise these --json results instead")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SETS[args.set])
     start = time.perf_counter()
-    worlds = []
-    for position, seed in enumerate(seeds):
-        worlds.append(one_world(seed, position, args))
-        print(f"world {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.merge:  # results of several invocations (e.g. a set run as two parallel halves)
+        worlds = [w for path in args.merge for w in json.loads(Path(path).read_text())["worlds"]]
+        seconds = sum(w["pipeline_seconds"] for w in worlds)
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SETS[args.set])
+        worlds = []
+        for index, seed in enumerate(seeds):
+            worlds.append(one_world(seed, set_position(seed, index), args))
+            print(f"world {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+        seconds = time.perf_counter() - start
     summary = summarize(worlds)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["seconds"] = round(seconds, 1)
     print_tables(worlds, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"worlds": worlds, "summary": summary}, indent=1))
