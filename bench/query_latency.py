@@ -136,7 +136,8 @@ def home_latency(home: str, n_pairs: int, repeats: int) -> None:
     ):
         wall, cpu = median_of(runs)
         print(f"  {name:<38} {wall:7.2f} {cpu:7.2f}")
-    print(f"warm, one Diagnoser (loaded in {load_s:.2f} s)      ms per pair")
+    source = "query snapshot" if type(diagnoser.ensemble).__name__ == "LazyEnsemble" else "heads"
+    print(f"warm, one Diagnoser (loaded in {load_s:.2f} s from the {source})  ms per pair")
     print(f"  compare_many, {len(pairs)} pairs in one batch     {1000 * warm_s / len(pairs):8.3f}")
     print(f"  compare_many, one pair per call (ask)     {1000 * ask_s:8.3f}")
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
