@@ -254,11 +254,14 @@ class LazyEnsemble:
 
 
 def snapshot_key(layout: Layout, heads_dir: Path, encoder_sha256: str) -> str:
-    """What a query snapshot depends on: the encoder, every file of the heads and every table
-    the grounding pool is read from (name, size, modification time; no file is read)."""
+    """What a query snapshot depends on: the encoder, the heads' index, and every file of the
+    heads and every table the grounding pool is read from (name, size, modification time)."""
     import hashlib
 
     digest = hashlib.sha256(f"{SNAPSHOT_FORMAT}\0{encoder_sha256}\n".encode())
+    # the heads' index lists the sha256 of every member file: new heads, a new key, whatever
+    # their files' times say
+    digest.update((heads_dir / HEADS_INDEX).read_bytes())
     for folder in (heads_dir, layout.tables):
         files = sorted(path for path in folder.rglob("*") if path.is_file())
         for path in files:
@@ -701,6 +704,8 @@ class Diagnoser:
         from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
         from llm2loss_pipeline.core.steps.discovery import compute_discovery
 
+        if isinstance(self.ensemble, LazyEnsemble):  # discovery runs the heads themselves
+            self.ensemble = self.ensemble.real()
         if top is not None and top < 1:
             raise ValueError(f"top must be at least 1, got {top}")
         if vocab is None:
