@@ -6,7 +6,6 @@ import numpy as np
 import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.heads import gap as gap_module
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.steps import diagnosis
 
@@ -42,7 +41,7 @@ def test_gap_effect_uses_the_text_corpus_embedded_once(monkeypatch):
         seen.update(kwargs)
         return {}
 
-    monkeypatch.setattr(gap_module, "measure_gap_effect", fake_measure)
+    monkeypatch.setattr(diagnosis, "measure_gap_effect", fake_measure)
     train, held_out = _frame(50, 0), _frame(40, 1)
     encoder = CountingEncoder()
     config = HeadsConfig(n_seeds=1, epochs=1)
@@ -129,3 +128,31 @@ def test_layout_names_every_artifact_where_it_always_was(tmp_path):
     # one definition of each table name, that the steps and the report share
     assert black_box.LOSSES_TABLE is measured.LOSSES_TABLE is layout_module.LOSSES_TABLE
     assert encoder.EMBEDDINGS_TABLE is measured.EMBEDDINGS_TABLE is layout_module.EMBEDDINGS_TABLE
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_long_function_without_a_reason():
+    """Every function of the package fits in a reader's head (80 lines), or says on the line
+    above it, as '# long: ...', why it does not."""
+    import ast
+    from pathlib import Path
+
+    import llm2loss_pipeline
+
+    root = Path(llm2loss_pipeline.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if length > MAX_FUNCTION_LINES and not lines[first - 2].lstrip().startswith("# long:"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length})")
+    assert not offenders, "functions over 80 lines without a '# long:' reason: " + ", ".join(
+        offenders
+    )

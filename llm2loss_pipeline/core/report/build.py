@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Protocol
 
 import numpy as np
@@ -217,21 +218,7 @@ def _headline(
 
 class ReportSettings(Protocol):
     """The report's settings: `core.config.ReportConfig` (not imported: config names the
-    report's estimators, so the import would close a cycle), or `KeywordSettings`."""
-
-    eval_split: str
-    pairs: Sequence[str]
-    n_pairs: int
-    min_group_size: int
-    alpha: float
-    estimator: str
-    dual_ridge: float
-
-
-@dataclass(frozen=True)
-class KeywordSettings:
-    """`ReportConfig`'s report fields, unchecked: `build_report` checks them with its own
-    messages (alpha, estimator, pairs)."""
+    report's estimators, so the import would close a cycle), or `build_report`'s keywords."""
 
     eval_split: str
     pairs: Sequence[str]
@@ -400,7 +387,8 @@ def build_report(
     co-occurring positive pairs of the split; [] skips pairs. Everything else: see
     `ReportConfig`, `ReportHooks` and `build_report_from_config`.
     """
-    config = KeywordSettings(
+    # unchecked here: build_report_from_config checks alpha, estimator and pairs itself
+    config = SimpleNamespace(
         eval_split=eval_split,
         pairs=[":".join(pair) for pair in validate_pairs(pairs or ())],
         n_pairs=0 if pairs is not None and not pairs else n_pairs,

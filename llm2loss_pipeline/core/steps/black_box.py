@@ -10,10 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
 
+from llm2loss_pipeline.core.blackbox.checkpoint import (
+    load_black_box,
+    plot_training_curve,
+    save_black_box,
+)
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
+from llm2loss_pipeline.core.blackbox.labels import (
+    builtin_label_map,
+    label_map_from_json,
+    label_map_to_json,
+    map_labels,
+    num_outputs_needed,
+    read_label_map,
+)
+from llm2loss_pipeline.core.blackbox.loss_table import read_loss_table, split_loss_table
+from llm2loss_pipeline.core.blackbox.losses import compute_losses
+from llm2loss_pipeline.core.blackbox.train import train_classifier
+from llm2loss_pipeline.core.blackbox.user_model import load_user_model
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.images import load_image
 from llm2loss_pipeline.core.layout import LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.steps.tables import (
     fail_on_bad_images,
@@ -46,8 +65,6 @@ class LossShardResult:
 
 
 def _label_map(config: BlackBoxConfig, manifest: pl.DataFrame) -> dict[int, int]:
-    from llm2loss_pipeline.core.blackbox.labels import builtin_label_map, read_label_map
-
     if config.label_map_path:
         return read_label_map(config.label_map_path)
     return builtin_label_map(manifest.filter(pl.col("split") == "train")["identity"].to_list())
@@ -79,10 +96,6 @@ def _train_builtin(
     progress: Callable[..., None] | None,
     on_bad_image: str,
 ) -> BlackBoxResult:
-    from llm2loss_pipeline.core.blackbox.checkpoint import plot_training_curve, save_black_box
-    from llm2loss_pipeline.core.blackbox.labels import map_labels, num_outputs_needed
-    from llm2loss_pipeline.core.blackbox.train import train_classifier
-
     label_map = _label_map(config, manifest)
     num_classes = num_outputs_needed(label_map)
     train = manifest.filter(pl.col("split") == "train").sort("index")
@@ -130,10 +143,6 @@ def _train_builtin(
 def _record_user_model(
     layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig, device: DeviceSpec
 ) -> BlackBoxResult:
-    from llm2loss_pipeline.core.blackbox.labels import label_map_to_json, num_outputs_needed
-    from llm2loss_pipeline.core.blackbox.user_model import load_user_model
-    from llm2loss_pipeline.core.images import load_image
-
     label_map = _label_map(config, manifest)
     probe = load_image(manifest["path"][0])
     loaded = load_user_model(
@@ -155,8 +164,6 @@ def _record_user_model(
 def _record_loss_table(
     layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig
 ) -> BlackBoxResult:
-    from llm2loss_pipeline.core.blackbox.loss_table import read_loss_table
-
     assert config.loss_table_path is not None  # guaranteed by BlackBoxConfig
     label_map = _label_map(config, manifest) if config.label_map_path else None
     table = read_loss_table(config.loss_table_path, manifest, label_map=label_map)
@@ -176,7 +183,6 @@ def _record_loss_table(
 
 def _state_digest(model: Any) -> str:
     """A content hash of a module's weights (names, dtypes, shapes and bytes), in a fixed order."""
-    import torch
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -215,14 +221,9 @@ def shard_losses(
     dropped: list[Any] = []
     skipped: list[Any] = []
     if config.source == "loss_table":
-        from llm2loss_pipeline.core.blackbox.loss_table import split_loss_table
-
         table = pl.read_parquet(_required(layout.loss_table_copy))
         frame = split_loss_table(table, manifest, shard)
     else:
-        from llm2loss_pipeline.core.blackbox.labels import map_labels
-        from llm2loss_pipeline.core.blackbox.losses import compute_losses
-
         loaded, label_map = _load_black_box(layout, manifest, config, device)
         labels = map_labels(rows["identity"].to_numpy(), label_map, sample_ids=rows["sample_id"])
         result = compute_losses(
@@ -259,10 +260,6 @@ def _required(path: Path) -> Path:
 def _load_black_box(
     layout: Layout, manifest: pl.DataFrame, config: BlackBoxConfig, device: DeviceSpec
 ) -> tuple[Any, dict[int, int]]:
-    from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
-    from llm2loss_pipeline.core.blackbox.labels import label_map_from_json, num_outputs_needed
-    from llm2loss_pipeline.core.blackbox.user_model import load_user_model
-
     torch_device = device.torch_device()
     if config.source == "builtin":
         loaded = load_black_box(_required(layout.black_box), torch_device)

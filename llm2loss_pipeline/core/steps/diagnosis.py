@@ -14,8 +14,13 @@ import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.encoder import load_encoder
+from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
 from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.heads.gap import fit_gap, measure_gap_effect
+from llm2loss_pipeline.core.heads.train import train_ensemble
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
+from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
 from llm2loss_pipeline.core.steps.tables import read_manifest, read_shards, split_rows
 from llm2loss_pipeline.core.storage import sha256_file, write_json_atomic, write_parquet_atomic
 
@@ -74,7 +79,6 @@ def _identities(layout: Layout, rows: pl.DataFrame) -> np.ndarray | None:
 
 def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
     """Texts whose mean embedding stands for 'the text modality' of this data set."""
-    from llm2loss_pipeline.core.prompts import attribute_prompt_pairs, caption_for
 
     texts = [
         text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair
@@ -92,11 +96,8 @@ def fit_heads(
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
 ) -> HeadsResult:
-    from llm2loss_pipeline.core.encoder import load_encoder
-    from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
+    # lazy: pulls scipy.stats, +3.0 s on the Dagster definitions load (measured)
     from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble
-    from llm2loss_pipeline.core.heads.gap import fit_gap
-    from llm2loss_pipeline.core.heads.train import train_ensemble
 
     frame = training_frame(layout)
     train = split_rows(frame, config.train_split, "heads.train_split")
@@ -175,8 +176,6 @@ def gap_effect_rows(
     `text_corpus(train, config.base_seed)`, the one the heads' own gap was fitted on (encoded
     once: it is the same texts).
     """
-    from llm2loss_pipeline.core.heads.gap import measure_gap_effect
-    from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 
     present = [name for name in CELEBA_ATTRIBUTES if name in held_out.columns]
     if not present:

@@ -15,8 +15,23 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.discovery.candidates import (
+    generate_candidates,
+    read_vocabulary,
+    single_candidates,
+)
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.discovery.evidence import (
+    SUMMARY_COLUMNS,
+    discovery_html,
+    fmt,
+    hypothesis_sheets,
+)
+from llm2loss_pipeline.core.discovery.proposer import propose
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.steps.diagnosis import training_frame
+from llm2loss_pipeline.core.steps.tables import read_manifest, split_rows
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 
 TOP_MARKDOWN = 10
@@ -91,10 +106,8 @@ def compute_discovery(
 
     `diagnoser`: anything with `encode_texts`, `ensemble` and `gap` (a `core.query.Diagnoser`).
     """
-    from llm2loss_pipeline.core.discovery.candidates import generate_candidates, single_candidates
+    # lazy: pulls scipy.stats, +3.0 s on the Dagster definitions load (measured)
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
-    from llm2loss_pipeline.core.steps.diagnosis import training_frame
-    from llm2loss_pipeline.core.steps.tables import split_rows
 
     say = log or (lambda message: None)
     ensemble, gap = diagnoser.ensemble, diagnoser.gap
@@ -152,7 +165,6 @@ def compute_discovery(
 
 def _vocabulary(config: DiscoveryConfig, vocabulary: Sequence[str]) -> list[str]:
     """The configured words, then the vocabulary file's, then the caller's."""
-    from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
 
     texts = list(config.vocabulary)
     if config.vocabulary_path:
@@ -173,7 +185,6 @@ def _counts(result: Any, n_eval: int, n_proposed: int) -> dict[str, int]:
 
 def eval_labels(frame: pl.DataFrame) -> dict[str, np.ndarray] | None:
     """Attribute -> bool per sample, for the attributes labelled on every sample (None: none)."""
-    from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 
     labels = {
         name: frame[name].cast(pl.Boolean).to_numpy()
@@ -186,9 +197,6 @@ def eval_labels(frame: pl.DataFrame) -> dict[str, np.ndarray] | None:
 def _proposals(
     config: DiscoveryConfig, score: Callable[[Sequence[str]], np.ndarray], say: Callable
 ) -> list[str]:
-    from llm2loss_pipeline.core.discovery.candidates import single_candidates
-    from llm2loss_pipeline.core.discovery.proposer import propose
-
     singles = [
         c.text
         for c in single_candidates(
@@ -207,9 +215,8 @@ def write_discovery(
     layout: Layout, config: DiscoveryConfig, result: DiscoveryFindings
 ) -> FailureHypothesesResult:
     """The tables, contact sheets and page of `result` under reports/, and the DuckDB views."""
-    from llm2loss_pipeline.core.discovery.evidence import discovery_html, hypothesis_sheets
+    # lazy: pulls duckdb, +0.26 s on the Dagster definitions load (measured)
     from llm2loss_pipeline.core.discovery.publish import publish_with_discovery
-    from llm2loss_pipeline.core.steps.tables import read_manifest
 
     manifest = read_manifest(layout)
     paths = dict(zip(manifest["sample_id"].to_list(), manifest["path"].to_list(), strict=True))
@@ -245,7 +252,6 @@ def write_discovery(
 def top_rows(table: pl.DataFrame, n: int = TOP_MARKDOWN) -> list[dict[str, Any]]:
     """The first n failure modes in the columns a reader scans first, as the reader should see
     them (yes/no, a dash for nothing: never True or None)."""
-    from llm2loss_pipeline.core.discovery.evidence import SUMMARY_COLUMNS, fmt
 
     modes = table.filter(pl.col("verdict") == "mode").head(n).select(SUMMARY_COLUMNS)
     return [{key: fmt(value) for key, value in row.items()} for row in modes.to_dicts()]
