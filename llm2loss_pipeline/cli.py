@@ -16,6 +16,10 @@ from llm2loss_pipeline.cli_common import fail as _fail  # the one error line of 
 from llm2loss_pipeline.discover_cli import register as register_discover
 from llm2loss_pipeline.query_cli import register as register_queries
 
+# Commands import what they run inside their handler, so that `llm2loss --help` stays at 86
+# modules (0.1-0.3 s). Measured on top of the CLI: core.config +240 modules (1.5 s), the diagnoser
+# +206 (0.9 s), defs.runner +578 (3.9 s), the report step +928 (8.8 s), rich.console +68 (0.3 s).
+
 __all__ = ["build_parser", "main", "run_handler"]
 
 WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"

@@ -101,8 +101,8 @@ def test_ranker_objective_ignores_a_zero_weight_sample_on_both_sides_of_its_pair
 def _train_with_zero_weight(monkeypatch, x, loss, kind: str, column: int, weight: float):
     """Train one kind with the bootstrap weight of fit row `column` forced to `weight`."""
 
-    def forced(generators, n, bootstrap):
-        weights = _bootstrap_weights(generators, n, bootstrap)  # the same generator draws
+    def forced(generators, n, bootstrap, *rest):
+        weights = _bootstrap_weights(generators, n, bootstrap, *rest)  # the same draws
         weights[:, column] = weight
         return weights
 
