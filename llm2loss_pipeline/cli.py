@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_handler(args)
 
 
-# long: declarative, one add_argument per option of every subcommand; split, the CLI's surface would be scattered
+# long: declarative, one add_argument per option of every subcommand (split, the surface scatters)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm2loss",

@@ -326,7 +326,7 @@ def train_classifier(
         )
 
 
-# long: one training loop; its statement order fixes the RNG stream and the LR schedule (bit-for-bit runs)
+# long: one training loop; its statement order fixes the RNG stream and LR schedule (bit-exact)
 def _train(
     items: Sequence[tuple[str, str]],
     labels: np.ndarray,
