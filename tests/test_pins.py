@@ -113,9 +113,11 @@ def test_replicate_p_value_uses_the_members_spread_with_m_minus_1_degrees_of_fre
 
 def test_clustered_gap_of_a_one_sample_group_is_defined() -> None:
     values = np.array([4.0, 1.0, 2.0, 3.0])
-    groups = np.array([[True, True], [False, True], [False, False], [False, False]])
+    groups = np.array(
+        [[True, True, True], [False, True, True], [False, False, True], [False, False, False]]
+    )
     gap, se = clustered_mean_gap(values, groups, np.arange(4))
-    np.testing.assert_allclose(gap, [4.0 - 2.0, 2.5 - 2.5])
+    np.testing.assert_allclose(gap, [4.0 - 2.0, 2.5 - 2.5, 7.0 / 3.0 - 3.0])
     assert np.isfinite(se).all()
     gap, se = clustered_mean_gap(values, np.ones((4, 1), dtype=bool), np.arange(4))
     assert np.isnan(gap[0]) and np.isnan(se[0])  # an empty side
@@ -159,10 +161,11 @@ def test_measured_gap_loss_p_is_welch_on_the_per_sample_table(tmp_path: Path) ->
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_welch_p_is_defined_from_two_samples_a_side(n: int) -> None:
-    a, b = np.array([1.0, 1.5, 0.7][:n]), np.array([0.2, 0.4, 0.1, 0.3])
-    summary = (a.mean(), a.var(ddof=1), n, b.mean(), b.var(ddof=1), b.size)
-    expected = sps.ttest_ind(a, b, equal_var=False).pvalue
-    assert _welch_p(*summary) == pytest.approx(expected, rel=1e-12)
+    small, large = np.array([1.0, 1.5, 0.7][:n]), np.array([0.2, 0.4, 0.1, 0.3])
+    for a, b in ((small, large), (large, small)):  # either side may be the small one
+        summary = (a.mean(), a.var(ddof=1), a.size, b.mean(), b.var(ddof=1), b.size)
+        expected = sps.ttest_ind(a, b, equal_var=False).pvalue
+        assert _welch_p(*summary) == pytest.approx(expected, rel=1e-12)
     assert np.isnan(_welch_p(1.0, 0.0, 1, 0.5, 0.1, 4))  # one sample has no variance
 
 
