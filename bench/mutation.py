@@ -51,7 +51,11 @@ TARGETS: dict[str, list[str]] = {
     "core/heads/train.py": ["tests/test_uncertainty.py", "tests/test_heads.py"],
     "core/heads/compare.py": ["tests/test_compare.py"],
     "core/celeba.py": ["tests/test_pins.py", "tests/test_celeba_reader.py"],
-    "core/storage.py": ["tests/test_pins.py", "tests/test_reliability_tempfiles.py"],
+    "core/storage.py": [
+        "tests/test_pins.py",
+        "tests/test_reliability_tempfiles.py",
+        "tests/test_reliability_storage.py",
+    ],
     "core/discovery/verify.py": ["tests/test_pins.py", "tests/test_discovery_hypotheses.py"],
 }
 """target (under the package) -> the test files that guard it, the fastest first (-x stops at the

@@ -38,7 +38,9 @@ from llm2loss_pipeline.core.stats import (
     replicate_pvalue,
 )
 from llm2loss_pipeline.core.storage import (
+    _host,
     atomic_path,
+    sweep_stale_temps,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -281,3 +283,19 @@ def test_atomically_written_files_get_the_umask_mode(tmp_path: Path, mask: int) 
     assert stat.S_IMODE(plain.stat().st_mode) == expected
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
+
+
+def test_the_temp_sweep_leaves_symlinks_and_folders_alone(tmp_path: Path) -> None:
+    """Only plain files of dead writers go: a link or folder with a temp-like name is not ours."""
+    target = tmp_path / "table.parquet"
+    dead = 2**22 + 12345  # above the default pid_max, so no process has it
+    elsewhere = tmp_path / "keep.txt"
+    elsewhere.write_text("not a temp file")
+    link = tmp_path / f".table.parquet.{dead}@{_host()}@a.tmp"
+    link.symlink_to(elsewhere)
+    folder = tmp_path / f".table.parquet.{dead}@{_host()}@b.tmp"
+    folder.mkdir()
+    stale = tmp_path / f".table.parquet.{dead}@{_host()}@c.tmp"
+    stale.write_bytes(b"half")
+    assert sweep_stale_temps(target) == [stale]
+    assert link.is_symlink() and folder.is_dir() and elsewhere.exists()
