@@ -201,6 +201,12 @@ def test_discovery_measures_a_single_matched_sample() -> None:
     assert result.p_value == pytest.approx(expected)
 
 
+def test_discovery_on_all_equal_losses_finds_nothing_worse() -> None:
+    result = measure(np.full(10, 0.7), np.array([0, 1, 2]))
+    assert result.gap == pytest.approx(0.0, abs=1e-12)
+    assert (result.gap_std, result.auc, result.p_value) == (0.0, 0.5, 1.0)
+
+
 def test_jaccard_overlap_of_matched_sets() -> None:
     assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == pytest.approx(0.5)
     assert jaccard(np.array([1, 2]), np.array([3])) == 0.0
