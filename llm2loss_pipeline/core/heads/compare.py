@@ -25,6 +25,7 @@ vs a dog, on faces), however many members agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,16 @@ from llm2loss_pipeline.core.report.calibration import Calibration
 
 CONFIDENT = 0.8
 CLAIM = 0.9
-MIN_EXPLAINED = 0.25  # chosen on the tuning worlds (bench/worlds.py --set tune), see RESULTS
+# Both chosen on the tuning worlds 1001-1002 (bench/worlds.py --set tune; bench/RESULTS.md,
+# "Many worlds"), never on the reporting worlds 2001-2008:
+# - off the data: the off-domain questions' explained share was 0.20 and 0.38, the in-domain
+#   questions' 5th percentile 0.46;
+# - a free-text question is one wording where a report probe averages fifteen, so its text-side
+#   error is larger: with the report's tau as it is, the calibration table's ECE over 100
+#   questions was 0.19 (answers stated 0.8-0.9 were right half the time); with 2 x tau, 0.09, the
+#   smallest factor of 1, 1.5, 2, 3, 5 under the 0.1 target.
+MIN_EXPLAINED = 0.4
+FREE_TEXT_ERROR = 2.0
 
 
 def quartiles(values: np.ndarray) -> list[float]:
@@ -156,7 +166,11 @@ class Comparison:
             return self.p_greater
         values = np.asarray(self.diffs)
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        return float(self.calibration.p_worse(values.mean(), std))  # type: ignore[union-attr]
+        text_error = FREE_TEXT_ERROR * self.calibration.text_error  # type: ignore[union-attr]
+        total = math.sqrt(std**2 + text_error**2)
+        if total == 0:
+            return 0.5 if values.mean() == 0 else float(values.mean() > 0)
+        return 0.5 * math.erfc(-float(values.mean()) / total / math.sqrt(2))
 
     @property
     def claimed(self) -> bool:

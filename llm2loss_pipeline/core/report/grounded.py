@@ -271,10 +271,14 @@ def in_probe_basis(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Free-text directions [q, d] given the report's treatment of its probes.
 
-    Each direction t is written as a combination of the probe directions, c = argmin |t - c D|
-    (a whisker of ridge for stability), and answered along c @ duals: the same decorrelated
-    scores the report uses, so "a person with silver hair" vs "... whose hair is not gray" is
-    asked the way the report asks Gray_Hair, and `compare` and the report agree on it. Returns
+    Each direction t is written as a combination of the probe directions with the report's own
+    regularisation, c = duals @ t (the duals are (G + ridge)^-1 D, so for a probe's direction c is
+    nearly that probe's unit vector), and answered along c @ duals: the same decorrelated scores
+    the report uses, so "a person with silver hair" vs "... whose hair is not gray" is asked the
+    way the report asks Gray_Hair, and `compare` and the report agree on it. (An unregularised
+    least-squares c was tried first: the 40 probe directions are close to collinear, so a single
+    wording's c spread over many attributes and its answers agreed in sign with the population
+    truth on 46% of 100 questions on the tuning worlds 1001-1002.) Returns
     (directions [q, d] to ground on, explained [q]: the share of |t|^2 the probes span). A text
     pair whose difference the probes barely span (a cat vs a dog, on faces) differs in little
     that the labelled images vary along; `explained` lets the caller say so.
@@ -295,10 +299,9 @@ def probe_basis(
 
     def apply(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = np.asarray(directions, dtype=np.float64)
-        coefficients = t @ solver.T  # [q, k], argmin |t - c D| with the ridge
-        projected = coefficients @ d
+        projected = (t @ solver.T) @ d  # the least-squares part of t the probes span
         norms = np.einsum("qd,qd->q", t, t)
         explained = np.where(norms > 0, np.einsum("qd,qd->q", projected, projected) / norms, 0.0)
-        return coefficients @ duals, np.minimum(explained, 1.0)
+        return (t @ duals.T) @ duals, np.minimum(explained, 1.0)
 
     return apply
