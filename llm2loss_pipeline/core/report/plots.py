@@ -78,8 +78,8 @@ def scatter_estimated_vs_measured(
         axes.set_title(f"{group.name} ({len(group.positions)} members)")
     figure.suptitle(
         "Estimated vs measured disparity per attribute (positive = worse with it). The axes are "
-        "in different units:\ncompare the order of the points, not their values. Labelled: among the "
-        f"{N_LABELLED} largest and smallest on each axis, those with room for a label.",
+        "in different units:\ncompare the order of the points, not their values. Labelled: among "
+        f"the {N_LABELLED} largest and smallest on each axis, those with room for a label.",
         y=1.06,  # two lines: above the panels' own titles
     )
     return save_png(figure, path)
