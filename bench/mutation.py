@@ -44,12 +44,17 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "llm2loss_pipeline"
 
 TARGETS: dict[str, list[str]] = {
-    "core/stats.py": ["tests/test_pins.py", "tests/test_stats.py"],
+    "core/stats.py": ["tests/test_pins.py", "tests/test_stats.py", "tests/test_calibration.py"],
+    "core/report/calibration.py": ["tests/test_calibration.py"],
     "core/report/measured.py": ["tests/test_pins.py", "tests/test_report.py"],
-    "core/report/grounded.py": ["tests/test_report_grounded.py"],
+    "core/report/grounded.py": ["tests/test_report_grounded.py", "tests/test_calibration.py"],
     "core/report/estimated.py": ["tests/test_report.py", "tests/test_report_grounded.py"],
-    "core/heads/train.py": ["tests/test_uncertainty.py", "tests/test_heads.py"],
-    "core/heads/compare.py": ["tests/test_compare.py"],
+    "core/heads/train.py": [
+        "tests/test_uncertainty.py",
+        "tests/test_heads.py",
+        "tests/test_calibration.py",
+    ],
+    "core/heads/compare.py": ["tests/test_compare.py", "tests/test_calibration.py"],
     "core/celeba.py": ["tests/test_pins.py", "tests/test_celeba_reader.py"],
     "core/storage.py": [
         "tests/test_pins.py",
