@@ -85,6 +85,8 @@ def test_a_negative_slope_claims_nothing_and_few_attributes_are_uncalibrated():
     e, s, g, u, _ = _synthetic(40)
     against = fit_calibration("grounded", e, s, -g, u)
     assert against.text_error == math.inf and against.p_worse(5.0, 0.1) == 0.5
+    frame, _ = calibrated_claims([f"a{i}" for i in range(40)], "grounded", e, s, -g, u, 0.1)
+    assert frame["est_gap"].is_nan().all() and (frame["claim"] == "cannot tell").all()
     few = fit_calibration("grounded", e[:3], s[:3], g[:3], u[:3])
     assert not few.calibrated and few.text_error == 0.0
 

@@ -156,12 +156,14 @@ def calibrated_claims(
         cal = fit_calibration(estimator, e[others], s[others], g[others], u[others])
         z = float(cal.z(e[j], s[j])) if math.isfinite(e[j]) else math.nan
         half = quantile * math.sqrt(s[j] ** 2 + cal.text_error**2)
+        # a slope <= 0 (estimates against the gaps) has no loss units to give: no gap, no interval
+        scale = cal.slope if math.isfinite(cal.text_error) else math.nan
         rows.append(
             {
                 "attribute": name,
-                "est_gap": cal.slope * e[j],
-                "est_gap_low": cal.slope * (e[j] - half),
-                "est_gap_high": cal.slope * (e[j] + half),
+                "est_gap": scale * e[j],
+                "est_gap_low": scale * (e[j] - half),
+                "est_gap_high": scale * (e[j] + half),
                 "est_z": z,
                 "est_p_worse": float(sps.norm.cdf(z)) if math.isfinite(z) else math.nan,
                 "est_p_value": float(2 * sps.norm.sf(abs(z))) if math.isfinite(z) else math.nan,
