@@ -369,7 +369,7 @@ def build_report(
     pairs: Sequence[Sequence[str]] | None = None,
     n_pairs: int = 10,
     min_group_size: int = 20,
-    alpha: float = 0.05,
+    alpha: float = 0.1,  # report.alpha: the FDR of the attribute claims
     out_dir: str | Path | None = None,
     attributes: Sequence[str] = CELEBA_ATTRIBUTES,
     prompt_pairs: PromptPairs | None = None,
