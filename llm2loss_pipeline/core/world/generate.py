@@ -130,6 +130,16 @@ def _hardness(attributes: dict[str, bool], hard: dict[str, float]) -> tuple[floa
     return strength, tuple(protect)
 
 
+def plan_image(config: WorldConfig, traits: IdentityTraits, slot: int, split: int) -> PlannedImage:
+    """The image at `slot` of an identity: a pure function of (config, identity, slot), so slots
+    past the dataset's are new draws of the same people (core/world/population.py)."""
+    hard = config.hard_attributes
+    uniforms = _rng(config.seed, 2, traits.identity, slot).random(len(ATTRIBUTE_RULES))
+    attributes = sample_attributes("image", uniforms, traits.attributes, hard)
+    strength, protect = _hardness(attributes, hard)
+    return PlannedImage(traits.identity, slot, split, attributes, strength, protect)
+
+
 def plan_world(config: WorldConfig) -> WorldPlan:
     """Decide every image's identity, split and attributes, without drawing anything."""
     hard = config.hard_attributes
@@ -144,16 +154,7 @@ def plan_world(config: WorldConfig) -> WorldPlan:
         split_of[order[:n_train]] = 0
         split_of[order[n_train : n_train + n_valid]] = 1
         split_of[order[n_train + n_valid :]] = 2
-        images = []
-        for slot in range(n):
-            uniforms = _rng(config.seed, 2, traits.identity, slot).random(len(ATTRIBUTE_RULES))
-            attributes = sample_attributes("image", uniforms, traits.attributes, hard)
-            strength, protect = _hardness(attributes, hard)
-            images.append(
-                PlannedImage(
-                    traits.identity, slot, int(split_of[slot]), attributes, strength, protect
-                )
-            )
+        images = [plan_image(config, traits, slot, int(split_of[slot])) for slot in range(n)]
         train_slots = [int(slot) for slot in order[:n_train]]
         drop = _train_slots_to_drop(traits, images, train_slots, hard, dropped)
         kept.extend(image for image in images if image.slot not in drop)
@@ -234,7 +235,7 @@ def _chunks(jobs: list[ImageJob], folder: Path) -> Iterator[tuple[str, list[Imag
         yield str(folder), jobs[start : start + CHUNK]
 
 
-def _render_all(
+def render_images(
     jobs: list[ImageJob], folder: Path, progress: ProgressFn | None, workers: int
 ) -> None:
     total, done = len(jobs), 0
@@ -388,7 +389,7 @@ def generate_world(
         images = partial / IMAGE_DIR
         images.mkdir(parents=True)
         plan = plan_world(config)
-        _render_all(image_jobs(plan), images, progress, workers)
+        render_images(image_jobs(plan), images, progress, workers)
         write_text_atomic(partial / ATTR_FILE, _attribute_table(plan))
         write_text_atomic(partial / IDENTITY_FILE, _pairs_table(plan, lambda im: im.identity))
         write_text_atomic(partial / PARTITION_FILE, _pairs_table(plan, lambda im: im.split))

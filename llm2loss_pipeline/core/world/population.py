@@ -21,17 +21,16 @@ import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.storage import replace_dir, write_parquet_atomic
-from llm2loss_pipeline.core.world.config import NO_HARDNESS, HardEffect, WorldConfig
+from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.generate import (
     PlannedImage,
     ProgressFn,
-    _hardness,
-    _render_all,
-    _rng,
+    WorldPlan,
+    image_jobs,
     plan_identities,
+    plan_image,
+    render_images,
 )
-from llm2loss_pipeline.core.world.render import ImageJob
-from llm2loss_pipeline.core.world.traits import ATTRIBUTE_RULES, sample_attributes
 
 POPULATION_TABLE = "population.parquet"
 IMAGES = "images"
@@ -42,35 +41,11 @@ def plan_population(config: WorldConfig, per_identity: int) -> list[PlannedImage
     """`per_identity` new images of every identity, at slots the dataset never uses."""
     if per_identity < 1:
         raise ValueError(f"per_identity must be at least 1, got {per_identity}")
-    hard = config.hard_attributes
     first = config.images_per_identity  # the dataset's slots are 0 .. images_per_identity - 1
-    planned = []
-    for traits in plan_identities(config):
-        for slot in range(first, first + per_identity):
-            uniforms = _rng(config.seed, 2, traits.identity, slot).random(len(ATTRIBUTE_RULES))
-            attributes = sample_attributes("image", uniforms, traits.attributes, hard)
-            strength, protect = _hardness(attributes, hard)
-            planned.append(
-                PlannedImage(traits.identity, slot, TEST_SPLIT, attributes, strength, protect)
-            )
-    return planned
-
-
-def _jobs(config: WorldConfig, planned: list[PlannedImage]) -> list[ImageJob]:
-    by_id = {traits.identity: traits for traits in plan_identities(config)}
     return [
-        ImageJob(
-            filename=f"{position + 1:06d}.jpg",
-            seed=config.seed,
-            slot=image.slot,
-            traits=by_id[image.identity],
-            attributes=image.attributes,
-            hardness=HardEffect.of(image.strength) if image.strength > 0 else NO_HARDNESS,
-            protect=image.protect,
-            image_size=config.image_size,
-            jpeg_quality=config.jpeg_quality,
-        )
-        for position, image in enumerate(planned)
+        plan_image(config, traits, slot, TEST_SPLIT)
+        for traits in plan_identities(config)
+        for slot in range(first, first + per_identity)
     ]
 
 
@@ -108,7 +83,8 @@ def write_population(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         (partial / IMAGES).mkdir(parents=True)
-        _render_all(_jobs(config, planned), partial / IMAGES, progress, workers)
+        jobs = image_jobs(WorldPlan(config, plan_identities(config), planned))  # 000001.jpg, ...
+        render_images(jobs, partial / IMAGES, progress, workers)
         write_parquet_atomic(table, partial / POPULATION_TABLE)
         replace_dir(partial, out)
     finally:
