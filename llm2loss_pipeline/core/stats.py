@@ -137,15 +137,24 @@ def one_sample_t_pvalue(values: np.ndarray) -> float:
     With no spread, identical nonzero values are certain (p = 0) and all-zero values show
     nothing (p = 1); fewer than two finite values give NaN.
     """
+    finite, degenerate = _finite_or_degenerate(values)
+    if degenerate is not None:
+        return degenerate
+    return float(sps.ttest_1samp(finite, 0.0).pvalue)
+
+
+def _finite_or_degenerate(values: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The finite values, and the p-value of a test of mean zero where it needs no test: NaN
+    under two values; with no spread, 0 for identical nonzero values and 1 for all zeros."""
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size < 2:
-        return float("nan")
+        return finite, float("nan")
     # spread at rounding level (members that agree up to float error) counts as no spread
     scale = float(np.abs(finite).max())
     if np.ptp(finite) <= 1e-12 * scale or scale == 0:
-        return 1.0 if abs(float(finite.mean())) <= 1e-12 * scale or scale == 0 else 0.0
-    return float(sps.ttest_1samp(finite, 0.0).pvalue)
+        return finite, 1.0 if abs(float(finite.mean())) <= 1e-12 * scale or scale == 0 else 0.0
+    return finite, None
 
 
 def prob_positive(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -164,13 +173,9 @@ def replicate_pvalue(values: np.ndarray) -> float:
     keeps the p-value honest when the replicates are few. The degenerate ends are explicit as in
     `one_sample_t_pvalue`.
     """
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size < 2:
-        return float("nan")
-    scale = float(np.abs(finite).max())
-    if np.ptp(finite) <= 1e-12 * scale or scale == 0:
-        return 1.0 if abs(float(finite.mean())) <= 1e-12 * scale or scale == 0 else 0.0
+    finite, degenerate = _finite_or_degenerate(values)
+    if degenerate is not None:
+        return degenerate
     z = abs(float(finite.mean())) / float(finite.std(ddof=1))
     return float(2.0 * sps.t.sf(z, df=finite.size - 1))
 

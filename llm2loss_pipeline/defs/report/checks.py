@@ -16,9 +16,7 @@ from llm2loss_pipeline.defs.resources import ReportResource, StorageResource
 )
 def report_is_complete(storage: StorageResource) -> dg.AssetCheckResult:
     outcome = steps.check_complete(storage.layout())
-    return dg.AssetCheckResult(
-        passed=outcome.passed, metadata=outcome.metadata, description=outcome.message
-    )
+    return _result(outcome)
 
 
 @dg.asset_check(
@@ -30,12 +28,7 @@ def report_is_complete(storage: StorageResource) -> dg.AssetCheckResult:
 )
 def report_group_sizes(storage: StorageResource, report: ReportResource) -> dg.AssetCheckResult:
     outcome = steps.check_group_sizes(storage.layout(), report.spec().min_group_size)
-    return dg.AssetCheckResult(
-        passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata=outcome.metadata,
-        description=outcome.message,
-    )
+    return _warning(outcome)
 
 
 @dg.asset_check(
@@ -46,12 +39,7 @@ def heads_validation_floor(
     storage: StorageResource, report: ReportResource
 ) -> Iterator[dg.AssetCheckResult]:
     outcome = steps.check_heads_floor(storage.layout(), report.spec().head_spearman_floor)
-    yield dg.AssetCheckResult(
-        passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata=outcome.metadata,
-        description=outcome.message,
-    )
+    yield _warning(outcome)
 
 
 @dg.asset_check(
@@ -63,9 +51,20 @@ def heads_validation_floor(
 )
 def report_trust(storage: StorageResource, report: ReportResource) -> dg.AssetCheckResult:
     outcome = steps.check_trust(storage.layout(), report.spec().trust_floor)
+    return _warning(outcome)
+
+
+def _result(
+    outcome: steps.CheckOutcome, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=severity,
         metadata=outcome.metadata,
         description=outcome.message,
     )
+
+
+def _warning(outcome: steps.CheckOutcome) -> dg.AssetCheckResult:
+    """A check whose failure warns: the report stays usable, and says what to distrust."""
+    return _result(outcome, dg.AssetCheckSeverity.WARN)
