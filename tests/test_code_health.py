@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
 import numpy as np
 import polars as pl
+import pytest
+from pydantic import BaseModel
 
+import llm2loss_pipeline
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.steps import diagnosis
@@ -156,3 +163,150 @@ def test_no_long_function_without_a_reason():
     assert not offenders, "functions over 80 lines without a '# long:' reason: " + ", ".join(
         offenders
     )
+
+
+PACKAGE = Path(llm2loss_pipeline.__file__).parent
+
+OWNED_ELSEWHERE = {"core/images.py", "core/encoder/train.py"}
+"""Modules other engineers are changing right now (issue 20 leaves them to their owners): their
+`on_bad_image` check and `OnBadImage` Literal move to `one_of` with their next change."""
+
+LITERAL_ALLOWED = {"core/world/traits.py"}
+"""`Level` and `Region` type the generated world's fixed rule table; no file, flag or launchpad
+field sets them, so there is no choice to check."""
+
+MEMBERSHIP_ALLOWED = {
+    "CELEBA_ATTRIBUTES": "40 names: the message gives an example, the 'did you mean' the close one",
+    "PLOT_FORMATS": "a plot path's extension, not a named setting",
+    "SLOTS": "parses the phrase table in code, not user input",
+    "REFUSED_SUFFIXES": "dispatches on a registry file's suffix",
+}
+
+
+def _names_choices(node: ast.expr) -> str | None:
+    """The choices a membership test checks against: a literal tuple/list/set of strings, or an
+    UPPER_CASE constant (its name); None for anything else."""
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        strings = all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts)
+        return ast.unparse(node) if node.elts and strings else None
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+    return name if name.lstrip("_").isupper() else None
+
+
+def _hand_written_choices(tree: ast.AST) -> list[tuple[int, str]]:
+    """`if x not in CHOICES: raise ValueError(...)` (or `in`), the check `one_of` replaces."""
+    found = []
+    for node in ast.walk(tree):
+        raises = isinstance(node, ast.If) and any(
+            isinstance(s, ast.Raise)
+            and getattr(getattr(s.exc, "func", None), "id", "") == "ValueError"
+            for s in node.body
+        )
+        if not raises:
+            continue
+        for test in ast.walk(node.test):
+            if isinstance(test, ast.Compare) and any(
+                isinstance(op, ast.In | ast.NotIn) for op in test.ops
+            ):
+                choices = [_names_choices(c) for c in test.comparators]
+                found += [(node.lineno, c) for c in choices if c and c not in MEMBERSHIP_ALLOWED]
+    return found
+
+
+def test_every_choice_is_declared_with_one_of():
+    """A named choice is a plain str checked by `core.choices.one_of` (the Dagster resources then
+    show str fields, and every error names the key and the allowed values); never a `Literal`
+    nor a hand-written `if value not in (...): raise ValueError(...)`."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in OWNED_ELSEWHERE:
+            continue
+        tree = ast.parse(path.read_text())
+        if relative not in LITERAL_ALLOWED:
+            offenders += [
+                f"{relative}:{node.lineno} Literal"
+                for node in ast.walk(tree)
+                if (isinstance(node, ast.Name) and node.id == "Literal")
+                or (isinstance(node, ast.Attribute) and node.attr == "Literal")
+            ]
+        offenders += [f"{relative}:{line} in {what}" for line, what in _hand_written_choices(tree)]
+    assert not offenders, "choices not declared with one_of: " + ", ".join(offenders)
+
+
+def test_the_scan_finds_the_ways_a_choice_used_to_be_declared():
+    source = (
+        "def f(mode, kind):\n"
+        "    if mode not in ('a', 'b'):\n"
+        "        raise ValueError(mode)\n"
+        "    if not (kind in KINDS or kind.startswith('x')):\n"
+        "        raise ValueError(kind)\n"
+        "    if kind not in CELEBA_ATTRIBUTES:\n"
+        "        raise ValueError(kind)\n"
+    )
+    assert _hand_written_choices(ast.parse(source)) == [(2, "('a', 'b')"), (4, "KINDS")]
+
+
+def _section_models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    models = [model]
+    for info in model.model_fields.values():
+        for kind in (info.annotation, *get_args(info.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                models += _section_models(kind)
+    return models
+
+
+def test_config_choices_are_plain_strings_that_name_key_and_values():
+    from llm2loss_pipeline.core.config import ConfigError, PipelineConfig, validate_config
+
+    for model in _section_models(PipelineConfig):
+        for name, info in model.model_fields.items():
+            assert get_origin(info.annotation) is not Literal, f"{model.__name__}.{name}"
+    cases = [
+        (
+            {"black_box": {"source": "torchscipt"}},
+            "black_box.source: Value error, source must be one of ['builtin', 'entry_point', "
+            "'torchscript', 'loss_table'], got 'torchscipt' (did you mean `torchscript`?)",
+        ),
+        (
+            {"black_box": {"nonfinite": "skip"}},
+            "nonfinite must be one of ['error', 'drop'], got 'skip'",
+        ),
+        (
+            {"dataset": {"split_mode": "within_identiy"}},
+            "split_mode must be one of ['auto', 'file', 'within_identity'], got 'within_identiy' "
+            "(did you mean `within_identity`?)",
+        ),
+        (
+            {"heads": {"train_split": "vaild"}},
+            "heads.train_split: Value error, train_split must be one of ['train', 'valid', "
+            "'test'], got 'vaild' (did you mean `valid`?)",
+        ),
+        (
+            {"devices": {"heads": {"precision": "fp8"}}},
+            "precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'",
+        ),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError) as caught:
+            validate_config(raw)
+        assert message in str(caught.value)
+
+
+def test_one_of_names_a_family_it_cannot_list():
+    from llm2loss_pipeline.core.choices import one_of
+    from llm2loss_pipeline.core.device import DEVICES, is_cuda_index
+
+    family = ("cuda:N", is_cuda_index)
+    assert one_of("device", "cuda:3", DEVICES, family=family) == "cuda:3"
+    assert one_of("device", "auto", DEVICES, family=family) == "auto"
+    for bad in ("cuda:N", "cuda:", "tpu"):
+        with pytest.raises(ValueError, match=r"device must be one of \['cpu', 'cuda', 'auto', "):
+            one_of("device", bad, DEVICES, family=family)
+
+
+def test_the_black_box_losses_are_the_ones_the_config_offers():
+    from llm2loss_pipeline.core.blackbox.config import TASK_LOSS_NAMES
+    from llm2loss_pipeline.core.blackbox.losses import TASK_LOSSES
+
+    assert tuple(TASK_LOSSES) == TASK_LOSS_NAMES

@@ -378,7 +378,7 @@ def test_cli_plot_formats_and_dollar_signs(cli_home, capsys, tmp_path):
         (["--plot", "out.docx"], "the extension must name an image format"),
         (["--plot", ""], "a plot path needs a file name"),
         (["--plot", "/tmp"], "plot path /tmp is a directory"),
-        (["--device", "foo"], "device must be cpu, cuda, cuda:N or auto"),
+        (["--device", "foo"], "device must be one of ['cpu', 'cuda', 'auto', 'cuda:N'], got 'foo'"),
     ],
 )
 def test_cli_bad_options_fail_before_any_work(cli_home, capsys, monkeypatch, extra, message):
@@ -472,7 +472,9 @@ def test_devices_resolve_or_fail_in_one_line(cli_home, home, capsys, monkeypatch
     assert main(["rank", GLASSES, "--home", str(cli_home), "--device", "auto"]) == 0
     assert seen[-1] == ("cuda" if torch.cuda.is_available() else "cpu")
     capsys.readouterr()
-    with pytest.raises(ValueError, match=r"device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
+    with pytest.raises(
+        ValueError, match=r"device must be one of \['cpu', 'cuda', 'auto', 'cuda:N'\], got 'tpu'"
+    ):
         Diagnoser.load(home, device="tpu")
     Diagnoser.load(home, device=torch.device("cpu"), encoder_loader=fake_loader)  # as before
 

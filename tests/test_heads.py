@@ -590,8 +590,12 @@ def test_members_outside_the_grid_are_refused(data):
     x_train, l_train, *_ = data
     config = HeadsConfig(n_seeds=1, epochs=1, min_steps=0)
     good = member_grid(config)[0]
-    for bad in (MemberInfo(1, "regressor", "cnn", 0), MemberInfo(1, "classifier", "mlp", 0)):
-        with pytest.raises(ValueError, match=r"kind must be one of .* and arch one of"):
+    refused = {
+        MemberInfo(1, "regressor", "cnn", 0): r"arch must be one of \['linear', 'mlp'\], got 'cnn'",
+        MemberInfo(1, "classifier", "mlp", 0): r"kind must be one of \[.*\], got 'classifier'",
+    }
+    for bad, message in refused.items():
+        with pytest.raises(ValueError, match=message):
             train_ensemble(x_train[:64], l_train[:64], config, members=[good, bad])
 
 

@@ -41,6 +41,11 @@ DEFAULT_PLANTED_FAILURES = {"Gray_Hair": 0.9, "Goatee": 0.9}
 0.9), unlike small accessories such as Eyeglasses; see bench/RESULTS.md."""
 
 
+DATASET_SOURCES = ("generated", "celeba")
+ON_BAD_IMAGE = ("fail", "skip")
+SPLIT_MODES = ("auto", "file", "within_identity")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -66,32 +71,21 @@ class DatasetConfig(_Strict):
         (0.8, 0.1, 0.1), description="train/valid/test shares for within_identity splits"
     )
 
-    @field_validator("split_mode")
+    @field_validator("source", "on_bad_image", "split_mode")
     @classmethod
-    def _split_mode(cls, value: str) -> str:
-        if value not in ("auto", "file", "within_identity"):
-            raise ValueError(f"split_mode must be auto, file or within_identity, got {value!r}")
-        return value
+    def _choice(cls, value: str, info) -> str:
+        allowed = {
+            "source": DATASET_SOURCES,
+            "on_bad_image": ON_BAD_IMAGE,
+            "split_mode": SPLIT_MODES,
+        }[info.field_name]
+        return one_of(info.field_name, value, allowed)
 
     @field_validator("resplit_fractions")
     @classmethod
     def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
         if any(share <= 0 for share in value) or abs(sum(value) - 1.0) > 1e-6:
             raise ValueError(f"resplit_fractions must be positive and sum to 1, got {value}")
-        return value
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        if value not in ("generated", "celeba"):
-            raise ValueError(f"source must be 'generated' or 'celeba', got {value!r}")
-        return value
-
-    @field_validator("on_bad_image")
-    @classmethod
-    def _bad_image(cls, value: str) -> str:
-        if value not in ("fail", "skip"):
-            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {value!r}")
         return value
 
 

@@ -7,7 +7,11 @@ from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llm2loss_pipeline.core.choices import one_of
+
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda", "auto")
+"""Device names besides "cuda:N" (any CUDA index, checked by `is_cuda_index`)."""
 
 
 class DeviceSpec(BaseModel):
@@ -29,16 +33,12 @@ class DeviceSpec(BaseModel):
     @field_validator("precision")
     @classmethod
     def _check_precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
-        return value
+        return one_of("precision", value, PRECISIONS)
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if not (value in ("cpu", "cuda", "auto") or _is_cuda_index(value)):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {value!r}")
-        return value
+        return one_of("device", value, DEVICES, family=("cuda:N", is_cuda_index))
 
     def torch_device(self):
         import torch
@@ -87,7 +87,8 @@ def resolve_device(name: str) -> str:
         raise ValueError(str(exc)) from exc
 
 
-def _is_cuda_index(device: str) -> bool:
+def is_cuda_index(device: str) -> bool:
+    """`device` names one CUDA device by its index ("cuda:0")."""
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()
 

@@ -15,19 +15,21 @@ import os
 
 import dagster as dg
 
+from llm2loss_pipeline.core.choices import one_of
+
 EXECUTORS = ("multiprocess", "k8s", "celery")
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    name = os.environ.get("LLM2LOSS_EXECUTOR", "multiprocess")
+    name = one_of(
+        "LLM2LOSS_EXECUTOR", os.environ.get("LLM2LOSS_EXECUTOR", "multiprocess"), EXECUTORS
+    )
     if name == "multiprocess":
         return dg.multiprocess_executor
     if name == "k8s":
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
-    if name == "celery":
-        from dagster_celery import celery_executor
+    from dagster_celery import celery_executor
 
-        return celery_executor
-    raise ValueError(f"LLM2LOSS_EXECUTOR must be one of {EXECUTORS}, got {name!r}")
+    return celery_executor

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-ARCHITECTURES = ("small_cnn", "resnet18")
+from llm2loss_pipeline.core.blackbox.config import ARCHITECTURES
+from llm2loss_pipeline.core.choices import one_of
+
 IMAGE_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGE_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -102,14 +104,12 @@ def build_model(
         raise ValueError(f"num_classes must be at least 2 for a classifier, got {num_classes}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
-    if arch == "small_cnn":
+    if one_of("arch", arch, ARCHITECTURES) == "small_cnn":
         backbone: nn.Module = SmallCNN(num_classes, width=width)
-    elif arch == "resnet18":
+    else:
         from torchvision.models import resnet18
 
         backbone = resnet18(weights=None, num_classes=num_classes)
-    else:
-        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     return ImageClassifier(backbone, mean, std)
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llm2loss_pipeline.core.choices import one_of
 
 ENTRY_POINT_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
-Source = Literal["builtin", "entry_point", "torchscript", "loss_table"]
-Arch = Literal["small_cnn", "resnet18"]
-TaskLoss = Literal["cross_entropy", "nll"]
+SOURCES = ("builtin", "entry_point", "torchscript", "loss_table")
+ARCHITECTURES = ("small_cnn", "resnet18")
+TASK_LOSS_NAMES = ("cross_entropy", "nll")
+NONFINITE_ACTIONS = ("error", "drop")
 
 
 class BlackBoxConfig(BaseModel):
@@ -31,10 +33,10 @@ class BlackBoxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Source = Field("builtin", description="builtin, entry_point, torchscript or loss_table")
+    source: str = Field("builtin", description="builtin, entry_point, torchscript or loss_table")
 
     # the built-in classifier
-    arch: Arch = Field("small_cnn", description="small_cnn (CPU, generated world) or resnet18")
+    arch: str = Field("small_cnn", description="small_cnn (CPU, generated world) or resnet18")
     image_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
     epochs: int = Field(16, ge=1, le=1000)
     lr: float = Field(4e-3, gt=0.0, le=10.0, description="peak learning rate (AdamW, one-cycle)")
@@ -64,10 +66,21 @@ class BlackBoxConfig(BaseModel):
     # a ready loss table
     loss_table_path: str | None = Field(None, description="Parquet or CSV: sample_id, loss, ...")
 
-    loss: TaskLoss = Field("cross_entropy", description="the per-sample task loss")
-    nonfinite: Literal["error", "drop"] = Field(
+    loss: str = Field("cross_entropy", description="the per-sample task loss")
+    nonfinite: str = Field(
         "error", description="error, or drop samples whose loss is NaN/inf (and report them)"
     )
+
+    @field_validator("source", "arch", "loss", "nonfinite")
+    @classmethod
+    def _choice(cls, value: str, info) -> str:
+        allowed = {
+            "source": SOURCES,
+            "arch": ARCHITECTURES,
+            "loss": TASK_LOSS_NAMES,
+            "nonfinite": NONFINITE_ACTIONS,
+        }[info.field_name]
+        return one_of(info.field_name, value, allowed)
 
     @model_validator(mode="after")
     def _source_has_its_inputs(self) -> BlackBoxConfig:

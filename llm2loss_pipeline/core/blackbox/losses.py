@@ -27,8 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from llm2loss_pipeline.core.blackbox.checkpoint import LoadedModel, Preprocess
+from llm2loss_pipeline.core.blackbox.config import NONFINITE_ACTIONS, TASK_LOSS_NAMES
 from llm2loss_pipeline.core.blackbox.train import Progress, cpu_threads
 from llm2loss_pipeline.core.blackbox.user_model import prepared_for_inference
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.device import DeviceSpec
 
 LOSS_SCHEMA: dict[str, pl.DataType] = {
@@ -118,10 +120,8 @@ def compute_losses(
         model = model_or_loaded
     if preprocess is None:
         raise ValueError("compute_losses needs a preprocess (PIL image -> tensor) for a bare model")
-    if loss not in TASK_LOSSES:
-        raise ValueError(f"loss must be one of {sorted(TASK_LOSSES)}, got {loss!r}")
-    if nonfinite not in ("error", "drop"):
-        raise ValueError(f"nonfinite must be 'error' or 'drop', got {nonfinite!r}")
+    one_of("loss", loss, TASK_LOSS_NAMES)
+    one_of("nonfinite", nonfinite, NONFINITE_ACTIONS)
     targets_all = np.asarray(labels, dtype=np.int64)
     if not (len(items) == len(targets_all) == len(splits)):
         raise ValueError(

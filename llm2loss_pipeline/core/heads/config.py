@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+from llm2loss_pipeline.core.attributes import check_split
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.members import ARCHS, KINDS
 
@@ -115,9 +115,7 @@ class HeadsConfig(BaseModel):
     @field_validator("train_split", "eval_split")
     @classmethod
     def _split(cls, value: str, info) -> str:
-        if value not in SPLIT_NAMES:
-            raise ValueError(f"{info.field_name} must be one of {list(SPLIT_NAMES)}, got {value!r}")
-        return value
+        return check_split(info.field_name, value)
 
     @model_validator(mode="after")
     def _distinct_splits(self) -> HeadsConfig:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.heads.config import GAP_MODES
 
 _EPS = 1e-12
@@ -51,10 +52,7 @@ class ModalityGap:
     mode: str = "center"
 
     def __post_init__(self) -> None:
-        if self.mode not in GAP_MODES:
-            raise ValueError(
-                f"modality gap mode must be one of {list(GAP_MODES)}, got {self.mode!r}"
-            )
+        one_of("modality gap mode", self.mode, GAP_MODES)
         if self.image_mean.shape != self.text_mean.shape or self.image_mean.ndim != 1:
             raise ValueError(
                 f"image_mean {self.image_mean.shape} and text_mean {self.text_mean.shape} "

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.heads.config import TARGET_SCALINGS
 
 N_QUANTILES = 513
@@ -117,8 +118,7 @@ class TargetScaler:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"target scaling record is malformed ({exc!r}): {data!r}") from exc
-        if kind not in TARGET_SCALINGS:
-            raise ValueError(f"target scaling kind {kind!r} is not one of {list(TARGET_SCALINGS)}")
+        one_of("target scaling kind", kind, TARGET_SCALINGS)
         if kind == "rank" and len(scaler.quantiles) < 2:
             raise ValueError("rank target scaling record has no quantiles")
         return scaler
@@ -136,8 +136,7 @@ def fit_transform(losses: Any, kind: str) -> tuple[TargetScaler, np.ndarray]:
     For `rank` the training targets use exact average ranks (ties share a rank), not the quantile
     grid, so a training set's ordering is kept exactly.
     """
-    if kind not in TARGET_SCALINGS:
-        raise ValueError(f"target_scaling must be one of {list(TARGET_SCALINGS)}, got {kind!r}")
+    one_of("target_scaling", kind, TARGET_SCALINGS)
     array = check_losses(losses)
     if array.size < 2:
         raise ValueError(

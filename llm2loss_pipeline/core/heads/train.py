@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.heads.config import ARCHS, KINDS, HeadsConfig
 from llm2loss_pipeline.core.heads.ensemble import (
     HeadEnsemble,
@@ -158,10 +159,8 @@ def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
 
 def _check_members(members: list[MemberInfo]) -> None:
     for member in members:
-        if member.kind not in KINDS or member.arch not in ARCHS:
-            raise ValueError(
-                f"member {member}: kind must be one of {list(KINDS)} and arch one of {list(ARCHS)}"
-            )
+        one_of(f"member {member}: kind", member.kind, KINDS)
+        one_of(f"member {member}: arch", member.arch, ARCHS)
 
 
 def train_ensemble(
