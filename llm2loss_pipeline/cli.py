@@ -123,19 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str | None, home: str | None, *, check: bool = False):
-    """The validated configuration, its notices printed; with `check`, also everything a run
-    can check before it starts (paths, CUDA devices, the user's model: core.config.preflight)."""
-    from llm2loss_pipeline.core.config import ConfigError, load_config, preflight
+def _load_config(path: str | None, home: str | None):
+    """The validated configuration, its notices printed. What a run can check before it starts
+    (paths, CUDA devices, the user's model: core.preflight.preflight) is left to the command."""
+    from llm2loss_pipeline.core.config import ConfigError, load_config
 
     notices: list[str] = []
     try:
         config = load_config(path, notices)
         for line in notices:
             print(f"llm2loss: note: {line}", file=sys.stderr)
-        if home:
-            config = config.model_copy(update={"home": home})
-        return preflight(config, path or "<embedded default>") if check else config
+        return config.model_copy(update={"home": home}) if home else config
     except ConfigError as exc:
         raise SystemExit(_fail(str(exc))) from None
 
@@ -146,7 +144,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llm2loss_pipeline.core.storage import StorageError
     from llm2loss_pipeline.defs.runner import STAGES, StageFailed, run_pipeline
 
-    config = _load_config(args.config, args.home, check=True)
+    config = _load_config(args.config, args.home)  # run_pipeline runs the preflight
     console = Console(stderr=True, log_path=False)
     started = time.monotonic()
     status = console.status("starting", spinner="dots")
@@ -169,6 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 shards=args.shard,
                 on_message=on_message,
                 on_stage=on_stage,
+                source=args.config or "<embedded default>",
             )
     except (StageFailed, StorageError, ValueError) as exc:
         return _fail(str(exc))
@@ -245,7 +244,8 @@ def _cmd_generate_world(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from llm2loss_pipeline.core.config import ConfigError, preflight
+    from llm2loss_pipeline.core.config import ConfigError
+    from llm2loss_pipeline.core.preflight import preflight
 
     config = _load_config(args.config, None)
     try:  # checked before the dump: a bad configuration prints only its error (issue 21)

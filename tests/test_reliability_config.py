@@ -19,7 +19,8 @@ from torch import nn
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.blackbox.user_model import UserModelError, load_entry_point
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_attribute_file, read_celeba
-from llm2loss_pipeline.core.config import ConfigError, load_config, preflight, validate_config
+from llm2loss_pipeline.core.config import ConfigError, load_config, validate_config
+from llm2loss_pipeline.core.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -57,6 +58,12 @@ def unseeded() -> nn.Module:
 def seeded() -> nn.Module:
     torch.manual_seed(0)
     return unseeded()
+
+
+def seeded_20() -> nn.Module:
+    """One output per identity of the tiny world's train split (20): fits the default map."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 20))
 
 
 # ---- silent wrong results 1: a path key without `source:` -------------------------------------
@@ -223,7 +230,7 @@ def test_an_unseeded_entry_point_is_named_not_deterministic(tmp_path):
     assert done.returncode == 2
     assert f"entry point '{HERE}:unseeded' is not deterministic" in done.stderr
     assert "rematerialize" not in done.stderr
-    config = load_config(_entry_point_config(tmp_path, "seeded"))
+    config = load_config(_entry_point_config(tmp_path, "seeded_20"))
     assert preflight(config) is config
 
 

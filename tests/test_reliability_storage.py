@@ -207,7 +207,9 @@ def test_the_pixel_cap_is_one_setting_and_skip_skips(tmp_path: Path, monkeypatch
     with pytest.raises(images.ImageDecodeError, match=r"bomb\.jpg: 20000x20000 .*\(sample b\)"):
         failing[1]
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "many")
-    with pytest.raises(ValueError, match="LLM2LOSS_MAX_IMAGE_PIXELS='many' is not a whole"):
+    with pytest.raises(
+        ValueError, match="LLM2LOSS_MAX_IMAGE_PIXELS='many' must be a whole number of pixels"
+    ):
         images.load_image(png)
 
 

@@ -477,68 +477,6 @@ def check_paths(config: PipelineConfig, source: str = "<config>") -> PipelineCon
     return config
 
 
-def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfig:
-    """`config` if a run can start with it: its paths exist, its CUDA devices are here, and the
-    user's model (entry point or TorchScript) loads, runs on a probe image and, for an entry
-    point, returns the same weights twice. Else one ConfigError naming the file and the key.
-
-    A run otherwise meets these only when the step that needs them starts, after the data
-    preparation and encoder training before it."""
-    check_paths(config, source)
-    problems = device_problems(config)
-    if problems:
-        raise ConfigError("\n".join([f"{source}: devices that cannot be used", *problems]))
-    _check_file_splits(config, source)
-    if config.black_box.source in ("entry_point", "torchscript"):
-        _check_user_model(config, source)
-    return config
-
-
-def _check_user_model(config: PipelineConfig, source: str) -> None:
-    from llm2loss_pipeline.core.blackbox.labels import (
-        LabelMapError,
-        num_outputs_needed,
-        read_label_map,
-    )
-    from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
-
-    black_box = config.black_box
-    try:
-        needed = (
-            num_outputs_needed(read_label_map(black_box.label_map_path))
-            if black_box.label_map_path
-            else None
-        )
-        check_user_model(black_box, config.devices.black_box.torch_device(), needed)
-    except (UserModelError, LabelMapError) as exc:
-        raise ConfigError(f"{source}: black_box: {exc}") from None
-
-
-def _check_file_splits(config: PipelineConfig, source: str) -> None:
-    """With `split_mode: file`, every split the file names must hold images: the black box trains
-    on train, the encoder is evaluated on valid and the report measures on test, and an empty
-    one failed only after training ("retrieval_accuracy needs at least one image")."""
-    dataset = config.dataset
-    if dataset.source != "celeba" or dataset.split_mode != "file" or not dataset.celeba_root:
-        return
-    from llm2loss_pipeline.core.attributes import SPLIT_NAMES
-    from llm2loss_pipeline.core.celeba import PARTITION_FILE, CelebaFormatError, read_partition_file
-
-    path = Path(dataset.celeba_root) / PARTITION_FILE
-    try:
-        present = set(read_partition_file(path)["split"].unique().to_list())
-    except CelebaFormatError as exc:
-        raise ConfigError(f"{source}: dataset.celeba_root: {exc}") from None
-    empty = [name for name in SPLIT_NAMES if name not in present]
-    if empty:
-        codes = ", ".join(f"{SPLIT_NAMES.index(name)} ({name})" for name in empty)
-        raise ConfigError(
-            f"{source}: dataset.split_mode is file, but {path} has no rows with code {codes}; "
-            "every split needs images (train fits the models, valid evaluates the encoder, "
-            "test is measured): add them, or set split_mode: within_identity"
-        )
-
-
 MAX_QUOTED = 200
 """Characters of a value quoted in one error line: a 30 MB value must not flood a terminal."""
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from llm2loss_pipeline.core.env import MAX_IMAGE_PIXELS
+
 try:  # torch is only needed for the Dataset; the loaders work without it
     import torch
     from torch.utils.data import Dataset
@@ -29,8 +31,8 @@ except ImportError:  # pragma: no cover - torch is a dependency of the package
 PathLike = str | os.PathLike[str]
 _TRUNCATION_FLAG = threading.Lock()
 
-MAX_PIXELS_ENV = "LLM2LOSS_MAX_IMAGE_PIXELS"
-DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MAX_PIXELS_ENV = MAX_IMAGE_PIXELS.name
+DEFAULT_MAX_IMAGE_PIXELS = int(MAX_IMAGE_PIXELS.default)
 """The one cap on width x height of any image this module decodes (64 Mpx, 192 MB as RGB).
 
 A small file can declare a huge canvas (a 20000x20000 JPEG of a few kB decodes to 1.2 GB), so
@@ -41,16 +43,7 @@ fast JPEG decoder included). `$LLM2LOSS_MAX_IMAGE_PIXELS` raises or lowers it; P
 
 def max_image_pixels() -> int:
     """The pixel cap: `$LLM2LOSS_MAX_IMAGE_PIXELS` if set, else `DEFAULT_MAX_IMAGE_PIXELS`."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_IMAGE_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} is not a whole number of pixels") from None
-    if value < 1:
-        raise ValueError(f"${MAX_PIXELS_ENV}={raw!r} must be at least 1")
-    return value
+    return MAX_IMAGE_PIXELS.read_int()
 
 
 class ImageDecodeError(ValueError):

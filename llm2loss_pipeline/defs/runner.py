@@ -20,8 +20,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm2loss_pipeline.core.config import PipelineConfig, check_paths
+from llm2loss_pipeline.core.config import PipelineConfig
+from llm2loss_pipeline.core.env import SLOT_WAIT_S
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.preflight import preflight
 from llm2loss_pipeline.core.storage import (
     _alive,
     _host,
@@ -30,6 +32,7 @@ from llm2loss_pipeline.core.storage import (
     resolve_home,
     write_text_atomic,
 )
+from llm2loss_pipeline.defs.preflight import PASSED, PREFLIGHT_TAG
 
 STAGES = ("prepare", "signals", "diagnose")
 _SHOWN_EVENTS = {
@@ -60,8 +63,8 @@ class StageFailed(RuntimeError):
 
 RUN_PID_TAG = "llm2loss/pid"
 RUN_HOST_TAG = "llm2loss/host"
-SLOT_WAIT_ENV = "LLM2LOSS_SLOT_WAIT_S"
-DEFAULT_SLOT_WAIT_S = 3600.0
+SLOT_WAIT_ENV = SLOT_WAIT_S.name
+DEFAULT_SLOT_WAIT_S = SLOT_WAIT_S.default
 """How long a step may wait for a slot of a concurrency pool (e.g. `gpu`) before the run gives
 up with a message naming the pool and the runs holding it; `$LLM2LOSS_SLOT_WAIT_S` sets it."""
 _LIVE_STATUSES = [
@@ -82,16 +85,7 @@ def slot_wait_limit(value: float | None = None) -> float:
     """`value`, else `$LLM2LOSS_SLOT_WAIT_S`, else `DEFAULT_SLOT_WAIT_S` (seconds, > 0)."""
     if value is not None:
         return float(value)
-    raw = os.environ.get(SLOT_WAIT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SLOT_WAIT_S
-    try:
-        limit = float(raw)
-    except ValueError:
-        raise ValueError(f"${SLOT_WAIT_ENV}={raw!r} is not a number of seconds") from None
-    if not limit > 0:
-        raise ValueError(f"${SLOT_WAIT_ENV}={raw!r} must be more than 0 seconds")
-    return limit
+    return SLOT_WAIT_S.read()
 
 
 def use_dagster_home(layout: Layout) -> str:
@@ -115,8 +109,12 @@ def run_pipeline(
     on_message: Callable[[str], None] | None = None,
     on_stage: Callable[[str, str | None, int, int], None] | None = None,
     slot_wait_s: float | None = None,
+    source: str = "<config>",
 ) -> PipelineRun:
     """Run the stages in order; `shards` limits the signals stage (default: all shards).
+
+    First `config` passes core.preflight.preflight (`source` names it in errors), before anything
+    is written; its runs are tagged as checked, so their assets do not check again.
 
     The run owns its home for its whole duration (`storage.home_lock`): a second run on the
     same home fails at once with the first one's pid and config instead of mixing artifacts.
@@ -126,8 +124,9 @@ def run_pipeline(
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-    # Before any step: a wrong data or model path fails now, naming its key, not minutes later.
-    check_paths(config)
+    # Before any step: a wrong path, device or user model fails now, naming its key, not after
+    # the steps before the one that needs it.
+    preflight(config, source)
     layout = Layout(resolve_home(config.home))
     ensure_writable_dir(layout.home)
     wait_limit = slot_wait_limit(slot_wait_s)
@@ -198,7 +197,7 @@ def _execute(
     started = time.monotonic()
     run_id = str(uuid.uuid4())  # known before the run starts, so the watch can find it
     # The pid and host let a later run tell that this one's process is gone (reconcile_dead_runs).
-    tags = {RUN_PID_TAG: str(os.getpid()), RUN_HOST_TAG: _host()}
+    tags = {RUN_PID_TAG: str(os.getpid()), RUN_HOST_TAG: _host(), PREFLIGHT_TAG: PASSED}
     try:
         with watch.watching(run_id):
             outcome = job.execute_in_process(

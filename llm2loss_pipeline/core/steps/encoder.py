@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import polars as pl
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.env import CPU_THREADS
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, Layout
 from llm2loss_pipeline.core.steps.tables import (
     fail_on_bad_images,
@@ -76,7 +76,7 @@ def fit_encoder(
         return _fit_encoder(layout, config, device, progress, on_bad_image)
 
 
-CPU_THREADS_ENV = "LLM2LOSS_CPU_THREADS"
+CPU_THREADS_ENV = CPU_THREADS.name
 
 
 def pinned_cpu_threads(device: DeviceSpec) -> Any:
@@ -98,10 +98,7 @@ def pinned_cpu_threads(device: DeviceSpec) -> Any:
 
 def fixed_cpu_threads() -> int:
     """`$LLM2LOSS_CPU_THREADS` (a whole number >= 1), default 1."""
-    raw = os.environ.get(CPU_THREADS_ENV, "").strip() or "1"
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"${CPU_THREADS_ENV}={raw!r} must be a whole number of threads >= 1")
-    return int(raw)
+    return CPU_THREADS.read_int()
 
 
 def _fit_encoder(

@@ -6,6 +6,7 @@ import dagster as dg
 from llm2loss_pipeline.core.steps import data as steps
 from llm2loss_pipeline.defs.metadata import markdown_table, table_metadata
 from llm2loss_pipeline.defs.partitions import sync_shard_partitions
+from llm2loss_pipeline.defs.preflight import SETTINGS_KEYS, preflight_once
 from llm2loss_pipeline.defs.progress import progress_logger
 from llm2loss_pipeline.defs.resources import DatasetResource, StorageResource, WorldResource
 
@@ -17,21 +18,22 @@ OWNERS = ["team:ml-diagnostics"]
     kinds={"parquet", "python"},
     owners=OWNERS,
     code_version="manifest-v1",
+    required_resource_keys=SETTINGS_KEYS,
     description=(
         "Every sample: id, image path, split, identity and shard. Generates the offline face world "
         "when dataset.source is 'generated', else reads a CelebA root. Registers the shard "
         "partitions of the per-sample assets."
     ),
 )
-def dataset_manifest(
-    context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    dataset: DatasetResource,
-    world: WorldResource,
-) -> dg.MaterializeResult:
-    layout = storage.layout()
+def dataset_manifest(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    preflight_once(context)  # the graph's first asset: check the configuration before any work
+    resources = context.resources
+    layout = resources.storage.layout()
     result = steps.prepare_dataset(
-        layout, dataset.spec(), world.spec(), progress=progress_logger(context, "world images")
+        layout,
+        resources.dataset.spec(),
+        resources.world.spec(),
+        progress=progress_logger(context, "world images"),
     )
     for line in result.removed_shards:
         context.log.info(line)

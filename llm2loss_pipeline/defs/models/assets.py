@@ -8,14 +8,8 @@ from llm2loss_pipeline.core.steps import encoder as encoder_steps
 from llm2loss_pipeline.defs.data.assets import OWNERS, celeba_attributes, dataset_manifest
 from llm2loss_pipeline.defs.metadata import float_metadata, markdown_table, png_markdown
 from llm2loss_pipeline.defs.placement import GPU_OP_TAGS, GPU_POOL
+from llm2loss_pipeline.defs.preflight import SETTINGS_KEYS, preflight_once
 from llm2loss_pipeline.defs.progress import progress_logger
-from llm2loss_pipeline.defs.resources import (
-    BlackBoxResource,
-    DatasetResource,
-    DeviceResource,
-    EncoderResource,
-    StorageResource,
-)
 
 
 @dg.asset(
@@ -26,25 +20,22 @@ from llm2loss_pipeline.defs.resources import (
     code_version="black-box-v1",
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
+    required_resource_keys=SETTINGS_KEYS,
     description=(
         "The model f under diagnosis: the built-in identity classifier trained on the train split, "
         "the user's own model (entry point or TorchScript), or a ready loss table. Saved as "
         "safetensors with a JSON sidecar (architecture, label map, sha256, curves)."
     ),
 )
-def black_box_model(
-    context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    dataset: DatasetResource,
-    black_box: BlackBoxResource,
-    black_box_device: DeviceResource,
-) -> dg.MaterializeResult:
+def black_box_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    preflight_once(context)  # a run may start here (the manifest is already materialized)
+    resources = context.resources
     result = black_box_steps.fit_black_box(
-        storage.layout(),
-        black_box.spec(),
-        black_box_device.spec(),
+        resources.storage.layout(),
+        resources.black_box.spec(),
+        resources.black_box_device.spec(),
         progress=progress_logger(context, "black box training"),
-        on_bad_image=dataset.spec().on_bad_image,
+        on_bad_image=resources.dataset.spec().on_bad_image,
     )
     metadata = {
         "source": result.source,
@@ -67,25 +58,22 @@ def black_box_model(
     code_version="encoder-v1",
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
+    required_resource_keys=SETTINGS_KEYS,
     description=(
         "The encoder g (image tower) and g~ (text tower): a pretrained open_clip model, or the "
         "offline default whose frozen text tower is all-MiniLM-L6-v2 and whose small image tower "
         "is trained contrastively on attribute captions. Saved as an open_clip-loadable folder."
     ),
 )
-def semantic_encoder(
-    context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    dataset: DatasetResource,
-    encoder: EncoderResource,
-    encoder_device: DeviceResource,
-) -> dg.MaterializeResult:
+def semantic_encoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    preflight_once(context)  # before training: the black box may not have been checked yet
+    resources = context.resources
     result = encoder_steps.fit_encoder(
-        storage.layout(),
-        encoder.spec(),
-        encoder_device.spec(),
+        resources.storage.layout(),
+        resources.encoder.spec(),
+        resources.encoder_device.spec(),
         progress=progress_logger(context, "encoder training"),
-        on_bad_image=dataset.spec().on_bad_image,
+        on_bad_image=resources.dataset.spec().on_bad_image,
     )
     metadata = {
         "mode": result.mode,
