@@ -103,6 +103,36 @@ def test_a_flipped_bit_is_an_error_naming_the_shard_on_both_read_paths(layout: L
         run_sql(connect(), "read_table", tables={"path": shard_glob(layout.shard_dir(TABLE))})
 
 
+def test_a_shard_that_makes_polars_panic_is_an_error_naming_the_file(layout: Layout, monkeypatch):
+    """Issue 23, crashes 4: a malformed shard written before hashes existed made polars panic
+    (a Rust panic, a BaseException) with no file named."""
+    from polars.exceptions import PanicException
+
+    manifest = _manifest(10, 4)
+    _write_all(layout, manifest)
+    shard = layout.shard_table(TABLE, "shard-00001")
+    sidecar_path(shard).unlink()  # an old, unhashed shard: no sha256 to catch the damage first
+    real = pl.read_parquet
+
+    def panicking(path, *args, **kwargs):
+        if Path(path) == shard:
+            raise PanicException("index out of bounds: the len is 3 but the index is 7")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tables.pl, "read_parquet", panicking)
+    with pytest.raises(StorageError) as caught:
+        read_shards(layout, TABLE, manifest)
+    assert str(caught.value).startswith(f"{shard}: polars cannot decode it (index out of bounds")
+    monkeypatch.setattr(tables.pl, "read_parquet", real)
+    data = bytearray(shard.read_bytes())  # and real damage: the footer's first bytes inverted
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    for offset in range(footer, min(footer + 56, len(data) - 8)):
+        data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=r"shard-00001\.parquet: (not a readable|polars cannot)"):
+        read_shards(layout, TABLE, manifest)
+
+
 def test_a_shard_without_a_sidecar_is_read_with_one_warning(layout: Layout, caplog):
     manifest = _manifest(10, 4)
     _write_all(layout, manifest)
