@@ -145,3 +145,14 @@ def test_no_file_in_the_model_registry_runs_code(tmp_path):
     with pytest.raises(UserModelError, match="not a loadable TorchScript archive"):
         load_user_model(BlackBoxConfig.model_validate(settings), 3)
     assert sorted(marker.name for marker in tmp_path.glob("ran-*")) == []
+
+
+def test_the_readme_says_who_may_write_to_the_registry_and_the_home():
+    """Issue 23, security: an entry point is code the configuration names, so whoever may write
+    to the configuration, the home or the registry folder may run code as the pipeline."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("**Who may write where.**")
+    paragraph = readme[start : readme.index("\n\n", start)]
+    for needle in ("torch.jit.load", "`.pt2`", "`LLM2LOSS_HOME`", "`$LLM2LOSS_MODEL_REGISTRY`"):
+        assert needle in paragraph, needle
+    assert "not group- or world-writable" in " ".join(paragraph.split())
