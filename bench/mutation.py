@@ -45,23 +45,49 @@ PACKAGE = "llm2loss_pipeline"
 
 TARGETS: dict[str, list[str]] = {
     "core/stats.py": ["tests/test_pins.py", "tests/test_stats.py", "tests/test_calibration.py"],
-    "core/report/calibration.py": ["tests/test_calibration.py"],
-    "core/report/measured.py": ["tests/test_pins.py", "tests/test_report.py"],
-    "core/report/grounded.py": ["tests/test_report_grounded.py", "tests/test_calibration.py"],
-    "core/report/estimated.py": ["tests/test_report.py", "tests/test_report_grounded.py"],
+    "core/report/calibration.py": ["tests/test_mutation_pins.py", "tests/test_calibration.py"],
+    "core/report/measured.py": [
+        "tests/test_pins.py",
+        "tests/test_mutation_pins.py",
+        "tests/test_report.py",
+    ],
+    "core/report/grounded.py": [
+        "tests/test_mutation_pins.py",
+        "tests/test_report_grounded.py",
+        "tests/test_calibration.py",
+    ],
+    "core/report/estimated.py": [
+        "tests/test_mutation_pins.py",
+        "tests/test_report.py",
+        "tests/test_report_grounded.py",
+    ],
     "core/heads/train.py": [
+        "tests/test_mutation_pins.py",
         "tests/test_uncertainty.py",
         "tests/test_heads.py",
         "tests/test_calibration.py",
     ],
-    "core/heads/compare.py": ["tests/test_compare.py", "tests/test_calibration.py"],
-    "core/celeba.py": ["tests/test_pins.py", "tests/test_celeba_reader.py"],
+    "core/heads/compare.py": [
+        "tests/test_mutation_pins.py",
+        "tests/test_compare.py",
+        "tests/test_calibration.py",
+    ],
+    "core/celeba.py": [
+        "tests/test_pins.py",
+        "tests/test_mutation_pins.py",
+        "tests/test_celeba_reader.py",
+    ],
     "core/storage.py": [
         "tests/test_pins.py",
+        "tests/test_mutation_pins.py",
         "tests/test_reliability_tempfiles.py",
         "tests/test_reliability_storage.py",
     ],
-    "core/discovery/verify.py": ["tests/test_pins.py", "tests/test_discovery_hypotheses.py"],
+    "core/discovery/verify.py": [
+        "tests/test_pins.py",
+        "tests/test_mutation_pins.py",
+        "tests/test_discovery_hypotheses.py",
+    ],
 }
 """target (under the package) -> the test files that guard it, the fastest first (-x stops at the
 first failure, so a killed mutant usually costs only the fast file)."""
