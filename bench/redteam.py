@@ -475,6 +475,26 @@ def _(world: World):
     )
 
 
+@case("thread-count-diagnose", "silent 5")
+def _(world: World):
+    """The heads and the report with 2 threads against the base home's (built with 1): the
+    issue's p-value crossed 0.05 with the core count, so the headline must not move."""
+    home = world.clone("threads-diagnose")
+    threads = {name: "2" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    args = ["run", "--config", str(TINY), "--home", str(home), "--stage", "diagnose", "--quiet"]
+    result = llm2loss(*args, timeout=1800, env=threads)
+    if result.rc != 0 or result.timed_out:
+        return classify(result)
+    one = json.loads((world.ensure_base() / "reports" / "headline.json").read_text())
+    two = json.loads((home / "reports" / "headline.json").read_text())
+    differ = sorted(key for key in one.keys() | two.keys() if one.get(key) != two.get(key))
+    if differ:
+        shown = ", ".join(f"{key} {one.get(key)} vs {two.get(key)}" for key in differ[:3])
+        return "silent wrong result", f"headline differs with 2 threads: {shown}"
+    rho, p = one.get("spearman_abs_overall"), one.get("spearman_abs_overall_p")
+    return "correct", f"headline identical with 1 and 2 threads (Spearman {rho:.3f}, p {p:.2g})"
+
+
 @case("sample-id-path", "silent 6")
 def _(world: World):
     root = world.work / "celeba-escape"
@@ -903,6 +923,106 @@ def _(world: World):
         return "correct", "n/a: this machine has a GPU"
     path = world.tiny_with("cuda.yaml", "devices: {losses: {device: cuda}}")
     return classify(llm2loss("check-config", str(path)), error=r"cuda")
+
+
+@case("dagster-materialize-entry-point", "crash 5 (Dagster)")
+def _(world: World):
+    """The same broken entry point, launched by Dagster itself (as the UI or the daemon would):
+    `dagster asset materialize` of the prepare assets, no `llm2loss run` preflight around it."""
+    env = _entry_point_module(world, "exits", "import sys\ndef build():\n    sys.exit(3)\n")
+    home = world.work / "dagster-exit3"
+    instance = world.work / "dagster-exit3-instance"
+    for folder in (home, instance):
+        shutil.rmtree(folder, ignore_errors=True)
+    instance.mkdir()
+    (instance / "dagster.yaml").write_text("")
+    config = world.tiny_with(
+        "dagster-exit3.yaml",
+        f"home: {home}\nblack_box: {{source: entry_point, entry_point: 'exits:build'}}",
+    )
+    env.update(LLM2LOSS_CONFIG=str(config), DAGSTER_HOME=str(instance))
+    dagster = Path(PYTHON).with_name("dagster")
+    select = "dataset_manifest,celeba_attributes,black_box_model,semantic_encoder"
+    args = [str(dagster), "asset", "materialize", "-m", "llm2loss_pipeline.definitions"]
+    result = run([*args, "--select", select], 900, env=env)
+    verdict = classify(result, error=r"exits:build.*sys\.exit\(3\)")
+    if verdict[0] == "clear error" and (home / "world").exists():
+        return "unclear error", "refused only after the world was drawn: " + verdict[1]
+    return verdict
+
+
+@case("dagster-launchpad-cuda", "crash 5 (Dagster)")
+def _(world: World):
+    """A launchpad edit (run config) asks for a GPU this machine does not have; the run holds
+    only the encoder, whose step must refuse before it trains."""
+    home = world.work / "launchpad-cuda"
+    shutil.rmtree(home, ignore_errors=True)
+    code = f"""
+        import os
+
+        import dagster as dg
+        from llm2loss_pipeline.core.config import load_config
+        from llm2loss_pipeline.defs.build import build_definitions
+
+        config = load_config({str(TINY)!r}).model_copy(update={{"home": {str(home)!r}}})
+        result = build_definitions(config).resolve_job_def("prepare").execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+            asset_selection=[dg.AssetKey("semantic_encoder")],
+            run_config={{"resources": {{"losses_device": {{"config": {{"device": "cuda:15"}}}}}}}},
+        )
+        for event in result.all_events:
+            if event.event_type_value == "STEP_FAILURE":
+                print(event.step_key + ": " + event.step_failure_data.error.message.strip())
+        print("encoder written:", os.path.exists({str(home / "models" / "encoder")!r}))
+        sys.exit(0 if result.success else 2)
+    """
+    result = child(code, timeout=600)
+    verdict = classify(result, error=r"semantic_encoder: .*devices\.losses\.device: cuda:15")
+    if "encoder written: True" in result.text:
+        return "unclear error", "refused only after the encoder had trained: " + verdict[1]
+    return verdict
+
+
+@case("entry-point-output-count", "crash 5 / item 2")
+def _(world: World):
+    """A user model with 5 outputs and no label map: the default map needs one output per train
+    identity (20 in the tiny world). Known only once the manifest existed, before."""
+    env = _entry_point_module(
+        world,
+        "five",
+        """
+        import torch
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+    """,
+    )
+    home = world.work / "five-outputs"
+    shutil.rmtree(home, ignore_errors=True)
+    config = world.tiny_with(
+        "five.yaml", "black_box: {source: entry_point, entry_point: 'five:build'}"
+    )
+    args = ["run", "--config", str(config), "--home", str(home), "--stage", "prepare"]
+    result = llm2loss(*args, timeout=900, env=env)
+    verdict = classify(result, error=r"5 outputs.*20 identities of the train split")
+    if verdict[0] == "clear error" and home.exists():
+        return "unclear error", "refused only after the run had started: " + verdict[1]
+    return verdict
+
+
+@case("env-limit-typo", "crash 5 / item 3")
+def _(world: World):
+    """`$LLM2LOSS_CPU_THREADS=two`: read only by the encoder step, it failed after the world was
+    drawn; the preflight now reads every `$LLM2LOSS_...` limit first."""
+    home = world.work / "env-typo"
+    shutil.rmtree(home, ignore_errors=True)
+    args = ["run", "--config", str(TINY), "--home", str(home), "--stage", "prepare"]
+    result = llm2loss(*args, timeout=900, env={"LLM2LOSS_CPU_THREADS": "two"})
+    verdict = classify(result, error=r"\$LLM2LOSS_CPU_THREADS='two' must be a whole number")
+    if verdict[0] == "clear error" and home.exists():
+        return "unclear error", "refused only after the run had started: " + verdict[1]
+    return verdict
 
 
 @case("flood-long-line", "crash 6")
