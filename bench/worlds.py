@@ -42,6 +42,7 @@ import polars as pl
 import yaml
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.config import load_config
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.report.grounded import covariance_with, standardized_scores
 from llm2loss_pipeline.core.steps.diagnosis import training_frame
@@ -239,6 +240,9 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
         if v
     }
     config = world_config(seed, position, args.tiny, base)
+    if args.default_world:  # the embedded default's own world and plantings, as users see it
+        home = Path(args.out) / "world-default"
+        config = {"world": load_config(None).world.model_dump(mode="json")}
     seconds = run_pipeline(home, config, home / "run.log")
     layout = Layout.at(home)
     world = WorldConfig.model_validate(json.loads(json.dumps(config["world"])))
@@ -354,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="/tmp/llm2loss-worlds")
     parser.add_argument("--json", help="write the per-world results and summary here")
     parser.add_argument("--merge", nargs="+", help="summarise these --json results instead")
+    parser.add_argument(
+        "--default-world",
+        action="store_true",
+        help="the embedded default (`make run`'s world and plantings) in OUT/world-default, "
+        "which may already hold its run",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.merge:  # results of several invocations (e.g. a set run as two parallel halves)
@@ -361,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(w["pipeline_seconds"] for w in worlds)
     else:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SETS[args.set])
+        if args.default_world:
+            seeds = [load_config(None).world.seed]
         worlds = []
         for index, seed in enumerate(seeds):
             worlds.append(one_world(seed, set_position(seed, index), args))

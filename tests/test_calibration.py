@@ -15,6 +15,7 @@ from llm2loss_pipeline.core.report.calibration import (
     Calibration,
     calibrated_claims,
     fit_calibration,
+    per_image_gap_se,
 )
 from llm2loss_pipeline.core.report.grounded import grounded_diffs, in_probe_basis, pool_weights
 from llm2loss_pipeline.core.stats import clustered_mean_gap, replicate_pvalue
@@ -252,3 +253,82 @@ def test_heads_bootstrap_resamples_whole_identities():
     assert not all(np.all(m.reshape(5, 4) == m.reshape(5, 4)[:, :1]) for m in plain)
     with pytest.raises(ValueError, match="one group per sample"):
         _group_index(groups[:5], 20, np.arange(20))
+
+
+def _shared_identities(n_attributes, seed, slope=1.0, tau=0.2, s=0.05, between=0.3, within=0.1):
+    """Estimate, measured gap and population truth on the *same* identities: the identity draw
+    (sd `between`) is in all three; only the measured gap has the image draw (sd `within`)."""
+    rng = np.random.default_rng(seed)
+    people = rng.normal(0, 1, n_attributes)  # the gap on these identities, in estimate units
+    identity_noise = rng.normal(0, between, n_attributes)
+    truth = slope * (people + identity_noise)
+    e = people + identity_noise + rng.normal(0, tau, n_attributes) + rng.normal(0, s, n_attributes)
+    g = truth + slope * rng.normal(0, within, n_attributes)
+    clustered = np.full(n_attributes, slope * math.hypot(between, within))
+    per_image = np.full(n_attributes, slope * within)
+    return e, np.full(n_attributes, s), g, clustered, per_image, truth
+
+
+def test_the_text_error_is_fitted_against_the_noise_on_the_same_identities():
+    e, s, g, clustered, per_image, _ = _shared_identities(4000, seed=3)
+    # subtracting the clustered error takes the shared identity noise out twice: tau vanishes
+    assert fit_calibration("grounded", e, s, g, clustered).text_error < 0.05
+    assert fit_calibration("grounded", e, s, g, per_image).text_error == pytest.approx(
+        0.2, rel=0.15
+    )
+
+
+def test_intervals_cover_the_population_truth_of_the_same_identities():
+    def coverage(per_image_known: bool) -> float:
+        shares = []
+        for seed in range(20):
+            e, s, g, clustered, per_image, truth = _shared_identities(40, seed=seed, between=0.2, within=0.12)
+            frame, _ = calibrated_claims(
+                [f"a{i}" for i in range(40)],
+                "grounded",
+                e,
+                s,
+                g,
+                clustered,
+                0.1,
+                gap_se_images=per_image if per_image_known else None,
+            )
+            low, high = frame["est_gap_low"].to_numpy(), frame["est_gap_high"].to_numpy()
+            shares.append(np.mean((truth >= low) & (truth <= high)))
+        return float(np.mean(shares))
+
+    assert coverage(per_image_known=False) < 0.6  # tau fitted against the clustered error
+    # wider than the same identities need: a claim also covers which people were drawn
+    assert 0.85 <= coverage(per_image_known=True) <= 0.99
+
+
+def test_a_gap_few_identities_carry_needs_more_to_be_claimed():
+    e, s, g, _, per_image, _ = _shared_identities(40, seed=1)
+    e[0], g[0] = 1.5, 1.5  # the same estimate and gap for the first two attributes ...
+    e[1], g[1] = 1.5, 1.5
+    clustered = per_image.copy()
+    clustered[1] = 2.0  # ... but the second's gap rests on a handful of identities
+    frame, _ = calibrated_claims(
+        [f"a{i}" for i in range(40)], "grounded", e, s, g, clustered, 0.1, gap_se_images=per_image
+    )
+    z = frame["est_z"].to_numpy()
+    cal = fit_calibration(
+        "grounded", np.delete(e, 1), np.delete(s, 1), np.delete(g, 1), np.delete(per_image, 1)
+    )
+    identity = math.sqrt(2.0**2 - per_image[1] ** 2) / cal.slope
+    assert z[1] == pytest.approx(1.5 / math.sqrt(s[1] ** 2 + identity**2 + cal.text_error**2))
+    assert z[0] > 2 * z[1]
+    assert frame["claim"][0] == "worse with" and frame["claim"][1] == "cannot tell"
+
+
+def test_per_image_gap_se_is_welch_from_the_measured_table():
+    table = pl.DataFrame(
+        {
+            "loss_var_true": [0.5, 1.0],
+            "n_true": [10, 40],
+            "loss_var_false": [2.0, 1.0],
+            "n_false": [100, 40],
+        }
+    )
+    expected = [math.sqrt(0.5 / 10 + 2.0 / 100), math.sqrt(1.0 / 40 + 1.0 / 40)]
+    assert per_image_gap_se(table) == pytest.approx(expected)

@@ -26,7 +26,12 @@ from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.markdown import markdown_table
 from llm2loss_pipeline.core.members import KINDS, OVERALL, MemberGroup, member_groups
 from llm2loss_pipeline.core.report import correlate, plots
-from llm2loss_pipeline.core.report.calibration import LEVEL, Calibration, calibrated_claims
+from llm2loss_pipeline.core.report.calibration import (
+    LEVEL,
+    Calibration,
+    calibrated_claims,
+    per_image_gap_se,
+)
 from llm2loss_pipeline.core.report.estimated import (
     AurocFn,
     EncodeTexts,
@@ -533,6 +538,7 @@ def assemble_report(
         measured.table["gap_loss"].to_numpy(),
         measured.table["gap_loss_se"].to_numpy(),
         alpha,
+        gap_se_images=per_image_gap_se(measured.table),
     )
     table = _attribute_table(measured.table, attribute_estimates, zero_shot, claims)
     pair_table = _calibrated_pairs(pair_table, pair_estimates, calibration, alpha)
