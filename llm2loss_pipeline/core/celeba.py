@@ -311,6 +311,7 @@ def read_celeba(root: Path, check_images: bool = False) -> CelebaTables:
 
 def check_image_files(tables: CelebaTables, workers: int = 4) -> None:
     """Raise naming every listed image that is missing, empty or not decodable."""
+    # lazy: core.images imports torch (+940 modules, 3 s), which reading CelebA's lists never needs
     from llm2loss_pipeline.core.images import scan_images
 
     folder = tables.image_dir

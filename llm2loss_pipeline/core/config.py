@@ -34,6 +34,7 @@ from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.heads.config import HeadsConfig
+from llm2loss_pipeline.core.report.grounded import ESTIMATORS
 from llm2loss_pipeline.core.world.config import WorldConfig
 
 DEFAULT_PLANTED_FAILURES = {"Gray_Hair": 0.9, "Goatee": 0.9}
@@ -128,8 +129,6 @@ class ReportConfig(_Strict):
     @field_validator("estimator")
     @classmethod
     def _estimator(cls, value: str) -> str:
-        from llm2loss_pipeline.core.report.grounded import ESTIMATORS
-
         return one_of("estimator", value, ESTIMATORS)
 
     @field_validator("eval_split")
@@ -360,7 +359,7 @@ def device_problems(config: PipelineConfig) -> list[str]:
     }
     if not asked:
         return []
-    import torch  # only when a GPU is named: importing torch costs seconds
+    import torch  # lazy: only when a GPU is named; torch costs check-config 2 s
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     problems = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llm2loss_pipeline.core.choices import one_of
 
@@ -41,6 +41,7 @@ class DeviceSpec(BaseModel):
         return one_of("device", value, DEVICES, family=("cuda:N", is_cuda_index))
 
     def torch_device(self):
+        # lazy: torch (+930 modules, 2 s); `compare` imports this module and needs no torch
         import torch
 
         if self.device == "auto":
@@ -54,6 +55,7 @@ class DeviceSpec(BaseModel):
 
     def autocast(self, device) -> contextlib.AbstractContextManager:
         """Mixed precision for inference/training where asked; a no-op for fp32."""
+        # lazy: torch (+930 modules, 2 s); `compare` imports this module and needs no torch
         import torch
 
         if self.precision == "fp32":
@@ -77,7 +79,6 @@ class DeviceSpec(BaseModel):
 def resolve_device(name: str) -> str:
     """The torch device a user's `--device` / `device=` names ("auto" resolved), or one line of
     ValueError saying why it cannot be used here."""
-    from pydantic import ValidationError
 
     try:
         return str(DeviceSpec(device=name).torch_device())
@@ -96,6 +97,7 @@ def is_cuda_index(device: str) -> bool:
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seed torch and make CPU kernels deterministic for the duration of a training run."""
+    # lazy: torch (+930 modules, 2 s); `compare` imports this module and needs no torch
     import torch
 
     previous = torch.are_deterministic_algorithms_enabled()

@@ -21,6 +21,11 @@ from pathlib import Path
 import polars as pl
 
 from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+from llm2loss_pipeline.core.blackbox.labels import (
+    LabelMapError,
+    num_outputs_needed,
+    read_label_map,
+)
 from llm2loss_pipeline.core.celeba import (
     IDENTITY_FILE,
     PARTITION_FILE,
@@ -36,6 +41,7 @@ from llm2loss_pipeline.core.config import (
     device_problems,
 )
 from llm2loss_pipeline.core.env import env_problems
+from llm2loss_pipeline.core.world import plan_world
 from llm2loss_pipeline.core.world.config import WorldConfig
 
 
@@ -62,11 +68,7 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
 
 
 def _check_user_model(config: PipelineConfig, source: str) -> None:
-    from llm2loss_pipeline.core.blackbox.labels import (
-        LabelMapError,
-        num_outputs_needed,
-        read_label_map,
-    )
+    # lazy: torch (+920 modules, 2.9 s), only for a user's own model
     from llm2loss_pipeline.core.blackbox.user_model import UserModelError, check_user_model
 
     black_box = config.black_box
@@ -115,12 +117,10 @@ def _check_file_splits(config: PipelineConfig, source: str) -> None:
 def train_identities(dataset: DatasetConfig, world: WorldConfig) -> list[int]:
     """The distinct identities of the train split, sorted, as `dataset_manifest` will split them
     (the CelebA files or the generated world's plan, then `dataset.split_mode`)."""
-    # Lazy: the data step imports the world generator, which a config check rarely needs.
+    # lazy: the data step imports torch (+920 modules, 3 s), which a config check rarely needs
     from llm2loss_pipeline.core.steps.data import apply_split_mode
 
     if dataset.source == "generated":
-        from llm2loss_pipeline.core.world import plan_world
-
         plan = plan_world(world)
         frame = pl.DataFrame(
             {

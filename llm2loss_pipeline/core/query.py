@@ -13,14 +13,23 @@ uncertainty (paper, Figure 2).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
+from llm2loss_pipeline.core.device import resolve_device
+from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.heads.compare import (
     OVERALL,
     Comparison,
@@ -34,6 +43,7 @@ from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.members import MemberInfo
 from llm2loss_pipeline.core.prompts import shows_nothing
 from llm2loss_pipeline.core.report.calibration import Calibration
+from llm2loss_pipeline.core.report.grounded import grounded_diffs, pool_weights, probe_basis
 from llm2loss_pipeline.core.storage import StorageError, existing_dir, sha256_bytes
 
 if TYPE_CHECKING:  # torch: imported only when a text must be scored by the heads themselves
@@ -57,8 +67,6 @@ SNAPSHOT_FORMAT = "llm2loss-query-snapshot/1"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -94,6 +102,7 @@ class NotMaterializedError(StorageError):
 def _load_heads(heads_dir: Path, identity: tuple[str, int], build: Callable[..., Any]) -> Any:
     """`build(ensemble, gap, index record)` of the heads, checked against the encoder's
     (sha256, dim): HeadMismatchError for another encoder, StorageError if damaged."""
+    # lazy: torch, +930 modules and 2.0 s that a question answered from the snapshot never needs
     from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
 
     return build(
@@ -103,6 +112,7 @@ def _load_heads(heads_dir: Path, identity: tuple[str, int], build: Callable[...,
 
 def default_encoder_loader(encoder_dir: Path, device: str) -> Any:
     """The pipeline's encoder (`core.encoder.load_encoder`), imported only when a query needs it."""
+    # lazy: torch, +930 modules and 2.8 s of `llm2loss compare`'s cold start on known texts
     from llm2loss_pipeline.core.encoder import load_encoder
 
     return load_encoder(encoder_dir, device)
@@ -112,8 +122,6 @@ def _encoder_identity(encoder_dir: Path) -> tuple[str, int] | None:
     """(weights sha256, embed_dim) from the encoder's sidecar, or None where it has none (then
     the encoder is loaded at once, as before)."""
     try:
-        import json
-
         sidecar = json.loads((encoder_dir / ENCODER_SIDECAR).read_text(encoding="utf-8"))
         sha256, dim = sidecar["sha256"], sidecar["embed_dim"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -139,10 +147,6 @@ class TextIndex:
         if self.rows is None:
             self.rows = {}
             try:
-                import json
-
-                from safetensors import SafetensorError, safe_open
-
                 with safe_open(str(self.path), framework="numpy") as handle:
                     meta = handle.metadata() or {}
                     if meta.get("encoder_sha256") == self.sha256:
@@ -160,9 +164,6 @@ class TextIndex:
 
     def add(self, texts: Sequence[str], embeddings: np.ndarray) -> None:
         """Remember new texts, and rewrite the file atomically (a reader never sees half)."""
-        import json
-
-        from safetensors.numpy import save
 
         rows = self._read()
         rows.update(zip(texts, np.asarray(embeddings, dtype=np.float32), strict=True))
@@ -171,7 +172,7 @@ class TextIndex:
         names = list(rows)
         matrix = np.stack([rows[t] for t in names]) if names else np.zeros((0, self.dim))
         meta = {"encoder_sha256": self.sha256, "texts": json.dumps(names, ensure_ascii=False)}
-        data = save({"embeddings": np.ascontiguousarray(matrix, np.float32)}, metadata=meta)
+        data = save_arrays({"embeddings": np.ascontiguousarray(matrix, np.float32)}, metadata=meta)
         try:  # a read-only home still answers; it only stays slow
             self.path.parent.mkdir(parents=True, exist_ok=True)
             staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -193,8 +194,6 @@ class LazyTextEncoder:
         return f"encoder {self.sha256[:12]} ({state})"
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        import warnings
-
         texts = list(texts)
         known = self.index.lookup(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in known))
@@ -256,7 +255,6 @@ class LazyEnsemble:
 def snapshot_key(layout: Layout, heads_dir: Path, encoder_sha256: str) -> str:
     """What a query snapshot depends on: the encoder, the heads' index, and every file of the
     heads and every table the grounding pool is read from (name, size, modification time)."""
-    import hashlib
 
     digest = hashlib.sha256(f"{SNAPSHOT_FORMAT}\0{encoder_sha256}\n".encode())
     # the heads' index lists the sha256 of every member file: new heads, a new key, whatever
@@ -273,9 +271,6 @@ def snapshot_key(layout: Layout, heads_dir: Path, encoder_sha256: str) -> str:
 def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
     """Save what a grounded question reads (members, modality gap, index record, grounding
     pool) so that the next process answers without torch; the older snapshots go."""
-    import json
-
-    from safetensors.numpy import save
 
     features, scores, weights = diagnoser.grounding_pool()
     meta = {k: v for k, v in diagnoser.meta.items() if k not in ("home", "encoder")}
@@ -293,7 +288,7 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
         "pool_scores": scores,
         "pool_weights": weights,
     }
-    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=header)
+    data = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=header)
     try:  # a read-only home still answers; the next process only stays slower
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -309,9 +304,6 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
 def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict, tuple] | None:
     """(members, embedding_dim, gap, index record, pool) of a snapshot, or None where there is
     none or it cannot be read (then the heads load as before, and write a new one)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         return None
@@ -398,8 +390,6 @@ class Diagnoser:
         trained on another encoder than the one saved now, StorageError when files are damaged.
         """
         if str(device) != "cpu":  # resolving imports torch; "cpu" is already a torch device
-            from llm2loss_pipeline.core.device import resolve_device
-
             device = resolve_device(str(device))  # "auto", torch.device objects, a clear error
         device = str(device)
         layout = Layout.at(home)
@@ -563,7 +553,6 @@ class Diagnoser:
     def _grounded_diffs(self, directions: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
         """[members, q] grounded estimates of text directions [q, d], and per direction the
         share the report's probes span (None without the report's probes)."""
-        from llm2loss_pipeline.core.report.grounded import grounded_diffs, probe_basis
 
         explained: list[float | None] = [None] * len(directions)
         probes = self.probes()
@@ -619,7 +608,6 @@ class Diagnoser:
                 raise StorageError(
                     f"{weights}: its sha256 does not match {calibration}; rebuild the report"
                 )
-            from safetensors.numpy import load as load_arrays
 
             arrays = load_arrays(data)
             if arrays["directions"].shape[1] != self.ensemble.embedding_dim:
@@ -630,7 +618,6 @@ class Diagnoser:
     def use_pool(self, embeddings: np.ndarray, groups: np.ndarray | None = None) -> None:
         """Ground comparisons on these image embeddings [n, d] instead of the home's images;
         `groups` (an identity per image) makes the bootstrap resample whole identities."""
-        from llm2loss_pipeline.core.report.grounded import pool_weights
 
         features = self.image_features(embeddings)
         if len(features) < 2:
@@ -643,6 +630,7 @@ class Diagnoser:
         """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
         heads' evaluation split, read once from the home this diagnoser was loaded from."""
         if self._pool is None:
+            # lazy: the steps import torch (+950 modules, 2.6 s); a snapshot brings its own pool
             from llm2loss_pipeline.core.steps.diagnosis import training_frame
             from llm2loss_pipeline.core.steps.tables import read_manifest, split_rows
 
@@ -700,8 +688,7 @@ class Diagnoser:
         DiscoveryConfig (default: the defaults); `home`: where the losses and embeddings are
         (default: the home this diagnoser was loaded from). Nothing is written.
         """
-        from llm2loss_pipeline.core.discovery.candidates import read_vocabulary
-        from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+        # lazy: the discovery step imports torch (+965 modules, 2.4 s) that comparisons never need
         from llm2loss_pipeline.core.steps.discovery import compute_discovery
 
         if isinstance(self.ensemble, LazyEnsemble):  # discovery runs the heads themselves

@@ -1,7 +1,6 @@
 """Loading and running the DuckDB queries in `assets_sql/`, one query per file.
 
 Safety rules, enforced here so that no caller has to remember them:
-
 - Values (splits, attribute-name lists, k) and file paths are always bound as prepared-statement
   parameters (`$name`), never pasted into the SQL text. `read_parquet($path)` accepts a parameter,
   and a glob such as `.../per_sample_losses/*.parquet` reads every shard file.
@@ -33,6 +32,7 @@ import duckdb
 import polars as pl
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.storage import sidecar_path, verify_hashed
 
 SQL_DIR_ENV = "LLM2LOSS_SQL_DIR"
 _NAME = re.compile(r"^[a-z0-9_]+$")
@@ -145,8 +145,6 @@ def parquet_source(path: str | os.PathLike[str]) -> str:
 
 
 def _verify_content(path: Path) -> None:
-    from llm2loss_pipeline.core.storage import sidecar_path, verify_hashed
-
     # shard files must have a sidecar (an old one without gets one warning); others may
     if path.name.startswith("shard-") or sidecar_path(path).exists():
         verify_hashed(

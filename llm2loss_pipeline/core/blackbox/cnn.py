@@ -107,6 +107,7 @@ def build_model(
     if one_of("arch", arch, ARCHITECTURES) == "small_cnn":
         backbone: nn.Module = SmallCNN(num_classes, width=width)
     else:
+        # lazy: torchvision (+1,050 modules, 3.6 s of the definitions' load) for resnet18 only
         from torchvision.models import resnet18
 
         backbone = resnet18(weights=None, num_classes=num_classes)

@@ -32,6 +32,7 @@ from llm2loss_pipeline.core.blackbox.train import Progress, cpu_threads
 from llm2loss_pipeline.core.blackbox.user_model import prepared_for_inference
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
 
 LOSS_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String(),
@@ -240,7 +241,6 @@ def _loader(
     device: torch.device,
 ) -> DataLoader:
     """The images in order; a bad image is skipped or fails as `on_bad_image` says."""
-    from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
 
     return DataLoader(
         ImageFolderDataset(list(items), transform=preprocess, on_bad_image=on_bad_image),

@@ -24,6 +24,12 @@ from torch.utils.data import DataLoader
 from llm2loss_pipeline.core.blackbox.cnn import ResizeToUint8, build_model
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.device import DeviceSpec, deterministic
+from llm2loss_pipeline.core.images import (
+    ImageFolderDataset,
+    UnreadableImagesError,
+    collate_skipping,
+    describe_bad_images,
+)
 
 
 @contextlib.contextmanager
@@ -129,8 +135,6 @@ class _Images:
         return len(self.labels) if self.cache is not None else len(self.items)
 
     def _loader(self, order: Sequence[int] | None, batch_size: int) -> DataLoader:
-        from llm2loss_pipeline.core.images import ImageFolderDataset, collate_skipping
-
         # Always skip here: fail mode then lists every bad image at once (`check_bad_images`).
         dataset = ImageFolderDataset(
             self.items, transform=ResizeToUint8(self.image_size), on_bad_image="skip"
@@ -162,8 +166,6 @@ class _Images:
             check_bad_images([self], "black box training")
 
     def bad_images(self) -> list[tuple[str, str, str]]:
-        from llm2loss_pipeline.core.images import describe_bad_images
-
         return describe_bad_images(self.items, self.skipped_positions)
 
     def _decode_all(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +202,6 @@ class _Images:
 
 def check_bad_images(sets: Sequence[_Images | None], where: str) -> None:
     """In fail mode, one error listing every unreadable image the given sets met."""
-    from llm2loss_pipeline.core.images import UnreadableImagesError
 
     present = [images for images in sets if images is not None]
     if not present or present[0].on_bad_image != "fail":

@@ -19,6 +19,7 @@ from typing import Any
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 
+from llm2loss_pipeline.core.images import ImageDecodeError, load_image
 from llm2loss_pipeline.core.storage import write_bytes_atomic, write_text_atomic
 
 PROPONENTS = (
@@ -48,8 +49,6 @@ TITLE_HEIGHT = 18
 
 
 def _load(path: str | Path, sample_id: str) -> Image.Image:
-    from llm2loss_pipeline.core.images import ImageDecodeError, load_image
-
     try:
         return load_image(path)
     except (ImageDecodeError, OSError) as exc:

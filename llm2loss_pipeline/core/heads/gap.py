@@ -77,6 +77,7 @@ class ModalityGap:
         return array if self.mode == "none" else normalise(array - self.text_mean)
 
     def tensors(self) -> dict[str, Any]:
+        # lazy: torch (+930 modules, 2 s); core.query imports this module and needs no torch
         import torch
 
         return {
@@ -119,6 +120,7 @@ def measured_disparity(losses: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def correlations(estimated: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
     """Pearson, Spearman, Kendall (coefficient, p-value) over attributes with both values finite."""
+    # lazy: scipy.stats (+570 modules, 1.3 s), kept off core.query's and the definitions' load
     from scipy import stats
 
     keep = np.isfinite(estimated) & np.isfinite(measured)
@@ -159,6 +161,7 @@ def measure_gap_effect(
     between the estimated disparity (mean over members of standardised h(text_with) -
     h(text_without)) and the measured one (mean eval loss with the attribute minus without).
     """
+    # lazy: torch and scipy.stats (3 s), kept off core.query, which imports this module
     from llm2loss_pipeline.core.heads.evaluate import evaluate_ensemble
     from llm2loss_pipeline.core.heads.train import train_ensemble
 

@@ -24,9 +24,11 @@ _COLORS = {"regressor": "#4C72B0", "ranker": "#DD8452", OVERALL: "#55A868"}
 
 
 def _pyplot():
+    # lazy: matplotlib (+150 modules, 0.5 s); `compare --plot` checks the format before drawing
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # lazy: only after matplotlib.use("Agg"): no GUI backend on a server
     import matplotlib.pyplot as plt
 
     return plt

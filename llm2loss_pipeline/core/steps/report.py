@@ -14,6 +14,7 @@ import polars as pl
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.query import Diagnoser
 from llm2loss_pipeline.core.steps.diagnosis import read_kind_metrics
 from llm2loss_pipeline.core.storage import sha256_file
 
@@ -61,7 +62,6 @@ def make_report(
 ) -> DisparityReportResult:
     # lazy: the report pulls scipy, matplotlib and duckdb, which the Dagster definitions load
     # does not otherwise import (measured: +490 modules, about +3 s with scipy.stats alone)
-    from llm2loss_pipeline.core.query import Diagnoser
     from llm2loss_pipeline.core.report import (
         build_report_from_config,
         markdown_tables,

@@ -45,6 +45,7 @@ def contact_sheet(
     max_labels: int = 4,
 ) -> Path:
     """Write a PNG grid of `n` faces spread evenly over the root's images, labelled below each."""
+    # lazy: core.config imports this module: celeba adds pyarrow (0.2 s), images torch (3 s)
     from llm2loss_pipeline.core.celeba import read_celeba
     from llm2loss_pipeline.core.images import load_image
 
