@@ -18,6 +18,7 @@ __all__ = ["Diagnoser", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "Diagnoser":
+        # lazy: keeps `import llm2loss_pipeline` (and the CLIs) at 74 modules, not +470 (0.7 s)
         from llm2loss_pipeline.diagnoser import Diagnoser
 
         return Diagnoser

@@ -118,12 +118,14 @@ def _common(parser: argparse.ArgumentParser, plot: bool = True) -> None:
 
 def load_diagnoser(home: str | None, device: str):
     """The Diagnoser for `home` (a seam that tests replace)."""
+    # lazy: numpy, polars, pydantic: +460 modules, 0.7 s of `llm2loss --help`
     from llm2loss_pipeline.diagnoser import Diagnoser
 
     return Diagnoser.load(home, device=device)
 
 
 def _handled_errors() -> tuple[type[BaseException], ...]:
+    # lazy: +40 modules, 26 ms of `llm2loss --help`
     from llm2loss_pipeline.core.storage import StorageError
 
     return (ValueError, StorageError, OSError)
@@ -134,6 +136,7 @@ def _check_options(args: argparse.Namespace) -> str:
     the torch device to load on."""
     device = args.device
     if device != "cpu":  # resolving imports torch (seconds); "cpu" needs no resolving
+        # lazy: pydantic: +150 modules, 0.2 s of `llm2loss --help`
         from llm2loss_pipeline.core.device import resolve_device
 
         try:
@@ -141,6 +144,7 @@ def _check_options(args: argparse.Namespace) -> str:
         except ValueError as exc:
             raise ValueError(f"--device {args.device}: {exc}") from exc
     if args.plot is not None:
+        # lazy: numpy, polars: +400 modules, 0.5 s of `llm2loss --help`
         from llm2loss_pipeline.core.heads.plots import plot_format
 
         plot_format(args.plot)
@@ -177,6 +181,7 @@ def run_compare(args: argparse.Namespace) -> int:
             diagnoser = load_diagnoser(args.home, device)
             comparisons = diagnoser.compare_many(pairs, grounded=args.grounded)
             if args.plot is not None:
+                # lazy: numpy, polars: +400 modules, 0.5 s of `llm2loss --help`
                 from llm2loss_pipeline.core.heads.plots import plot_comparison
 
                 plot_comparison(comparisons[0], args.plot)
@@ -213,6 +218,7 @@ def run_rank(args: argparse.Namespace) -> int:
             diagnoser = load_diagnoser(args.home, device)
             ranking = diagnoser.rank(texts, grounded=args.grounded)
             if args.plot is not None:
+                # lazy: numpy, polars: +400 modules, 0.5 s of `llm2loss --help`
                 from llm2loss_pipeline.core.heads.plots import plot_ranking
 
                 plot_ranking(ranking, args.plot)
@@ -335,6 +341,7 @@ def read_prompts(source: str) -> list[str]:
     process substitution), not only regular files."""
     name = "stdin" if source == "-" else f"prompt file {source}"
     data = _read_bytes(source, name)
+    # lazy: +23 modules, 21 ms of `llm2loss --help`
     from llm2loss_pipeline.core.prompts import text_lines
 
     try:
@@ -349,6 +356,7 @@ def read_prompts(source: str) -> list[str]:
 
 
 def _console():
+    # lazy: rich: +68 modules, 60 ms of `llm2loss --help` and of every --json answer
     from rich.console import Console
 
     # a pipe or file gets 120 columns rather than rich's 80, so tables keep one line per row
@@ -356,6 +364,7 @@ def _console():
 
 
 def _print_comparison(comparison: Any) -> None:
+    # lazy: rich: +60 modules, 50 ms of `llm2loss --help` and of every --json answer
     from rich.table import Table
 
     console = _console()
@@ -385,6 +394,7 @@ def _print_comparison(comparison: Any) -> None:
 
 
 def _print_pairs(comparisons: Sequence[Any]) -> None:
+    # lazy: rich: +60 modules, 50 ms of `llm2loss --help` and of every --json answer
     from rich.table import Table
     from rich.text import Text
 
@@ -427,6 +437,7 @@ def _meaning(comparison: Any) -> str:
 
 
 def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
+    # lazy: rich: +60 modules, 50 ms of `llm2loss --help` and of every --json answer
     from rich.table import Table
     from rich.text import Text
 

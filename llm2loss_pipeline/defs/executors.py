@@ -27,9 +27,11 @@ def executor_from_env() -> dg.ExecutorDefinition:
     if name == "multiprocess":
         return dg.multiprocess_executor
     if name == "k8s":
+        # lazy: the deploy extra, installed only where chosen (+1,280 modules, 1.0 s of the load)
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
+    # lazy: the deploy extra, installed only where chosen
     from dagster_celery import celery_executor
 
     return celery_executor
