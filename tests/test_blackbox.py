@@ -333,3 +333,18 @@ def test_unmapped_identities_are_named():
     message = str(caught.value)
     assert "2 identities are not in the label map (98, 99)" in message
     assert "affecting 3 samples" in message and "b.jpg, c.jpg, d.jpg" in message
+
+
+def test_reported_validation_accuracy_is_the_saved_models_share_correct(world, trained) -> None:
+    """The published val_accuracy is a count, not just a number in [0, 1]: the saved model, read
+    back as the pipeline reads it, gets that share of the validation images right (issue 24's
+    range-only assertion above)."""
+    from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
+    from llm2loss_pipeline.core.blackbox.losses import compute_losses
+
+    _, result, path, _, _ = trained
+    items, labels = split_inputs(world[0], "valid", world[1])
+    frame = compute_losses(load_black_box(path), items, labels, ["valid"] * len(items)).frame
+    assert frame.height == result.n_val == len(items)
+    assert result.val_accuracy == pytest.approx(frame["correct"].mean(), abs=1e-12)
+    assert result.curve_frame()["val_accuracy"][-1] == result.val_accuracy

@@ -269,6 +269,26 @@ def test_atomic_writes_fsync_the_file_before_renaming_it(tmp_path: Path, monkeyp
     assert (tmp_path / "a.bin").read_bytes() == b"payload"
 
 
+def test_asides_of_a_live_mover_are_listed_only_when_asked(tmp_path: Path) -> None:
+    # storage.py:213 `live or not mover_alive` made `live and not mover_alive`: the asides of
+    # dead movers were never restored or cleaned, and `live` listed only the dead ones
+    final = tmp_path / "heads"
+    prefix = f".{final.name}{storage.ASIDE}"
+    dead = 2**22 + 12345  # above the default pid_max, so no process has it
+    names = [
+        f"{prefix}{dead}@{storage._host()}-aaaa1111",  # a dead mover on this host
+        f"{prefix}{os.getpid()}@{storage._host()}-bbbb2222",  # a live one: may be mid-swap
+        f"{prefix}{dead}@another-host-cccc3333",  # another host's: not known to be alive
+    ]
+    for age, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))  # oldest first, in this order
+    (tmp_path / f"{prefix}{dead}@{storage._host()}-dddd4444").write_text("a file, not a folder")
+    everything = [tmp_path / name for name in names]
+    assert storage._asides(final, live=True) == everything
+    assert storage._asides(final, live=False) == [everything[0], everything[2]]
+
+
 # --- discovery: how many samples a text matches -------------------------------------------------
 
 
