@@ -81,6 +81,7 @@ TARGETS: dict[str, list[str]] = {
         "tests/test_pins.py",
         "tests/test_mutation_pins.py",
         "tests/test_reliability_tempfiles.py",
+        "tests/test_home_lock.py",
         "tests/test_reliability_storage.py",
     ],
     "core/discovery/verify.py": [

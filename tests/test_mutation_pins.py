@@ -7,6 +7,7 @@ definition or an independent computation, not with a range.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -287,6 +288,17 @@ def test_asides_of_a_live_mover_are_listed_only_when_asked(tmp_path: Path) -> No
     everything = [tmp_path / name for name in names]
     assert storage._asides(final, live=True) == everything
     assert storage._asides(final, live=False) == [everything[0], everything[2]]
+
+
+def test_home_lock_records_its_holder(tmp_path: Path) -> None:
+    # storage.py:468 the holder's JSON line written with `-` for `+` (a TypeError): none of
+    # the test files then mapped to storage.py took the home lock (tests/test_home_lock.py is now)
+    with storage.home_lock(tmp_path, "configs/planted_tiny.yaml") as path:
+        holder = json.loads(path.read_text())
+        assert path.read_text().endswith("}\n")
+    assert (holder["pid"], holder["host"]) == (os.getpid(), storage._host())
+    assert holder["config"] == "configs/planted_tiny.yaml"
+    assert holder["since"].endswith(" UTC")
 
 
 # --- discovery: how many samples a text matches -------------------------------------------------
