@@ -1,8 +1,8 @@
 """The product's claim end to end: a failure planted in the world is measured and estimated.
 
 Through the real world generator, black box, encoder, heads and report (configs/planted_tiny.yaml,
-materialized in-process through a Dagster instance like tests/test_pipeline_e2e.py), on two world
-seeds:
+materialized by `run_pipeline` as `llm2loss run` does, one process per world, both at once), on
+two world seeds:
 - the planted attribute is the one the black box is measurably worst on (first by measured loss
   gap among the attributes with usable groups), and the published `gap_loss_p` is Welch's t-test
   on the per-sample table;
@@ -16,6 +16,9 @@ may change without the product failing at its job.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +28,6 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.config import load_config
 from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.defs.runner import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +38,74 @@ SEEDS = (1, 2)
 CHECKS = {"report_is_complete", "report_group_sizes", "heads_validation_floor"}
 
 
+# One world's pipeline, as the fixture ran it in-process before: the same config, the world seed
+# replaced, against a file-backed Dagster instance that the test reads the checks from afterwards.
+_RUN_ONE_WORLD = """
+import sys
+
+import dagster as dg
+
+from llm2loss_pipeline.core.config import load_config
+from llm2loss_pipeline.defs.runner import run_pipeline
+
+config_path, seed, home, dagster_home = sys.argv[1:]
+base = load_config(config_path)
+world = base.world.model_copy(update={"seed": int(seed)})
+config = base.model_copy(update={"home": home, "world": world})
+with dg.DagsterInstance.from_config(dagster_home) as instance:
+    run_pipeline(config, instance=instance)
+"""
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory) -> dict[int, Path]:
+    """Both worlds' pipelines at the same time, each in its own process: the worlds share nothing
+    (world, black box, encoder and heads all differ), and about 55 CPU seconds each are mostly
+    fixed costs (the text tower, imports), so two cores take the test's time from their sum to
+    about one of them. Each root holds `home` and `dagster` (the run records)."""
+    started = {}
+    for seed in SEEDS:
+        root = tmp_path_factory.mktemp(f"planted-{seed}")
+        dagster_home = root / "dagster"
+        dagster_home.mkdir()
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")  # SQLite
+        log = (root / "pipeline.log").open("w")
+        command = [sys.executable, "-c", _RUN_ONE_WORLD, str(CONFIG), str(seed)]
+        command += [str(root / "home"), str(dagster_home)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        started[seed] = (root, process, log)
+    try:
+        for seed, (root, process, log) in started.items():
+            process.wait(timeout=1800)
+            log.close()
+            tail = (root / "pipeline.log").read_text()[-4000:]
+            assert process.returncode == 0, f"world seed {seed}: {tail}"
+    finally:
+        for _, process, log in started.values():
+            process.kill()
+            log.close()
+    return {seed: root for seed, (root, _, _) in started.items()}
+
+
 @pytest.fixture(scope="module", params=SEEDS, ids=[f"world-seed-{s}" for s in SEEDS])
-def planted(request, tmp_path_factory):
-    home = tmp_path_factory.mktemp(f"planted-{request.param}")
+def planted(request, pipelines):
+    root = pipelines[request.param]
     base = load_config(CONFIG)
     world = base.world.model_copy(update={"seed": request.param})
-    config = base.model_copy(update={"home": str(home), "world": world})
-    instance = dg.DagsterInstance.ephemeral()
-    outcome = run_pipeline(config, instance=instance)
+    config = base.model_copy(update={"home": str(root / "home"), "world": world})
     checks = {}
-    for run in outcome.runs:
-        records = instance.get_records_for_run(
-            run_id=run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        ).records
-        for record in records:
-            data = record.event_log_entry.dagster_event.event_specific_data
-            checks[data.check_name] = (data.passed, data.description)
-    layout = Layout(home.resolve())
+    with dg.DagsterInstance.from_config(str(root / "dagster")) as instance:
+        runs = instance.get_runs()
+        assert runs and all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+        for run in runs:
+            records = instance.get_records_for_run(
+                run_id=run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            ).records
+            for record in records:
+                data = record.event_log_entry.dagster_event.event_specific_data
+                checks[data.check_name] = (data.passed, data.description)
+    layout = Layout((root / "home").resolve())
     table = pl.read_parquet(layout.reports / "attribute_disparity.parquet")
     return config, layout, table, checks
 
