@@ -60,9 +60,11 @@ with dg.DagsterInstance.from_config(dagster_home) as instance:
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[int, Path]:
     """Both worlds' pipelines at the same time, each in its own process: the worlds share nothing
-    (world, black box, encoder and heads all differ), and about 55 CPU seconds each are mostly
-    fixed costs (the text tower, imports), so two cores take the test's time from their sum to
-    about one of them. Each root holds `home` and `dagster` (the run records)."""
+    (world, black box, encoder and heads all differ), and each costs about 60 CPU seconds, mostly
+    fixed (imports, the encoder's text tower on captions, probes and zero-shot prompts), so with
+    two cores the test takes about one world's time instead of the sum (on the shared 2-core
+    machine, load 8-10: 354 s instead of 741 s wall, 134 instead of 111 CPU seconds for the two
+    processes' second import). Each root holds `home` and `dagster` (the run records)."""
     started = {}
     for seed in SEEDS:
         root = tmp_path_factory.mktemp(f"planted-{seed}")
