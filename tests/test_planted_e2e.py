@@ -63,8 +63,8 @@ def pipelines(tmp_path_factory) -> dict[int, Path]:
     (world, black box, encoder and heads all differ), and each costs about 60 CPU seconds, mostly
     fixed (imports, the encoder's text tower on captions, probes and zero-shot prompts), so with
     two cores the test takes about one world's time instead of the sum (on the shared 2-core
-    machine, load 8-10: 354 s instead of 741 s wall, 134 instead of 111 CPU seconds for the two
-    processes' second import). Each root holds `home` and `dagster` (the run records)."""
+    machine, load 8-10: 354 s instead of 741 s wall; 134 CPU seconds instead of 111, as each
+    process imports everything). Each root holds `home` and `dagster` (the run records)."""
     started = {}
     for seed in SEEDS:
         root = tmp_path_factory.mktemp(f"planted-{seed}")
