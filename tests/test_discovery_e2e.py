@@ -147,3 +147,33 @@ def test_diagnoser_discover_returns_the_ranked_table(home) -> None:
     bare = Layout.at(layout.home.parent / "bare")
     with pytest.raises(Exception, match="not materialized yet; run `llm2loss run`"):
         diagnoser.discover(home=bare.home)
+
+
+OFF_DOMAIN = ("face of a cat", "a photo of a car", "a spaceship in orbit")
+IN_DOMAIN = ("a person with gray hair", "face of an elderly man with a white beard")
+
+
+def test_off_domain_vocabulary_is_reported_and_paraphrases_are_not(home) -> None:
+    """Issue 18, item 3, on the tiny face world: the rule of core/discovery/modes.py, whose
+    statistic (the share of the text's direction the attribute probes span) is a property of the
+    wording, pinned on the frozen sentence model every world's encoder carries."""
+    from llm2loss_pipeline import Diagnoser
+
+    layout, _ = home
+    diagnoser = Diagnoser.load(layout.home)
+    with fh.one_thread():
+        report = diagnoser.discover(top=None, vocab=[*OFF_DOMAIN, *IN_DOMAIN])
+    rows = {
+        row["description"]: row for row in report.table.to_dicts() if row["source"] == "vocabulary"
+    }
+    assert set(rows) == {*OFF_DOMAIN, *IN_DOMAIN}
+    for text in OFF_DOMAIN:
+        assert rows[text]["verdict"] == "off-domain" and not rows[text]["kept"], text
+        assert rows[text]["probe_share"] < 0.55, (text, rows[text]["probe_share"])
+        assert "off-domain: describes little the labelled attributes" in rows[text]["reason"]
+    for text in IN_DOMAIN:
+        assert rows[text]["verdict"] != "off-domain", (text, rows[text]["reason"])
+        assert rows[text]["probe_share"] > 0.65, (text, rows[text]["probe_share"])
+    # the attribute probes themselves are not judged by it
+    attribute = report.table.filter(report.table["source"] == "attribute")
+    assert "off-domain" not in set(attribute["verdict"])

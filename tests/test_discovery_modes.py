@@ -24,8 +24,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     UNVERIFIED,
     assign_modes,
     interaction_p,
-    offdomain_threshold,
-    top_decile_mean,
+    probe_share,
     wording,
 )
 from llm2loss_pipeline.core.heads.config import HeadsConfig
@@ -81,12 +80,23 @@ def test_pairs_grown_from_the_beam_are_neutral_too() -> None:
 # off-domain
 
 
-def test_top_decile_mean_and_threshold_are_pinned() -> None:
-    similarity = np.arange(20, dtype=float).reshape(20, 1) / 10  # 0.0 .. 1.9
-    assert top_decile_mean(similarity)[0] == pytest.approx((1.9 + 1.8) / 2)  # ceil(10% of 20)
-    assert offdomain_threshold(np.linspace(0, 1, 101), 0.05) == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="at least one attribute probe"):
-        offdomain_threshold(np.zeros(0), 0.05)
+def test_probe_share_is_the_share_of_the_direction_the_probes_span() -> None:
+    # probes at e0, e1, e2: centroid (1/3, 1/3, 1/3, 0), their directions from it span the plane
+    # x0 + x1 + x2 = 0 of the first three axes
+    probes = np.eye(4)[:3]
+    texts = np.array(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # a probe: 1
+            [0.0, 0.0, 0.0, 1.0],  # e3: from the centroid (-1/3, -1/3, -1/3, 1), 0 spanned
+            [1.0, 1.0, 1.0, 0.0],  # along the centroid itself: nothing the probes vary along
+            [5 / 6, -1 / 6, 1 / 3, 0.5],  # c + (0.5, -0.5, 0, 0.5): 0.5 of |t - c|^2 0.75
+        ]
+    )
+    share = probe_share(texts, probes)
+    assert share == pytest.approx([1.0, 0.0, 0.0, 2 / 3], abs=1e-5)
+    assert DiscoveryConfig().offdomain_min_share == 0.6
+    with pytest.raises(ValueError, match="at least two attribute probes"):
+        probe_share(texts, probes[:1])
 
 
 # words against labels
@@ -344,7 +354,9 @@ def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) ->
     cat = rows["a cat"]
     assert cat["measured_gap"] > 0.5 and cat["q_value"] < 1e-6  # its top decile IS the group
     assert cat["verdict"] == "off-domain" and not cat["kept"]
-    assert cat["top_decile_similarity"] < 0.05 and "off-domain" in cat["reason"]
+    # e12 - centroid: only the centroid part, |c|^2 / (1 + |c|^2), is spanned
+    assert cat["probe_share"] < 0.1 and "off-domain" in cat["reason"]
+    assert rows["the group"]["probe_share"] > 0.99  # inside the probes' span
     assert rows["the group"]["verdict"] == "mode" and rows["the group"]["n_variants"] == 1
     again = rows["the group, said again"]
     assert again["verdict"] == "folded" and again["redundant_with"] == "the group"

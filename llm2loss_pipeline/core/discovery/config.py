@@ -80,12 +80,12 @@ class DiscoverySettings(BaseModel):
         "...) neutrally in composed descriptions, leaving out those with no neutral words "
         "(candidates.NEUTRAL_WORDING); false: the report's canonical words",
     )
-    offdomain_quantile: float = Field(
-        0.05,
+    offdomain_min_share: float = Field(
+        0.6,
         gt=0,
-        lt=0.5,
-        description="a free text whose top-decile mean similarity falls below this quantile of "
-        "the attribute probes' is off-domain and never kept",
+        lt=1,
+        description="a free text whose direction the attribute probes span less of than this "
+        "share is off-domain and never kept (core/discovery/modes.py, probe_share)",
     )
     min_lift: float = Field(
         1.5,

@@ -53,8 +53,7 @@ from llm2loss_pipeline.core.discovery.influence import (
 from llm2loss_pipeline.core.discovery.modes import (
     assign_modes,
     dropped_reason,
-    offdomain_threshold,
-    top_decile_mean,
+    probe_share,
     wording,
 )
 from llm2loss_pipeline.core.discovery.verify import match_count, measure, top_matches
@@ -93,7 +92,7 @@ HYPOTHESIS_COLUMNS = (
     "named_precision",
     "named_lift",
     "shows",
-    "top_decile_similarity",
+    "probe_share",
     "interaction_p",
     "interaction_q",
     "n_variants",
@@ -201,7 +200,7 @@ def discover(
     samples serve as the rankers' reference partners (default: the evaluation split's).
     `labels`: attribute -> bool per evaluation sample, to check the words (None: unverified);
     `probe_embeddings`: raw embeddings of the attribute probes, the off-domain rule's reference
-    (None: the candidates of source "attribute").
+    (None: the candidates of source "attribute"; fewer than two: no rule).
     """
     if len(candidates) != len(text_embeddings):
         raise ValueError(f"{len(candidates)} candidates but {len(text_embeddings)} text embeddings")
@@ -221,8 +220,7 @@ def discover(
     measured = [measure(losses, row) for row in matches]
     inputs = _influence_inputs(train_x, image_x, losses, train_losses, config)
     influence = _influences(ensemble, inputs, text_x, config.damping, progress)
-    decile = top_decile_mean(similarity)
-    floor = _offdomain_floor(candidates, decile, image_x, gap, probe_embeddings, config)
+    shares = _probe_shares(candidates, text_embeddings, probe_embeddings)
 
     q_values = bh_adjust(np.array([m.p_value for m in measured]))
     rows = [
@@ -230,7 +228,7 @@ def discover(
         for t in range(len(candidates))
     ]
     for t, row in enumerate(rows):
-        row.update(_judge(candidates[t], matches[t], row, decile[t], floor, labels, config))
+        row.update(_judge(candidates[t], matches[t], row, shares[t], labels, config))
     heads = assign_modes(
         rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
     )
@@ -251,15 +249,15 @@ def _judge(
     candidate: Candidate,
     matched: np.ndarray,
     row: dict[str, Any],
-    decile: float,
-    floor: float,
+    share: float,
     labels: Mapping[str, np.ndarray] | None,
     config: DiscoveryConfig,
 ) -> dict[str, Any]:
     """One candidate's gate (both agree), off-domain rule and wording, as row fields."""
-    fields: dict[str, Any] = {"kept": _agree(row, config), "top_decile_similarity": float(decile)}
-    if candidate.source in FREE_SOURCES and decile < floor:
-        fields.update(kept=False, verdict="off-domain", reason=_offdomain_reason(decile, floor))
+    fields: dict[str, Any] = {"kept": _agree(row, config), "probe_share": float(share)}
+    if candidate.source in FREE_SOURCES and share < config.offdomain_min_share:
+        reason = _offdomain_reason(share, config.offdomain_min_share)
+        fields.update(kept=False, verdict="off-domain", reason=reason)
     words = wording(
         candidate,
         matched,
@@ -304,28 +302,24 @@ def _influence_inputs(
     )
 
 
-def _offdomain_floor(
+def _probe_shares(
     candidates: Sequence[Candidate],
-    decile: np.ndarray,
-    image_x: np.ndarray,
-    gap: ModalityGap,
+    text_embeddings: np.ndarray,
     probe_embeddings: np.ndarray | None,
-    config: DiscoveryConfig,
-) -> float:
-    """The probes' `offdomain_quantile` of the top-decile statistic (-inf: no probe at all)."""
-    if probe_embeddings is not None and len(probe_embeddings):
-        probes = image_x.astype(np.float64) @ gap.text(probe_embeddings).astype(np.float64).T
-        return offdomain_threshold(top_decile_mean(probes), config.offdomain_quantile)
-    own = [t for t, c in enumerate(candidates) if c.source == "attribute"]
-    if not own:
-        return float("-inf")
-    return offdomain_threshold(decile[own], config.offdomain_quantile)
+) -> np.ndarray:
+    """Each candidate's `probe_share` (NaN for all when there are fewer than two probes)."""
+    if probe_embeddings is None:
+        own = [t for t, c in enumerate(candidates) if c.source == "attribute"]
+        probe_embeddings = np.asarray(text_embeddings)[own]
+    if len(probe_embeddings) < 2:
+        return np.full(len(candidates), np.nan)
+    return probe_share(text_embeddings, probe_embeddings)
 
 
-def _offdomain_reason(statistic: float, floor: float) -> str:
+def _offdomain_reason(share: float, floor: float) -> str:
     return (
-        f"off-domain: matches little in the data (top-decile mean similarity {statistic:.3f} is "
-        f"below the attribute probes' {floor:.3f})"
+        f"off-domain: describes little the labelled attributes vary along (the attribute probes "
+        f"span {share:.0%} of its direction, under {floor:.0%})"
     )
 
 

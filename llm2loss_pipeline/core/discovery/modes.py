@@ -4,12 +4,18 @@ Three judgements on the hypotheses table (hypotheses.py calls them in this order
 
 Off-domain. A free text (the user's vocabulary, a language model's proposal) that matches little
 in the data, "face of a cat" on faces, still has a top 10% of most similar samples, and those may
-well be worse; what it names is not what they show. The statistic is the text's mean similarity
-over its top decile of samples (`top_decile_mean`), on the sphere used for matching. The reference
-is the same statistic over the attribute probes (every attribute value's canonical prompt, texts
-known to describe this data): a free text whose statistic falls below the probes'
-`offdomain_quantile` (5th percentile) is off-domain and never kept. Composed descriptions are made
-of probe words and are not filtered.
+well be worse; what it names is not what they show. The statistic (`probe_share`) is the share of
+the text's direction from the attribute probes' centroid (every attribute value's canonical
+prompt, texts known to describe this data) that the probes span: the `explained` share of
+core/report/grounded.py `in_probe_basis`, which `compare` uses for its "off the data" cut. A text
+below `offdomain_min_share` (0.6) is off-domain and never kept. It is a property of the wording:
+the text tower is frozen, and the share is taken on its raw embeddings, the same in every world.
+Measured with the default sentence model: off-domain texts 0.30-0.50 (an airplane 0.30, a
+spaceship 0.32, a car 0.37, face of a cat 0.50), paraphrases of attributes 0.71-0.94 (a man
+wearing glasses 0.71, an elderly man with a white beard 0.72, gray hair 0.86); 0.6 is midway.
+What the labels do not describe is below too (a face in dim light 0.44, face of a child 0.54):
+the rule reads "describes little the labelled attributes vary along", and says so. Composed
+descriptions are made of probe words and are not filtered.
 
 Wording. Where attribute labels exist, every kept description is checked against its own matched
 samples (`wording`): for each attribute value it names, its precision (share of matched samples
@@ -52,6 +58,7 @@ from llm2loss_pipeline.core.discovery.candidates import (
     neutral_phrase,
 )
 from llm2loss_pipeline.core.discovery.verify import jaccard
+from llm2loss_pipeline.core.report.grounded import in_probe_basis
 from llm2loss_pipeline.core.stats import bh_adjust
 
 SUPPORTED = "supported"
@@ -61,20 +68,18 @@ UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
 
 
-def top_decile_mean(similarity: np.ndarray) -> np.ndarray:
-    """Mean of each column's top 10% (at least one) of values: [n, T] -> [T]."""
-    n = similarity.shape[0]
-    k = max(1, int(np.ceil(0.1 * n)))
-    top = -np.sort(-similarity, axis=0)[:k]
-    return top.mean(axis=0)
-
-
-def offdomain_threshold(probe_statistics: np.ndarray, quantile: float) -> float:
-    """The probes' `quantile` of the top-decile statistic; free text below it is off-domain."""
-    values = np.asarray(probe_statistics, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("the off-domain rule needs at least one attribute probe")
-    return float(np.quantile(values, quantile))
+def probe_share(texts: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """[T]: the share of each text's squared distance from the probes' centroid that the probes'
+    own directions from it span (texts [T, d], probes [k, d], raw embeddings; module docstring).
+    A probe itself scores 1; a text about something else, little more than its chance share."""
+    probes = np.asarray(probes, dtype=np.float64)
+    if probes.ndim != 2 or len(probes) < 2:
+        raise ValueError("the off-domain rule needs at least two attribute probes")
+    centre = probes.mean(axis=0)
+    spanned = probes - centre
+    # the duals only shape the mapped directions, which this rule does not use
+    _, share = in_probe_basis(np.asarray(texts, dtype=np.float64) - centre, spanned, spanned)
+    return share
 
 
 @dataclass(frozen=True)
