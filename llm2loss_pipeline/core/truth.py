@@ -173,3 +173,29 @@ def calibration_table(p: np.ndarray, outcome: np.ndarray, bins: int = 5) -> dict
             }
         )
     return {"bins": rows, "ece": float(ece), "n": int(sure.size)}
+
+
+def condition_truth(
+    loss: np.ndarray, table: pl.DataFrame, condition: Mapping[str, bool]
+) -> dict[str, float]:
+    """Population gap of the images meeting every value of `condition` ({attribute: value})
+    against all other images, with the identity-clustered standard error and 95% interval of
+    `population_gaps` (a failure mode names a group; its truth is that group against the rest).
+    NaN when either side is empty."""
+    if not condition:
+        raise ValueError("a condition needs at least one attribute value")
+    unknown = [name for name in condition if name not in table.columns]
+    if unknown:
+        raise ValueError(f"condition attribute {unknown[0]!r} is not a population column")
+    meets = np.ones(table.height, dtype=bool)
+    for name, value in condition.items():
+        meets &= table[name].to_numpy().astype(bool) == bool(value)
+    gap, se = clustered_mean_gap(loss, meets, table["identity"].to_numpy())
+    z = float(sps.norm.ppf(0.5 + TRUTH_LEVEL / 2))
+    return {
+        "truth_gap": float(gap[0]),
+        "truth_se": float(se[0]),
+        "truth_low": float(gap[0] - z * se[0]),
+        "truth_high": float(gap[0] + z * se[0]),
+        "n_true": int(meets.sum()),
+    }
