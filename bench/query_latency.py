@@ -5,8 +5,10 @@
 
 With --home (a materialized home, e.g. after `make run`): side by side, the cold `llm2loss
 compare A B --json` as a user runs it (a fresh process: wall and CPU seconds, median of
---repeats), once with texts new to the home's text-embedding index (the encoder loads) and once
-with known ones (it does not), next to `python -c "import torch"` alone, and the warm per-pair
+--repeats), with a text new to the home's text-embedding index (embedded by the default
+loader: the numpy text tower for a caption_tuned encoder; and by the full torch encoder,
+LLM2LOSS_TEXT_TOWER=torch, as round two did) and with known texts (nothing is embedded), next to
+`python -c "import torch"` alone, and the warm per-pair
 time of `compare_many` on one loaded Diagnoser (what `compare --pairs` and `ask` use), with the
 home's default estimator (grounded where the home has images). Targets: cold <= 2 s, warm <= 1 ms
 per pair.
@@ -38,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.heads import HeadsConfig, fit_gap, train_ensemble
+from llm2loss_pipeline.core.query import TEXT_TOWER_ENV
 from llm2loss_pipeline.diagnoser import Diagnoser
 
 
@@ -105,9 +108,13 @@ def home_latency(home: str, n_pairs: int, repeats: int) -> None:
         cli = [sys.executable, "-m", "llm2loss_pipeline.cli", "compare"]
     known = ["face of an old male", "face of a young female"]
     timed_process([*cli, *known, "--home", home, "--json"], env)  # into the index, if new
-    torch_runs, new_runs, known_runs = [], [], []
+    load_before = os.getloadavg()[0]
+    full_env = {**env, TEXT_TOWER_ENV: "torch"}  # round two's path: torch, open_clip, encoder
+    torch_runs, full_runs, new_runs, known_runs = [], [], [], []
     for repeat in range(repeats):
         torch_runs.append(timed_process([sys.executable, "-c", "import torch"], env))
+        fresh = [f"face of a person number {time.time_ns()} {repeat}", known[1]]
+        full_runs.append(timed_process([*cli, *fresh, "--home", home, "--json"], full_env))
         fresh = [f"face of a person number {time.time_ns()} {repeat}", known[1]]
         new_runs.append(timed_process([*cli, *fresh, "--home", home, "--json"], env))
         known_runs.append(timed_process([*cli, *known, "--home", home, "--json"], env))
@@ -131,11 +138,13 @@ def home_latency(home: str, n_pairs: int, repeats: int) -> None:
     print(f"cold, median of {repeats} fresh processes   wall s   CPU s")
     for name, runs in (
         ("python -c 'import torch' alone", torch_runs),
-        ("llm2loss compare, texts new to index", new_runs),
-        ("llm2loss compare, texts in the index", known_runs),
+        ("compare, a new text, full encoder", full_runs),
+        ("compare, a new text (default loader)", new_runs),
+        ("compare, texts in the index", known_runs),
     ):
         wall, cpu = median_of(runs)
         print(f"  {name:<38} {wall:7.2f} {cpu:7.2f}")
+    print(f"load average before the cold runs: {load_before:.1f}")
     source = "query snapshot" if type(diagnoser.ensemble).__name__ == "LazyEnsemble" else "heads"
     print(f"warm, one Diagnoser (loaded in {load_s:.2f} s from the {source})  ms per pair")
     print(f"  compare_many, {len(pairs)} pairs in one batch     {1000 * warm_s / len(pairs):8.3f}")

@@ -62,6 +62,7 @@ TEXT_INDEX_LIMIT = 20_000  # texts kept on disk (30 MB at d = 384); the newest a
 HEADS_INDEX = "ensemble.json"  # core/heads/checkpoint.INDEX, named here to keep torch out
 SNAPSHOT_DIR = ("cache", "query")  # under the home: <key>.safetensors (QuerySnapshot)
 SNAPSHOT_FORMAT = "llm2loss-query-snapshot/1"
+TEXT_TOWER_ENV = "LLM2LOSS_TEXT_TOWER"  # "torch": embed new texts with the full encoder
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -109,7 +110,23 @@ def _load_heads(heads_dir: Path, identity: tuple[str, int], build: Callable[...,
 
 
 def default_encoder_loader(encoder_dir: Path, device: str) -> Any:
-    """The pipeline's encoder (`core.encoder.load_encoder`), imported only when a query needs it."""
+    """What embeds a text the index does not know: for a caption_tuned encoder its text tower
+    in numpy (`core/encoder/numpy_text.py`: 0.3 s, no torch; equal to the torch tower's
+    embeddings within 1e-6), else the pipeline's encoder (`core.encoder.load_encoder`: torch,
+    open_clip and transformers, about 8 s of CPU here). LLM2LOSS_TEXT_TOWER=torch asks for the
+    full encoder whatever the mode. Only the text tower is used here, so the numpy one runs on
+    the CPU whatever `device` says."""
+    if os.environ.get(TEXT_TOWER_ENV, "auto") != "torch":
+        # lazy: ftfy and tokenizers, 50 ms that a question about known texts never needs
+        from llm2loss_pipeline.core.encoder.numpy_text import (
+            TowerUnavailable,
+            load_numpy_text_tower,
+        )
+
+        try:
+            return load_numpy_text_tower(encoder_dir)
+        except TowerUnavailable:  # another mode or text tower: the full encoder embeds it
+            pass
     # lazy: torch, +930 modules and 2.8 s of `llm2loss compare`'s cold start on known texts
     from llm2loss_pipeline.core.encoder import load_encoder
 
