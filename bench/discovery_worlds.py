@@ -24,6 +24,10 @@ plant any; at most one mode in ten not backed.
 
 The population losses are cached per home in population/losses.parquet (with the black box's
 sha256, so a retrained black box is scored afresh); nothing else is written into a home.
+
+`--rediscover` runs discovery afresh on each home's materialized encoder, heads, losses and
+embeddings with the current code (nothing written), with `--set key=value` overriding discovery
+settings (e.g. `--set min_p_worse=0.55`): a sensitivity check, not a setting chosen here.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import numpy as np
 import polars as pl
 import yaml
 
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 from llm2loss_pipeline.core.truth import condition_truth, population_losses
@@ -134,9 +139,33 @@ def planted_of(home: Path) -> dict[str, float]:
     return {str(name): float(strength) for name, strength in planted.items()}
 
 
-def one_world(home: Path, use_cache: bool = True) -> dict[str, Any]:
+def rediscover(home: Path, config: DiscoveryConfig) -> pl.DataFrame:
+    """Discovery's hypotheses table computed afresh on `home`, nothing written (a Diagnoser would
+    write its text and query caches into the home)."""
+    # lazy: torch and the encoder (seconds), only with --rediscover
+    from types import SimpleNamespace
+
+    from llm2loss_pipeline.core.encoder.checkpoint import load_encoder
+    from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
+    from llm2loss_pipeline.core.steps.discovery import compute_discovery
+
     layout = Layout.at(home)
-    hypotheses = pl.read_parquet(layout.hypotheses)
+    encoder = load_encoder(layout.encoder_dir, "cpu")
+    ensemble, gap, _ = load_ensemble(
+        layout.heads_dir,
+        expected_dim=int(encoder.embed_dim),
+        expected_encoder_sha256=str(encoder.sha256),
+    )
+    diagnoser = SimpleNamespace(encode_texts=encoder.encode_texts, ensemble=ensemble, gap=gap)
+    return compute_discovery(layout, config, diagnoser).hypotheses
+
+
+def one_world(
+    home: Path, use_cache: bool = True, config: DiscoveryConfig | None = None
+) -> dict[str, Any]:
+    """`config`: rediscover with it (None: the home's own failure_hypotheses.parquet)."""
+    layout = Layout.at(home)
+    hypotheses = pl.read_parquet(layout.hypotheses) if config is None else rediscover(home, config)
     modes = hypotheses.filter(pl.col("verdict") == "mode").sort("mode").to_dicts()
     table = pl.read_parquet(home / "population" / "population.parquet")
     loss = cached_losses(home, table, use_cache)
@@ -229,13 +258,37 @@ def complete_homes(root: Path) -> list[Path]:
     ]
 
 
+def discovery_config(settings: Sequence[str]) -> DiscoveryConfig:
+    """DiscoveryConfig with `key=value` overrides (values read as YAML scalars)."""
+    overrides: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return DiscoveryConfig.model_validate(overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("homes", nargs="*", help="world homes made by bench/worlds.py")
     parser.add_argument("--root", help="score every complete world-* home under this folder")
     parser.add_argument("--no-cache", action="store_true", help="write nothing into the homes")
     parser.add_argument("--json", help="write the per-world results and the summary here")
+    parser.add_argument(
+        "--rediscover", action="store_true", help="run discovery afresh (nothing written)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a discovery setting for --rediscover (YAML value), repeatable",
+    )
     args = parser.parse_args(argv)
+    config = discovery_config(args.set) if args.rediscover else None
+    if args.set and not args.rediscover:
+        parser.error("--set needs --rediscover")
     homes = [Path(h) for h in args.homes]
     if args.root:
         homes += complete_homes(Path(args.root))
@@ -243,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no world home: name homes or --root with complete world-* homes")
     worlds = []
     for home in homes:
-        worlds.append(one_world(home, use_cache=not args.no_cache))
+        worlds.append(one_world(home, use_cache=not args.no_cache, config=config))
         print(f"{home}: scored", file=sys.stderr, flush=True)
     summary = summarize(worlds)
     print_tables(worlds, summary)

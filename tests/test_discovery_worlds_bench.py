@@ -101,3 +101,12 @@ def test_condition_truth_is_the_group_against_the_rest_clustered_by_identity() -
         loss, table.with_columns(pl.lit(False).alias("Goatee")), {"Goatee": True}
     )
     assert math.isnan(empty["truth_gap"]) and empty["n_true"] == 0
+
+
+def test_rediscover_settings_are_validated(bench) -> None:
+    config = bench.discovery_config(["min_p_worse=0.55", "alpha=0.1"])
+    assert config.min_p_worse == 0.55 and config.alpha == 0.1
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        bench.discovery_config(["min_p_worse"])
+    with pytest.raises(ValueError, match="min_p_worse"):
+        bench.discovery_config(["min_p_worse=0.4"])  # must stay above 1/2
