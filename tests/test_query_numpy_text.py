@@ -259,3 +259,17 @@ def test_an_encoder_swapped_after_its_sidecar_was_read_is_refused(real_home, sav
     shutil.copytree(saved["identity"], encoder_dir)
     with pytest.raises(StorageError, match=r"changed since its encoder\.json"):
         diagnoser.compare("a text never asked before", GLASSES)
+
+
+def test_erf_is_within_half_a_float32_ulp_of_maths():
+    import math
+
+    from llm2loss_pipeline.core.encoder.numpy_text import _gelu, erf
+
+    x = np.concatenate([np.linspace(-9, 9, 400_001), [0.0, -0.0, 5.9999, 6.0, 6.0001, 1e-30, 40]])
+    x = x.astype(np.float32)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    assert np.abs(erf(x) - exact).max() <= 6e-8
+    assert erf(x).dtype == np.float32 and erf(np.float32(-40.0)) == -1.0
+    gelu = x.astype(np.float64) * 0.5 * (1.0 + np.array([math.erf(v / math.sqrt(2)) for v in x]))
+    assert np.abs(_gelu(x) - gelu).max() <= 1e-6 * max(1.0, float(np.abs(x).max()))
