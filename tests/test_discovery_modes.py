@@ -124,6 +124,14 @@ def test_a_description_its_images_do_not_show_is_reworded_from_what_they_do() ->
     assert hat.shown_as == "face of a person with a goatee and gray hair"
     assert hat.shown_attributes == "Goatee, Gray_Hair" and goatee.shown_attributes == "Goatee"
     assert hat.shows.startswith("Goatee 100% (x5.0), Gray_Hair 75% (x2.5)")
+    # two values over-represented on different samples are not one group: only the first named
+    hair = {
+        "Blond_Hair": np.arange(200) < 20,
+        "Gray_Hair": (np.arange(200) >= 20) & (np.arange(200) < 40),
+        "Wearing_Hat": labels["Wearing_Hat"],
+    }
+    apart = wording(describe_values([("Wearing_Hat", True)]), np.arange(40), hair)
+    assert apart.verdict == REWORDED and apart.shown_attributes in ("Blond_Hair", "Gray_Hair")
     # nothing over-represented: marked, not reworded
     spread = np.arange(3, 200, 5)  # every attribute at its base rate, no hat at all
     flat = wording(describe_values([("Wearing_Hat", True)]), spread, labels)

@@ -23,9 +23,10 @@ with the value) and lift (precision / the split's base rate). A value is shown b
 its lift is at least `min_lift` or, for a value too common for that lift to be possible (base rate
 above 1 / min_lift), when its precision closes half the distance from the base rate to 1. A
 description whose named values are not all shown is reworded from the values its matched set does
-over-represent ("goatee, gray hair" rather than "hat"), or marked "words not supported by the
-images" when none stands out. Free text names no label: "unverified". Without labels:
-"unverified".
+over-represent ("goatee, gray hair" rather than "hat"; the second value only when a quarter of the
+matched samples have both, so two hair colours each on half of them are not named as one group),
+or marked "words not supported by the images" when none stands out. Free text names no label:
+"unverified". Without labels: "unverified".
 
 Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
 attributes, then pairs, then triples), better-worded first, then by measured AUROC. In turn:
@@ -66,6 +67,8 @@ REWORDED = "reworded"
 NOT_SUPPORTED = "words not supported by the images"
 UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
+MIN_PRECISION = 0.25
+"""a value (or, for a two-value rewording, the pair) must be on a quarter of the matched samples"""
 
 
 def probe_share(texts: np.ndarray, probes: np.ndarray) -> np.ndarray:
@@ -126,12 +129,22 @@ def _over_represented(rates: dict, min_lift: float, avoid_subjective: bool) -> l
         (key, precision, lift)
         for key, (precision, _, lift) in rates.items()
         if lift >= min_lift
-        and precision >= 0.25
+        and precision >= MIN_PRECISION
         and not (key[0] in CELEBA_ATTRIBUTES and is_negation(*key))
     ]
     if avoid_subjective:
         shown = [item for item in shown if neutral_phrase(*item[0]) is not None]
     return sorted(shown, key=lambda item: (-item[2], -item[1], item[0]))
+
+
+def _joint_precision(
+    labels: Mapping[str, np.ndarray], matched: np.ndarray, keys: Sequence[tuple[str, bool]]
+) -> float:
+    """Share of the matched samples with every one of the values `keys`."""
+    both = np.ones(len(matched), dtype=bool)
+    for name, value in keys:
+        both &= np.asarray(labels[name])[matched] == value
+    return float(both.mean()) if both.size else 0.0
 
 
 def _label(key: tuple[str, bool]) -> str:
@@ -162,6 +175,10 @@ def wording(
         stated = ", ".join(_label(key) for key in named)
         return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated)
     usable = [key for key, _, _ in over if key[0] in CELEBA_ATTRIBUTES][:2]
+    if len(usable) == 2 and _joint_precision(labels, matched, usable) < MIN_PRECISION:
+        # two values the set over-represents on different samples (blond hair, gray hair) are
+        # not one group: "blond hair and gray hair" would name images that do not exist
+        usable = usable[:1]
     if not usable:
         return Wording(NOT_SUPPORTED, precision, lift, shows, candidate.text)
     reworded = describe_values(usable, neutral=avoid_subjective)
