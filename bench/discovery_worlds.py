@@ -76,19 +76,24 @@ def score_modes(
     modes: Sequence[Mapping[str, bool]],
     truths: Sequence[Mapping[str, float] | None],
     planted: Sequence[str],
+    variants: Sequence[Sequence[Mapping[str, bool]]] | None = None,
 ) -> dict[str, Any]:
     """A world's modes (conditions in rank order) and their truths (None: no condition) against
-    its plantings: planted recall in the top k, and the share of modes the truth backs."""
+    its plantings: planted recall in the top k, and the share of modes the truth backs.
+    `variants`: per mode, the conditions of the descriptions folded under it; a planted value
+    one of them names is counted apart (`planted_in_variants`: found under a broader word)."""
     if len(modes) != len(truths):
         raise ValueError(f"{len(modes)} modes but {len(truths)} truths")
     k = len(planted) + EXTRA_MODES
-    named = {name for condition in modes[:k] for name, value in condition.items() if value}
-    found = [name for name in planted if name in named]
+    found = [name for name in planted if name in _named(modes[:k])]
+    folded = [c for group in (variants or [])[:k] for c in group]
+    in_variants = [name for name in planted if name not in found and name in _named(folded)]
     backed = [_backed(truth) for truth in truths]
     return {
         "k": k,
         "n_modes": len(modes),
         "planted_found": found,
+        "planted_in_variants": in_variants,
         "planted_recall": len(found) / len(planted) if planted else math.nan,
         "all_planted_in_top_k": (len(found) == len(planted)) if planted else None,
         "n_backed": int(sum(backed)),
@@ -96,6 +101,10 @@ def score_modes(
         "n_backed_top_k": int(sum(backed[:k])),
         "n_top_k": min(k, len(modes)),
     }
+
+
+def _named(conditions: Sequence[Mapping[str, bool]]) -> set[str]:
+    return {name for condition in conditions for name, value in condition.items() if value}
 
 
 def _backed(truth: Mapping[str, float] | None) -> bool:
@@ -172,7 +181,12 @@ def one_world(
     conditions = [mode_condition(row) for row in modes]
     truths = [condition_truth(loss, table, c) if c else None for c in conditions]
     planted = planted_of(home)
-    scores = score_modes(conditions, truths, list(planted))
+    folded = hypotheses.filter(pl.col("verdict") == "folded")
+    variants = [
+        [mode_condition(r) for r in folded.filter(pl.col("mode") == row["mode"]).to_dicts()]
+        for row in modes
+    ]
+    scores = score_modes(conditions, truths, list(planted), variants)
     return {
         "home": str(home),
         "planted": planted,
@@ -228,6 +242,8 @@ def print_tables(worlds: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         planted = ", ".join(f"{n} {s:.2f}" for n, s in w["planted"].items()) or "-"
         found = ", ".join(w["planted_found"]) or "none"
         recall = f"{found} ({w['planted_recall']:.2f})" if w["planted"] else "-"
+        if w["planted_in_variants"]:
+            recall += f"; folded: {', '.join(w['planted_in_variants'])}"
         top = ", ".join(
             f"{m['shown_as']} [{'backed' if m['backed'] else 'not backed'}"
             f" {m.get('truth_gap', math.nan):+.2f}]"

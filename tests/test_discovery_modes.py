@@ -132,6 +132,18 @@ def test_a_description_its_images_do_not_show_is_reworded_from_what_they_do() ->
     }
     apart = wording(describe_values([("Wearing_Hat", True)]), np.arange(40), hair)
     assert apart.verdict == REWORDED and apart.shown_attributes in ("Blond_Hair", "Gray_Hair")
+    # ... nor is a description naming both supported by them
+    both = describe_values([("Blond_Hair", True), ("Gray_Hair", True)])
+    assert wording(both, np.arange(40), hair).verdict != SUPPORTED
+    # a pair on a fifth of the matched samples, five times its base rate, is one group
+    idx = np.arange(200)
+    pair = {
+        "Gray_Hair": idx < 20,
+        "Pointy_Nose": (idx >= 12) & (idx < 30),
+        "Wearing_Hat": labels["Wearing_Hat"],
+    }
+    rare = wording(describe_values([("Wearing_Hat", True)]), np.arange(40), pair)
+    assert rare.shown_attributes == "Gray_Hair, Pointy_Nose"
     # nothing over-represented: marked, not reworded
     spread = np.arange(3, 200, 5)  # every attribute at its base rate, no hat at all
     flat = wording(describe_values([("Wearing_Hat", True)]), spread, labels)

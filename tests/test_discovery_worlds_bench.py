@@ -54,6 +54,10 @@ def test_recall_counts_planted_values_named_true_in_the_top_k_only(bench) -> Non
     # backed: gap > 0 and the 95% interval above 0; no condition is not backed
     assert scores["backed"] == [True, False, False, False]
     assert scores["n_backed_top_k"] == 1 and scores["n_top_k"] == 3
+    # a goatee folded under the first mode: found under a broader word, counted apart
+    variants = [[{"Goatee": True}], [], [], []]
+    folded = bench.score_modes(modes, truths, ["Goatee"], variants)
+    assert folded["planted_found"] == [] and folded["planted_in_variants"] == ["Goatee"]
     two = bench.score_modes(modes, truths, ["Gray_Hair", "Goatee"])  # k = 4
     assert two["planted_found"] == ["Gray_Hair", "Goatee"] and two["planted_recall"] == 1.0
     nothing = bench.score_modes([], [], [])

@@ -23,9 +23,10 @@ with the value) and lift (precision / the split's base rate). A value is shown b
 its lift is at least `min_lift` or, for a value too common for that lift to be possible (base rate
 above 1 / min_lift), when its precision closes half the distance from the base rate to 1. A
 description whose named values are not all shown is reworded from the values its matched set does
-over-represent ("goatee, gray hair" rather than "hat"; the second value only when a quarter of the
-matched samples have both, so two hair colours each on half of them are not named as one group),
-or marked "words not supported by the images" when none stands out. Free text names no label:
+over-represent ("goatee, gray hair" rather than "hat"), or marked "words not supported by the
+images" when none stands out. Several values are one group only when the samples with all of
+them pass the same test (`_together`): two hair colours each on half of the matched samples are
+not "blond hair and gray hair". Free text names no label:
 "unverified". Without labels: "unverified".
 
 Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
@@ -68,7 +69,7 @@ NOT_SUPPORTED = "words not supported by the images"
 UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
 MIN_PRECISION = 0.25
-"""a value (or, for a two-value rewording, the pair) must be on a quarter of the matched samples"""
+"""a value offered for a rewording must be on a quarter of the matched samples"""
 
 
 def probe_share(texts: np.ndarray, probes: np.ndarray) -> np.ndarray:
@@ -137,14 +138,23 @@ def _over_represented(rates: dict, min_lift: float, avoid_subjective: bool) -> l
     return sorted(shown, key=lambda item: (-item[2], -item[1], item[0]))
 
 
-def _joint_precision(
-    labels: Mapping[str, np.ndarray], matched: np.ndarray, keys: Sequence[tuple[str, bool]]
-) -> float:
-    """Share of the matched samples with every one of the values `keys`."""
-    both = np.ones(len(matched), dtype=bool)
+def _together(
+    labels: Mapping[str, np.ndarray],
+    matched: np.ndarray,
+    keys: Sequence[tuple[str, bool]],
+    min_lift: float,
+) -> bool:
+    """Whether the matched set shows several values as one group: the samples with all of them
+    pass the same test (`_shown`) as a single value. Two values over-represented on different
+    samples (blond hair, gray hair) are not one group: "blond hair and gray hair" would name
+    images that do not exist."""
+    if len(keys) < 2:
+        return True
+    joint = np.ones(len(next(iter(labels.values()))), dtype=bool)
     for name, value in keys:
-        both &= np.asarray(labels[name])[matched] == value
-    return float(both.mean()) if both.size else 0.0
+        joint &= np.asarray(labels[name]) == value
+    base, precision = float(joint.mean()), float(joint[matched].mean())
+    return base > 0 and _shown(precision, base, precision / base, min_lift)
 
 
 def _label(key: tuple[str, bool]) -> str:
@@ -171,13 +181,13 @@ def wording(
         return Wording(UNVERIFIED, None, None, shows, candidate.text)
     precision = min(rates[key][0] for key in named)
     lift = min(rates[key][2] for key in named)
-    if all(_shown(*rates[key], min_lift) for key in named):
+    if all(_shown(*rates[key], min_lift) for key in named) and _together(
+        labels, matched, named, min_lift
+    ):
         stated = ", ".join(_label(key) for key in named)
         return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated)
     usable = [key for key, _, _ in over if key[0] in CELEBA_ATTRIBUTES][:2]
-    if len(usable) == 2 and _joint_precision(labels, matched, usable) < MIN_PRECISION:
-        # two values the set over-represents on different samples (blond hair, gray hair) are
-        # not one group: "blond hair and gray hair" would name images that do not exist
+    if not _together(labels, matched, usable, min_lift):
         usable = usable[:1]
     if not usable:
         return Wording(NOT_SUPPORTED, precision, lift, shows, candidate.text)
