@@ -28,3 +28,8 @@ def one_of(
         return value
     shown = [*allowed, family[0]] if family is not None else list(allowed)
     raise ValueError(f"{field} must be one of {shown}, got {value!r}")
+
+
+ON_BAD_IMAGE: tuple[str, ...] = ("fail", "skip")
+"""dataset.on_bad_image, also checked by the image loader and the encoder's training: here, so
+that neither imports the config (core.config imports the encoder's config, a cycle)."""

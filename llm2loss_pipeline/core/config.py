@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_split
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
-from llm2loss_pipeline.core.choices import one_of
+from llm2loss_pipeline.core.choices import ON_BAD_IMAGE, one_of
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
@@ -43,7 +43,6 @@ DEFAULT_PLANTED_FAILURES = {"Gray_Hair": 0.9, "Goatee": 0.9}
 
 
 DATASET_SOURCES = ("generated", "celeba")
-ON_BAD_IMAGE = ("fail", "skip")
 SPLIT_MODES = ("auto", "file", "within_identity")
 
 

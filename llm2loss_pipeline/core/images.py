@@ -14,11 +14,12 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from llm2loss_pipeline.core.choices import ON_BAD_IMAGE, one_of
 from llm2loss_pipeline.core.env import MAX_IMAGE_PIXELS
 
 try:  # torch is only needed for the Dataset; the loaders work without it
@@ -228,6 +229,7 @@ def load_image_tensor(path: PathLike) -> Any:
 
 def _decode_jpeg_fast(data: bytes) -> Any:
     try:
+        # lazy: torchvision (about 1 s) stays off the Dagster definitions load
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:  # pragma: no cover - torchvision is a dependency of the package
         return None
@@ -264,9 +266,6 @@ def scan_images(paths: Iterable[PathLike], workers: int = 4) -> list[tuple[str, 
     return [(p, r) for p, r in zip(items, reasons, strict=True) if r is not None]
 
 
-OnBadImage = Literal["fail", "skip"]
-
-
 class ImageFolderDataset(Dataset):  # type: ignore[misc,valid-type]
     """Images listed as (sample_id, path), yielding (position, tensor).
 
@@ -280,10 +279,9 @@ class ImageFolderDataset(Dataset):  # type: ignore[misc,valid-type]
         self,
         items: Sequence[tuple[str, PathLike]],
         transform: Callable[[Image.Image], Any],
-        on_bad_image: OnBadImage = "fail",
+        on_bad_image: str = "fail",
     ) -> None:
-        if on_bad_image not in ("fail", "skip"):
-            raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+        one_of("on_bad_image", on_bad_image, ON_BAD_IMAGE)
         self.sample_ids = [sample_id for sample_id, _ in items]
         self.paths = [str(path) for _, path in items]
         self.transform = transform

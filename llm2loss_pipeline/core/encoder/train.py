@@ -115,11 +115,18 @@ import torch
 import torch.nn.functional as F
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.choices import ON_BAD_IMAGE, one_of
 from llm2loss_pipeline.core.device import DeviceSpec, deterministic
-from llm2loss_pipeline.core.encoder.captions import build_caption_pool, embed_pool
+from llm2loss_pipeline.core.encoder.captions import (
+    build_caption_pool,
+    captions_for_rows,
+    embed_pool,
+)
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
-from llm2loss_pipeline.core.encoder.embed import image_batches
+from llm2loss_pipeline.core.encoder.embed import embed_images, image_batches
+from llm2loss_pipeline.core.encoder.evaluate import retrieval_accuracy, zero_shot_auroc
 from llm2loss_pipeline.core.encoder.factory import Encoder
+from llm2loss_pipeline.core.images import UnreadableImagesError, describe_bad_images
 from llm2loss_pipeline.core.prompts import CAPTION_TEMPLATES, _realise, phrases
 
 Items = Sequence[tuple[str, str | Path]]
@@ -140,10 +147,7 @@ def load_image_tensors(
 
     In fail mode one error lists every unreadable image, not only the first.
     """
-    from llm2loss_pipeline.core.images import UnreadableImagesError, describe_bad_images
-
-    if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+    one_of("on_bad_image", on_bad_image, ON_BAD_IMAGE)
     out: torch.Tensor | None = None
     done = torch.zeros(len(items), dtype=torch.bool)
     skipped: list[int] = []
@@ -416,8 +420,6 @@ def train_caption_tuned(
     images, skipped = load_image_tensors(encoder, items, device_spec, progress, on_bad_image)
     skipped_images = []
     if skipped:
-        from llm2loss_pipeline.core.images import describe_bad_images
-
         skipped_images = [[sid, why] for sid, _, why in describe_bad_images(items, skipped)]
         gone = set(skipped)
         items = [item for position, item in enumerate(items) if position not in gone]
@@ -601,10 +603,6 @@ def train_caption_tuned(
 
 
 def _validate(encoder: Encoder, validation: Validation, device_spec: DeviceSpec) -> dict[str, Any]:
-    from llm2loss_pipeline.core.encoder.captions import captions_for_rows
-    from llm2loss_pipeline.core.encoder.embed import embed_images
-    from llm2loss_pipeline.core.encoder.evaluate import retrieval_accuracy, zero_shot_auroc
-
     items, rows = validation
     result = embed_images(encoder, items, device_spec)
     matrix = {name: np.array([bool(row[name]) for row in rows]) for name in rows[0]}

@@ -18,13 +18,16 @@ from typing import Protocol
 
 import numpy as np
 import polars as pl
+from safetensors.numpy import save as save_arrays
 from scipy import stats as sps
 
+from llm2loss_pipeline.core import prompts
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.markdown import markdown_table
 from llm2loss_pipeline.core.members import KINDS, OVERALL, MemberGroup, member_groups
+from llm2loss_pipeline.core.metrics import auroc
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import (
     LEVEL,
@@ -118,15 +121,11 @@ class ReportResult:
 
 
 def _default_prompt_functions() -> tuple[PromptPairs, ComposePrompt, Sequence[str]]:
-    from llm2loss_pipeline.core import prompts
-
     templates = getattr(prompts, "TEMPLATES", None) or (prompts.DEFAULT_TEMPLATE,)
     return prompts.attribute_prompt_pairs, prompts.composed_prompt, tuple(templates)
 
 
 def _default_auroc() -> AurocFn:
-    from llm2loss_pipeline.core.metrics import auroc
-
     return auroc
 
 
@@ -707,8 +706,6 @@ def _write_calibration(result: ReportResult, out: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     extra: dict[str, object] = {"attributes": None, "dual_ridge": None, "probes_sha256": None}
     if result.grounding is not None:
-        from safetensors.numpy import save as save_arrays
-
         data = save_arrays(
             {
                 "directions": np.ascontiguousarray(result.grounding.directions, np.float64),

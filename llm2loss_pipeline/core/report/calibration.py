@@ -176,7 +176,9 @@ def calibrated_claims(
 
     gap_se: the measured gaps' identity-clustered standard errors; gap_se_images: their per-image
     ones (without, taken equal: no identity part, and tau fitted against the clustered ones)."""
-    from scipy import stats as sps  # here, not at the top: queries import this module
+    # lazy: scipy.stats (and core.stats, which imports it) would add 0.9 s to every `compare`,
+    # and queries import this module for `Calibration` alone
+    from scipy import stats as sps
 
     from llm2loss_pipeline.core.stats import bh_adjust
 

@@ -11,11 +11,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from llm2loss_pipeline.core.blackbox.train import cpu_threads
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
+from llm2loss_pipeline.core.encoder.checkpoint import load_encoder, loading_snippet, save_encoder
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.encoder.embed import embed_images
+from llm2loss_pipeline.core.encoder.evaluate import retrieval_accuracy, zero_shot_auroc
+from llm2loss_pipeline.core.encoder.factory import build_encoder
+from llm2loss_pipeline.core.encoder.train import train_caption_tuned
 from llm2loss_pipeline.core.env import CPU_THREADS
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, Layout
+from llm2loss_pipeline.core.prompts import caption_for
 from llm2loss_pipeline.core.steps.tables import (
     fail_on_bad_images,
     items_of,
@@ -91,8 +98,6 @@ def pinned_cpu_threads(device: DeviceSpec) -> Any:
     result's, not the machine's: `$LLM2LOSS_CPU_THREADS=N` trades speed on a large CPU for
     results that match other runs with the same N. On a GPU this changes nothing.
     """
-    from llm2loss_pipeline.core.blackbox.train import cpu_threads
-
     return cpu_threads(fixed_cpu_threads() if device.torch_device().type == "cpu" else None)
 
 
@@ -108,9 +113,6 @@ def _fit_encoder(
     progress: Callable[..., None] | None,
     on_bad_image: str,
 ) -> EncoderResult:
-    from llm2loss_pipeline.core.encoder import build_encoder, save_encoder, train_caption_tuned
-    from llm2loss_pipeline.core.encoder.checkpoint import loading_snippet
-
     manifest = read_manifest(layout)
     encoder = build_encoder(config, device.torch_device())
     metrics: dict[str, Any] = {}
@@ -149,9 +151,6 @@ def evaluate_encoder(
     layout: Layout, encoder: Any, manifest: pl.DataFrame, device: DeviceSpec, seed: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Zero-shot attribute AUROC and caption retrieval on (a sample of) the validation split."""
-    from llm2loss_pipeline.core.encoder import embed_images, retrieval_accuracy, zero_shot_auroc
-    from llm2loss_pipeline.core.prompts import caption_for
-
     valid = manifest.filter(pl.col("split") == "valid").sort("index")
     if valid.height > VALIDATION_SAMPLE:
         valid = valid.sample(VALIDATION_SAMPLE, seed=seed).sort("index")
@@ -181,8 +180,6 @@ def shard_embeddings(
     device: DeviceSpec,
     progress: Callable[..., None] | None = None,
 ) -> EmbeddingShardResult:
-    from llm2loss_pipeline.core.encoder import embed_images, load_encoder
-
     rows = shard_rows(read_manifest(layout), shard)
     encoder = load_encoder(layout.encoder_dir, device.torch_device())
     # skip mode, so that in fail mode every bad image is listed at once just below
