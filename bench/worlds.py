@@ -176,6 +176,40 @@ def labels_ceiling(layout: Layout, diagnoser: Any, attributes: list[str]) -> np.
     return out
 
 
+def retrieval_lift(layout: Layout, diagnoser: Any, share: float = 0.1) -> dict[str, dict]:
+    """Per attribute: the precision of its probe's top `share` of the evaluation images (ranked
+    by the report's decorrelated probe score, the grounded estimator's reading) and that over the
+    attribute's base rate (issue 17, item 3: at least 2; unreachable above a 50% base rate)."""
+    probes = diagnoser.probes()
+    if probes is None:
+        return {}
+    attributes = json.loads((layout.home / "reports" / "calibration.json").read_text())[
+        "attributes"
+    ]
+    split = str(diagnoser.meta.get("extra", {}).get("eval_split", "test"))
+    frame = training_frame(layout).filter(pl.col("split") == split)
+    pool = diagnoser.image_features(np.asarray(frame["embedding"].to_list(), dtype=np.float32))
+    scores = standardized_scores(pool, probes[1])
+    top = max(1, round(share * len(frame)))
+    out = {}
+    for j, name in enumerate(attributes):
+        labels = frame[name].to_numpy().astype(bool)
+        chosen = np.argsort(-scores[:, j], kind="stable")[:top]
+        precision, base = float(labels[chosen].mean()), float(labels.mean())
+        lift = precision / base if base > 0 else math.nan  # nothing to find on this split
+        out[name] = {"precision": precision, "base_rate": base, "lift": lift}
+    return out
+
+
+def summarize_retrieval(lifts: dict[str, dict]) -> dict[str, Any]:
+    usable = [v for v in lifts.values() if 0 < v["base_rate"] <= 0.5]
+    return {
+        "attributes": len(usable),
+        "lift_at_least_2": sum(v["lift"] >= 2 for v in usable),
+        "mean_lift": float(np.mean([v["lift"] for v in usable])) if usable else math.nan,
+    }
+
+
 def pair_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> tuple[float, int]:
     pairs = pl.read_parquet(report_dir / "pair_disparity.parquet")
     if pairs.height < 3:
@@ -266,6 +300,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
     )["spearman"]
     scores["pairs_spearman"], scores["n_pairs"] = pair_truth(report_dir, loss, table)
     answers = compare_answers(diagnoser, loss, table)
+    retrieval = retrieval_lift(layout, diagnoser)
     headline = json.loads((report_dir / "headline.json").read_text())
     return {
         "seed": seed,
@@ -278,6 +313,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
             for k in ("n_claims", "claim_precision_measured", "interval_coverage_measured")
         },
         "answers": answers,
+        "retrieval": retrieval,
     }
 
 
@@ -347,6 +383,22 @@ def print_tables(worlds: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         )
 
 
+def print_retrieval(homes: list[str]) -> int:
+    from llm2loss_pipeline.core.query import Diagnoser
+
+    for home in homes:
+        lifts = retrieval_lift(Layout.at(home), Diagnoser.load(home))
+        low = sorted((v["lift"], k) for k, v in lifts.items() if 0 < v["base_rate"] <= 0.5)[:5]
+        print(
+            home,
+            json.dumps(summarize_retrieval(lifts)),
+            "lowest:",
+            ", ".join(f"{k} {v:.2f}" for v, k in low),
+            flush=True,
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", choices=sorted(SETS), default="report")
@@ -359,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the per-world results and summary here")
     parser.add_argument("--merge", nargs="+", help="summarise these --json results instead")
     parser.add_argument(
+        "--retrieval",
+        nargs="+",
+        metavar="HOME",
+        help="only the probes' retrieval precision (top 10%% of the evaluation images) on these "
+        "existing homes",
+    )
+    parser.add_argument(
         "--default-world",
         action="store_true",
         help="the embedded default (`make run`'s world and plantings) in OUT/world-default, "
@@ -366,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.retrieval:
+        return print_retrieval(args.retrieval)
     if args.merge:  # results of several invocations (e.g. a set run as two parallel halves)
         worlds = [w for path in args.merge for w in json.loads(Path(path).read_text())["worlds"]]
         seconds = sum(w["pipeline_seconds"] for w in worlds)
