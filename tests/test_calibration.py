@@ -282,7 +282,9 @@ def test_intervals_cover_the_population_truth_of_the_same_identities():
     def coverage(per_image_known: bool) -> float:
         shares = []
         for seed in range(20):
-            e, s, g, clustered, per_image, truth = _shared_identities(40, seed=seed, between=0.2, within=0.12)
+            e, s, g, clustered, per_image, truth = _shared_identities(
+                40, seed=seed, between=0.2, within=0.12
+            )
             frame, _ = calibrated_claims(
                 [f"a{i}" for i in range(40)],
                 "grounded",
