@@ -156,22 +156,7 @@ def test_known_texts_need_no_encoder_and_no_heavy_imports(indexed_home):
 
     # A fresh process with the default loader, which cannot load this fake encoder folder:
     # it answers only because the index holds both texts, and imports nothing heavy.
-    script = (
-        "import json, sys\n"
-        "from llm2loss_pipeline.cli import main\n"
-        f"code = main(['compare', {GLASSES!r}, {HAT!r}, '--home', {str(indexed_home)!r},"
-        " '--json'])\n"
-        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
-        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr
-    answer, status = done.stdout.strip().rsplit("\n", 1)
-    assert json.loads(status) == {"code": 0, "heavy": []}
-    (result,) = json.loads(answer)["results"]
+    (result,) = _compare_in_fresh_process(indexed_home, HEAVY)["results"]
     np.testing.assert_allclose(diffs_of(result), expected.diffs, atol=1e-6)
 
 
@@ -250,22 +235,7 @@ def test_a_query_snapshot_answers_grounded_questions_without_torch(indexed_home)
         loaded.compare(GLASSES, HAT, grounded=False).diffs, direct.diffs, atol=1e-9
     )
 
-    script = (
-        "import json, sys\n"
-        "from llm2loss_pipeline.cli import main\n"
-        f"code = main(['compare', {GLASSES!r}, {HAT!r}, '--home', {str(indexed_home)!r},"
-        " '--json'])\n"
-        f"heavy = sorted(m for m in {(*HEAVY, 'torch')!r} if m in sys.modules)\n"
-        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr
-    answer, status = done.stdout.strip().rsplit("\n", 1)
-    assert json.loads(status) == {"code": 0, "heavy": []}
-    out = json.loads(answer)
+    out = _compare_in_fresh_process(indexed_home, (*HEAVY, "torch"))
     assert out["estimator"] == "grounded"
     np.testing.assert_allclose(diffs_of(out["results"][0]), grounded.diffs, atol=1e-9)
 
@@ -284,3 +254,23 @@ def test_quartiles_are_numpys_bit_for_bit():
             values = np.round(values, 1)  # ties
         assert quartiles(values) == [float(q) for q in np.quantile(values, [0.25, 0.5, 0.75])]
     assert np.isnan(quartiles(np.array([1.0, np.nan]))).all()
+
+
+def _compare_in_fresh_process(home: Path, heavy: tuple[str, ...]) -> dict:
+    """`llm2loss compare GLASSES HAT --json` in a new interpreter: its JSON answer, after checking
+    that it exited 0 and imported none of the `heavy` modules."""
+    script = (
+        "import json, sys\n"
+        "from llm2loss_pipeline.cli import main\n"
+        f"code = main(['compare', {GLASSES!r}, {HAT!r}, '--home', {str(home)!r}, '--json'])\n"
+        f"heavy = sorted(m for m in {heavy!r} if m in sys.modules)\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    answer, status = done.stdout.strip().rsplit("\n", 1)
+    assert json.loads(status) == {"code": 0, "heavy": []}
+    return json.loads(answer)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
+from llm2loss_pipeline.core.encoder.text_input import checked_texts
 
 TEXT_BATCH_SIZE = 64
 """Texts per text-tower call; sorted by length, small batches waste the least on padding."""
@@ -132,14 +133,7 @@ class Encoder:
         Raises ValueError for an empty or whitespace-only text (naming its position); warns, naming
         the text, when a text is longer than the tokenizer's context and gets truncated.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode_texts takes a sequence of texts, not a single string")
-        texts = list(texts)
-        for position, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text at position {position} is {type(text).__name__}, not str")
-            if not text.strip():
-                raise ValueError(f"text at position {position} is empty or only whitespace")
+        texts = checked_texts(texts)
         missing = list(dict.fromkeys(text for text in texts if text not in self._text_cache))
         if missing:
             self._encode_uncached(missing)

@@ -33,6 +33,7 @@ import ftfy
 import numpy as np
 from tokenizers import Tokenizer
 
+from llm2loss_pipeline.core.encoder.text_input import checked_texts
 from llm2loss_pipeline.core.storage import StorageError, existing_dir, sha256_bytes
 
 # named as in core/encoder/checkpoint.py, which imports torch
@@ -146,14 +147,7 @@ class NumpyTextTower:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings, float32 [n, embed_dim], as `Encoder.encode_texts`
         gives them (same errors for empty texts, same warning for over-long ones)."""
-        if isinstance(texts, str):
-            raise TypeError("encode_texts takes a sequence of texts, not a single string")
-        texts = list(texts)
-        for position, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text at position {position} is {type(text).__name__}, not str")
-            if not text.strip():
-                raise ValueError(f"text at position {position} is empty or only whitespace")
+        texts = checked_texts(texts)
         out = np.zeros((len(texts), self.embed_dim), dtype=np.float32)
         rows = self.token_rows(texts)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
