@@ -18,8 +18,9 @@ against it (core/truth.py):
     .venv/bin/python bench/worlds.py --set tune            # the 2 worlds settings are chosen on
     .venv/bin/python bench/worlds.py --tiny --seeds 1,2    # what the test runs
 
-Tuning worlds: seeds 1001-1002. Reporting worlds: seeds 2001-2008. The first world of each set
-plants nothing; the second plants one identity-level and one image-level attribute.
+Tuning worlds: seeds 1001-1008. Reporting worlds: seeds 2009-2016 (2001-2008 until stop 17).
+The first world of each set plants nothing; the second plants one identity-level and one
+image-level attribute.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.population import write_population
 from llm2loss_pipeline.core.world.traits import ATTRIBUTE_RULES
 
-SETS = {"tune": (1001, 1002), "report": tuple(range(2001, 2009))}
+# 2001-2008 were the reporting worlds until stop 17, when their results chose the next change
+# (the text error's fit): they are looked at now, so the reporting set moved to fresh seeds
+SETS = {
+    "tune": tuple(range(1001, 1009)),
+    "report": tuple(range(2009, 2017)),
+    "looked_at": tuple(range(2001, 2009)),
+}
 IDENTITY_LEVEL = [r.name for r in ATTRIBUTE_RULES if r.rendered and r.level == "identity"]
 IMAGE_LEVEL = [r.name for r in ATTRIBUTE_RULES if r.rendered and r.level == "image"]
 TINY = {

@@ -35,6 +35,7 @@ from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.report.grounded import ESTIMATORS
+from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world.config import WorldConfig
 
 DEFAULT_PLANTED_FAILURES = {"Gray_Hair": 0.9, "Goatee": 0.9}
@@ -163,6 +164,8 @@ class PipelineConfig(_Strict):
     # The embedded default plants two failures, so that the report has something real to find
     # (configs/default.yaml spells the same values out).
     world: WorldConfig = WorldConfig(hard_attributes=DEFAULT_PLANTED_FAILURES)
+    # What the black box learns (core/task.py): identity classification unless told otherwise.
+    task: TaskConfig = TaskConfig()
     black_box: BlackBoxConfig = BlackBoxConfig()
     encoder: EncoderConfig = EncoderConfig()
     heads: HeadsConfig = HeadsConfig()
