@@ -6,12 +6,81 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 
 GENERATOR_VERSION = 1
 """Bumped whenever the drawing or the sampling changes, so that a cached world is regenerated."""
+
+
+class SpuriousConfig(BaseModel):
+    """A spurious correlation between two identity-level attributes, the classic
+    group-robustness failure (CelebA's blond men): `target` becomes rare among `attribute`-positive
+    images of the train split, while valid and test stay closer to balanced.
+
+    How (both attributes are fixed per identity, and every identity has images in every split):
+      (1) among identities with `attribute`, `target` is drawn with rate `eval_rate` instead of
+          its rule's rate (its exclusions still hold: a black-haired man is not blond), so the
+          valid and test splits, whose images are never dropped, show the group at about that
+          rate;
+      (2) identities with both keep only a few of their train images: `K = train_rate /
+          (1 - train_rate) * T` of them in all, where T counts the train images of identities
+          with `attribute` but without `target`, spread as evenly as possible over those
+          identities (some keep none). Among `attribute`-positive train images the target's
+          share is then about `train_rate`.
+    Dropped images are never generated. world.json records, per split, the target's rate among
+    `attribute`-positive and -negative images. Identities may lose all their train images, so
+    a spurious world is for attribute tasks (task.kind: attribute), not identity tasks.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="the identity-level attribute a classifier predicts")
+    attribute: str = Field(description="the identity-level attribute it is confounded with")
+    train_rate: float = Field(
+        0.02, gt=0.0, lt=1.0, description="share of target among attribute images in train"
+    )
+    eval_rate: float = Field(
+        0.4, gt=0.0, lt=1.0, description="rate of target among attribute identities (eval)"
+    )
+
+    @model_validator(mode="after")
+    def _identity_level_pair(self) -> SpuriousConfig:
+        # lazy: traits imports this module (boosted_rate), so it cannot be imported at its top
+        from llm2loss_pipeline.core.world.traits import RULE_INDEX, RULES_BY_NAME
+
+        for key in ("target", "attribute"):
+            name = getattr(self, key)
+            if name not in CELEBA_ATTRIBUTES:
+                raise ValueError(
+                    f"spurious.{key} {name!r} is not a CelebA attribute, e.g. 'Blond_Hair'"
+                )
+            if RULES_BY_NAME[name].level != "identity":
+                raise ValueError(
+                    f"spurious.{key} {name!r} is drawn per image; a spurious pair must be "
+                    "fixed per identity (e.g. Male, Young, Blond_Hair, Gray_Hair)"
+                )
+        if self.target == self.attribute:
+            raise ValueError(f"spurious.target and spurious.attribute are both {self.target!r}")
+        if RULE_INDEX[self.attribute] > RULE_INDEX[self.target]:
+            raise ValueError(
+                f"spurious.target {self.target!r} is drawn before {self.attribute!r}, so it "
+                "cannot depend on it; swap them or choose another pair"
+            )
+        if self.train_rate >= self.eval_rate:
+            raise ValueError(
+                f"spurious.train_rate {self.train_rate} must be below eval_rate "
+                f"{self.eval_rate}: the target is made rare in train"
+            )
+        return self
 
 
 class WorldConfig(BaseModel):
@@ -62,6 +131,10 @@ class WorldConfig(BaseModel):
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     hard_attributes: dict[str, float] = Field(default_factory=dict)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
+    spurious: SpuriousConfig | None = Field(
+        default=None,
+        description="a spurious correlation: {target, attribute, train_rate, eval_rate}",
+    )
 
     @field_validator("split_fractions")
     @classmethod
@@ -86,6 +159,15 @@ class WorldConfig(BaseModel):
                     f"hard_attributes[{name!r}] = {strength} is outside [0, 1] (a strength)"
                 )
         return dict(sorted(value.items()))
+
+    @model_serializer(mode="wrap")
+    def _unset_spurious_left_out(self, handler: Any) -> dict[str, Any]:
+        # A world without `spurious` serializes as before the key existed: its folder name
+        # (a hash of this JSON) and world.json stay byte-identical across versions.
+        data = handler(self)
+        if self.spurious is None:
+            data.pop("spurious", None)
+        return data
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -111,12 +111,16 @@ def _rng(*key: int) -> np.random.Generator:
 
 def plan_identities(config: WorldConfig) -> list[IdentityTraits]:
     boosts = config.hard_attributes
+    spurious = config.spurious
+    override = (
+        (spurious.target, spurious.attribute, spurious.eval_rate) if spurious is not None else None
+    )
     identities = []
     for identity in range(1, config.n_identities + 1):
         rng = _rng(config.seed, 0, identity)
         uniforms = rng.random(len(ATTRIBUTE_RULES))
         draws = rng.random(len(TRAIT_DRAWS))
-        attributes = sample_attributes("identity", uniforms, {}, boosts)
+        attributes = sample_attributes("identity", uniforms, {}, boosts, override)
         identities.append(identity_traits(identity, attributes, draws))
     return identities
 
@@ -148,6 +152,7 @@ def plan_world(config: WorldConfig) -> WorldPlan:
     n_train, n_valid, _ = split_counts(n, config.split_fractions)
     dropped: dict[str, int] = {name: 0 for name in hard}
     kept: list[PlannedImage] = []
+    spurious_keep = _spurious_train_quota(config, identities, n_train)
     for traits in identities:
         order = _rng(config.seed, 5, traits.identity).permutation(n)
         split_of = np.empty(n, dtype=np.int64)
@@ -157,12 +162,37 @@ def plan_world(config: WorldConfig) -> WorldPlan:
         images = [plan_image(config, traits, slot, int(split_of[slot])) for slot in range(n)]
         train_slots = [int(slot) for slot in order[:n_train]]
         drop = _train_slots_to_drop(traits, images, train_slots, hard, dropped)
+        if traits.identity in spurious_keep:
+            left = [slot for slot in train_slots if slot not in drop]
+            drop.update(left[spurious_keep[traits.identity] :])
         kept.extend(image for image in images if image.slot not in drop)
     shuffled = _rng(config.seed, 6).permutation(len(kept))
     ordered = sorted(
         (kept[i] for i in shuffled), key=lambda image: image.split
     )  # CelebA numbers train images first, then valid, then test
     return WorldPlan(config=config, identities=identities, images=ordered, dropped_train=dropped)
+
+
+def _spurious_train_quota(
+    config: WorldConfig, identities: Sequence[IdentityTraits], n_train: int
+) -> dict[int, int]:
+    """SpuriousConfig (2): how many train images each identity with both the target and the
+    attribute keeps, `K = r / (1 - r) * T` in all, spread evenly (the remainder to a seeded
+    choice of identities). Empty without `spurious`."""
+    spurious = config.spurious
+    if spurious is None:
+        return {}
+    with_attribute = [t for t in identities if t.attributes[spurious.attribute]]
+    both = [t.identity for t in with_attribute if t.attributes[spurious.target]]
+    if not both:
+        return {}
+    others = n_train * (len(with_attribute) - len(both))
+    total = round(spurious.train_rate / (1.0 - spurious.train_rate) * others)
+    total = min(total, n_train * len(both))
+    base, extra = divmod(total, len(both))
+    order = _rng(config.seed, 7).permutation(len(both))
+    lucky = {both[int(i)] for i in order[:extra]}
+    return {identity: base + (identity in lucky) for identity in both}
 
 
 def _train_slots_to_drop(
@@ -321,9 +351,33 @@ def _hard_report(plan: WorldPlan) -> dict[str, dict[str, Any]]:
     return report
 
 
+def _spurious_report(plan: WorldPlan) -> dict[str, Any]:
+    """Per split: images and the target's rate among attribute-positive and -negative images."""
+    spurious = plan.config.spurious
+    assert spurious is not None
+    by_split: dict[str, Any] = {}
+    for code, split in enumerate(SPLIT_NAMES):
+        row: dict[str, Any] = {}
+        for has, key in ((True, "with_attribute"), (False, "without_attribute")):
+            group = [
+                im
+                for im in plan.images
+                if im.split == code and im.attributes[spurious.attribute] is has
+            ]
+            positive = sum(im.attributes[spurious.target] for im in group)
+            row[key] = {
+                "images": len(group),
+                "with_target": positive,
+                "target_rate": round(positive / max(1, len(group)), 6),
+            }
+        by_split[split] = row
+    return {**spurious.model_dump(mode="json"), "by_split": by_split}
+
+
 def world_description(plan: WorldPlan) -> dict[str, Any]:
     config = plan.config
     splits = {SPLIT_NAMES[k]: sum(1 for im in plan.images if im.split == k) for k in range(3)}
+    extra = {"spurious": _spurious_report(plan)} if config.spurious is not None else {}
     return {
         "format": "llm2loss-world",
         "generator_version": GENERATOR_VERSION,
@@ -350,6 +404,7 @@ def world_description(plan: WorldPlan) -> dict[str, Any]:
             }
             for rule in ATTRIBUTE_RULES
         ],
+        **extra,
     }
 
 

@@ -232,14 +232,22 @@ def sample_attributes(
     uniforms: np.ndarray,
     known: Mapping[str, bool],
     boosts: Mapping[str, float],
+    spurious: tuple[str, str, float] | None = None,
 ) -> dict[str, bool]:
-    """Sample the rules of one level; `uniforms` holds one draw per rule, indexed by table order."""
+    """Sample the rules of one level; `uniforms` holds one draw per rule, indexed by table order.
+
+    `spurious` = (target, attribute, rate): where `attribute` is positive, `target` is drawn with
+    `rate` (its exclusions still hold) instead of its rule's (boosted) rate; see SpuriousConfig.
+    The same uniforms are drawn either way, so nothing else changes."""
     values = dict(known)
     for index, rule in enumerate(ATTRIBUTE_RULES):
         if rule.level == "derived" and level == "image":
             values[rule.name] = not any(values[name] for name in rule.none_of)
         elif rule.level == level:
             rate = boosted_rate(rule_rate(rule, values), boosts.get(rule.name, 0.0))
+            if spurious is not None and rule.name == spurious[0] and values[spurious[1]]:
+                excluded = any(values[name] for name in rule.excludes)
+                rate = 0.0 if excluded else spurious[2]
             values[rule.name] = bool(uniforms[index] < rate)
     return values
 

@@ -1,0 +1,89 @@
+"""world.spurious (core/world/config.py SpuriousConfig): the target becomes rare among
+attribute-positive train images while valid and test stay near balanced; worlds without it are
+planned exactly as before the key existed (pinned digests, computed before the change)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import pytest
+from pydantic import ValidationError
+
+from llm2loss_pipeline.core.config import load_config
+from llm2loss_pipeline.core.world.config import WorldConfig
+from llm2loss_pipeline.core.world.generate import plan_world, world_description
+
+SPURIOUS = {"target": "Blond_Hair", "attribute": "Male", "train_rate": 0.02, "eval_rate": 0.4}
+
+
+def _plan_digest(config: WorldConfig) -> str:
+    plan = plan_world(config)
+    rows = [(i.identity, i.slot, i.split, sorted(i.attributes.items())) for i in plan.images]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:12]
+
+
+def test_worlds_without_spurious_are_unchanged():
+    # the folder name of a world is a hash of this JSON (core/steps/data.world_root)
+    default = load_config(None).world
+    assert hashlib.sha256(default.model_dump_json().encode()).hexdigest()[:12] == "a6eef928addb"
+    assert "spurious" not in WorldConfig().as_json()
+    small = WorldConfig(n_identities=30, hard_attributes={"Eyeglasses": 0.5, "Gray_Hair": 0.9})
+    assert _plan_digest(small) == "b0e0d41af9b6"
+    description = json.dumps(world_description(plan_world(small)), sort_keys=True)
+    assert hashlib.sha256(description.encode()).hexdigest()[:12] == "188bc39b9273"
+
+
+def _rates(config: WorldConfig) -> dict[tuple[int, bool], tuple[int, float]]:
+    counts = Counter(
+        (image.split, image.attributes["Male"], image.attributes["Blond_Hair"])
+        for image in plan_world(config).images
+    )
+    rates = {}
+    for split in range(3):
+        for male in (True, False):
+            blond, other = counts[(split, male, True)], counts[(split, male, False)]
+            rates[(split, male)] = (blond, blond / (blond + other))
+    return rates
+
+
+def test_blond_men_are_rare_in_train_and_near_balanced_in_eval():
+    rates = _rates(WorldConfig(spurious=SPURIOUS))
+    assert rates[(0, True)][1] == pytest.approx(0.02, abs=0.002)  # train: 14 of 698
+    for split in (1, 2):  # valid and test: about the women's rate, and enough to measure
+        blond_men, male_rate = rates[(split, True)]
+        assert blond_men >= 60
+        assert abs(male_rate - rates[(split, False)][1]) < 0.05
+    plain = _rates(WorldConfig())
+    assert plain[(2, True)][1] < 0.1 and plain[(0, True)][1] == plain[(2, True)][1]
+    # women are drawn exactly as without spurious
+    assert all(rates[(s, False)] == plain[(s, False)] for s in range(3))
+
+
+def test_world_json_records_the_rates_by_split():
+    described = world_description(plan_world(WorldConfig(spurious=SPURIOUS)))["spurious"]
+    assert described["target"] == "Blond_Hair"
+    train = described["by_split"]["train"]["with_attribute"]
+    assert train["with_target"] == 14 and train["images"] == 698
+    assert described["by_split"]["test"]["with_attribute"]["target_rate"] == pytest.approx(
+        0.2245, abs=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("spurious", "needle"),
+    [
+        ({**SPURIOUS, "target": "Blonde"}, "spurious.target 'Blonde' is not a CelebA attribute"),
+        ({**SPURIOUS, "attribute": "Blond_Hair"}, "are both 'Blond_Hair'"),
+        ({**SPURIOUS, "attribute": "Smiling"}, "'Smiling' is drawn per image"),
+        ({**SPURIOUS, "target": "Male", "attribute": "Blond_Hair"}, "is drawn before"),
+        ({**SPURIOUS, "train_rate": 0.5}, "must be below eval_rate"),
+        ({**SPURIOUS, "eval_rate": 1.0}, "less than 1"),
+        ({"target": "Blond_Hair"}, "attribute"),
+        ({**SPURIOUS, "rate": 0.1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_spurious_settings_are_named(spurious, needle):
+    with pytest.raises(ValidationError, match=needle):
+        WorldConfig(spurious=spurious)
