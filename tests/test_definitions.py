@@ -25,6 +25,7 @@ EXPECTED_GROUPS = {
 EXPECTED_EDGES = {
     ("dataset_manifest", "celeba_attributes"),
     ("dataset_manifest", "black_box_model"),
+    ("celeba_attributes", "black_box_model"),  # an attribute task's labels (issue 19)
     ("dataset_manifest", "semantic_encoder"),
     ("celeba_attributes", "semantic_encoder"),
     ("dataset_manifest", "per_sample_losses"),

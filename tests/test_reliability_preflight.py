@@ -27,6 +27,7 @@ from torch import nn
 from llm2loss_pipeline.core.config import ConfigError, PipelineConfig, validate_config
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.preflight import preflight
+from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.defs import preflight as defs_preflight
 from llm2loss_pipeline.defs.build import build_definitions
 
@@ -123,7 +124,14 @@ def test_the_preflight_runs_once_per_run_and_not_in_runs_llm2loss_run_checked(
     monkeypatch.setattr(
         black_box_steps,
         "fit_black_box",
-        lambda *a, **k: SimpleNamespace(source="builtin", curve=[], curve_png=None, **common),
+        lambda *a, **k: SimpleNamespace(
+            source="builtin",
+            curve=[],
+            curve_png=None,
+            task=TaskConfig(),
+            data_version="0" * 64,
+            **common,
+        ),
     )
     monkeypatch.setattr(
         encoder_steps,

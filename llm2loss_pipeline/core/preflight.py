@@ -20,7 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import SPLIT_NAMES
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES
 from llm2loss_pipeline.core.blackbox.labels import (
     LabelMapError,
     num_outputs_needed,
@@ -41,6 +41,7 @@ from llm2loss_pipeline.core.config import (
     device_problems,
 )
 from llm2loss_pipeline.core.env import env_problems
+from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world import plan_world
 from llm2loss_pipeline.core.world.config import WorldConfig
 
@@ -62,6 +63,7 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
     if problems:
         raise ConfigError("\n".join(["environment variables that cannot be used", *problems]))
     _check_file_splits(config, source)
+    _check_task(config, source)
     if config.black_box.source in ("entry_point", "torchscript"):
         _check_user_model(config, source)
     return config
@@ -82,7 +84,9 @@ def _check_user_model(config: PipelineConfig, source: str) -> None:
         # Without a label map file the count comes from the dataset's train identities, which
         # black_box_model would learn only after the dataset is prepared.
         problem = (
-            output_count_problem(int(meta["num_classes"]), config.dataset, config.world)
+            output_count_problem(
+                int(meta["num_classes"]), config.dataset, config.world, config.task
+            )
             if needed is None and meta is not None
             else None
         )
@@ -90,6 +94,37 @@ def _check_user_model(config: PipelineConfig, source: str) -> None:
         raise ConfigError(f"{source}: black_box: {exc}") from None
     if problem:
         raise ConfigError(f"{source}: black_box: {problem}")
+
+
+CELEBA_SHAPED = ("generated", "celeba")
+"""Dataset sources whose attributes are CelebA's 40; other sources' columns are known only once
+their table is read (the black box step then names a missing target or label column)."""
+
+
+def _check_task(config: PipelineConfig, source: str) -> None:
+    """The task fits the data: an attribute task's target is an attribute of it, a label task
+    has a label column, and a spurious world (some identities keep no train image) is not used
+    for identity classification."""
+    task, dataset = config.task, config.dataset
+    if dataset.source in CELEBA_SHAPED:
+        if task.kind == "attribute" and task.target not in CELEBA_ATTRIBUTES:
+            raise ConfigError(
+                f"{source}: task.target {task.target!r} is not an attribute of the "
+                f"{dataset.source} dataset; expected one of the 40 CelebA names, e.g. 'Blond_Hair'"
+            )
+        if task.kind == "label":
+            raise ConfigError(
+                f"{source}: task.kind 'label' reads a dataset's label column, and the "
+                f"{dataset.source} dataset has none; use dataset.source table, or task.kind "
+                "identity or attribute"
+            )
+    spurious = config.world.spurious
+    if dataset.source == "generated" and spurious is not None and task.kind == "identity":
+        raise ConfigError(
+            f"{source}: world.spurious leaves some identities without train images, so an "
+            f"identity classifier has no output for them; set task: {{kind: attribute, "
+            f"target: {spurious.target}}}"
+        )
 
 
 def _check_file_splits(config: PipelineConfig, source: str) -> None:
@@ -139,8 +174,20 @@ def train_identities(dataset: DatasetConfig, world: WorldConfig) -> list[int]:
     return sorted({int(identity) for identity in train["identity"].to_list()})
 
 
-def output_count_problem(outputs: int, dataset: DatasetConfig, world: WorldConfig) -> str | None:
+def output_count_problem(
+    outputs: int, dataset: DatasetConfig, world: WorldConfig, task: TaskConfig | None = None
+) -> str | None:
     """Why a user model with `outputs` outputs does not fit the default label map, or None."""
+    if task is not None and task.kind == "attribute":
+        if outputs == 2:
+            return None
+        return (
+            f"the model has {outputs} outputs, but an attribute task (task.target "
+            f"{task.target}) scores two: output 0 without, output 1 with the attribute; give "
+            'the model two outputs or set black_box.label_map_path ({"0": i, "1": j})'
+        )
+    if task is not None and task.kind == "label":
+        return None  # the label column's classes are known once the table is read
     needed = len(train_identities(dataset, world))
     if outputs == needed:
         return None

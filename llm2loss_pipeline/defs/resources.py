@@ -8,7 +8,8 @@ value typed in the launchpad fails with the same message as in the YAML).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, get_origin
+import types
+from typing import Any, ClassVar, Union, get_args, get_origin
 
 import dagster as dg
 from pydantic import BaseModel, Field, create_model
@@ -21,6 +22,7 @@ from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.storage import ensure_writable_dir, resolve_home
+from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world.config import WorldConfig
 
 
@@ -51,11 +53,43 @@ def _settings_resource(
         if get_origin(annotation) is tuple:
             annotation = list[annotation.__args__[0]]  # type: ignore[union-attr]
             default = list(default)
-        fields[field_name] = (annotation, Field(default=default, description=info.description))
+        nested = _optional_model(annotation)
+        if nested is not None:  # e.g. world.spurious: a nested section of its own keys
+            annotation, default = _nested_config(nested, default)
+        # A nested section's default is given as a dict (what Dagster's schema takes) and
+        # validated into the section, so the resource holds the same type it is set with.
+        field = Field(default=default, description=info.description, validate_default=bool(nested))
+        fields[field_name] = (annotation, field)
     resource = create_model(name, __base__=base, __doc__=doc, **fields)
     resource.model = model
     resource.__module__ = __name__
     return resource
+
+
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """`M` for an annotation `M | None` (or `M`) where M is a pydantic model, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+            return members[0]
+    return None
+
+
+def _nested_config(model: type[BaseModel], default: Any) -> tuple[Any, Any]:
+    """Dagster config cannot hold a plain pydantic model: an optional dg.Config with its fields
+    (the core model validates the values again in spec())."""
+    fields = {
+        name: (info.annotation, Field(default=info.default, description=info.description))
+        if not info.is_required()
+        else (info.annotation, Field(description=info.description))
+        for name, info in model.model_fields.items()
+    }
+    config = create_model(f"{model.__name__}Section", __base__=dg.Config, **fields)
+    config.__module__ = __name__
+    value = None if default is None else default.model_dump()
+    return config | None, value
 
 
 WorldResource = _settings_resource(
@@ -65,6 +99,11 @@ WorldResource = _settings_resource(
 )
 DatasetResource = _settings_resource(
     DatasetConfig, "DatasetResource", "Which images to diagnose and how they are sharded."
+)
+TaskResource = _settings_resource(
+    TaskConfig,
+    "TaskResource",
+    "What the black box predicts: identity, an attribute (target) or a table's label column.",
 )
 BlackBoxResource = _settings_resource(
     BlackBoxConfig, "BlackBoxResource", "The model under diagnosis and its task loss."
@@ -134,6 +173,7 @@ def build_resources(config: PipelineConfig) -> dict[str, Any]:
         "storage": StorageResource(home=config.home or ""),
         "dataset": configured(DatasetResource, config.dataset),
         "world": configured(WorldResource, config.world),
+        "task": configured(TaskResource, config.task),
         "black_box": configured(BlackBoxResource, config.black_box),
         "encoder": configured(EncoderResource, config.encoder),
         "heads": configured(HeadsResource, config.heads),

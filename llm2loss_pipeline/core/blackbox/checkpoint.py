@@ -59,8 +59,10 @@ def save_black_box(
     label_map: Mapping[int, int],
     config: BlackBoxConfig,
     train_result: TrainResult,
+    task: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out_path` (.safetensors) and its .json sidecar atomically; return the sidecar."""
+    """Write `out_path` (.safetensors) and its .json sidecar atomically; return the sidecar.
+    `task` (core/task.py, as JSON) is what the model predicts; the loss pass reads it back."""
     if len(label_map) and max(label_map.values()) >= num_classes:
         raise ValueError(
             f"the label map uses output index {max(label_map.values())} but the model has "
@@ -89,6 +91,8 @@ def save_black_box(
         "curve": [row.__dict__ for row in train_result.epochs],
         "skipped": list(train_result.skipped),
     }
+    if task is not None:
+        meta["task"] = dict(task)
     return save_checkpoint(out_path, model.state_dict(), meta)
 
 

@@ -4,7 +4,8 @@ The table (Parquet, or CSV with a header row) has `sample_id` and `loss`, and op
 `predicted`, `label`, `p_true` and `true_class_auroc`; other columns are ignored. It must cover
 the manifest exactly, once per sample, with finite non-negative losses. It comes back in the
 schema of `compute_losses`, in manifest order: split from the manifest; label from the table, else
-the manifest identity mapped through `label_map` when one is given, else the identity itself;
+the manifest identity (or the task's label, see read_loss_table) mapped through `label_map` when
+one is given, else the identity itself;
 missing optional columns as nulls; correct derived where predicted and label are both known.
 """
 
@@ -14,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from llm2loss_pipeline.core.blackbox.losses import LOSS_SCHEMA, MAX_NAMED
@@ -63,11 +65,18 @@ def read_loss_table(
     manifest: pl.DataFrame,
     *,
     label_map: Mapping[int, int] | None = None,
+    dataset_labels: np.ndarray | None = None,
 ) -> pl.DataFrame:
-    """Read and validate a ready loss table against the manifest (see the module docstring)."""
+    """Read and validate a ready loss table against the manifest (see the module docstring).
+
+    `dataset_labels` (one per manifest row) are the task's labels (core/blackbox/task_labels.py)
+    where the task is not identity: they stand in for the identity, as the label the table's
+    `label` column or the label map must agree with."""
     source = Path(path)
     table = _typed(_read(source), source)
     known = manifest.select("sample_id", "split", "identity", "index")
+    if dataset_labels is not None:
+        known = known.with_columns(pl.Series("identity", dataset_labels, dtype=pl.Int64))
     _check_sample_ids(table, known, source)
     table = _checked_values(table, source)
     joined = _with_labels(

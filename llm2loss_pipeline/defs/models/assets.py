@@ -13,7 +13,8 @@ from llm2loss_pipeline.defs.progress import progress_logger
 
 
 @dg.asset(
-    deps=[dataset_manifest],
+    # celeba_attributes: an attribute task's labels are read from it (core/blackbox/task_labels)
+    deps=[dataset_manifest, celeba_attributes],
     group_name="models",
     kinds={"pytorch", "safetensors"},
     owners=OWNERS,
@@ -22,9 +23,10 @@ from llm2loss_pipeline.defs.progress import progress_logger
     op_tags=GPU_OP_TAGS,
     required_resource_keys=SETTINGS_KEYS,
     description=(
-        "The model f under diagnosis: the built-in identity classifier trained on the train split, "
-        "the user's own model (entry point or TorchScript), or a ready loss table. Saved as "
-        "safetensors with a JSON sidecar (architecture, label map, sha256, curves)."
+        "The model f under diagnosis: the built-in classifier of the task (identity, an "
+        "attribute or a table's label) trained on the train split, the user's own model (entry "
+        "point or TorchScript), or a ready loss table. Saved as safetensors with a JSON sidecar "
+        "(architecture, label map, task, sha256, curves); its data version joins the task."
     ),
 )
 def black_box_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -36,9 +38,11 @@ def black_box_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         resources.black_box_device.spec(),
         progress=progress_logger(context, "black box training"),
         on_bad_image=resources.dataset.spec().on_bad_image,
+        task=resources.task.spec(),
     )
     metadata = {
         "source": result.source,
+        "task": dg.MetadataValue.json(result.task.model_dump(mode="json")),
         "checkpoint": dg.MetadataValue.path(str(result.path)),
         "sha256": result.sha256,
         **float_metadata(result.metrics),
@@ -47,7 +51,7 @@ def black_box_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         metadata["training_curve"] = dg.MetadataValue.md(markdown_table(result.curve))
     if result.curve_png:
         metadata["training_curve_plot"] = png_markdown(result.curve_png, "training curve")
-    return dg.MaterializeResult(data_version=dg.DataVersion(result.sha256), metadata=metadata)
+    return dg.MaterializeResult(data_version=dg.DataVersion(result.data_version), metadata=metadata)
 
 
 @dg.asset(
