@@ -177,3 +177,12 @@ def recorded_labels(path: Path, rows: pl.DataFrame) -> np.ndarray:
             f"{', '.join(missing.head(5).to_list())}: rematerialize black_box_model"
         )
     return joined["label"].to_numpy()
+
+
+def recorded_task_of(reference: Path, sidecar: Path) -> TaskConfig:
+    """The task of the black box last materialized: its reference.json (a user's model or a loss
+    table) when there is one, else the built-in model's sidecar; identity when neither says."""
+    for path in (reference, sidecar):
+        if path.exists():
+            return recorded_task(json.loads(path.read_text()))
+    return IDENTITY_TASK

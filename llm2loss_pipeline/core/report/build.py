@@ -22,6 +22,7 @@ from safetensors.numpy import save as save_arrays
 from scipy import stats as sps
 
 from llm2loss_pipeline.core import prompts
+from llm2loss_pipeline.core.blackbox.task_labels import recorded_task_of
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
@@ -48,6 +49,7 @@ from llm2loss_pipeline.core.report.estimated import (
     zero_shot_auroc,
 )
 from llm2loss_pipeline.core.report.grounded import ESTIMATORS, Grounding
+from llm2loss_pipeline.core.report.groups import report_groups
 from llm2loss_pipeline.core.report.html import render_html
 from llm2loss_pipeline.core.report.intersectional import (
     CELLS,
@@ -114,6 +116,7 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
     calibration: Calibration | None = None
     grounding: Grounding | None = field(default=None, repr=False)
+    groups: pl.DataFrame | None = None  # core/report/groups.py: per-group accuracy, worst first
 
     def table(self, name: str) -> pl.DataFrame:
         """The rows of one correlation table: "table1", "table2", "table3" or "pairs"."""
@@ -442,9 +445,27 @@ def build_report_from_config(
     result = assemble_report(
         scorer, encode_texts, estimator, measured, estimated, probes, config, hooks, say
     )
+    result = _with_groups(result, layout, measured, hooks, config.min_group_size)
     out = Path(out_dir) if out_dir is not None else layout.reports
     say(f"writing the report to {out}")
     return write_report(result, out, member_groups(list(scorer.members)))
+
+
+def _with_groups(
+    result: ReportResult, layout: Layout, measured: Measured, hooks: ReportHooks, min_size: int
+) -> ReportResult:
+    """Per-group accuracy for the task the black box was fitted for, and the worst group in the
+    headline and the notes."""
+    task = recorded_task_of(layout.black_box_reference, layout.black_box.with_suffix(".json"))
+    table, headline, sentence = report_groups(
+        measured.eval_frame, list(hooks.attributes or ()), task, min_size, str(layout.attributes)
+    )
+    return dataclasses.replace(
+        result,
+        groups=table,
+        headline={**result.headline, **headline},
+        notes=[sentence, *result.notes],
+    )
 
 
 def measure_report(
@@ -781,6 +802,8 @@ def write_report(result: ReportResult, out: Path, groups) -> ReportResult:
         ("pair_member_diffs", result.pair_member_diffs),
     ):
         files[name] = write_parquet_atomic(frame, out / f"{name}.parquet")
+    if result.groups is not None:
+        files["groups"] = write_parquet_atomic(result.groups, out / "groups.parquet")
     # strict JSON has no NaN: an undefined number is written as null
     headline = {k: (None if math.isnan(v) else v) for k, v in result.headline.items()}
     files["headline"] = write_json_atomic(out / "headline.json", headline)

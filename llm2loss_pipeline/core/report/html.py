@@ -98,6 +98,17 @@ def image_tag(path: Path, alt: str) -> str:
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{encoded}">'
 
 
+GROUP_COLUMNS: list[tuple[str, str, Format]] = [
+    ("group", "group", text),
+    ("n", "n", text),
+    ("n_identities", "identities", text),
+    ("accuracy", "accuracy", num(3)),
+    ("accuracy_se", "± se (clustered)", num(3)),
+    ("mean_loss", "mean loss", num(4)),
+    ("small_group", "small", text),
+]
+N_GROUPS_SHOWN = 12
+
 CORRELATION_COLUMNS: list[tuple[str, str, Format]] = [
     ("group", "heads", text),
     ("estimate", "estimate", text),
@@ -329,6 +340,8 @@ def _headline(result: ReportResult) -> str:
         + ", ".join(a.replace("_", " ") for a in measured)
         + "."
     )
+    if result.groups is not None:  # the worst group first: the group-robustness view
+        items.insert(0, next(n for n in result.notes if n.startswith("worst group:")))
     return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
 
@@ -403,6 +416,19 @@ def _guide(result: ReportResult) -> str:
     return "<div class='guide'>" + "".join(f"<p>{_esc(p)}</p>" for p in paragraphs) + "</div>"
 
 
+def _groups_section(result: ReportResult) -> list[str]:
+    if result.groups is None:
+        return []
+    return [
+        "<h2 id='groups'>Groups, worst first</h2>",
+        f"<p>Accuracy and mean loss of the black box per group on the {_esc(result.eval_split)} "
+        "split (an attribute task: its target crossed with each attribute), with "
+        "identity-clustered standard errors; the whole table is groups.parquet. The "
+        f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
+        html_table(result.groups.head(N_GROUPS_SHOWN), GROUP_COLUMNS),
+    ]
+
+
 def render_html(result: ReportResult) -> str:
     corr = result.correlations
     table2_loss = corr.filter((pl.col("table") == "table2") & (pl.col("measure") == "loss"))
@@ -460,6 +486,7 @@ def render_html(result: ReportResult) -> str:
             )
         ),
         html_table(corr.filter(pl.col("table") == "pairs"), CORRELATION_COLUMNS),
+        *_groups_section(result),
         "<h2 id='figures'>Figures</h2>",
     ]
     for name, path in result.files.items():

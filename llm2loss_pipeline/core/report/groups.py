@@ -1,0 +1,224 @@
+"""Per-group accuracy and the worst group: the group-robustness view of the measured side.
+
+A fairness engineer's first question about a classifier is its worst-group accuracy (CelebA's
+Blond_Hair benchmark: about 0.47 on blond men under plain training). The groups are
+  - for an attribute task (task.target T): the 2x2 cells T x A for every other attribute A,
+    (T=1, A=1), (T=1, A=0), (T=0, A=1), (T=0, A=0);
+  - for other tasks: each attribute's two values, (A=1) and (A=0).
+Per group: n, the identities it spans, accuracy and mean loss, each with an identity-clustered
+standard error (images of one person are not independent: the cluster-robust variance of a mean,
+G/(G-1) * sum over identities of the squared summed residuals, over n^2). The worst group is the
+lowest accuracy among groups of at least `min_group_size` samples from at least two identities
+(by mean loss where no accuracy is known, e.g. a loss table without predictions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from llm2loss_pipeline.core.task import TaskConfig
+
+GROUP_SCHEMA: dict[str, pl.DataType] = {
+    "group": pl.String(),
+    "target": pl.String(),
+    "target_value": pl.Boolean(),
+    "attribute": pl.String(),
+    "value": pl.Boolean(),
+    "n": pl.Int64(),
+    "n_identities": pl.Int64(),
+    "accuracy": pl.Float64(),
+    "accuracy_se": pl.Float64(),
+    "mean_loss": pl.Float64(),
+    "mean_loss_se": pl.Float64(),
+    "small_group": pl.Boolean(),
+    "worst": pl.Boolean(),
+}
+
+ADJECTIVES = {
+    "Blond_Hair": "blond",
+    "Black_Hair": "black-haired",
+    "Brown_Hair": "brown-haired",
+    "Gray_Hair": "gray-haired",
+    "Bald": "bald",
+    "Young": "young",
+    "Chubby": "chubby",
+    "Smiling": "smiling",
+    "Attractive": "attractive",
+    "Pale_Skin": "pale-skinned",
+    "Blurry": "blurry",
+}
+"""Attributes that read well as an adjective before a noun ('blond men'); the rest read as
+'with X' / 'without X'."""
+NOUNS = {"Male": ("men", "women")}
+"""Attributes that name who the people are (positive, negative)."""
+
+
+def describe(conditions: Sequence[tuple[str, bool]]) -> str:
+    """Plain words for a group given as (attribute, value) conditions: [(Blond_Hair, True),
+    (Male, True)] -> 'blond men'; [(Eyeglasses, False)] -> 'people without eyeglasses'."""
+    noun = "people"
+    adjectives: list[str] = []
+    phrases: list[str] = []
+    for name, value in conditions:
+        if name in NOUNS:
+            noun = NOUNS[name][0 if value else 1]
+        elif name in ADJECTIVES:
+            adjectives.append(ADJECTIVES[name] if value else f"non-{ADJECTIVES[name]}")
+        else:
+            words = name.replace("_", " ").lower()
+            phrases.append(f"{'with' if value else 'without'} {words}")
+    text = " ".join([*adjectives, noun])
+    return f"{text} {' and '.join(phrases)}" if phrases else text
+
+
+def clustered_mean(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
+    """The mean of `values` and its cluster-robust standard error (NaN with fewer than two
+    clusters, where it is not defined)."""
+    y = np.asarray(values, dtype=np.float64)
+    if y.size == 0:
+        return float("nan"), float("nan")
+    mean = float(y.mean())
+    _, index = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(index.max()) + 1
+    if n_clusters < 2:
+        return mean, float("nan")
+    sums = np.bincount(index, weights=y - mean, minlength=n_clusters)
+    variance = n_clusters / (n_clusters - 1) * float((sums**2).sum()) / y.size**2
+    return mean, float(np.sqrt(variance))
+
+
+def group_table(
+    frame: pl.DataFrame,
+    attributes: Sequence[str],
+    task: TaskConfig,
+    min_group_size: int,
+) -> pl.DataFrame:
+    """One row per group (see the module docstring); `frame` holds the evaluation split's
+    samples: loss, correct (may be null), identity (else each sample is its own cluster), the
+    boolean `attributes` and, for an attribute task, the target column."""
+    target = task.target if task.kind == "attribute" else None
+    if target is not None and target not in frame.columns:
+        raise ValueError(f"the evaluation table has no column for task.target {target!r}")
+    clusters = (
+        frame["identity"].to_numpy()
+        if "identity" in frame.columns
+        else np.arange(frame.height, dtype=np.int64)
+    )
+    loss = frame["loss"].to_numpy().astype(np.float64)
+    correct = frame["correct"]
+    known = correct.is_not_null().to_numpy()
+    hits = correct.fill_null(False).to_numpy().astype(np.float64)
+    target_values = (True, False) if target is not None else (None,)
+    rows = []
+    for name in attributes:
+        if name == target:
+            continue
+        column = frame[name].to_numpy().astype(bool)
+        for target_value in target_values:
+            for value in (True, False):
+                mask = column == value
+                conditions = [(name, value)]
+                if target is not None:
+                    mask &= frame[target].to_numpy().astype(bool) == target_value
+                    conditions = [(target, bool(target_value)), (name, value)]
+                rows.append(
+                    _group_row(conditions, mask, loss, hits, known, clusters, target, target_value)
+                )
+    table = pl.DataFrame(rows, schema={k: v for k, v in GROUP_SCHEMA.items() if k != "worst"})
+    small = (pl.col("n") < min_group_size) | (pl.col("n_identities") < 2)
+    table = table.with_columns(small_group=small)
+    return with_worst(table)
+
+
+def _group_row(
+    conditions: list[tuple[str, bool]],
+    mask: np.ndarray,
+    loss: np.ndarray,
+    hits: np.ndarray,
+    known: np.ndarray,
+    clusters: np.ndarray,
+    target: str | None,
+    target_value: bool | None,
+) -> dict[str, object]:
+    name, value = conditions[-1]
+    scored = mask & known
+    accuracy, accuracy_se = (
+        clustered_mean(hits[scored], clusters[scored])
+        if scored.any()
+        else (float("nan"), float("nan"))
+    )
+    mean_loss, loss_se = clustered_mean(loss[mask], clusters[mask])
+    return {
+        "group": describe(conditions),
+        "target": target,
+        "target_value": target_value,
+        "attribute": name,
+        "value": value,
+        "n": int(mask.sum()),
+        "n_identities": int(np.unique(clusters[mask]).size),
+        "accuracy": accuracy,
+        "accuracy_se": accuracy_se,
+        "mean_loss": mean_loss,
+        "mean_loss_se": loss_se,
+        "small_group": False,
+    }
+
+
+def with_worst(table: pl.DataFrame) -> pl.DataFrame:
+    """`table` sorted worst first (lowest accuracy, then highest mean loss; small groups last),
+    with `worst` marking the first row that is not a small group."""
+    by_accuracy = table["accuracy"].is_not_nan().any()
+    keys = ["small_group", "accuracy", "mean_loss"] if by_accuracy else ["small_group", "mean_loss"]
+    descending = [False, False, True] if by_accuracy else [False, True]
+    ordered = table.sort(keys, descending=descending, nulls_last=True, maintain_order=True)
+    first = ordered.height and not ordered["small_group"][0]
+    worst = [bool(first) and i == 0 for i in range(ordered.height)]
+    return ordered.with_columns(pl.Series("worst", worst, dtype=pl.Boolean))
+
+
+def worst_group(table: pl.DataFrame) -> dict[str, object] | None:
+    """The worst group's row, or None when every group is small."""
+    rows = table.filter(pl.col("worst")).to_dicts()
+    return rows[0] if rows else None
+
+
+def worst_group_sentence(row: dict[str, object] | None) -> str:
+    """'worst group: blond men, accuracy 0.47 (n=66, 11 identities)'."""
+    if row is None:
+        return "worst group: none (every group is below the minimum size)"
+    return (
+        f"worst group: {row['group']}, accuracy {float(row['accuracy']):.2f} "  # type: ignore[arg-type]
+        f"(n={row['n']}, {row['n_identities']} identities; mean loss "
+        f"{float(row['mean_loss']):.3f})"  # type: ignore[arg-type]
+    )
+
+
+def report_groups(
+    eval_frame: pl.DataFrame,
+    attributes: Sequence[str],
+    task: TaskConfig,
+    min_group_size: int,
+    attribute_table: str,
+) -> tuple[pl.DataFrame, dict[str, float], str]:
+    """The report's group table, its headline numbers and the worst-group sentence. An attribute
+    task's target is not among the diagnosed attributes, so its column is read from
+    `attribute_table` (the attribute Parquet file)."""
+    frame = eval_frame
+    target = task.target if task.kind == "attribute" else None
+    if target is not None and target not in frame.columns:
+        column = pl.read_parquet(attribute_table, columns=["sample_id", target])
+        frame = frame.join(column, on="sample_id", how="left", maintain_order="left")
+    table = group_table(frame, attributes, task, min_group_size)
+    row = worst_group(table)
+    nan = float("nan")
+    headline = {
+        "worst_group_accuracy": float(row["accuracy"]) if row else nan,  # type: ignore[arg-type]
+        "worst_group_accuracy_se": float(row["accuracy_se"]) if row else nan,  # type: ignore[arg-type]
+        "worst_group_mean_loss": float(row["mean_loss"]) if row else nan,  # type: ignore[arg-type]
+        "worst_group_n": float(row["n"]) if row else nan,  # type: ignore[arg-type]
+        "n_groups": float(table.height),
+    }
+    return table, headline, worst_group_sentence(row)
