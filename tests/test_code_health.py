@@ -52,9 +52,11 @@ def test_gap_effect_uses_the_text_corpus_embedded_once(monkeypatch):
     train, held_out = _frame(50, 0), _frame(40, 1)
     encoder = CountingEncoder()
     config = HeadsConfig(n_seeds=1, epochs=1)
-    corpus_texts = diagnosis.text_corpus(train, config.base_seed)
+    corpus_texts = diagnosis.text_corpus(train, config.base_seed, CELEBA_ATTRIBUTES)
     corpus = np.full((len(corpus_texts), 4), 0.5, dtype=np.float32)
-    rows = diagnosis.gap_effect_rows(train, held_out, corpus, config, encoder, "cpu")
+    rows = diagnosis.gap_effect_rows(
+        train, held_out, corpus, config, encoder, "cpu", CELEBA_ATTRIBUTES
+    )
     assert rows == []
     assert seen["text_corpus_embeddings"] is corpus
     assert all(call != corpus_texts for call in encoder.calls)

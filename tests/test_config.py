@@ -43,8 +43,12 @@ def test_out_of_range_value_is_named(tmp_path: Path) -> None:
         validate_config({"world": {"n_identities": 1}})
     with pytest.raises(ConfigError, match=r"devices\.losses\.device"):
         validate_config({"devices": {"losses": {"device": "gpu"}}})
+    # The form of a pair is checked here; its names against the data when the report runs.
     with pytest.raises(ConfigError, match=r"report\.pairs"):
-        validate_config({"report": {"pairs": ["Male:Nope"]}})
+        validate_config({"report": {"pairs": ["Male"]}})
+    with pytest.raises(ConfigError, match=r"report\.pairs.*two different"):
+        validate_config({"report": {"pairs": ["Male:Male"]}})
+    assert validate_config({"report": {"pairs": ["Male:Nope"]}}).report.pairs == ["Male:Nope"]
     with pytest.raises(ConfigError, match=r"world\.hard_attributes"):
         validate_config({"world": {"hard_attributes": {"Eyeglasses": 1.5}}})
 

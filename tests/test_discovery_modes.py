@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.discovery.candidates import (
     Candidate,
     describe_values,
@@ -39,7 +40,7 @@ SUBJECTIVE_WORDS = ("attractive", "chubby", "big nose", "big lips", "double chin
 
 def test_composed_descriptions_avoid_subjective_words_by_default() -> None:
     assert DiscoveryConfig().avoid_subjective is True
-    neutral = single_candidates(avoid_subjective=True)
+    neutral = single_candidates(CELEBA_ATTRIBUTES, avoid_subjective=True)
     texts = " | ".join(c.text.lower() for c in neutral)
     assert not any(word in texts for word in SUBJECTIVE_WORDS), texts
     assert not any(name == "Attractive" for c in neutral for name, _ in c.values)
@@ -52,7 +53,9 @@ def test_composed_descriptions_avoid_subjective_words_by_default() -> None:
     with pytest.raises(ValueError, match="no neutral wording for Attractive"):
         describe_values([("Attractive", False)], neutral=True)
     # opted out: the report's canonical words, "unattractive" included
-    canonical = " | ".join(c.text for c in single_candidates(avoid_subjective=False))
+    canonical = " | ".join(
+        c.text for c in single_candidates(CELEBA_ATTRIBUTES, avoid_subjective=False)
+    )
     assert "face of an unattractive person" in canonical
 
 
@@ -61,6 +64,7 @@ def test_a_vocabulary_line_that_is_an_attribute_phrase_keeps_its_values() -> Non
         lambda texts: np.zeros(len(texts)),
         max_arity=1,
         vocabulary=["Face of a person  with a goatee"],
+        attributes=CELEBA_ATTRIBUTES,
     )
     first = candidates[0]
     assert first.source == "vocabulary" and first.values == (("Goatee", True),)
@@ -71,7 +75,9 @@ def test_pairs_grown_from_the_beam_are_neutral_too() -> None:
     def score(texts):  # rate the subjective singles worst, so the beam starts from them
         return np.array([5.0 if ("round" in t or "prominent" in t) else 0.0 for t in texts])
 
-    candidates = generate_candidates(score, max_arity=2, beam=2, avoid_subjective=True)
+    candidates = generate_candidates(
+        score, max_arity=2, beam=2, avoid_subjective=True, attributes=CELEBA_ATTRIBUTES
+    )
     pairs = [c for c in candidates if c.source == "pair"]
     assert pairs and all(word not in c.text for c in pairs for word in SUBJECTIVE_WORDS)
     assert any(("Chubby", True) in c.values for c in pairs)

@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.config import ConfigError, validate_config
 from llm2loss_pipeline.core.discovery.candidates import (
     VocabularyError,
@@ -144,7 +145,7 @@ def test_proposer_settings_are_validated() -> None:
 
 
 def test_candidates_compose_singles_and_keep_user_texts_first() -> None:
-    singles = single_candidates()
+    singles = single_candidates(CELEBA_ATTRIBUTES)
     assert all("without" not in c.text and " not " not in c.text for c in singles)
     assert "face of a person with gray hair" in [c.text for c in singles]
     assert "face of an old person" in [c.text for c in singles]  # an antonym, not a negation
@@ -153,7 +154,12 @@ def test_candidates_compose_singles_and_keep_user_texts_first() -> None:
         return np.array([1.0 if "gray hair" in t else 0.0 for t in texts])
 
     candidates = generate_candidates(
-        score, max_arity=3, beam=4, vocabulary=["My Own  Text"], proposals=["from a model"]
+        score,
+        max_arity=3,
+        beam=4,
+        vocabulary=["My Own  Text"],
+        proposals=["from a model"],
+        attributes=CELEBA_ATTRIBUTES,
     )
     assert [c.text for c in candidates[:2]] == ["My Own Text", "from a model"]
     assert candidates[1].source == "proposer"
@@ -168,7 +174,7 @@ def test_candidates_compose_singles_and_keep_user_texts_first() -> None:
     assert any(c.source == "triple" for c in candidates)
     texts = [c.text.lower() for c in candidates]
     assert len(texts) == len(set(texts))
-    assert len(generate_candidates(score, max_arity=1, limit=5)) == 5
+    assert len(generate_candidates(score, max_arity=1, limit=5, attributes=CELEBA_ATTRIBUTES)) == 5
 
 
 def test_vocabulary_files(tmp_path) -> None:

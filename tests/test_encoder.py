@@ -313,8 +313,9 @@ def test_training_rejects_mismatched_inputs(trained: dict, world: dict) -> None:
     items, rows = world["train"]
     with pytest.raises(ValueError, match="pair up"):
         train_caption_tuned(trained["encoder"], items, rows[:-1], TINY, CPU)
-    with pytest.raises(ValueError, match="unknown attribute"):
-        train_caption_tuned(trained["encoder"], items[:4], [{"Eyeglases": True}] * 4, TINY, CPU)
+    # any attribute name is the dataset's own (a table's columns); a row without any is not
+    with pytest.raises(ValueError, match="attribute row 0 is empty"):
+        train_caption_tuned(trained["encoder"], items[:4], [{}] * 4, TINY, CPU)
 
 
 def test_attribute_directions_use_caption_wording_and_point_like_the_probes(
@@ -327,7 +328,7 @@ def test_attribute_directions_use_caption_wording_and_point_like_the_probes(
         seen.extend(texts)
         return encoder.encode_texts(texts)
 
-    directions = attribute_directions(encode)
+    directions = attribute_directions(encode, CELEBA_ATTRIBUTES)
     assert directions.shape == (len(CELEBA_ATTRIBUTES), encoder.embed_dim)
     assert np.allclose(np.linalg.norm(directions, axis=1), 1.0, atol=1e-5)
     # the report's probe prompts are never among the texts trained on
@@ -341,7 +342,7 @@ def test_attribute_directions_use_caption_wording_and_point_like_the_probes(
     cosine = directions[glasses] @ probe / np.linalg.norm(probe)
     assert cosine > 0.5, cosine
     # the dual basis: each dual direction is blind to every other attribute's text direction
-    dual = attribute_directions(encoder.encode_texts, kind="dual")
+    dual = attribute_directions(encoder.encode_texts, CELEBA_ATTRIBUTES, kind="dual")
     cross = dual @ directions.T
     assert np.allclose(cross - np.diag(np.diag(cross)), 0.0, atol=1e-4)
     assert (np.diag(cross) > 0).all()
@@ -411,7 +412,8 @@ def test_caption_pool_truth_table() -> None:
         assert set(own) <= set(listed.tolist())
         assert table[image, listed].all()
     # a caption stating Eyeglasses=True is false of the image without glasses
-    column = CELEBA_ATTRIBUTES.index("Eyeglasses")
+    assert pool.attributes == ("Eyeglasses", "Male")  # the rows' own attributes, in order
+    column = pool.attributes.index("Eyeglasses")
     glasses = np.flatnonzero(pool.stated[:, column] & pool.values[:, column])
     assert len(glasses) and not table[1, glasses].any()
 

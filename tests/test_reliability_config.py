@@ -265,7 +265,6 @@ def test_check_config_refuses_cuda_on_a_machine_without_a_gpu(tmp_path):
         ({"world": {"hard_attributes": {"Grey_Hair": 0.9}}}, "(did you mean `Gray_Hair`?)"),
         ({"black_box": {"source": "torchscipt"}}, "(did you mean `torchscript`?)"),
         ({"report": {"eval_split": "tset"}}, "(did you mean `test`?)"),
-        ({"report": {"pairs": ["Male:Eyeglases"]}}, "(did you mean `Eyeglasses`?)"),
         ({"blackbox": {}}, "blackbox: unknown key (did you mean `black_box`?)"),
     ],
 )

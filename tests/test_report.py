@@ -500,8 +500,11 @@ def test_bad_inputs_name_file_and_sample(tmp_path):
 
     attributes = pl.read_parquet(layout.attributes)
     attributes.drop("Smiling").write_parquet(layout.attributes)
+    # the attributes asked for (the home's attribute set, here given) must all be columns
     with pytest.raises(ReportInputError, match=r"attributes.parquet: column 'Smiling' is missing"):
-        build_report(layout, FakeScorer(), None, estimator="direct", **kwargs)
+        build_report(
+            layout, FakeScorer(), None, estimator="direct", attributes=CELEBA_ATTRIBUTES, **kwargs
+        )
     attributes.with_columns(
         pl.when(pl.col("sample_id") == "000003.jpg").then(None).otherwise(pl.col("Young"))
         .alias("Young")

@@ -232,11 +232,11 @@ def test_eval_join_and_zero_shot_inputs(world, con):
 
 
 def test_quote_identifier_accepts_only_known_names():
-    assert quote_identifier("Male") == '"Male"'
-    assert quote_identifier("5_o_Clock_Shadow") == '"5_o_Clock_Shadow"'
+    assert quote_identifier("Male", CELEBA_ATTRIBUTES) == '"Male"'
+    assert quote_identifier("5_o_Clock_Shadow", CELEBA_ATTRIBUTES) == '"5_o_Clock_Shadow"'
     for bad in ("Male; DROP TABLE x", 'Male"', "male", "", None, "sample_id"):
         with pytest.raises(SqlError, match="not an allowed column name"):
-            quote_identifier(bad)  # type: ignore[arg-type]
+            quote_identifier(bad, CELEBA_ATTRIBUTES)  # type: ignore[arg-type]
     assert quote_identifier("sample_id", allowed={"sample_id"}) == '"sample_id"'
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from llm2loss_pipeline.core.choices import one_of
 
 CELEBA_ATTRIBUTES: tuple[str, ...] = (
@@ -58,7 +60,18 @@ def check_split(field: str, value: str) -> str:
     return one_of(field, value, SPLIT_NAMES)
 
 
+NOT_ATTRIBUTES: tuple[str, ...] = ("sample_id",)
+"""The attribute table's columns that are not attributes."""
+
+
+def attribute_columns(columns: Iterable[str]) -> tuple[str, ...]:
+    """The attribute names among an attribute table's columns, in the table's order: a dataset's
+    attributes are what its table holds (CelebA's 40, or a table dataset's own)."""
+    return tuple(name for name in columns if name not in NOT_ATTRIBUTES)
+
+
 def check_attribute(name: str) -> str:
+    """`name` if it is one of CelebA's 40 (the CelebA reader and the generated world)."""
     if name not in CELEBA_ATTRIBUTES:
         raise ValueError(
             f"unknown attribute {name!r}; expected one of the 40 CelebA names, e.g. 'Eyeglasses'"

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_split
+from llm2loss_pipeline.core.attributes import check_split
 from llm2loss_pipeline.core.blackbox.config import BlackBoxConfig
 from llm2loss_pipeline.core.choices import ON_BAD_IMAGE, one_of
 from llm2loss_pipeline.core.device import DeviceSpec
@@ -37,13 +37,14 @@ from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.report.grounded import ESTIMATORS
 from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world.config import WorldConfig
+from llm2loss_pipeline.core.world.traits import RULES_BY_NAME
 
 DEFAULT_PLANTED_FAILURES = {"Gray_Hair": 0.9, "Goatee": 0.9}
 """Identity-level attributes: the default encoder represents them well (zero-shot AUROC about
 0.9), unlike small accessories such as Eyeglasses; see bench/RESULTS.md."""
 
 
-DATASET_SOURCES = ("generated", "celeba")
+DATASET_SOURCES = ("generated", "celeba", "table")
 SPLIT_MODES = ("auto", "file", "within_identity")
 
 
@@ -54,9 +55,40 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """Which images the pipeline diagnoses, and how they are cut into shards."""
 
-    source: str = Field("generated", description="generated (the offline face world) or celeba")
+    source: str = Field(
+        "generated",
+        description="generated (the offline face world), celeba, or table (your own manifest)",
+    )
     celeba_root: str | None = Field(
         None, description="a CelebA root folder (img_align_celeba/ and the three list files)"
+    )
+    # dataset.source table (core/table_source.py): one row per image in a Parquet or CSV file.
+    table_path: str | None = Field(
+        None, description="table: a .parquet or .csv manifest, one row per image"
+    )
+    image_root: str | None = Field(
+        None, description="table: the folder the path column is relative to (default: the table's)"
+    )
+    id_column: str = Field("sample_id", min_length=1, description="table: the unique sample id")
+    path_column: str = Field("path", min_length=1, description="table: the image path")
+    split_column: str = Field("split", min_length=1, description="table: train, valid or test")
+    label_column: str = Field(
+        "label", min_length=1, description="table: the label of task.kind label (may be absent)"
+    )
+    group_column: str | None = Field(
+        None,
+        description="table: the cluster of each sample (e.g. a person); statistics resample "
+        "groups, as they resample identities; unset: every sample is its own group",
+    )
+    attribute_columns: list[str] | None = Field(
+        None,
+        description="table: the attribute columns (unset: every column not named above); "
+        "bool, 0/1 or -1/1, or text (one-hot: <column>_<value>)",
+    )
+    probes_path: str | None = Field(
+        None,
+        description="a YAML file of positive and negative phrasings per attribute "
+        "(core/probes.py); attributes without any are phrased from their name",
     )
     shard_size: int = Field(1024, ge=16, le=1_000_000, description="samples per shard partition")
     on_bad_image: str = Field("fail", description="fail (list every bad image) or skip (record)")
@@ -96,7 +128,8 @@ class ReportConfig(_Strict):
     eval_split: str = Field("test", description="split on which disparities are measured")
     pairs: list[str] = Field(
         default_factory=list,
-        description="attribute pairs as 'A:B' (empty: the n_pairs most frequent pairs)",
+        description="attribute pairs as 'A:B' (empty: the n_pairs most frequent pairs); the names "
+        "are checked against the dataset's attributes when the report runs",
     )
     n_pairs: int = Field(10, ge=0, le=200)
     min_group_size: int = Field(20, ge=1, description="smaller groups are marked small_group")
@@ -139,10 +172,14 @@ class ReportConfig(_Strict):
     @field_validator("pairs")
     @classmethod
     def _pairs(cls, value: list[str]) -> list[str]:
+        # Only the form here: the attribute names are the data's, known when the report reads it
+        # (core/report/intersectional.validate_pairs names the pair and the dataset's attributes).
         for pair in value:
             names = pair.split(":")
-            if len(names) != 2 or any(name not in CELEBA_ATTRIBUTES for name in names):
-                raise ValueError(f"pair {pair!r} must be 'Attribute_A:Attribute_B' (CelebA names)")
+            if len(names) != 2 or not all(names) or names[0] == names[1]:
+                raise ValueError(
+                    f"pair {pair!r} must be 'Attribute_A:Attribute_B', two different attributes"
+                )
         return value
 
 
@@ -296,7 +333,7 @@ def validate_config(
 # ---- sources inferred from the path key given -------------------------------------------------
 
 SOURCE_KEYS: dict[str, dict[str, str]] = {
-    "dataset": {"celeba_root": "celeba"},
+    "dataset": {"celeba_root": "celeba", "table_path": "table"},
     "black_box": {
         "entry_point": "entry_point",
         "torchscript_path": "torchscript",
@@ -430,6 +467,8 @@ def _in_use(key: tuple[str, ...], config: PipelineConfig) -> bool:
     """Whether a run with `config` reads the path at `key` (unused paths are not checked)."""
     if key == ("dataset", "celeba_root"):
         return config.dataset.source == "celeba"
+    if key in (("dataset", "table_path"), ("dataset", "image_root")):
+        return config.dataset.source == "table"
     if key == ("black_box", "torchscript_path"):
         return config.black_box.source == "torchscript"
     if key == ("black_box", "loss_table_path"):
@@ -531,8 +570,8 @@ def _names_and_choices(error: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     if error["type"] != "value_error":
         return [], []
     quoted = [name for name in re.findall(r"'([^']*)'", error["msg"]) if name not in given]
-    message = error["msg"]
-    attributes = list(CELEBA_ATTRIBUTES) if "attribute" in message or "CelebA" in message else []
+    # The generated world's attribute names (a table dataset's are known only from its data).
+    attributes = list(RULES_BY_NAME) if loc[:1] == ["world"] else []
     return given, quoted + attributes
 
 

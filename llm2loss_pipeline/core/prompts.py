@@ -16,9 +16,13 @@ Slots:
     who      predicates ("not smiling", "not wearing a tie"), joined as "who is A and B"
     clause   a verbatim trailing phrase ("whose hair is not blond", "in a blurry photo")
 
-`PHRASES` holds all wording: for each of the 40 CelebA attributes, the phrases for having it and
-for not having it, each written for that attribute. The first phrase of each list is canonical:
-deterministic descriptions and the report's first prompt pair use it.
+`PHRASES` holds the curated wording: for each of the 40 CelebA attributes, the phrases for having
+it and for not having it, each written for that attribute. The first phrase of each list is
+canonical: deterministic descriptions and the report's first prompt pair use it.
+
+Any other attribute (a table dataset's column) is phrased by the dataset's probes file
+(`use_phrasings`, installed from the data step's attribute set, core/attribute_set.py) or, without
+one, from its name (`core.probes.built_phrasings`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
+from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.probes import SLOTS as _PROBE_SLOTS
+from llm2loss_pipeline.core.probes import built_phrasings
 
 SLOTS = ("adj", "noun", "with", "without", "wearing", "who", "clause")
+assert SLOTS == _PROBE_SLOTS, "core/probes.py keeps a copy of the slots; keep them equal"
 
 DEFAULT_TEMPLATE = "face of {}"
 
@@ -315,11 +322,77 @@ def _build_table() -> dict[str, tuple[tuple[Phrase, ...], tuple[Phrase, ...]]]:
 
 _TABLE = _build_table()
 _ADJ_RANK = {name: rank for rank, name in enumerate(_ADJECTIVE_ORDER)}
+_CELEBA_RANK = {name: rank for rank, name in enumerate(CELEBA_ATTRIBUTES)}
+
+PhraseLists = tuple[tuple[Phrase, ...], tuple[Phrase, ...]]
+
+# The phrasings of the dataset at hand that are not CelebA's curated ones (a probes file's), set
+# by `use_phrasings`. Module state because every text the pipeline makes comes through here, from
+# deep inside the report, discovery and encoder code; each process that reads a home installs
+# its dataset's phrasings once (core/attribute_set.install_phrasings), and an attribute not
+# installed is phrased from its name, the same in every process.
+_INSTALLED: dict[str, PhraseLists] = {}
+_BUILT: dict[str, PhraseLists] = {}
+
+
+def _parsed(name: str, raw: tuple[Sequence[str], Sequence[str]]) -> PhraseLists:
+    positives, negatives = raw
+    if not positives or not negatives:
+        raise ValueError(f"phrasings of {name!r} need at least one positive and one negative")
+    return (
+        tuple(_parse(name, text) for text in positives),
+        tuple(_parse(name, text) for text in negatives),
+    )
+
+
+def use_phrasings(table: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> None:
+    """Phrase the given attributes by these ('slot:text') lists from now on, replacing what an
+    earlier call installed; {} returns to the curated and built phrasings."""
+    parsed = {_checked_name(name): _parsed(name, raw) for name, raw in table.items()}
+    _INSTALLED.clear()
+    _INSTALLED.update(parsed)
+
+
+def phrasing_source(attribute: str) -> str:
+    """'file' (installed), 'curated' (CelebA's table) or 'built' (from the name)."""
+    if attribute in _INSTALLED:
+        return "file"
+    return "curated" if attribute in _TABLE else "built"
+
+
+def _checked_name(attribute: object) -> str:
+    if not isinstance(attribute, str) or not attribute.strip():
+        raise ValueError(f"unknown attribute {attribute!r}; expected an attribute column's name")
+    return attribute
+
+
+def _phrase_lists(attribute: str) -> PhraseLists:
+    name = _checked_name(attribute)
+    found = _INSTALLED.get(name) or _TABLE.get(name)
+    if found is None:
+        found = _BUILT.get(name)
+        if found is None:
+            found = _BUILT[name] = _parsed(name, built_phrasings(name))
+    return found
+
+
+def _in_order(names: object) -> list[str]:
+    """CelebA's attributes in CelebA's order (the curated sentences' order), then the others in
+    the order given."""
+    given = [_checked_name(name) for name in names]  # type: ignore[attr-defined]
+    celeba = sorted((n for n in given if n in _CELEBA_RANK), key=_CELEBA_RANK.__getitem__)
+    return celeba + [n for n in given if n not in _CELEBA_RANK]
+
+
+def in_sentence_order(names: Sequence[str]) -> list[str]:
+    """`names` in the order a description says them: CelebA's attributes in CelebA's order,
+    then any others in the order given."""
+    return _in_order(names)
 
 
 def phrases(attribute: str, value: bool) -> tuple[Phrase, ...]:
     """The phrases saying that `attribute` is `value`; the first is canonical."""
-    positives, negatives = _TABLE[check_attribute(attribute)]
+    positives, negatives = _phrase_lists(attribute)
     return positives if value else negatives
 
 
@@ -380,14 +453,9 @@ def describe(
     given) caption templates are drawn from it.
     """
     chosen: list[tuple[str, Phrase]] = []
-    for attribute in CELEBA_ATTRIBUTES:
-        if attribute not in values:
-            continue
+    for attribute in _in_order(values):
         options = phrases(attribute, bool(values[attribute]))
         chosen.append((attribute, options[0] if rng is None else rng.choice(options)))
-    unknown = set(values) - set(CELEBA_ATTRIBUTES)
-    if unknown:
-        check_attribute(sorted(unknown)[0])
     if template is None:
         template = DEFAULT_TEMPLATE if rng is None else rng.choice(CAPTION_TEMPLATES)
     return _apply_template(template, _realise(chosen))
@@ -403,7 +471,7 @@ def attribute_prompt_pairs(attribute: str) -> list[tuple[str, str]]:
     """(positive, negative) prompts for one attribute: every report template with every
     synonym pair (i-th positive phrase with i-th negative phrase). The first pair is canonical,
     e.g. ("face of a person wearing eyeglasses", "face of a person without eyeglasses")."""
-    positives, negatives = _TABLE[check_attribute(attribute)]
+    positives, negatives = _phrase_lists(attribute)
     n_pairs = max(len(positives), len(negatives))
     pairs = []
     for index in range(n_pairs):
@@ -430,10 +498,7 @@ def draw_caption(
     if nothing was drawn, one present attribute (or a salient absent one) is said. The stated
     values let a trainer know which other images the same caption is also true of.
     """
-    known = [name for name in CELEBA_ATTRIBUTES if name in attribute_row]
-    unknown = set(attribute_row) - set(CELEBA_ATTRIBUTES)
-    if unknown:
-        check_attribute(sorted(unknown)[0])
+    known = _in_order(attribute_row)
     if not known:
         raise ValueError("a caption needs at least one known attribute value")
     present = [name for name in known if bool(attribute_row[name])]

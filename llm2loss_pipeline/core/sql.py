@@ -31,7 +31,6 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.storage import sidecar_path, verify_hashed
 
 SQL_DIR_ENV = "LLM2LOSS_SQL_DIR"
@@ -91,8 +90,9 @@ def query_parameters(name: str) -> set[str]:
     return set(_PARAM.findall(_COMMENT.sub("", load_sql(name))))
 
 
-def quote_identifier(name: str, allowed: Collection[str] = CELEBA_ATTRIBUTES) -> str:
-    """`name` as a double-quoted SQL identifier, only if it is one of `allowed`.
+def quote_identifier(name: str, allowed: Collection[str]) -> str:
+    """`name` as a double-quoted SQL identifier, only if it is one of `allowed` (e.g. the
+    dataset's attribute names).
 
     The closed set is the whole defence: anything else, e.g. `Male; DROP TABLE x`, is rejected
     before it can become SQL text.

@@ -1,11 +1,11 @@
 """Candidate descriptions: attribute phrases, their pairs and triples, and user-supplied texts.
 
-Every attribute value (40 attributes, present or absent) is one single description in the
-report's wording (`prompts.composed_prompt`, e.g. "face of a person with gray hair"). Pairs and
-triples of 40 x 2 values would be 3,000 and 80,000 texts, most of them about groups nobody is
-worse on, so composition is a beam: only the `beam` singles the heads rate worst are extended,
-with every other value (pairs) and then with each other (triples). A user vocabulary is added
-verbatim; duplicates keep their first source.
+Every attribute value (each diagnosed attribute, present or absent) is one single description in
+the report's wording (`prompts.composed_prompt`, e.g. "face of a person with gray hair"). Pairs
+and triples of CelebA's 40 x 2 values would be 3,000 and 80,000 texts, most of them about groups
+nobody is worse on, so composition is a beam: only the `beam` singles the heads rate worst are
+extended, with every other value (pairs) and then with each other (triples). A user vocabulary is
+added verbatim; duplicates keep their first source.
 
 Neutral wording. Some CelebA labels rate a person's looks or body (Attractive, Chubby, Big_Nose,
 ...). Discovery speaks unprompted, so by default (`discovery.avoid_subjective`) a composed
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.prompts import (
     DEFAULT_TEMPLATE,
     Phrase,
     _realise,  # the grammar's realiser, for phrases other than the canonical ones
     composed_prompt,
+    in_sentence_order,
     phrases,
     text_lines,
 )
@@ -84,7 +84,9 @@ class Candidate:
 def describe_values(values: Iterable[tuple[str, bool]], *, neutral: bool = False) -> Candidate:
     """The candidate stating `values`; `neutral`: in NEUTRAL_WORDING's words (a value without
     neutral words raises ValueError: callers leave those out first)."""
-    ordered = tuple(sorted(values, key=lambda item: CELEBA_ATTRIBUTES.index(item[0])))
+    values = list(values)
+    rank = {name: i for i, name in enumerate(in_sentence_order([n for n, _ in values]))}
+    ordered = tuple(sorted(values, key=lambda item: rank[item[0]]))
     source = {1: "attribute", 2: "pair", 3: "triple"}.get(len(ordered), "triple")
     if not neutral:
         return Candidate(composed_prompt(dict(ordered)), source, ordered)
@@ -103,7 +105,7 @@ def is_negation(attribute: str, value: bool) -> bool:
 
 
 def single_candidates(
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str],
     *,
     negations: bool = False,
     avoid_subjective: bool = False,
@@ -218,7 +220,7 @@ def generate_candidates(
     vocabulary: Sequence[str] = (),
     proposals: Sequence[str] = (),
     limit: int | None = None,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] = (),
     negations: bool = False,
     avoid_subjective: bool = False,
 ) -> list[Candidate]:
@@ -226,8 +228,10 @@ def generate_candidates(
 
     `score(texts)` is a worse-is-higher number per text (the heads' ensemble mean); it only
     chooses which singles the beam extends. User texts and proposals come first so that `limit`
-    never drops what a person asked for.
+    never drops what a person asked for. `attributes`: the dataset's diagnosed attributes.
     """
+    if not attributes:
+        raise ValueError("generate_candidates needs the dataset's attributes (attributes=...)")
     singles = single_candidates(attributes, negations=negations, avoid_subjective=avoid_subjective)
     composed = compose(
         singles,

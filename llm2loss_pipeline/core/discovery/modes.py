@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.discovery.candidates import (
     Candidate,
     describe_values,
@@ -129,9 +128,7 @@ def _over_represented(rates: dict, min_lift: float, avoid_subjective: bool) -> l
     shown = [
         (key, precision, lift)
         for key, (precision, _, lift) in rates.items()
-        if lift >= min_lift
-        and precision >= MIN_PRECISION
-        and not (key[0] in CELEBA_ATTRIBUTES and is_negation(*key))
+        if lift >= min_lift and precision >= MIN_PRECISION and not is_negation(*key)
     ]
     if avoid_subjective:
         shown = [item for item in shown if neutral_phrase(*item[0]) is not None]
@@ -186,7 +183,7 @@ def wording(
     ):
         stated = ", ".join(_label(key) for key in named)
         return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated)
-    usable = [key for key, _, _ in over if key[0] in CELEBA_ATTRIBUTES][:2]
+    usable = [key for key, _, _ in over][:2]
     if not _together(labels, matched, usable, min_lift):
         usable = usable[:1]
     if not usable:

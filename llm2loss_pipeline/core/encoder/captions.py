@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.prompts import caption_for, draw_caption
 
 CANDIDATES = 8192
@@ -32,8 +31,9 @@ class CaptionPool:
     """`texts[j]` states the values `values[j, a]` of the attributes where `stated[j, a]`.
 
     `true_of[i, :n_true[i]]` index the captions true of image i, its own captions first.
-    `rows[i]` are image i's attribute values (over the CelebA attributes, False when unknown) and
-    `known[i]` which of them it has. `embeddings[j]` is filled by `embed_pool`.
+    `rows[i]` are image i's attribute values (over `attributes`, the columns of every matrix;
+    False when unknown) and `known[i]` which of them it has. `embeddings[j]` is filled by
+    `embed_pool`.
     """
 
     texts: list[str]
@@ -43,6 +43,7 @@ class CaptionPool:
     known: np.ndarray
     true_of: np.ndarray
     n_true: np.ndarray
+    attributes: tuple[str, ...] = ()
     embeddings: np.ndarray | None = None
 
     @property
@@ -50,21 +51,30 @@ class CaptionPool:
         return len(set(self.texts))
 
 
+def row_attributes(attribute_rows: Sequence[Mapping[str, bool]]) -> tuple[str, ...]:
+    """The attributes the rows name, in the order they first appear (the attribute table's)."""
+    seen: dict[str, None] = {}
+    for row in attribute_rows:
+        seen.update(dict.fromkeys(row))
+    return tuple(seen)
+
+
 def attribute_matrix(
-    attribute_rows: Sequence[Mapping[str, bool]],
+    attribute_rows: Sequence[Mapping[str, bool]], attributes: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(values, known) boolean matrices [n, 40] over the CelebA attributes."""
-    values = np.zeros((len(attribute_rows), len(CELEBA_ATTRIBUTES)), dtype=bool)
+    """(values, known) boolean matrices [n, len(attributes)] (default: `row_attributes`)."""
+    names = tuple(attributes) if attributes is not None else row_attributes(attribute_rows)
+    values = np.zeros((len(attribute_rows), len(names)), dtype=bool)
     known = np.zeros_like(values)
-    column = {name: index for index, name in enumerate(CELEBA_ATTRIBUTES)}
+    column = {name: index for index, name in enumerate(names)}
     for position, row in enumerate(attribute_rows):
         if not row:
             raise ValueError(f"attribute row {position} is empty: nothing to write a caption from")
         for name, value in row.items():
             if name not in column:
                 raise ValueError(
-                    f"attribute row {position} names unknown attribute {name!r}; "
-                    "expected CelebA names such as 'Eyeglasses'"
+                    f"attribute row {position} names {name!r}, which is not one of the "
+                    f"attributes {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
                 )
             values[position, column[name]] = bool(value)
             known[position, column[name]] = True
@@ -100,7 +110,8 @@ def build_caption_pool(
     image, deterministically for `seed`."""
     if not attribute_rows:
         raise ValueError("no attribute rows: the caption-tuned encoder needs attributes to caption")
-    rows, known = attribute_matrix(attribute_rows)
+    names = row_attributes(attribute_rows)
+    rows, known = attribute_matrix(attribute_rows, names)
     rng = random.Random(seed)
     n_images, n_attributes = rows.shape
     n_pool = n_images * captions_per_image
@@ -108,7 +119,7 @@ def build_caption_pool(
     texts = [text for text, _ in drawn]
     stated = np.zeros((len(drawn), n_attributes), dtype=bool)
     values = np.zeros((len(drawn), n_attributes), dtype=bool)
-    column = {name: index for index, name in enumerate(CELEBA_ATTRIBUTES)}
+    column = {name: index for index, name in enumerate(names)}
     for j, (_, said) in enumerate(drawn):
         for name, value in said.items():
             stated[j, column[name]] = True
@@ -143,6 +154,7 @@ def build_caption_pool(
         known=known,
         true_of=true_of,
         n_true=n_true,
+        attributes=names,
     )
 
 

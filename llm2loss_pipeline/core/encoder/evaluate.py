@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, SPLIT_NAMES, check_attribute
+from llm2loss_pipeline.core.attributes import NOT_ATTRIBUTES, SPLIT_NAMES
 from llm2loss_pipeline.core.metrics import auroc
 from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 
@@ -31,7 +31,7 @@ def _text_fn(encoder_or_text_fn: Any) -> EncodeTexts:
 
 def attribute_direction(encode_texts: EncodeTexts, attribute: str) -> np.ndarray:
     """Mean over the attribute's prompt pairs of `text(positive) - text(negative)`."""
-    pairs = attribute_prompt_pairs(check_attribute(attribute))
+    pairs = attribute_prompt_pairs(attribute)
     positives = encode_texts([positive for positive, _ in pairs])
     negatives = encode_texts([negative for _, negative in pairs])
     return (np.asarray(positives, np.float64) - np.asarray(negatives, np.float64)).mean(axis=0)
@@ -54,20 +54,17 @@ def _check_embeddings(image_embeddings: np.ndarray) -> np.ndarray:
 
 
 def _attribute_columns(attribute_matrix: Any, n: int) -> dict[str, np.ndarray]:
-    """Boolean label columns from a {name: array} mapping or a polars DataFrame; CelebA's -1/1
-    and 0/1 codings are accepted (positive = value > 0)."""
+    """Boolean label columns from a {name: array} mapping or a polars DataFrame (its columns
+    but sample_id); -1/1 and 0/1 codings are accepted (positive = value > 0)."""
     if hasattr(attribute_matrix, "get_column") and hasattr(attribute_matrix, "columns"):
-        names: Iterable[str] = [c for c in attribute_matrix.columns if c in CELEBA_ATTRIBUTES]
+        names: Iterable[str] = [c for c in attribute_matrix.columns if c not in NOT_ATTRIBUTES]
         columns = {name: attribute_matrix.get_column(name).to_numpy() for name in names}
     elif isinstance(attribute_matrix, Mapping):
         columns = {name: np.asarray(values) for name, values in attribute_matrix.items()}
     else:
         raise TypeError("attribute_matrix must be a mapping of name -> array or a polars DataFrame")
     labels = {}
-    for name in CELEBA_ATTRIBUTES:
-        if name not in columns:
-            continue
-        values = columns[name]
+    for name, values in columns.items():
         if values.shape != (n,):
             raise ValueError(
                 f"attribute {name!r} has {values.shape} labels for {n} image embeddings"
@@ -77,16 +74,13 @@ def _attribute_columns(attribute_matrix: Any, n: int) -> dict[str, np.ndarray]:
                 raise ValueError(f"attribute {name!r} has missing labels")
             values = values.astype(np.float64) > 0
         labels[name] = values
-    unknown = [name for name in columns if name not in CELEBA_ATTRIBUTES]
-    if unknown and isinstance(attribute_matrix, Mapping):
-        check_attribute(unknown[0])
     return labels
 
 
 def zero_shot_auroc(
     image_embeddings: np.ndarray, attribute_matrix: Any, encode_texts: EncodeTexts
 ) -> dict[str, float]:
-    """Zero-shot AUROC per attribute present in `attribute_matrix` (in CelebA order); NaN where
+    """Zero-shot AUROC per attribute present in `attribute_matrix` (in its order); NaN where
     the images have only one class of the attribute."""
     embeddings = _check_embeddings(image_embeddings).astype(np.float64)
     labels = _attribute_columns(attribute_matrix, len(embeddings))

@@ -114,7 +114,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import ON_BAD_IMAGE, one_of
 from llm2loss_pipeline.core.device import DeviceSpec, deterministic
 from llm2loss_pipeline.core.encoder.captions import (
@@ -316,16 +315,17 @@ BALANCED = True
 
 def attribute_directions(
     encode_texts: Callable[[Sequence[str]], np.ndarray],
+    attributes: Sequence[str],
     templates: Sequence[str] = ATTRIBUTE_TEMPLATES,
     kind: str = "text",
 ) -> np.ndarray:
-    """[40, d] unit text directions, one per CelebA attribute: the mean over its caption phrase
-    pairs (i-th positive with i-th negative phrase, as in `prompts.attribute_prompt_pairs`) and
-    `templates` of text(positive) - text(negative)."""
+    """[len(attributes), d] unit text directions, one per attribute: the mean over its caption
+    phrase pairs (i-th positive with i-th negative phrase, as in
+    `prompts.attribute_prompt_pairs`) and `templates` of text(positive) - text(negative)."""
     positives: list[str] = []
     negatives: list[str] = []
     counts: list[int] = []
-    for attribute in CELEBA_ATTRIBUTES:
+    for attribute in attributes:
         yes, no = phrases(attribute, True), phrases(attribute, False)
         n_pairs = max(len(yes), len(no))
         for index in range(n_pairs):
@@ -441,7 +441,9 @@ def train_caption_tuned(
     use_attributes = config.attribute_loss_weight > 0
     if use_attributes:
         directions = torch.from_numpy(
-            attribute_directions(encoder.encode_texts, kind=config.attribute_directions)
+            attribute_directions(
+                encoder.encode_texts, pool.attributes, kind=config.attribute_directions
+            )
         ).to(device)
     if progress is not None:
         progress("embed captions", pool.n_unique_texts, pool.n_unique_texts)
@@ -472,7 +474,7 @@ def train_caption_tuned(
         balance = prevalence.clamp(0.05, 0.95).to(device) if BALANCED else None
         attribute_bias = torch.log(prevalence / (1.0 - prevalence)).to(device).requires_grad_()
         attribute_log_scale = torch.full(
-            (len(CELEBA_ATTRIBUTES),), math.log(10.0), device=device, requires_grad=True
+            (len(pool.attributes),), math.log(10.0), device=device, requires_grad=True
         )
         no_decay += [attribute_log_scale, attribute_bias]
     optimizer = torch.optim.AdamW(

@@ -22,8 +22,8 @@ from safetensors.numpy import save as save_arrays
 from scipy import stats as sps
 
 from llm2loss_pipeline.core import prompts
+from llm2loss_pipeline.core.attribute_set import diagnosed_attributes
 from llm2loss_pipeline.core.blackbox.task_labels import recorded_task_of
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.choices import one_of
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.markdown import markdown_table
@@ -244,14 +244,18 @@ class ReportHooks:
     `core.prompts.attribute_prompt_pairs`, `core.prompts.composed_prompt`,
     `core.prompts.TEMPLATES` and `core.metrics.auroc`. embeddings: precomputed (sample ids,
     [N, dim] image embeddings) of the split, instead of reading the image_embeddings shards.
+    attributes: None takes the home's diagnosed attributes (core/attribute_set.py).
+    built_phrasings: the attributes whose probes were built from their names (said in the
+    report); None: found from core.prompts when the prompts are the default ones.
     """
 
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES
+    attributes: Sequence[str] | None = None
     prompt_pairs: PromptPairs | None = None
     compose_prompt: ComposePrompt | None = None
     pair_templates: Sequence[str] | None = None
     auroc_fn: AurocFn | None = None
     embeddings: tuple[Sequence[str], np.ndarray] | None = None
+    built_phrasings: Sequence[str] | None = None
 
     def with_defaults(self) -> ReportHooks:
         if self.prompt_pairs and self.compose_prompt and self.pair_templates and self.auroc_fn:
@@ -378,7 +382,7 @@ def build_report(
     min_group_size: int = 20,
     alpha: float = 0.1,  # report.alpha: the FDR of the attribute claims
     out_dir: str | Path | None = None,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
     prompt_pairs: PromptPairs | None = None,
     compose_prompt: ComposePrompt | None = None,
     pair_templates: Sequence[str] | None = None,
@@ -438,7 +442,7 @@ def build_report_from_config(
     if not 0 < config.alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {config.alpha}")
     estimator = ESTIMATOR_OBJECTS[one_of("estimator", config.estimator, ESTIMATORS)]
-    hooks = hooks.with_defaults()
+    hooks = _with_attributes(hooks, layout).with_defaults()
     needs_pool = encode_texts is not None or estimator.needs_pool
     measured = measure_report(layout, config, hooks, needs_pool, say)
     estimated, probes = estimate_report(scorer, estimator, measured, config, hooks, say)
@@ -468,6 +472,23 @@ def _with_groups(
     )
 
 
+def _with_attributes(hooks: ReportHooks, layout: Layout) -> ReportHooks:
+    """The hooks with the attribute set filled in: the home's diagnosed attributes unless given,
+    and which of them are phrased from their names."""
+    attributes = (
+        tuple(hooks.attributes) if hooks.attributes is not None else diagnosed_attributes(layout)
+    )
+    built = hooks.built_phrasings
+    if built is None:
+        default_prompts = hooks.prompt_pairs is None
+        built = [
+            name
+            for name in attributes
+            if default_prompts and prompts.phrasing_source(name) == "built"
+        ]
+    return dataclasses.replace(hooks, attributes=attributes, built_phrasings=tuple(built))
+
+
 def measure_report(
     layout: Layout,
     config: ReportSettings,
@@ -478,7 +499,7 @@ def measure_report(
     """The measured side: per attribute and pair cell, from the labels and the black box's
     losses; the split's image embeddings too when the zero-shot AUROC or the estimator needs
     them."""
-    split, attributes = config.eval_split, hooks.attributes
+    split, attributes = config.eval_split, list(hooks.attributes or ())
     inputs = EvalInputs.from_layout(layout)
     con = connect(None)
     try:
@@ -489,11 +510,13 @@ def measure_report(
         eval_frame = run_sql(con, "eval_join", params, inputs.tables())
         table = _with_clustered_gap(table, eval_frame, attributes)
         if config.pairs:
-            chosen = validate_pairs([pair.split(":") for pair in config.pairs])
+            # Checked here, not with the configuration: only the data knows its attributes.
+            chosen = validate_pairs([pair.split(":") for pair in config.pairs], attributes)
         elif config.n_pairs == 0:
             chosen = []
         else:
-            chosen = validate_pairs(frequent_pairs(con, inputs, split, config.n_pairs))
+            chosen = frequent_pairs(con, inputs, split, config.n_pairs, attributes)
+            chosen = validate_pairs(chosen, attributes)
         cells = measured_pair_cells(con, inputs, split, chosen, config.min_group_size, attributes)
         pool = None
         if needs_pool:
@@ -539,7 +562,7 @@ def assemble_report(
     say: Callable[[str], None],
 ) -> ReportResult:
     """Measured beside estimated: summaries, calibrated claims, correlations and the headline."""
-    attributes, alpha = list(hooks.attributes), config.alpha
+    attributes, alpha = list(hooks.attributes or ()), config.alpha
     members = list(scorer.members)
     groups = member_groups(members)
     notes: list[str] = []
@@ -579,6 +602,7 @@ def assemble_report(
     headline = _headline(table, correlations, pair_table, len(members), measured.n_losses)
     headline.update(trust_check(table, calibration))
     estimator.finish_headline(headline)
+    _note_built_phrasings(hooks, headline, notes)
     small = table.filter(pl.col("small_group"))["attribute"].to_list()
     if small:
         notes.append(
@@ -608,6 +632,19 @@ def assemble_report(
     )
 
 
+def _note_built_phrasings(hooks: ReportHooks, headline: dict[str, float], notes: list[str]) -> None:
+    """Say which attributes are asked about in words built from their names (headline count and
+    a note on the page): such a probe may not say what the column means."""
+    built = list(hooks.built_phrasings or ())
+    headline["n_built_phrasings"] = float(len(built))
+    if built:
+        notes.append(
+            f"{len(built)} attribute(s) are asked about in words built from their column names "
+            "(no probes file entry, see dataset.probes_path), which may not say what the "
+            "column means: " + ", ".join(built)
+        )
+
+
 def _zero_shot_table(
     encode_texts: EncodeTexts | None,
     measured: Measured,
@@ -619,7 +656,7 @@ def _zero_shot_table(
     """Per attribute: the encoder's zero-shot AUROC (NaN, and a note, without a text encoder)."""
     if measured.pool is None or encode_texts is None:
         notes.append("no text encoder was given: the zero-shot AUROC column is empty")
-        names = list(hooks.attributes)
+        names = list(hooks.attributes or ())
         return pl.DataFrame({"attribute": names, "zero_shot_auroc": [math.nan] * len(names)})
     say("zero-shot attribute classification")
     _, image_embeddings, labels = measured.pool

@@ -15,6 +15,7 @@ A pair is `small_group` when its TT or FF cell has fewer than `min_group_size` s
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,14 +23,17 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
 from llm2loss_pipeline.core.members import MemberGroup
 from llm2loss_pipeline.core.report.estimated import (
     TextScores,
     member_diffs_long,
     summarize,
 )
-from llm2loss_pipeline.core.report.measured import EvalInputs, measured_attribute_table
+from llm2loss_pipeline.core.report.measured import (
+    EvalInputs,
+    known_attributes,
+    measured_attribute_table,
+)
 from llm2loss_pipeline.core.sql import run_sql
 
 CELLS: tuple[tuple[str, bool, bool], ...] = (
@@ -47,14 +51,17 @@ def pair_name(pair: tuple[str, str]) -> str:
     return f"{pair[0]} & {pair[1]}"
 
 
-def validate_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
-    """Pairs of two different known attributes, without repeats (in either order)."""
+def validate_pairs(
+    pairs: Sequence[Sequence[str]], attributes: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """Pairs of two different attributes, without repeats (in either order); with `attributes`
+    (the dataset's diagnosed attributes), each name must be one of them."""
     seen: set[frozenset[str]] = set()
     result = []
     for position, pair in enumerate(pairs):
         if isinstance(pair, str) or len(pair) != 2:
             raise ValueError(f"pair {position} is {pair!r}; expected two attribute names")
-        a, b = check_attribute(pair[0]), check_attribute(pair[1])
+        a, b = (_known(position, name, attributes) for name in pair)
         if a == b:
             raise ValueError(f"pair {position} names {a!r} twice")
         key = frozenset((a, b))
@@ -63,6 +70,20 @@ def validate_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
         seen.add(key)
         result.append((a, b))
     return result
+
+
+def _known(position: int, name: object, attributes: Sequence[str] | None) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"pair {position}: {name!r} is not an attribute name")
+    if attributes is not None and name not in attributes:
+        close = difflib.get_close_matches(name, list(attributes), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"report.pairs: pair {position} names {name!r}, which is not a diagnosed attribute of "
+            f"this dataset{hint}; its attributes are {', '.join(list(attributes)[:12])}"
+            f"{', ...' if len(attributes) > 12 else ''}"
+        )
+    return name
 
 
 WORST_ATTRIBUTES = 3
@@ -74,11 +95,12 @@ def frequent_pairs(
     inputs: EvalInputs,
     split: str,
     k: int = 10,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
     min_group_size: int = 20,
 ) -> list[tuple[str, str]]:
     """The default `k` pairs on `split`: about half built from the attributes measured worst,
-    the rest the pairs whose positives co-occur most often; each pair in CelebA order.
+    the rest the pairs whose positives co-occur most often; each pair in the order of
+    `attributes` (None: every attribute of the table, in its order: CelebA's for CelebA).
 
     Only the most frequent pairs would be common attributes (Smiling & Mouth_Slightly_Open),
     which says little about where the model fails; pairs of the worst attributes show whether
@@ -87,10 +109,12 @@ def frequent_pairs(
     """
     if k < 1:
         raise ValueError(f"the number of pairs must be at least 1, got {k}")
+    attributes = known_attributes(inputs, attributes)
+    order = {name: i for i, name in enumerate(attributes)}
     n_all = len(attributes) * (len(attributes) - 1) // 2
     params = {"split": split, "k": n_all, "attribute_names": list(attributes)}
     frame = run_sql(con, "frequent_pairs", params, inputs.tables())
-    counts = [(_ordered(a, b), int(n)) for a, b, n in frame.iter_rows()]
+    counts = [((a, b) if order[a] < order[b] else (b, a), int(n)) for a, b, n in frame.iter_rows()]
     ranked = worst_measured(con, inputs, split, attributes, min_group_size, n=len(attributes))
     chosen = _worst_pairs(counts, ranked, (k + 1) // 2, min_group_size)
     for pair, _ in counts:
@@ -105,7 +129,7 @@ def worst_measured(
     con: duckdb.DuckDBPyConnection,
     inputs: EvalInputs,
     split: str,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
     min_group_size: int = 20,
     n: int = WORST_ATTRIBUTES,
 ) -> list[str]:
@@ -140,11 +164,6 @@ def _worst_pairs(
     return chosen
 
 
-def _ordered(a: str, b: str) -> tuple[str, str]:
-    order = {name: i for i, name in enumerate(CELEBA_ATTRIBUTES)}
-    return (a, b) if order[a] < order[b] else (b, a)
-
-
 CELL_SCHEMA = {
     "pair": pl.String,
     "attribute_a": pl.String,
@@ -166,11 +185,12 @@ def measured_pair_cells(
     split: str,
     pairs: Sequence[tuple[str, str]],
     min_group_size: int = 20,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """Long table: four rows per pair (cells TT, TF, FT, FF), empty cells as n = 0."""
     if not pairs:
         return pl.DataFrame(schema=CELL_SCHEMA)
+    attributes = known_attributes(inputs, attributes)
     params = {
         "split": split,
         "attribute_names": list(attributes),

@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import polars as pl
 from scipy import stats as sps
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES, check_attribute
+from llm2loss_pipeline.core.attributes import attribute_columns
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.sql import parquet_source, run_sql, shard_glob
 
@@ -57,12 +58,32 @@ class EvalInputs:
             embeddings=shard_glob(embeddings_dir) if embeddings_dir.is_dir() else None,
         )
 
+    def attribute_names(self) -> tuple[str, ...]:
+        """The attribute columns of the attribute table, in its order."""
+        if not Path(self.attributes).is_file():
+            raise ReportInputError(f"{self.attributes}: the attribute table is missing")
+        return attribute_columns(pl.read_parquet_schema(self.attributes))
+
     def tables(self) -> dict[str, str]:
         """Query parameter name -> Parquet path or glob (checked to exist when a query runs)."""
         tables = {"manifest": self.manifest, "attributes": self.attributes, "losses": self.losses}
         if self.embeddings is not None:
             tables["embeddings"] = self.embeddings
         return tables
+
+
+def known_attributes(inputs: EvalInputs, attributes: Sequence[str] | None) -> tuple[str, ...]:
+    """`attributes`, each checked to be a column of the attribute table; None: all of them."""
+    names = inputs.attribute_names()
+    if attributes is None:
+        return names
+    for name in attributes:
+        if name not in names:
+            raise ReportInputError(
+                f"{inputs.attributes}: no attribute column {name!r}; the table's attributes are "
+                f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+            )
+    return tuple(attributes)
 
 
 def _is_number(column_type: str) -> bool:
@@ -116,7 +137,7 @@ def check_inputs(
     con: duckdb.DuckDBPyConnection,
     inputs: EvalInputs,
     split: str,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Validate the report's inputs for one split; return the coverage counts.
 
@@ -131,7 +152,10 @@ def check_inputs(
             resolved = parquet_source(source)
         except Exception as exc:
             raise ReportInputError(f"the {table} table is not available: {exc}") from exc
+        if table == "attributes" and attributes is None:
+            attributes = inputs.attribute_names()
         check_columns(con, table, resolved, attributes if table == "attributes" else ())
+    assert attributes is not None  # set with the attribute table's check above
     params = {"split": split, "attribute_names": list(attributes)}
     nulls = run_sql(con, "attribute_nulls", params, inputs.tables()).row(0, named=True)
     if nulls["n_null"]:
@@ -214,7 +238,7 @@ def measured_attribute_table(
     inputs: EvalInputs,
     split: str = "test",
     min_group_size: int = 20,
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """One row per attribute (in the given order) with the black box's performance on `split`.
 
@@ -225,8 +249,7 @@ def measured_attribute_table(
     """
     if min_group_size < 1:
         raise ValueError(f"min_group_size must be at least 1, got {min_group_size}")
-    for name in attributes:
-        check_attribute(name)
+    attributes = known_attributes(inputs, attributes)
     params = {"split": split, "attribute_names": list(attributes)}
     groups = fill_groups(run_sql(con, "group_metrics", params, inputs.tables()), attributes)
     rows = []
@@ -287,12 +310,13 @@ def load_zero_shot_inputs(
     con: duckdb.DuckDBPyConnection,
     inputs: EvalInputs,
     split: str = "test",
-    attributes: Sequence[str] = CELEBA_ATTRIBUTES,
+    attributes: Sequence[str] | None = None,
 ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
     """(sample ids, embeddings [N, d] float32, attribute -> bool labels [N]) for one split."""
     if inputs.embeddings is None:
         raise ReportInputError("no image embeddings table: the zero-shot AUROC needs one")
     check_columns(con, "embeddings", parquet_source(inputs.embeddings))
+    attributes = known_attributes(inputs, attributes)
     params = {"split": split, "attribute_names": list(attributes)}
     frame = run_sql(con, "zero_shot_inputs", params, inputs.tables())
     ids = frame["sample_id"].to_list()

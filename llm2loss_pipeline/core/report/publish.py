@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+import polars as pl
+
+from llm2loss_pipeline.core.attributes import attribute_columns
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, LOSSES_TABLE, Layout
 from llm2loss_pipeline.core.sql import SqlError, connect, parquet_source, relation, shard_glob
 from llm2loss_pipeline.core.storage import atomic_path
@@ -42,7 +44,9 @@ def view_sources(
     """view name -> (query file, source path or glob, extra parameters), in publishing order."""
     reports = Path(reports_dir) if reports_dir is not None else layout.reports
     metrics = member_metrics or layout.heads_dir / MEMBER_METRICS_FILE
-    names = {"attribute_names": list(CELEBA_ATTRIBUTES)}
+    # Every attribute of the table (the task's target too): the view shows the data as it is.
+    columns = pl.read_parquet_schema(layout.attributes) if layout.attributes.is_file() else {}
+    names = {"attribute_names": list(attribute_columns(columns))}
     return {
         "manifest": ("read_table", str(layout.manifest), {}),
         "attributes": ("read_table", str(layout.attributes), {}),

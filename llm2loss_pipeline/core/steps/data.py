@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
-from llm2loss_pipeline.core.celeba import build_manifest, read_celeba
-from llm2loss_pipeline.core.config import DatasetConfig
+from llm2loss_pipeline.core.attribute_set import (
+    AttributeSet,
+    build_attribute_set,
+    write_attribute_set,
+)
+from llm2loss_pipeline.core.attributes import attribute_columns
+from llm2loss_pipeline.core.celeba import PARTITION_FILE, build_manifest, read_celeba
+from llm2loss_pipeline.core.config import ConfigError, DatasetConfig, parse_yaml
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.probes import ProbesFileError, parse_probes
 from llm2loss_pipeline.core.steps.tables import remove_stale_shards
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
+from llm2loss_pipeline.core.table_source import TableSpec, read_table_source, table_manifest
+from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world import contact_sheet, generate_world
 from llm2loss_pipeline.core.world.config import WorldConfig
 
@@ -39,6 +47,7 @@ class AttributesResult:
     attributes: pl.DataFrame
     attributes_sha256: str
     rates_by_split: pl.DataFrame
+    attribute_set: AttributeSet
 
 
 def world_root(layout: Layout, world: WorldConfig) -> Path:
@@ -50,6 +59,8 @@ def world_root(layout: Layout, world: WorldConfig) -> Path:
 def dataset_root(layout: Layout, dataset: DatasetConfig, world: WorldConfig) -> Path:
     if dataset.source == "generated":
         return world_root(layout, world)
+    if dataset.source == "table":
+        return TableSpec.from_config(dataset).image_root
     if not dataset.celeba_root:
         raise ValueError("dataset.celeba_root must be set when dataset.source is 'celeba'")
     root = Path(dataset.celeba_root).expanduser().resolve()
@@ -71,14 +82,19 @@ def prepare_dataset(
         sheet = root / "contact_sheet.png"
         if not sheet.exists():
             contact_sheet(root, sheet)
-    tables = read_celeba(root)
-    manifest = apply_split_mode(build_manifest(tables, dataset.shard_size), dataset)
+    if dataset.source == "table":
+        spec = TableSpec.from_config(dataset)
+        listing = spec.table_path
+        manifest = table_manifest(read_table_source(spec), dataset.shard_size)
+    else:
+        listing = root / PARTITION_FILE
+        manifest = build_manifest(read_celeba(root), dataset.shard_size)
+    manifest = apply_split_mode(manifest, dataset)
     # Existence only (a stat per image, ~1 s for CelebA); decoding is checked per shard.
     missing = [path for path in manifest["path"].to_list() if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} image(s) listed in {root / 'list_eval_partition.txt'} are missing, "
-            f"e.g. {missing[:3]}"
+            f"{len(missing)} image(s) listed in {listing} are missing, e.g. {missing[:3]}"
         )
     write_parquet_atomic(manifest, layout.manifest)
     # Shard files of an earlier manifest would otherwise be read by every glob over the folder.
@@ -105,6 +121,8 @@ def apply_split_mode(manifest: pl.DataFrame, dataset: DatasetConfig) -> pl.DataF
     into train/valid/test (deterministically, by a hash of the sample id).
     """
     mode = dataset.split_mode
+    if mode == "auto" and dataset.source == "table":
+        mode = "file"  # a table's splits are its author's; re-splitting is asked for by name
     if mode == "auto":
         train_ids = set(manifest.filter(pl.col("split") == "train")["identity"].to_list())
         held_out = manifest.filter(pl.col("split") != "train")["identity"].unique().to_list()
@@ -130,10 +148,42 @@ def apply_split_mode(manifest: pl.DataFrame, dataset: DatasetConfig) -> pl.DataF
     return ranked.with_columns(split=split).drop("_key", "_order", "_count")
 
 
+def read_probes(
+    path: str | os.PathLike[str] | None, attributes: Sequence[str]
+) -> dict[str, tuple[list[str], list[str]]]:
+    """`dataset.probes_path`'s phrasings ('slot:text' lists) by attribute; {} without a file.
+    Read here, not in core/probes.py: the YAML reader (duplicate keys refused) is the config's."""
+    if path is None:
+        return {}
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ProbesFileError(f"{source}: no such probes file (dataset.probes_path)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProbesFileError(f"{source}: cannot be read as UTF-8 text ({exc})") from None
+    try:
+        raw = parse_yaml(text, str(source))
+    except ConfigError as exc:
+        raise ProbesFileError(str(exc)) from None
+    return parse_probes(raw, str(source), attributes)
+
+
+def read_attributes(layout: Layout, dataset: DatasetConfig, world: WorldConfig) -> pl.DataFrame:
+    """The attribute table of the dataset: sample_id and one Boolean column per attribute."""
+    if dataset.source == "table":
+        return read_table_source(TableSpec.from_config(dataset)).attributes
+    return read_celeba(dataset_root(layout, dataset, world)).attributes
+
+
 def summarize_attributes(
-    layout: Layout, dataset: DatasetConfig, world: WorldConfig
+    layout: Layout,
+    dataset: DatasetConfig,
+    world: WorldConfig,
+    task: TaskConfig | None = None,
 ) -> AttributesResult:
-    """Write the attribute table of the manifest's samples and count it by split in DuckDB."""
+    """Write the attribute table of the manifest's samples and the attribute set (which
+    attributes are diagnosed, how each is phrased), and count it by split in DuckDB."""
     # lazy: pulls duckdb, +0.1 s on the Dagster definitions load (measured)
     from llm2loss_pipeline.core import sql
 
@@ -141,18 +191,25 @@ def summarize_attributes(
         raise FileNotFoundError(
             f"{layout.manifest} is missing: materialize dataset_manifest first (llm2loss run)"
         )
-    tables = read_celeba(dataset_root(layout, dataset, world))
-    attributes = tables.attributes
+    attributes = read_attributes(layout, dataset, world)
+    # Checked before anything is written: a bad probes file or task target fails this step.
+    probes = read_probes(dataset.probes_path, attribute_columns(attributes.columns))
+    attribute_set = build_attribute_set(attributes, task or TaskConfig(), probes)
     write_parquet_atomic(attributes, layout.attributes)
+    set_path = write_attribute_set(layout, attribute_set)
     with sql.connect(None) as con:
         rates = sql.run_sql(
             con,
             "attribute_counts_by_split",
-            {"attribute_names": list(CELEBA_ATTRIBUTES)},
+            {"attribute_names": list(attribute_set.attributes)},
             tables={"attributes": layout.attributes, "manifest": layout.manifest},
         )
     return AttributesResult(
         attributes=attributes,
-        attributes_sha256=sha256_file(layout.attributes),
+        # Both files: a changed probes file or task target changes what the report asks.
+        attributes_sha256=hashlib.sha256(
+            (sha256_file(layout.attributes) + sha256_file(set_path)).encode()
+        ).hexdigest(),
         rates_by_split=rates.pivot(on="split", index="attribute", values="rate"),
+        attribute_set=attribute_set,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.attribute_set import install_phrasings
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder import load_encoder
 from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
@@ -77,14 +77,13 @@ def _identities(layout: Layout, rows: pl.DataFrame) -> np.ndarray | None:
     )
 
 
-def text_corpus(frame: pl.DataFrame, seed: int) -> list[str]:
-    """Texts whose mean embedding stands for 'the text modality' of this data set."""
+def text_corpus(frame: pl.DataFrame, seed: int, attributes: Sequence[str]) -> list[str]:
+    """Texts whose mean embedding stands for 'the text modality' of this data set: the probes
+    of its (diagnosed) attributes and captions of its first images."""
 
-    texts = [
-        text for name in CELEBA_ATTRIBUTES for pair in attribute_prompt_pairs(name) for text in pair
-    ]
-    if all(name in frame.columns for name in CELEBA_ATTRIBUTES):
-        sample = frame.head(CAPTION_CORPUS_SIZE).select(CELEBA_ATTRIBUTES).to_dicts()
+    texts = [text for name in attributes for pair in attribute_prompt_pairs(name) for text in pair]
+    if attributes and all(name in frame.columns for name in attributes):
+        sample = frame.head(CAPTION_CORPUS_SIZE).select(list(attributes)).to_dicts()
         rng = random.Random(seed)
         texts += [caption_for(row, rng) for row in sample]
     return texts
@@ -108,7 +107,8 @@ def fit_heads(
     eval_loss = held_out["loss"].to_numpy()
 
     encoder = load_encoder(layout.encoder_dir)
-    corpus = encoder.encode_texts(text_corpus(train, config.base_seed))
+    attributes = install_phrasings(layout).diagnosed
+    corpus = encoder.encode_texts(text_corpus(train, config.base_seed, attributes))
     gap = fit_gap(train_emb, corpus, config.modality_gap)
     torch_device = device.torch_device()
     ensemble = train_ensemble(
@@ -136,7 +136,7 @@ def fit_heads(
         },
     )
     kind_rows = [{"group": name, **values} for name, values in evaluation["groups"].items()]
-    gap_rows = gap_effect_rows(train, held_out, corpus, config, encoder, torch_device)
+    gap_rows = gap_effect_rows(train, held_out, corpus, config, encoder, torch_device, attributes)
 
     write_parquet_atomic(pl.DataFrame(members), layout.member_metrics)
     write_json_atomic(layout.kind_metrics, kind_rows)
@@ -167,17 +167,18 @@ def gap_effect_rows(
     config: HeadsConfig,
     encoder: Any,
     device: Any,
+    attributes: Sequence[str],
 ) -> list[dict[str, Any]]:
     """The measured effect of centring each modality: heads trained both ways, same data.
 
     For each mode: the held-out Spearman of the ensemble on images (centring should not hurt it)
     and the correlation, across attributes, between the disparity estimated from text and the
     one measured on held-out samples (what centring is for). `corpus`: the embedded
-    `text_corpus(train, config.base_seed)`, the one the heads' own gap was fitted on (encoded
-    once: it is the same texts).
+    `text_corpus(train, config.base_seed, attributes)`, the one the heads' own gap was fitted on
+    (encoded once: it is the same texts).
     """
 
-    present = [name for name in CELEBA_ATTRIBUTES if name in held_out.columns]
+    present = [name for name in attributes if name in held_out.columns]
     if not present:
         return []
     labels = held_out.select(present).fill_null(False).to_numpy().astype(bool)

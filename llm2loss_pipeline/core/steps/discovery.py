@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.attribute_set import install_phrasings
 from llm2loss_pipeline.core.discovery.candidates import (
     generate_candidates,
     read_vocabulary,
@@ -115,6 +115,8 @@ def compute_discovery(
     held_out = split_rows(frame, config.eval_split, "discovery.eval_split")
     train = split_rows(frame, ensemble.config.train_split, "heads.train_split")
 
+    # The dataset's diagnosed attributes, phrased as its probes file says (core/attribute_set.py).
+    attributes = install_phrasings(layout).diagnosed
     texts = _vocabulary(config, vocabulary)
     embed = _TextCache(diagnoser.encode_texts)
 
@@ -123,7 +125,7 @@ def compute_discovery(
 
     proposals: list[str] = []
     if config.proposer.enabled:
-        proposals = _proposals(config, score, say)
+        proposals = _proposals(config, score, say, attributes)
     candidates = generate_candidates(
         score,
         max_arity=config.max_arity,
@@ -131,12 +133,14 @@ def compute_discovery(
         vocabulary=texts,
         proposals=proposals,
         limit=config.max_candidates,
+        attributes=attributes,
         negations=config.negations,
         avoid_subjective=config.avoid_subjective,
     )
     say(f"discovery: {len(candidates)} candidate descriptions")
     text_embeddings = embed([c.text for c in candidates])
-    probes = [c.text for c in single_candidates(negations=True)]  # every value, canonical words
+    # every value, canonical words
+    probes = [c.text for c in single_candidates(attributes, negations=True)]
     eval_data = EvalData(
         held_out["sample_id"].to_list(),
         held_out["embedding"].to_numpy().astype(np.float32),
@@ -151,7 +155,7 @@ def compute_discovery(
         train["embedding"].to_numpy().astype(np.float32),
         config,
         train_losses=train["loss"].to_numpy(),
-        labels=eval_labels(held_out),
+        labels=eval_labels(held_out, attributes),
         probe_embeddings=embed(probes),
         progress=say,
     )
@@ -183,24 +187,27 @@ def _counts(result: Any, n_eval: int, n_proposed: int) -> dict[str, int]:
     }
 
 
-def eval_labels(frame: pl.DataFrame) -> dict[str, np.ndarray] | None:
+def eval_labels(frame: pl.DataFrame, attributes: Sequence[str]) -> dict[str, np.ndarray] | None:
     """Attribute -> bool per sample, for the attributes labelled on every sample (None: none)."""
 
     labels = {
         name: frame[name].cast(pl.Boolean).to_numpy()
-        for name in CELEBA_ATTRIBUTES
+        for name in attributes
         if name in frame.columns and frame[name].null_count() == 0
     }
     return labels or None
 
 
 def _proposals(
-    config: DiscoveryConfig, score: Callable[[Sequence[str]], np.ndarray], say: Callable
+    config: DiscoveryConfig,
+    score: Callable[[Sequence[str]], np.ndarray],
+    say: Callable,
+    attributes: Sequence[str],
 ) -> list[str]:
     singles = [
         c.text
         for c in single_candidates(
-            negations=config.negations, avoid_subjective=config.avoid_subjective
+            attributes, negations=config.negations, avoid_subjective=config.avoid_subjective
         )
     ]
     order = np.argsort(-score(singles))

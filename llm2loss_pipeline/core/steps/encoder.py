@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from llm2loss_pipeline.core.attribute_set import install_phrasings
 from llm2loss_pipeline.core.blackbox.train import cpu_threads
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
@@ -114,6 +115,8 @@ def _fit_encoder(
     on_bad_image: str,
 ) -> EncoderResult:
     manifest = read_manifest(layout)
+    # Captions phrase each attribute as the dataset's probes file says (else curated or built).
+    install_phrasings(layout)
     encoder = build_encoder(config, device.torch_device())
     metrics: dict[str, Any] = {}
     if config.mode == "caption_tuned":

@@ -11,7 +11,7 @@ from typing import Any
 
 import polars as pl
 
-from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, install_phrasings
 from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.query import Diagnoser
@@ -68,6 +68,7 @@ def make_report(
         publish_views,
     )
 
+    install_phrasings(layout)  # a probes file's phrasings, for every probe the report asks
     diagnoser = Diagnoser.load(layout.home)
     result = build_report_from_config(
         layout, diagnoser, diagnoser.encode_texts, config, out_dir=layout.reports, log=log
@@ -94,9 +95,10 @@ def _attribute_table(layout: Layout) -> pl.DataFrame:
 
 
 def check_complete(layout: Layout) -> CheckOutcome:
-    """One row per CelebA attribute, and every number finite where its group is measurable."""
+    """One row per diagnosed attribute, and every number finite where its group is measurable."""
     table = _attribute_table(layout)
-    missing = sorted(set(CELEBA_ATTRIBUTES) - set(table["attribute"].to_list()))
+    expected = diagnosed_attributes(layout)
+    missing = sorted(set(expected) - set(table["attribute"].to_list()))
     measurable = table.filter(~pl.col("small_group"))
     numeric = [
         name
@@ -108,7 +110,7 @@ def check_complete(layout: Layout) -> CheckOutcome:
         for name in numeric
     }
     bad = {name: rows for name, rows in bad.items() if rows}
-    passed = table.height == len(CELEBA_ATTRIBUTES) and not missing and not bad
+    passed = table.height == len(expected) and not missing and not bad
     message = (
         f"{table.height} rows, all finite"
         if passed

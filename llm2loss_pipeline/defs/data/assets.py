@@ -1,4 +1,5 @@
-"""Dataset assets: the manifest of every sample and the CelebA attribute table."""
+"""Dataset assets: the manifest of every sample and the attribute table (CelebA's 40, the
+generated world's, or a table dataset's own columns)."""
 
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation.
 import dagster as dg
@@ -8,7 +9,12 @@ from llm2loss_pipeline.defs.metadata import markdown_table, table_metadata
 from llm2loss_pipeline.defs.partitions import sync_shard_partitions
 from llm2loss_pipeline.defs.preflight import SETTINGS_KEYS, preflight_once
 from llm2loss_pipeline.defs.progress import progress_logger
-from llm2loss_pipeline.defs.resources import DatasetResource, StorageResource, WorldResource
+from llm2loss_pipeline.defs.resources import (
+    DatasetResource,
+    StorageResource,
+    TaskResource,
+    WorldResource,
+)
 
 OWNERS = ["team:ml-diagnostics"]
 
@@ -21,7 +27,8 @@ OWNERS = ["team:ml-diagnostics"]
     required_resource_keys=SETTINGS_KEYS,
     description=(
         "Every sample: id, image path, split, identity and shard. Generates the offline face world "
-        "when dataset.source is 'generated', else reads a CelebA root. Registers the shard "
+        "when dataset.source is 'generated', else reads a CelebA root or a table (Parquet or "
+        "CSV manifest). Registers the shard "
         "partitions of the per-sample assets."
     ),
 )
@@ -66,10 +73,11 @@ def dataset_manifest(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     group_name="data",
     kinds={"parquet", "duckdb"},
     owners=OWNERS,
-    code_version="attributes-v1",
+    code_version="attributes-v2",
     description=(
-        "The 40 CelebA attributes per sample (boolean columns), with per-attribute counts by split "
-        "computed in DuckDB (assets_sql/attribute_counts_by_split.sql)."
+        "The dataset's attributes per sample (boolean columns), the attribute set (which are "
+        "diagnosed, how each is phrased: tables/attribute_set.json), and per-attribute counts "
+        "by split computed in DuckDB (assets_sql/attribute_counts_by_split.sql)."
     ),
 )
 def celeba_attributes(
@@ -77,14 +85,26 @@ def celeba_attributes(
     storage: StorageResource,
     dataset: DatasetResource,
     world: WorldResource,
+    task: TaskResource,
 ) -> dg.MaterializeResult:
     layout = storage.layout()
-    result = steps.summarize_attributes(layout, dataset.spec(), world.spec())
-    context.log.info(f"{result.attributes.height} rows of 40 attributes")
+    result = steps.summarize_attributes(layout, dataset.spec(), world.spec(), task.spec())
+    attribute_set = result.attribute_set
+    context.log.info(
+        f"{result.attributes.height} rows of {len(attribute_set.attributes)} attributes, "
+        f"{len(attribute_set.diagnosed)} diagnosed"
+    )
+    if attribute_set.built:
+        context.log.info(
+            f"phrased from their names (no probes file entry): {', '.join(attribute_set.built)}"
+        )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.attributes_sha256),
         metadata={
             **table_metadata(result.attributes, layout.attributes),
+            "n_attributes": len(attribute_set.attributes),
+            "diagnosed": dg.MetadataValue.json(list(attribute_set.diagnosed)),
+            "built_phrasings": dg.MetadataValue.json(attribute_set.built),
             "positive_rate_by_split": dg.MetadataValue.md(
                 markdown_table(result.rates_by_split.to_dicts())
             ),
