@@ -41,6 +41,7 @@ from llm2loss_pipeline.core.config import (
     device_problems,
 )
 from llm2loss_pipeline.core.env import env_problems
+from llm2loss_pipeline.core.table_source import TableFormatError, TableSpec, read_table_source
 from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world import plan_world
 from llm2loss_pipeline.core.world.config import WorldConfig
@@ -63,6 +64,7 @@ def preflight(config: PipelineConfig, source: str = "<config>") -> PipelineConfi
     if problems:
         raise ConfigError("\n".join(["environment variables that cannot be used", *problems]))
     _check_file_splits(config, source)
+    _check_table(config, source)
     _check_task(config, source)
     if config.black_box.source in ("entry_point", "torchscript"):
         _check_user_model(config, source)
@@ -90,7 +92,7 @@ def _check_user_model(config: PipelineConfig, source: str) -> None:
             if needed is None and meta is not None
             else None
         )
-    except (UserModelError, LabelMapError, CelebaFormatError) as exc:
+    except (UserModelError, LabelMapError, CelebaFormatError, TableFormatError) as exc:
         raise ConfigError(f"{source}: black_box: {exc}") from None
     if problem:
         raise ConfigError(f"{source}: black_box: {problem}")
@@ -124,6 +126,30 @@ def _check_task(config: PipelineConfig, source: str) -> None:
             f"{source}: world.spurious leaves some identities without train images, so an "
             f"identity classifier has no output for them; set task: {{kind: attribute, "
             f"target: {spurious.target}}}"
+        )
+
+
+def _check_table(config: PipelineConfig, source: str) -> None:
+    """A table dataset reads without a bad row, and what the task names is in it: its bad rows,
+    a missing target or label column, would otherwise show only when the data step runs."""
+    dataset, task = config.dataset, config.task
+    if dataset.source != "table":
+        return
+    try:
+        tables = read_table_source(TableSpec.from_config(dataset))
+    except TableFormatError as exc:
+        raise ConfigError(f"{source}: dataset.table_path: {exc}") from None
+    names = tables.attributes.columns[1:]
+    if task.kind == "attribute" and task.target not in names:
+        raise ConfigError(
+            f"{source}: task.target {task.target!r} is not an attribute of "
+            f"{dataset.table_path}; its attributes are {', '.join(names[:12])}"
+            f"{', ...' if len(names) > 12 else ''}"
+        )
+    if task.kind == "label" and "label" not in tables.manifest.columns:
+        raise ConfigError(
+            f"{source}: task.kind 'label' reads the column dataset.label_column "
+            f"({dataset.label_column!r}), which {dataset.table_path} does not have"
         )
 
 
@@ -165,6 +191,8 @@ def train_identities(dataset: DatasetConfig, world: WorldConfig) -> list[int]:
             },
             schema={"sample_id": pl.String, "split": pl.String, "identity": pl.Int64},
         )
+    elif dataset.source == "table":
+        frame = read_table_source(TableSpec.from_config(dataset)).manifest
     else:
         root = Path(dataset.celeba_root or ".")
         frame = read_partition_file(root / PARTITION_FILE).join(

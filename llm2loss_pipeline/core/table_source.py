@@ -240,7 +240,7 @@ def _boolean_column(frame: pl.DataFrame, column: str, where: _Where) -> pl.Serie
         raise where.error(
             row,
             column,
-            f"value {_quoted(series[row])} is not a boolean: expected 0/1 or -1/1{why} "
+            f"value {_quoted(frame[column][row])} is not a boolean: expected 0/1 or -1/1{why} "
             "(a column of other numbers is not expanded one-hot; write it as text to do so)",
         )
     return numbers == 1.0
