@@ -12,7 +12,8 @@ from llm2loss_pipeline.defs.resources import ReportResource, StorageResource
 
 @dg.asset_check(
     asset=attribute_disparity_report,
-    description="The report has one row per CelebA attribute (40) and only finite numbers.",
+    description="The report has one row per diagnosed attribute of the dataset (CelebA: 40) "
+    "and only finite numbers.",
 )
 def report_is_complete(storage: StorageResource) -> dg.AssetCheckResult:
     outcome = steps.check_complete(storage.layout())
