@@ -27,6 +27,7 @@ from llm2loss_pipeline.core.steps.data import prepare_dataset, summarize_attribu
 from llm2loss_pipeline.core.storage import sidecar_path, write_parquet_atomic
 from llm2loss_pipeline.core.task import TaskConfig
 from tests import fault_helpers as fh
+from tests.test_user_model import ColourClassifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_WORLD = {"n_identities": 12, "images_per_identity": 6, "hard_attributes": {}}
@@ -192,3 +193,28 @@ def test_a_user_model_for_an_attribute_task_needs_two_outputs():
     assert output_count_problem(2, config.dataset, config.world, ATTRIBUTE_TASK) is None
     problem = output_count_problem(5, config.dataset, config.world, ATTRIBUTE_TASK)
     assert problem is not None and "the model has 5 outputs" in problem
+
+
+def two_output_model():
+    """An entry point for an attribute task: two outputs (without, with)."""
+    return ColourClassifier(num_classes=2)
+
+
+def test_a_user_model_scores_the_attribute_task(tmp_path, tiny_home):
+    config, reference = tiny_home
+    layout = fh.clone_home(reference, tmp_path / "home")
+    settings = config.black_box.model_copy(
+        update={"source": "entry_point", "entry_point": "tests.test_task_kinds:two_output_model"}
+    )
+    with fh.one_thread():
+        fitted = fit_black_box(layout, settings, config.devices.black_box, task=ATTRIBUTE_TASK)
+        assert fitted.data_version != fitted.sha256
+        assert recorded_task(json.loads(layout.black_box_reference.read_text())) == ATTRIBUTE_TASK
+        manifest = pl.read_parquet(layout.manifest)
+        shard = manifest["shard"][0]
+        # the loss pass scores the recorded task whatever its own run config says
+        frame = shard_losses(layout, shard, settings, config.dataset, config.devices.losses).frame
+    male = pl.read_parquet(layout.attributes).select("sample_id", "Male")
+    scored = frame.join(male, on="sample_id")
+    assert scored.height == manifest.filter(pl.col("shard") == shard).height
+    assert scored["label"].to_list() == scored["Male"].cast(pl.Int64).to_list()
