@@ -31,8 +31,9 @@ from llm2loss_pipeline.defs.resources import (
     op_tags=GPU_OP_TAGS,
     automation_condition=FOLLOW_UPSTREAM,
     description=(
-        "The task loss of f on every sample of one shard (cross-entropy of the identity "
-        "classifier), with prediction, correctness, p(true) and the true class's ranking AUROC."
+        "The task loss of f on every sample of one shard (cross-entropy of the task that "
+        "black_box_model recorded: identity, an attribute or a table's label), with prediction, "
+        "correctness, p(true) and the true class's ranking AUROC."
     ),
 )
 def per_sample_losses(
