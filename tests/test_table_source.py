@@ -112,6 +112,14 @@ def test_one_hot_names_and_zero_one_columns(tmp_path: Path) -> None:
             r"row 4 \(line 5\), column 'sample_id': sample id 'a1' is also on row 1",
         ),
         (
+            ("a2,img/a2.png,train,dog,p1,-1,1,false", "a2,img/a2.png,train,dog,p1,-1,1,no"),
+            r"row 2 \(line 3\), column 'Glasses': value 'no' is not a boolean, while row 1 holds",
+        ),
+        (
+            ("a1,img/a1.png,train,cat,p1,1,-1,true", "a1,img/a1.png,train,cat,p1,1,yes,true"),
+            r"row 1 \(line 2\), column 'Smile': value 'yes' is not a boolean, while row 2 holds",
+        ),
+        (
             ("a1,img/a1.png,train,cat,p1,1,-1,true", "a1,img/a1.png,train,cat,p1,2,-1,true"),
             r"row 1 \(line 2\), column 'Hat': value '2' is not a boolean: expected 0/1 or -1/1",
         ),

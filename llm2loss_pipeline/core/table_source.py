@@ -161,9 +161,7 @@ def _read_file(path: Path) -> tuple[pl.DataFrame, bool]:
             return pl.read_parquet(path), False
         # Every cell as text: the reader types each column itself, so that a bad cell is an
         # error naming its row instead of a column silently read as text.
-        frame = pl.read_csv(
-            path, infer_schema=False, encoding="utf8"
-        )
+        frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise TableFormatError(f"{path}: cannot be read as a table ({exc})") from None
     return frame, True
@@ -216,10 +214,22 @@ def _boolean_column(frame: pl.DataFrame, column: str, where: _Where) -> pl.Serie
         if (text == "").any():
             raise where.error(int((text == "").arg_true()[0]), column, "the value is empty")
         numbers = text.cast(pl.Float64, strict=False)
+        flags = text.is_in(["true", "false"])
         if numbers.null_count() == 0:
             series = numbers
-        elif text.is_in(["true", "false"]).all():
+        elif flags.all():
             return text == "true"
+        elif numbers.null_count() < len(numbers) or flags.any():
+            # Mostly numbers (or true/false) with a stray word: a typo, not a category.
+            kind = numbers.is_not_null() if numbers.null_count() < len(numbers) else flags
+            row, other = int((~kind).arg_true()[0]), int(kind.arg_true()[0])
+            raise where.error(
+                row,
+                column,
+                f"value {_quoted(frame[column][row])} is not a boolean, while row {other + 1} "
+                f"holds {_quoted(frame[column][other])}: a boolean column holds 0/1, -1/1 or "
+                "true/false, a text column (expanded one-hot) names its values",
+            )
         else:
             return None
     if not series.dtype.is_numeric():
