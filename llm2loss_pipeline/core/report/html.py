@@ -104,6 +104,7 @@ GROUP_COLUMNS: list[tuple[str, str, Format]] = [
     ("n_identities", "identities", text),
     ("accuracy", "accuracy", num(3)),
     ("accuracy_se", "± se (clustered)", num(3)),
+    ("accuracy_upper", "90% upper bound", num(3)),
     ("mean_loss", "mean loss", num(4)),
     ("small_group", "small", text),
 ]
@@ -423,7 +424,9 @@ def _groups_section(result: ReportResult) -> list[str]:
         "<h2 id='groups'>Groups, worst first</h2>",
         f"<p>Accuracy and mean loss of the black box per group on the {_esc(result.eval_split)} "
         "split (an attribute task: its target crossed with each attribute), with "
-        "identity-clustered standard errors; the whole table is groups.parquet. The "
+        "identity-clustered standard errors; the worst group has the lowest upper bound, so a "
+        "small slice whose low accuracy may be chance does not take its place. The whole table "
+        "is groups.parquet. The "
         f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
         html_table(result.groups.head(N_GROUPS_SHOWN), GROUP_COLUMNS),
     ]
