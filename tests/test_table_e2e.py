@@ -141,7 +141,9 @@ def test_the_report_speaks_the_tables_attributes(table_run) -> None:
     assert headline["n_attributes"] == len(ATTRIBUTES)
     assert headline["n_built_phrasings"] == len(BUILT)
     html = (layout.reports / "report.html").read_text()
-    assert "built from their column names" in html and "hair_blond" in html
+    summary = html.split("<ul class='headline'>")[1].split("</ul>")[0]
+    assert "7 attribute(s) are asked about in words built from their column names" in summary
+    assert "smile, man, beard, hair_black" in summary
     assert "Eyeglasses" not in html and "Blond_Hair" not in html
     with duckdb.connect(str(layout.duckdb), read_only=True) as con:
         names = {

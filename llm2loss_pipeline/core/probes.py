@@ -34,6 +34,9 @@ SOURCES = ("curated", "file", "built")
 
 MAX_PHRASE = 200
 
+BUILT_NOTE = "are asked about in words built from their column names"
+"""The report's note on built phrasings (core/report/build.py), shown in its headline list too."""
+
 
 class ProbesFileError(ValueError):
     """A probes file is unreadable or malformed; the message names the file and the key."""

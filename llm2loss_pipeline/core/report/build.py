@@ -29,6 +29,7 @@ from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.markdown import markdown_table
 from llm2loss_pipeline.core.members import KINDS, OVERALL, MemberGroup, member_groups
 from llm2loss_pipeline.core.metrics import auroc
+from llm2loss_pipeline.core.probes import BUILT_NOTE
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import (
     LEVEL,
@@ -639,9 +640,8 @@ def _note_built_phrasings(hooks: ReportHooks, headline: dict[str, float], notes:
     headline["n_built_phrasings"] = float(len(built))
     if built:
         notes.append(
-            f"{len(built)} attribute(s) are asked about in words built from their column names "
-            "(no probes file entry, see dataset.probes_path), which may not say what the "
-            "column means: " + ", ".join(built)
+            f"{len(built)} attribute(s) {BUILT_NOTE} (no probes file entry, see "
+            "dataset.probes_path), which may not say what the column means: " + ", ".join(built)
         )
 
 

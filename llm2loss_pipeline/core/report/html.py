@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from llm2loss_pipeline.core.probes import BUILT_NOTE
+
 if TYPE_CHECKING:
     from llm2loss_pipeline.core.report.build import ReportResult
 
@@ -341,6 +343,8 @@ def _headline(result: ReportResult) -> str:
         + ", ".join(a.replace("_", " ") for a in measured)
         + "."
     )
+    # which probes a reader should not take at their word: built from column names
+    items.extend(note for note in result.notes if BUILT_NOTE in note)
     if result.groups is not None:  # the worst group first: the group-robustness view
         items.insert(0, next(n for n in result.notes if n.startswith("worst group:")))
     return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
