@@ -19,11 +19,12 @@ from llm2loss_pipeline.core.attribute_set import (
     read_attribute_set,
     write_attribute_set,
 )
-from llm2loss_pipeline.core.config import validate_config
+from llm2loss_pipeline.core.config import ConfigError, validate_config
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.preflight import preflight
 from llm2loss_pipeline.core.probes import ProbesFileError, built_phrasings, parse_probes
+from llm2loss_pipeline.core.probes_file import read_probes
 from llm2loss_pipeline.core.report.intersectional import validate_pairs
-from llm2loss_pipeline.core.steps.data import read_probes
 from llm2loss_pipeline.core.table_source import (
     TableFormatError,
     TableSpec,
@@ -312,3 +313,30 @@ def test_no_module_past_the_readers_mentions_celeba_attributes() -> None:
     }
     assert found - set(ALLOWED) == set(), "the attribute set comes from the data (attribute_set)"
     assert "core/celeba.py" in found  # the scan sees what it looks for
+
+
+def test_preflight_checks_the_table_and_the_probes_file_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "t.csv").write_text(CSV)
+    (tmp_path / "p.yaml").write_text("Smile:\n  positive: [smiling]\n  negative: [serious]\n")
+    table = {"table_path": "t.csv", "group_column": "person"}
+
+    def check(dataset: dict, task: dict | None = None) -> None:
+        raw = {"dataset": dataset, "task": task or {"kind": "label"}}
+        preflight(validate_config(raw, base_dir=tmp_path))
+
+    check({**table, "probes_path": "p.yaml"})  # a good table and probes file pass
+    with pytest.raises(ConfigError, match=r"identity needs dataset.group_column"):
+        check({"table_path": "t.csv"}, {"kind": "identity"})
+    with pytest.raises(ConfigError, match=r"task.target 'Blond_Hair' is not an attribute"):
+        check(table, {"kind": "attribute", "target": "Blond_Hair"})
+    with pytest.raises(ConfigError, match=r"dataset.table_path: .*t\.csv, row 3 \(line 4\)"):
+        (tmp_path / "t.csv").write_text(CSV.replace("test,cat", "testing,cat"))
+        check(table)
+    # a CelebA-shaped source's probes file is checked against CelebA's names
+    (tmp_path / "p.yaml").write_text("Smiles:\n  positive: [a]\n  negative: [b]\n")
+    with pytest.raises(
+        ConfigError, match=r"dataset.probes_path: .*'Smiles'.*did you mean 'Smiling'"
+    ):
+        check({"probes_path": "p.yaml"}, {"kind": "identity"})

@@ -16,6 +16,7 @@ them out the same way the manifest does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -41,6 +42,8 @@ from llm2loss_pipeline.core.config import (
     device_problems,
 )
 from llm2loss_pipeline.core.env import env_problems
+from llm2loss_pipeline.core.probes import ProbesFileError
+from llm2loss_pipeline.core.probes_file import read_probes
 from llm2loss_pipeline.core.table_source import TableFormatError, TableSpec, read_table_source
 from llm2loss_pipeline.core.task import TaskConfig
 from llm2loss_pipeline.core.world import plan_world
@@ -130,16 +133,28 @@ def _check_task(config: PipelineConfig, source: str) -> None:
 
 
 def _check_table(config: PipelineConfig, source: str) -> None:
-    """A table dataset reads without a bad row, and what the task names is in it: its bad rows,
-    a missing target or label column, would otherwise show only when the data step runs."""
+    """A table dataset reads without a bad row, and what the task and the probes file name is
+    in it: its bad rows, a missing target or label column, a probes entry for no attribute would
+    otherwise show only when the data step runs."""
     dataset, task = config.dataset, config.task
     if dataset.source != "table":
+        if dataset.source in CELEBA_SHAPED:
+            _check_probes(config, source, CELEBA_ATTRIBUTES)
         return
+    if not dataset.group_column and (
+        task.kind == "identity" or dataset.split_mode == "within_identity"
+    ):
+        what = "task.kind identity" if task.kind == "identity" else "split_mode within_identity"
+        raise ConfigError(
+            f"{source}: {what} needs dataset.group_column, the column that says who is in each "
+            "image; without it every sample is its own identity"
+        )
     try:
         tables = read_table_source(TableSpec.from_config(dataset))
     except TableFormatError as exc:
         raise ConfigError(f"{source}: dataset.table_path: {exc}") from None
     names = tables.attributes.columns[1:]
+    _check_probes(config, source, names)
     if task.kind == "attribute" and task.target not in names:
         raise ConfigError(
             f"{source}: task.target {task.target!r} is not an attribute of "
@@ -151,6 +166,13 @@ def _check_table(config: PipelineConfig, source: str) -> None:
             f"{source}: task.kind 'label' reads the column dataset.label_column "
             f"({dataset.label_column!r}), which {dataset.table_path} does not have"
         )
+
+
+def _check_probes(config: PipelineConfig, source: str, attributes: Sequence[str]) -> None:
+    try:
+        read_probes(config.dataset.probes_path, attributes)
+    except ProbesFileError as exc:
+        raise ConfigError(f"{source}: dataset.probes_path: {exc}") from None
 
 
 def _check_file_splits(config: PipelineConfig, source: str) -> None:

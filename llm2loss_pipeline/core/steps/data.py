@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +17,9 @@ from llm2loss_pipeline.core.attribute_set import (
 )
 from llm2loss_pipeline.core.attributes import attribute_columns
 from llm2loss_pipeline.core.celeba import PARTITION_FILE, build_manifest, read_celeba
-from llm2loss_pipeline.core.config import ConfigError, DatasetConfig, parse_yaml
+from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.layout import Layout
-from llm2loss_pipeline.core.probes import ProbesFileError, parse_probes
+from llm2loss_pipeline.core.probes_file import read_probes
 from llm2loss_pipeline.core.steps.tables import remove_stale_shards
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 from llm2loss_pipeline.core.table_source import TableSpec, read_table_source, table_manifest
@@ -146,27 +146,6 @@ def apply_split_mode(manifest: pl.DataFrame, dataset: DatasetConfig) -> pl.DataF
         .otherwise(pl.lit("test"))
     )
     return ranked.with_columns(split=split).drop("_key", "_order", "_count")
-
-
-def read_probes(
-    path: str | os.PathLike[str] | None, attributes: Sequence[str]
-) -> dict[str, tuple[list[str], list[str]]]:
-    """`dataset.probes_path`'s phrasings ('slot:text' lists) by attribute; {} without a file.
-    Read here, not in core/probes.py: the YAML reader (duplicate keys refused) is the config's."""
-    if path is None:
-        return {}
-    source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ProbesFileError(f"{source}: no such probes file (dataset.probes_path)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProbesFileError(f"{source}: cannot be read as UTF-8 text ({exc})") from None
-    try:
-        raw = parse_yaml(text, str(source))
-    except ConfigError as exc:
-        raise ProbesFileError(str(exc)) from None
-    return parse_probes(raw, str(source), attributes)
 
 
 def read_attributes(layout: Layout, dataset: DatasetConfig, world: WorldConfig) -> pl.DataFrame:
