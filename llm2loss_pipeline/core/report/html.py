@@ -428,9 +428,8 @@ def _groups_section(result: ReportResult) -> list[str]:
         "<h2 id='groups'>Groups, worst first</h2>",
         f"<p>Accuracy and mean loss of the black box per group on the {_esc(result.eval_split)} "
         "split (an attribute task: its target crossed with each attribute), with "
-        "identity-clustered standard errors; the worst group has the lowest upper bound, so a "
-        "small slice whose low accuracy may be chance does not take its place. The whole table "
-        "is groups.parquet. The "
+        "identity-clustered standard errors and the upper bound of the 90% interval (a small "
+        "slice's low accuracy may be partly chance). The whole table is groups.parquet. The "
         f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
         html_table(result.groups.head(N_GROUPS_SHOWN), GROUP_COLUMNS),
     ]
