@@ -109,10 +109,12 @@ def table_run(tmp_path_factory):
 
 
 def test_the_data_step_reads_the_table(table_run) -> None:
-    _, _, layout, _ = table_run
+    _, instance, layout, _ = table_run
     manifest = pl.read_parquet(layout.manifest)
     assert manifest.columns == ["sample_id", "index", "path", "split", "identity", "shard", "label"]
     assert set(manifest["label"].unique()) == {0, 1}  # older, young: sorted order
+    event = instance.get_latest_materialization_event(dg.AssetKey("dataset_manifest"))
+    assert event.asset_materialization.metadata["label_values"].value == ["older", "young"]
     assert manifest["identity"].n_unique() == 20  # the person column, the clusters
     attribute_set = json.loads((layout.tables / "attribute_set.json").read_text())
     assert attribute_set["attributes"] == attribute_set["diagnosed"] == ATTRIBUTES

@@ -40,6 +40,9 @@ class DatasetResult:
     contact_sheet: Path | None
     removed_shards: list[str] = field(default_factory=list)
     """one line per stale shard file removed (see tables.remove_stale_shards)"""
+    label_values: list[str] = field(default_factory=list)
+    """a table's label values in the order of their numbers in the manifest's `label` (when the
+    label column is not integer)"""
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,12 @@ def prepare_dataset(
         sheet = root / "contact_sheet.png"
         if not sheet.exists():
             contact_sheet(root, sheet)
+    label_values: list[str] = []
     if dataset.source == "table":
         spec = TableSpec.from_config(dataset)
         listing = spec.table_path
-        manifest = table_manifest(read_table_source(spec), dataset.shard_size)
+        tables = read_table_source(spec)
+        manifest, label_values = table_manifest(tables, dataset.shard_size), tables.label_values
     else:
         listing = root / PARTITION_FILE
         manifest = build_manifest(read_celeba(root), dataset.shard_size)
@@ -110,6 +115,7 @@ def prepare_dataset(
         n_identities=manifest["identity"].n_unique(),
         contact_sheet=sheet,
         removed_shards=removed,
+        label_values=label_values,
     )
 
 

@@ -59,6 +59,12 @@ def dataset_manifest(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "n_shards": len(result.shard_keys),
             "stale_shard_files_removed": len(result.removed_shards),
             "split_sizes": dg.MetadataValue.json(result.split_sizes),
+            # the manifest's label k is label_values[k] (a text label column, numbered)
+            **(
+                {"label_values": dg.MetadataValue.json(result.label_values)}
+                if result.label_values
+                else {}
+            ),
             **(
                 {"contact_sheet": dg.MetadataValue.path(str(result.contact_sheet))}
                 if result.contact_sheet
