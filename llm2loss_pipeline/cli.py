@@ -191,7 +191,7 @@ def _print_report_summary(layout) -> None:
     headline = json.loads(headline_path.read_text())
     print(f"report:   {html}")
     print(f"query it: duckdb {layout.duckdb}")
-    print("headline (estimated vs measured disparity across the 40 attributes):")
+    print("headline (estimated vs measured disparity across the diagnosed attributes):")
     for name in HEADLINE_KEYS:
         value = headline.get(name)
         shown = (

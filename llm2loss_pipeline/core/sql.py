@@ -5,7 +5,8 @@ Safety rules, enforced here so that no caller has to remember them:
   parameters (`$name`), never pasted into the SQL text. `read_parquet($path)` accepts a parameter,
   and a glob such as `.../per_sample_losses/*.parquet` reads every shard file.
 - A column name can only reach SQL text through `quote_identifier`, which accepts nothing but the
-  40 CelebA attribute names (or another closed set the caller names).
+  closed set the caller names (the dataset's attribute names). Attribute columns are otherwise
+  chosen by `COLUMNS(lambda c: list_contains($attribute_names, c))`: a parameter, not SQL text.
 - Query files are named by a plain `[a-z0-9_]` word, so a name cannot walk out of the folder.
 - Python replacement scans are switched off, so a query can never pick up a Python variable that
   happens to share a table's name.

@@ -448,7 +448,7 @@ def render_html(result: ReportResult) -> str:
         f"{_esc(result.n_eval_samples)} samples; {_esc(result.n_members)} ensemble members.</p>",
         # A relative link: discovery.html is written next to this page by failure_hypotheses,
         # which runs after the report in the same job.
-        "<p>Where the model fails beyond these 40 attributes, in language and with evidence: "
+        "<p>Where the model fails beyond these attributes, in language and with evidence: "
         "<a href='discovery.html'>failure discovery</a> (after the failure_hypotheses asset "
         "has run).</p>",
         "<h2>Headline</h2>",

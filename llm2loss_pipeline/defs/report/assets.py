@@ -1,4 +1,5 @@
-"""The attribute disparity report: measured vs text-estimated disparity on all 40 attributes."""
+"""The attribute disparity report: measured vs text-estimated disparity on every diagnosed
+attribute (CelebA's 40, or a table dataset's own columns)."""
 
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation.
 from pathlib import Path
@@ -29,7 +30,7 @@ CORRELATION_COLUMNS = {
     "note": "what was left out, and why",
 }
 TABLE4_COLUMNS = {
-    "attribute": "CelebA attribute",
+    "attribute": "attribute (a column of the attribute table)",
     "n_true": "evaluation samples with the attribute",
     "n_false": "evaluation samples without it",
     "loss_true": "mean loss with the attribute",
@@ -99,7 +100,8 @@ def report_metadata(
     code_version="report-v2",  # v2: the grounded estimator is the default
     automation_condition=FOLLOW_UPSTREAM,
     description=(
-        "For each of the 40 attributes: the black box's measured disparity (DuckDB over losses and "
+        "For each diagnosed attribute (CelebA's 40 or a table's own columns, minus an attribute "
+        "task's target): the black box's measured disparity (DuckDB over losses and "
         "attributes), the disparity estimated from text by the heads, and the encoder's zero-shot "
         "AUROC; their correlations (the paper's Tables 2-4), intersectional pairs, "
         "Benjamini-Hochberg control. Writes report.html and DuckDB views."
