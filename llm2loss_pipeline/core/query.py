@@ -28,6 +28,11 @@ from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
 from llm2loss_pipeline.core.device import resolve_device
+from llm2loss_pipeline.core.encoder.text_index import (  # noqa: F401  (TEXT_INDEX_DIR: re-exported)
+    TEXT_INDEX_DIR,
+    TextIndex,
+    text_index,
+)
 from llm2loss_pipeline.core.heads.compare import (
     OVERALL,
     Comparison,
@@ -57,8 +62,6 @@ POOL_SEED = 0  # fixed: a grounded comparison gives the same numbers every time
 CALIBRATION_FILE = "calibration.json"
 PROBES_FILE = "probes.safetensors"
 ENCODER_SIDECAR = "encoder.json"  # core/encoder/checkpoint.py writes it last, with the sha256
-TEXT_INDEX_DIR = ("cache", "text_embeddings")  # under the home: <encoder sha256>.safetensors
-TEXT_INDEX_LIMIT = 20_000  # texts kept on disk (30 MB at d = 384); the newest are kept
 HEADS_INDEX = "ensemble.json"  # core/heads/checkpoint.INDEX, named here to keep torch out
 SNAPSHOT_DIR = ("cache", "query")  # under the home: <key>.safetensors (QuerySnapshot)
 SNAPSHOT_FORMAT = "llm2loss-query-snapshot/1"
@@ -144,57 +147,6 @@ def _encoder_identity(encoder_dir: Path) -> tuple[str, int] | None:
     if not isinstance(sha256, str) or len(sha256) != 64 or not isinstance(dim, int):
         return None
     return sha256, dim
-
-
-class TextIndex:
-    """Text embeddings already computed by one encoder, kept on disk under the home so that a
-    question about known texts needs neither the encoder nor open_clip's imports (seconds).
-
-    One safetensors file per encoder sha256: the embeddings [n, d] and the texts (JSON, in the
-    header's metadata). A damaged or foreign file is ignored and rewritten: it is only a cache.
-    """
-
-    def __init__(self, path: Path, sha256: str, dim: int) -> None:
-        self.path, self.sha256, self.dim = path, sha256, dim
-        self.rows: dict[str, np.ndarray] | None = None
-
-    def _read(self) -> dict[str, np.ndarray]:
-        if self.rows is None:
-            self.rows = {}
-            try:
-                with safe_open(str(self.path), framework="numpy") as handle:
-                    meta = handle.metadata() or {}
-                    if meta.get("encoder_sha256") == self.sha256:
-                        texts = json.loads(meta["texts"])
-                        matrix = handle.get_tensor("embeddings")
-                        if matrix.shape == (len(texts), self.dim):
-                            self.rows = dict(zip(texts, matrix, strict=True))
-            except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # rebuilt later
-                self.rows = {}
-        return self.rows
-
-    def lookup(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        rows = self._read()
-        return {text: rows[text] for text in texts if text in rows}
-
-    def add(self, texts: Sequence[str], embeddings: np.ndarray) -> None:
-        """Remember new texts, and rewrite the file atomically (a reader never sees half)."""
-
-        rows = self._read()
-        rows.update(zip(texts, np.asarray(embeddings, dtype=np.float32), strict=True))
-        for old in list(rows)[: max(0, len(rows) - TEXT_INDEX_LIMIT)]:
-            del rows[old]
-        names = list(rows)
-        matrix = np.stack([rows[t] for t in names]) if names else np.zeros((0, self.dim))
-        meta = {"encoder_sha256": self.sha256, "texts": json.dumps(names, ensure_ascii=False)}
-        data = save_arrays({"embeddings": np.ascontiguousarray(matrix, np.float32)}, metadata=meta)
-        try:  # a read-only home still answers; it only stays slow
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            staging.write_bytes(data)
-            os.replace(staging, self.path)
-        except OSError:
-            pass
 
 
 class LazyTextEncoder:
@@ -428,9 +380,7 @@ class Diagnoser:
             identity = (str(encoder.sha256), int(encoder.embed_dim))
             return cls._with_heads(encoder.encode_texts, repr(encoder), heads_dir, layout, identity)
         # the encoder (open_clip, seconds) waits for the first text never seen before
-        index = TextIndex(
-            layout.home.joinpath(*TEXT_INDEX_DIR, f"{identity[0]}.safetensors"), *identity
-        )
+        index = text_index(layout.home, *identity)
         lazy = LazyTextEncoder(lambda: loader(encoder_dir, device), identity[0], index)
         snapshot = layout.home.joinpath(
             *SNAPSHOT_DIR, f"{snapshot_key(layout, heads_dir, identity[0])}.safetensors"

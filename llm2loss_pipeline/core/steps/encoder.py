@@ -18,8 +18,13 @@ from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder.checkpoint import load_encoder, loading_snippet, save_encoder
 from llm2loss_pipeline.core.encoder.config import EncoderConfig
 from llm2loss_pipeline.core.encoder.embed import embed_images
-from llm2loss_pipeline.core.encoder.evaluate import retrieval_accuracy, zero_shot_auroc
+from llm2loss_pipeline.core.encoder.evaluate import (
+    prompt_texts,
+    retrieval_accuracy,
+    zero_shot_auroc,
+)
 from llm2loss_pipeline.core.encoder.factory import build_encoder
+from llm2loss_pipeline.core.encoder.text_index import text_index
 from llm2loss_pipeline.core.encoder.train import train_caption_tuned
 from llm2loss_pipeline.core.env import CPU_THREADS
 from llm2loss_pipeline.core.layout import EMBEDDINGS_TABLE, Layout
@@ -139,6 +144,11 @@ def _fit_encoder(
     metrics.update(validation)
     encoder.metrics = {**metrics, "zero_shot_auroc": zero_shot}
     sidecar = save_encoder(encoder, layout.encoder_dir)
+    # The report embeds the same prompts again (with the numpy text tower, seconds for 1,190 of
+    # them); the index under the home hands them over, as it does to a later question.
+    prompts = prompt_texts(zero_shot)
+    index = text_index(layout.home, sidecar["sha256"], encoder.embed_dim)
+    index.add(prompts, encoder.encode_texts(prompts))
     return EncoderResult(
         mode=config.mode,
         path=layout.encoder_dir,
