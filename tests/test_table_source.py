@@ -171,6 +171,9 @@ def test_table_level_problems_are_named(tmp_path: Path) -> None:
         read_table_source(_table(tmp_path, "sample_id,path,split,loss\na,x,train,1\n"))
     with pytest.raises(TableFormatError, match=r"'A_b', which 'A b' gives too"):
         read_table_source(_table(tmp_path, "sample_id,path,split,A b,A_b\na,x,train,1,0\n"))
+    many = "".join(f"s{i},x,train,caption {i}\n" for i in range(65))
+    with pytest.raises(TableFormatError, match=r"column 'note': has 65 distinct text values"):
+        read_table_source(_table(tmp_path, "sample_id,path,split,note\n" + many))
     with pytest.raises(TableFormatError, match=r"expected a \.parquet or \.csv file"):
         read_table_source(_table(tmp_path, name="t.txt"))
     with pytest.raises(TableFormatError, match="no such table file"):

@@ -54,9 +54,10 @@ RESERVED_NAMES = frozenset(
 )
 """Columns of the manifest and the per-sample tables that the report joins with the attributes:
 an attribute of the same name would be shadowed in those joins."""
-TRUE_TEXT = frozenset({"true", "1"})
-FALSE_TEXT = frozenset({"false", "0", "-1"})
 QUOTED = 120
+MAX_VALUES = 64
+"""Distinct values of a text attribute column at most: more is most likely not an attribute (a
+file name, a caption) and would flood the report with one-hot attributes."""
 
 
 class TableFormatError(ValueError):
@@ -292,7 +293,16 @@ def _attribute_table(
             add(sanitise(column), column, flags)
             continue
         text = _text_cells(frame, column, where)
-        for value in sorted(text.unique().to_list()):
+        distinct = sorted(text.unique().to_list())
+        if len(distinct) > MAX_VALUES:
+            raise where.error(
+                None,
+                column,
+                f"has {len(distinct)} distinct text values (e.g. {_quoted(distinct[0])}); a text "
+                f"attribute is expanded one-hot and may have at most {MAX_VALUES}: give its "
+                "role (dataset.*_column) or list the attribute columns (dataset.attribute_columns)",
+            )
+        for value in distinct:
             add(sanitise(f"{column}_{value}"), f"{column}={value}", text == value)
     return values, origins
 
