@@ -43,6 +43,7 @@ from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.population import write_population
 
 OVERALL = "overall"
+AUROC = {"grounded": "zero_shot_auroc_dual", "direct": "zero_shot_auroc"}
 
 
 def world_inputs(home: Path) -> dict[str, Any]:
@@ -75,9 +76,10 @@ def world_inputs(home: Path) -> dict[str, Any]:
     }
 
 
-def judge(inputs: dict[str, Any], bound: float, noise_share: float) -> dict[str, Any]:
+def judge(inputs: dict[str, Any], bound: float, noise_share: float, gate: bool) -> dict[str, Any]:
     """The claims and `compare` answers of one world with tau fitted at `bound` and
-    `noise_share`, scored."""
+    `noise_share` (and the probes that do not resolve their attribute untested when `gate`),
+    scored."""
     measured: pl.DataFrame = inputs["measured"]
     diagnoser = inputs["diagnoser"]
     estimator = str(diagnoser.meta.get("extra", {}).get("estimator", "grounded"))
@@ -92,6 +94,7 @@ def judge(inputs: dict[str, Any], bound: float, noise_share: float) -> dict[str,
         gap_se_images=per_image_gap_se(measured),
         bound=bound,
         noise_share=noise_share,
+        resolution=measured[AUROC[estimator]].to_numpy() if gate else None,
     )
     report = claims.join(
         measured.select("attribute", pl.col("_mean").alias("est_mean")), on="attribute"
@@ -133,23 +136,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--noise-shares", default="1,0.5,0", help="share of the per-image noise taken out"
     )
+    parser.add_argument(
+        "--gates", default="on,off", help="on: probes under MIN_RESOLUTION are not tested"
+    )
     parser.add_argument("--json", type=Path, help="write every world's scores here")
     args = parser.parse_args(argv)
     homes = [h for h in args.homes if (h / "reports" / "attribute_disparity.parquet").exists()]
     inputs = [world_inputs(home) for home in homes]
     print(f"{len(inputs)} worlds: {', '.join(str(i['seed']) for i in inputs)}", flush=True)
     results = {}
-    head = "noise share | bound | claims | correct | prec mean | prec min | planted sig | "
+    head = "gate | noise share | bound | claims | correct | prec mean | prec min | planted sig | "
     print(head + "coverage | ECE | P>=0.9 (n, right) | off-domain claims | tau min")
     candidates = [
-        (float(n), float(b)) for n in args.noise_shares.split(",") for b in args.bounds.split(",")
+        (gate, float(n), float(b))
+        for gate in args.gates.split(",")
+        for n in args.noise_shares.split(",")
+        for b in args.bounds.split(",")
     ]
-    for share, bound in candidates:
-        judged = [judge(i, bound, share) for i in inputs]
+    for gate, share, bound in candidates:
+        judged = [judge(i, bound, share, gate == "on") for i in inputs]
         s = summary(judged)
-        results[f"{share:g}:{bound:g}"] = {"summary": s, "worlds": judged}
+        results[f"{gate}:{share:g}:{bound:g}"] = {"summary": s, "worlds": judged}
         print(
-            f"{share:g} | {bound:g} | {s['claims']} | {s['correct']} | "
+            f"{gate} | {share:g} | {bound:g} | {s['claims']} | {s['correct']} | "
             f"{s['precision_mean']:.2f} | "
             f"{s['precision_min']:.2f} | {s['planted_significant']:.2f} | {s['coverage']:.2f} | "
             f"{s['ece']:.3f} | {s['sure_answers']}, {s['sure_right']:.2f} | "

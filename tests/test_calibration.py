@@ -18,7 +18,7 @@ from llm2loss_pipeline.core.report.calibration import (
     per_image_gap_se,
 )
 from llm2loss_pipeline.core.report.grounded import grounded_diffs, in_probe_basis, pool_weights
-from llm2loss_pipeline.core.stats import clustered_mean_gap, replicate_pvalue
+from llm2loss_pipeline.core.stats import bh_adjust, clustered_mean_gap, replicate_pvalue
 from llm2loss_pipeline.core.truth import calibration_table, score_world
 from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.population import plan_population, population_table
@@ -370,3 +370,25 @@ def test_per_image_gap_se_is_welch_from_the_measured_table():
     )
     expected = [math.sqrt(0.5 / 10 + 2.0 / 100), math.sqrt(1.0 / 40 + 1.0 / 40)]
     assert per_image_gap_se(table) == pytest.approx(expected)
+
+
+def test_a_probe_that_does_not_resolve_its_attribute_is_never_claimed():
+    # a0 has the largest estimate of all, but its probe reads its attribute at chance: it is not
+    # tested, takes no share of the FDR, and says "cannot tell"; the rest are tested as before
+    e, s, g, u, _ = _synthetic(40, seed=5)
+    e[0], g[0] = 6.0, 12.0
+    names = [f"a{i}" for i in range(40)]
+    resolution = np.full(40, 0.9)
+    resolution[0] = 0.55
+    gated, _ = calibrated_claims(names, "grounded", e, s, g, u, 0.1, resolution=resolution)
+    open_, _ = calibrated_claims(names, "grounded", e, s, g, u, 0.1)
+    assert open_["bh_significant"][0] and not gated["bh_significant"][0]
+    assert gated["claim"][0] == "cannot tell" and math.isnan(gated["est_q_value"][0])
+    assert gated["probe_resolves"].to_list() == [False] + [True] * 39
+    assert gated["est_p_value"][0] == open_["est_p_value"][0]  # the estimate itself is kept
+    expected = bh_adjust(open_["est_p_value"].to_numpy()[1:])
+    np.testing.assert_allclose(gated["est_q_value"].to_numpy()[1:], expected)
+    unknown = np.full(40, np.nan)  # no labels to tell: every probe is tested
+    assert calibrated_claims(names, "grounded", e, s, g, u, 0.1, resolution=unknown)[0][
+        "bh_significant"
+    ][0]

@@ -33,6 +33,7 @@ from llm2loss_pipeline.core.probes import BUILT_NOTE
 from llm2loss_pipeline.core.report import correlate, plots
 from llm2loss_pipeline.core.report.calibration import (
     LEVEL,
+    MIN_RESOLUTION,
     Calibration,
     calibrated_claims,
     per_image_gap_se,
@@ -583,7 +584,14 @@ def assemble_report(
         measured.table["gap_loss_se"].to_numpy(),
         alpha,
         gap_se_images=per_image_gap_se(measured.table),
+        resolution=_probe_resolution(zero_shot, attributes),
     )
+    unresolved = claims.filter(~pl.col("probe_resolves"))["attribute"].to_list()
+    if unresolved:
+        notes.append(
+            f"never claimed, because their probes do not pick them out on these images (zero-shot "
+            f"AUROC under {MIN_RESOLUTION}): " + ", ".join(unresolved)
+        )
     table = _attribute_table(measured.table, attribute_estimates, zero_shot, claims)
     pair_table = _calibrated_pairs(pair_table, pair_estimates, calibration, alpha)
     direct_mean = pl.DataFrame(
@@ -785,6 +793,17 @@ def _finite_or_null(data: dict) -> dict:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()
     }
+
+
+def _probe_resolution(zero_shot: pl.DataFrame, attributes: list[str]) -> np.ndarray | None:
+    """Each probe's zero-shot AUROC on its attribute, read the way the estimator reads the probe
+    (the dual direction for grounded); None where there is no text encoder to tell."""
+    column = next((c for c in ("zero_shot_auroc_dual", "zero_shot_auroc") if c in zero_shot), None)
+    if column is None:
+        return None
+    by_name = dict(zip(zero_shot["attribute"].to_list(), zero_shot[column].to_list(), strict=True))
+    values = np.array([by_name.get(name, math.nan) for name in attributes], dtype=np.float64)
+    return None if not np.isfinite(values).any() else values
 
 
 def _dual_zero_shot(
