@@ -15,6 +15,7 @@ from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, install_p
 from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.query import Diagnoser
+from llm2loss_pipeline.core.report.calibration import CLAIM_SCHEMA
 from llm2loss_pipeline.core.steps.diagnosis import read_kind_metrics
 from llm2loss_pipeline.core.storage import sha256_file
 
@@ -94,6 +95,17 @@ def _attribute_table(layout: Layout) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def _nan_by_design(column: str) -> pl.Expr:
+    """Rows where `column` is empty on purpose: a probe that does not pick out its attribute is
+    not tested (no q-value), and a calibration whose slope is not positive has no loss units
+    (core/report/calibration.py)."""
+    if column not in CLAIM_SCHEMA or column in ("est_p_worse",):
+        return pl.lit(False)
+    untested = ~pl.col("probe_resolves") if column == "est_q_value" else pl.lit(False)
+    no_units = ~(pl.col("calibration_slope") > 0) if column != "est_z" else pl.lit(False)
+    return untested | no_units.fill_null(True)
+
+
 def check_complete(layout: Layout) -> CheckOutcome:
     """One row per diagnosed attribute, and every number finite where its group is measurable."""
     table = _attribute_table(layout)
@@ -106,7 +118,9 @@ def check_complete(layout: Layout) -> CheckOutcome:
         if dtype.is_float() and name != "zero_shot_auroc"
     ]
     bad = {
-        name: measurable.filter(~pl.col(name).is_finite())["attribute"].to_list()
+        name: measurable.filter(~pl.col(name).is_finite() & ~_nan_by_design(name))[
+            "attribute"
+        ].to_list()
         for name in numeric
     }
     bad = {name: rows for name, rows in bad.items() if rows}
