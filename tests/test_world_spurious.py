@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from llm2loss_pipeline.core.config import load_config
+from llm2loss_pipeline.core.preflight import preflight
 from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.generate import plan_world, world_description
 
@@ -87,3 +89,14 @@ def test_world_json_records_the_rates_by_split():
 def test_bad_spurious_settings_are_named(spurious, needle):
     with pytest.raises(ValidationError, match=needle):
         WorldConfig(spurious=spurious)
+
+
+def test_configs_spurious_yaml_is_a_blond_hair_task_on_a_spurious_world(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "configs" / "spurious.yaml"
+    config = load_config(path)
+    assert config.world.spurious is not None
+    assert (config.world.spurious.target, config.world.spurious.attribute) == ("Blond_Hair", "Male")
+    assert (config.task.kind, config.task.target) == ("attribute", "Blond_Hair")
+    assert config.world.hard_attributes == {}
+    home = config.model_copy(update={"home": str(tmp_path / "home")})
+    assert preflight(home, str(path)) is home
