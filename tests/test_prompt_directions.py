@@ -19,7 +19,7 @@ from llm2loss_pipeline.core.encoder.evaluate import (
     prompt_texts,
     zero_shot_auroc,
 )
-from llm2loss_pipeline.core.encoder.text_index import TEXT_INDEX_DIR, text_index
+from llm2loss_pipeline.core.encoder.text_index import TEXT_INDEX_DIR, known_first, text_index
 from llm2loss_pipeline.core.metrics import auroc
 from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 
@@ -84,3 +84,20 @@ def test_the_seeded_index_is_the_one_a_diagnoser_reads(tmp_path) -> None:
     assert list(found) == prompts
     assert np.array_equal(np.stack([found[t] for t in prompts]), tower(prompts))
     assert text_index(tmp_path, "cd" * 32, tower.dim).lookup(prompts) == {}  # another encoder
+
+
+def test_known_first_embeds_only_the_texts_the_index_lacks_and_adds_nothing(tmp_path) -> None:
+    tower = CountingTower()
+    sha = "ef" * 32
+    prompts = prompt_texts(["Eyeglasses"])
+    text_index(tmp_path, sha, tower.dim).add(prompts, tower(prompts))
+    tower.calls.clear()
+    index = text_index(tmp_path, sha, tower.dim)
+    captions = ["a face with a hat", "a smiling face", "a face with a hat"]
+    texts = [captions[0], prompts[0], *captions[1:], prompts[1]]
+    embedded = known_first(index, tower)(texts)
+    assert tower.calls == [2]  # the two distinct captions, once each
+    assert np.array_equal(embedded, tower(texts))  # in the order asked
+    assert embedded.dtype == np.float32
+    assert list(text_index(tmp_path, sha, tower.dim).lookup(texts)) == prompts[:2]
+    assert known_first(index, tower)([]).shape == (0, tower.dim)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +75,23 @@ def text_index(home: Path, sha256: str, dim: int) -> TextIndex:
     """The home's index of the texts one encoder (by weights sha256) has embedded: the encoder
     step seeds it with its evaluation prompts, which the report asks for again."""
     return TextIndex(home.joinpath(*TEXT_INDEX_DIR, f"{sha256}.safetensors"), sha256, dim)
+
+
+def known_first(
+    index: TextIndex, encode_texts: Callable[[Sequence[str]], np.ndarray]
+) -> Callable[[Sequence[str]], np.ndarray]:
+    """`encode_texts` that takes what the index knows from it and embeds only the other texts
+    (which it does not add: a step that reads the index leaves it as the encoder step wrote it)."""
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        known = index.lookup(texts)
+        missing = list(dict.fromkeys(text for text in texts if text not in known))
+        if missing:
+            new = np.asarray(encode_texts(missing), dtype=np.float32)
+            known.update(zip(missing, new, strict=True))
+        if not texts:
+            return np.zeros((0, index.dim), dtype=np.float32)
+        return np.stack([known[text] for text in texts]).astype(np.float32, copy=False)
+
+    return encode

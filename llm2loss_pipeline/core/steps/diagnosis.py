@@ -15,6 +15,7 @@ import polars as pl
 from llm2loss_pipeline.core.attribute_set import install_phrasings
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder import load_encoder
+from llm2loss_pipeline.core.encoder.text_index import known_first, text_index
 from llm2loss_pipeline.core.heads.checkpoint import save_ensemble
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import fit_gap, measure_gap_effect
@@ -108,7 +109,12 @@ def fit_heads(
 
     encoder = load_encoder(layout.encoder_dir)
     attributes = install_phrasings(layout).diagnosed
-    corpus = encoder.encode_texts(text_corpus(train, config.base_seed, attributes))
+    # the encoder step left its prompts' embeddings in the home's index (1,190 on CelebA's
+    # attributes, seconds of the text tower): only the captions are embedded here
+    index = text_index(layout.home, str(encoder.sha256), encoder.embed_dim)
+    corpus = known_first(index, encoder.encode_texts)(
+        text_corpus(train, config.base_seed, attributes)
+    )
     gap = fit_gap(train_emb, corpus, config.modality_gap)
     torch_device = device.torch_device()
     ensemble = train_ensemble(
