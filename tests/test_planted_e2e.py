@@ -60,11 +60,13 @@ with dg.DagsterInstance.from_config(dagster_home) as instance:
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[int, Path]:
     """Both worlds' pipelines at the same time, each in its own process: the worlds share nothing
-    (world, black box, encoder and heads all differ), and each costs about 60 CPU seconds, mostly
-    fixed (imports, the encoder's text tower on captions, probes and zero-shot prompts), so with
-    two cores the test takes about one world's time instead of the sum (on the shared 2-core
-    machine, load 8-10: 354 s instead of 741 s wall; 134 CPU seconds instead of 111, as each
-    process imports everything). Each root holds `home` and `dagster` (the run records)."""
+    (world, black box, encoder and heads all differ), and each costs about 50 CPU seconds, mostly
+    fixed (imports, the text tower on captions and prompts, the report's plots), so with two cores
+    the test takes about one world's time instead of the sum (on the shared 2-core machine, load
+    8-10: 354 s instead of 741 s wall, when a world cost 60-67 CPU seconds). The prompts are
+    embedded once per world, by the encoder step, and read from the home's text index by the
+    heads and the report (seed 2: 66.6 -> 50.4 CPU s, user + sys, same report).
+    Each root holds `home` and `dagster` (the run records)."""
     started = {}
     for seed in SEEDS:
         root = tmp_path_factory.mktemp(f"planted-{seed}")
