@@ -80,6 +80,7 @@ def test_attribute_task_groups_are_target_by_attribute_cells():
     # se by hand as in test_clustered_mean_by_hand: residual sums -1/2 and +1/2 -> 0.25
     assert blond_men["accuracy_se"] == pytest.approx(0.25)
     assert blond_men["accuracy_upper"] == pytest.approx(0.25 + 1.645 * 0.25)
+    assert cells[(False, False)]["accuracy_upper"] <= 1.0  # a bound, not past certainty
     assert worst_group_sentence(worst_group(table)) == (
         "worst group: blond men, accuracy 0.25 (90% upper bound 0.66; n=4, 2 identities; "
         "mean loss 1.250)"
