@@ -135,6 +135,19 @@ def plantings(seed: int, position: int) -> dict[str, float]:
     return {name: round(float(rng.uniform(0.5, 1.0)), 2) for name in names}
 
 
+def _part(text: str | None) -> tuple[int, int]:
+    """--part K/N as (K - 1, N); (0, 1) without it."""
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(value) for value in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise SystemExit(f"--part {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    return k - 1, n
+
+
 def set_position(seed: int, index: int) -> int:
     """A seed's place in its set (what its plantings depend on), or its place in the list."""
     for seeds in SETS.values():
@@ -418,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the per-world results and summary here")
     parser.add_argument("--merge", nargs="+", help="summarise these --json results instead")
     parser.add_argument(
+        "--part",
+        help="K/N: only the worlds at list places K, K+N, ... (1-based), each planted as at its "
+        "place in the whole list, so N processes share a set and --merge sums it up",
+    )
+    parser.add_argument(
         "--retrieval",
         nargs="+",
         metavar="HOME",
@@ -441,8 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SETS[args.set])
         if args.default_world:
             seeds = [load_config(None).world.seed]
+        part, parts = _part(args.part)
         worlds = []
         for index, seed in enumerate(seeds):
+            if index % parts != part:
+                continue
             worlds.append(one_world(seed, set_position(seed, index), args))
             print(f"world {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
         seconds = time.perf_counter() - start

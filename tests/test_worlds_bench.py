@@ -15,34 +15,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# two tiny pipelines and their populations: about 3 minutes on a quiet 2-core machine
+# two tiny pipelines and their populations: about 3 minutes on a quiet 2-core machine, one after
+# the other; now one process each, at the same time (bench/worlds.py --part), then --merge
 pytestmark = pytest.mark.timeout(2400)
+WORLDS = ["--tiny", "--seeds", "11,12"]
+
+
+def _bench(log: Path, *args: str) -> subprocess.Popen:
+    """bench/worlds.py with its output in `log` (a file: a pipe nobody reads while the other
+    process is waited for would stall this one)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "bench" / "worlds.py"), *args]
+    with log.open("w") as sink:
+        return subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
 def two_worlds(tmp_path_factory):
+    """The set's two worlds in two processes at once, each planted as at its place in the set
+    (the first plants nothing), then summed up by --merge as one invocation would have."""
     out = tmp_path_factory.mktemp("worlds")
-    result = out / "worlds.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "worlds.py"),
-            "--tiny",
-            "--seeds",
-            "11,12",
-            "--out",
-            str(out),
-            "--json",
-            str(result),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=2300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(result.read_text()), done.stdout
+    halves = [out / "part-1.json", out / "part-2.json"]
+    started = []
+    for k, half in enumerate(halves, start=1):
+        log = out / f"part-{k}.log"
+        part = ["--part", f"{k}/2", "--out", str(out), "--json", str(half)]
+        started.append((_bench(log, *WORLDS, *part), log))
+    try:
+        for process, log in started:
+            process.wait(timeout=2300)
+            assert process.returncode == 0, log.read_text()[-6000:]
+    finally:
+        for process, _ in started:
+            process.kill()
+    result, log = out / "worlds.json", out / "merge.log"
+    merged = _bench(log, "--merge", *map(str, halves), "--json", str(result))
+    merged.wait(timeout=300)
+    stdout = log.read_text()
+    assert merged.returncode == 0, stdout[-6000:]
+    return json.loads(result.read_text()), stdout
 
 
 @pytest.mark.slow
