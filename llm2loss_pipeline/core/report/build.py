@@ -574,24 +574,9 @@ def assemble_report(
     )
     zero_shot = _zero_shot_table(encode_texts, measured, probes, hooks, notes, say)
     zero_shot = estimator.zero_shot(estimated, measured, zero_shot, hooks.auroc_fn, notes)
-    overall = attribute_estimates.filter(pl.col("group") == OVERALL)
-    claims, calibration = calibrated_claims(
-        attributes,
-        estimator.name,
-        overall["mean"].to_numpy(),
-        overall["std"].to_numpy(),
-        measured.table["gap_loss"].to_numpy(),
-        measured.table["gap_loss_se"].to_numpy(),
-        alpha,
-        gap_se_images=per_image_gap_se(measured.table),
-        resolution=_probe_resolution(zero_shot, attributes),
+    claims, calibration = _attribute_claims(
+        estimator.name, attribute_estimates, measured, zero_shot, attributes, alpha, notes
     )
-    unresolved = claims.filter(~pl.col("probe_resolves"))["attribute"].to_list()
-    if unresolved:
-        notes.append(
-            f"never claimed, because their probes do not pick them out on these images (zero-shot "
-            f"AUROC under {MIN_RESOLUTION}): " + ", ".join(unresolved)
-        )
     table = _attribute_table(measured.table, attribute_estimates, zero_shot, claims)
     pair_table = _calibrated_pairs(pair_table, pair_estimates, calibration, alpha)
     direct_mean = pl.DataFrame(
@@ -793,6 +778,38 @@ def _finite_or_null(data: dict) -> dict:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()
     }
+
+
+def _attribute_claims(
+    estimator: str,
+    attribute_estimates: pl.DataFrame,
+    measured: Measured,
+    zero_shot: pl.DataFrame,
+    attributes: list[str],
+    alpha: float,
+    notes: list[str],
+) -> tuple[pl.DataFrame, Calibration]:
+    """The calibrated claims (core/report/calibration.py), with a note naming the attributes whose
+    probes were too weak to be tested."""
+    overall = attribute_estimates.filter(pl.col("group") == OVERALL)
+    claims, calibration = calibrated_claims(
+        attributes,
+        estimator,
+        overall["mean"].to_numpy(),
+        overall["std"].to_numpy(),
+        measured.table["gap_loss"].to_numpy(),
+        measured.table["gap_loss_se"].to_numpy(),
+        alpha,
+        gap_se_images=per_image_gap_se(measured.table),
+        resolution=_probe_resolution(zero_shot, attributes),
+    )
+    unresolved = claims.filter(~pl.col("probe_resolves"))["attribute"].to_list()
+    if unresolved:
+        notes.append(
+            f"never claimed, because their probes do not pick them out on these images (zero-shot "
+            f"AUROC under {MIN_RESOLUTION}): " + ", ".join(unresolved)
+        )
+    return claims, calibration
 
 
 def _probe_resolution(zero_shot: pl.DataFrame, attributes: list[str]) -> np.ndarray | None:
