@@ -228,10 +228,9 @@ def calibrated_claims(
         cal = fit_calibration(
             estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
-        tau = cal.text_error
         spread = math.sqrt(s[j] ** 2 + identity_var[j] / cal.slope**2) if cal.slope > 0 else s[j]
         z = float(cal.z(e[j], spread)) if math.isfinite(e[j]) else math.nan
-        half = quantile * math.sqrt(spread**2 + tau**2)
+        half = quantile * math.sqrt(spread**2 + cal.text_error**2)
         # a slope <= 0 (estimates against the gaps) has no loss units to give: no gap, no interval
         scale = cal.slope if math.isfinite(cal.text_error) else math.nan
         rows.append(
@@ -244,7 +243,7 @@ def calibrated_claims(
                 "est_p_worse": float(sps.norm.cdf(z)) if math.isfinite(z) else math.nan,
                 "est_p_value": float(2 * sps.norm.sf(abs(z))) if math.isfinite(z) else math.nan,
                 "calibration_slope": cal.slope,
-                "text_error": tau,
+                "text_error": cal.text_error,
             }
         )
     frame = pl.DataFrame(rows)
