@@ -40,7 +40,7 @@ from llm2loss_pipeline.core.query import Diagnoser
 from llm2loss_pipeline.core.report.calibration import calibrated_claims, per_image_gap_se
 from llm2loss_pipeline.core.truth import calibration_table, population_gaps, score_world
 from llm2loss_pipeline.core.world.config import WorldConfig
-from llm2loss_pipeline.core.world.population import write_population
+from llm2loss_pipeline.core.world.population import POPULATION_TABLE
 
 OVERALL = "overall"
 AUROC = {"grounded": "zero_shot_auroc_dual", "direct": "zero_shot_auroc"}
@@ -50,8 +50,8 @@ def world_inputs(home: Path) -> dict[str, Any]:
     """The report's estimates and measured gaps, the population truth, and the loaded diagnoser."""
     raw = yaml.safe_load((home / "world.yaml").read_text())
     world = WorldConfig.model_validate(raw["world"])
-    per_identity = max(10, 10 * round(world.images_per_identity * world.split_fractions[2]))
-    table = write_population(world, home / "population", per_identity)
+    # the population bench/worlds.py drew into the home (as bench/discovery_worlds.py reads it)
+    table = pl.read_parquet(home / "population" / POPULATION_TABLE)
     loss = cached_losses(home, table)
     reports = home / "reports"
     measured = pl.read_parquet(reports / "attribute_disparity.parquet")
