@@ -1,21 +1,25 @@
 """world.spurious (core/world/config.py SpuriousConfig): the target becomes rare among
 attribute-positive train images while valid and test stay near balanced; worlds without it are
-planned exactly as before the key existed (pinned digests, computed before the change)."""
+planned exactly as before the key existed (pinned digests, computed before the change), and
+`attribute_hair: buzz_cut` draws the men's hair so that its colour shows weakly."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from llm2loss_pipeline.core.config import load_config
 from llm2loss_pipeline.core.preflight import preflight
-from llm2loss_pipeline.core.world.config import WorldConfig
-from llm2loss_pipeline.core.world.generate import plan_world, world_description
+from llm2loss_pipeline.core.world.config import SpuriousConfig, WorldConfig
+from llm2loss_pipeline.core.world.generate import image_jobs, plan_world, world_description
+from llm2loss_pipeline.core.world.render import ImageJob, render_face
 
 SPURIOUS = {"target": "Blond_Hair", "attribute": "Male", "train_rate": 0.02, "eval_rate": 0.4}
 
@@ -73,6 +77,56 @@ def test_world_json_records_the_rates_by_split():
     )
 
 
+def _hair_cue(job: ImageJob) -> float:
+    """How much of the image changes when the hair colour changes (to a mid brown): the pixels
+    a classifier of the hair colour can read."""
+    brown = dataclasses.replace(job.traits, hair_colour=(118, 78, 44))
+    shown = np.asarray(render_face(job), dtype=np.float64)
+    other = np.asarray(render_face(dataclasses.replace(job, traits=brown)), dtype=np.float64)
+    return float(np.abs(shown - other).sum() / 255)
+
+
+def test_a_buzz_cut_weakens_the_hair_cue_of_men_only():
+    plain = WorldConfig(n_identities=60, images_per_identity=3, spurious=SPURIOUS)
+    buzz = WorldConfig(
+        n_identities=60,
+        images_per_identity=3,
+        spurious={**SPURIOUS, "attribute_hair": "buzz_cut"},
+    )
+    plain_plan, buzz_plan = plan_world(plain), plan_world(buzz)
+    # who is who, and every image's split and attributes, stay as they were: only the drawing
+    assert _plan_digest(plain) == _plan_digest(buzz)
+    styles = {t.identity: t.hair_style for t in buzz_plan.identities}
+    for before, after in zip(plain_plan.identities, buzz_plan.identities, strict=True):
+        if before.attributes["Male"] and before.hair_style != "bald":
+            assert after == dataclasses.replace(before, hair_style="buzz")
+        else:
+            assert after == before
+    assert "buzz" in styles.values()
+    jobs = {name: image_jobs(plan) for name, plan in (("plain", plain_plan), ("buzz", buzz_plan))}
+    blond = {name: [j for j in found if j.attributes["Blond_Hair"]] for name, found in jobs.items()}
+    men = {
+        name: [_hair_cue(j) for j in js if j.attributes["Male"]][:8] for name, js in blond.items()
+    }
+    assert len(men["buzz"]) == 8
+    # measured: 343 pixels' worth on the men as drawn, 166 with a buzz cut, 791 on the women
+    assert np.mean(men["buzz"]) < 0.6 * np.mean(men["plain"])
+    assert all(b < p for b, p in zip(men["buzz"], men["plain"], strict=True))
+    woman = next(j for j in blond["buzz"] if not j.attributes["Male"])
+    assert _hair_cue(woman) > 2 * max(men["buzz"])
+    twin = next(j for j in blond["plain"] if j.filename == woman.filename)
+    assert render_face(twin).tobytes() == render_face(woman).tobytes()
+
+
+def test_the_hair_option_is_recorded_only_when_set():
+    assert "attribute_hair" not in SpuriousConfig(**SPURIOUS).model_dump()
+    plain = world_description(plan_world(WorldConfig(n_identities=20, spurious=SPURIOUS)))
+    assert "attribute_hair" not in plain["spurious"] and "attribute_hair" not in str(plain)
+    buzz = WorldConfig(n_identities=20, spurious={**SPURIOUS, "attribute_hair": "buzz_cut"})
+    assert world_description(plan_world(buzz))["spurious"]["attribute_hair"] == "buzz_cut"
+    assert buzz.as_json()["spurious"]["attribute_hair"] == "buzz_cut"
+
+
 @pytest.mark.parametrize(
     ("spurious", "needle"),
     [
@@ -84,6 +138,11 @@ def test_world_json_records_the_rates_by_split():
         ({**SPURIOUS, "eval_rate": 1.0}, "less than 1"),
         ({"target": "Blond_Hair"}, "attribute"),
         ({**SPURIOUS, "rate": 0.1}, "Extra inputs are not permitted"),
+        ({**SPURIOUS, "attribute_hair": "short"}, "'as_drawn' or 'buzz_cut'"),
+        (
+            {"target": "Young", "attribute": "Male", "attribute_hair": "buzz_cut"},
+            "weakens a hair-colour target .*'Young' is not one",
+        ),
     ],
 )
 def test_bad_spurious_settings_are_named(spurious, needle):
@@ -97,6 +156,7 @@ def test_configs_spurious_yaml_is_a_blond_hair_task_on_a_spurious_world(tmp_path
     assert config.world.spurious is not None
     assert (config.world.spurious.target, config.world.spurious.attribute) == ("Blond_Hair", "Male")
     assert (config.task.kind, config.task.target) == ("attribute", "Blond_Hair")
+    assert config.world.spurious.attribute_hair == "buzz_cut"  # the classic failure needs it
     assert config.world.hard_attributes == {}
     home = config.model_copy(update={"home": str(tmp_path / "home")})
     assert preflight(home, str(path)) is home

@@ -9,6 +9,7 @@ end; `world.json` is written last inside it and marks a complete world.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -115,13 +116,18 @@ def plan_identities(config: WorldConfig) -> list[IdentityTraits]:
     override = (
         (spurious.target, spurious.attribute, spurious.eval_rate) if spurious is not None else None
     )
+    # SpuriousConfig.attribute_hair: only the style changes, after every draw is taken
+    buzz_cut = spurious is not None and spurious.attribute_hair == "buzz_cut"
     identities = []
     for identity in range(1, config.n_identities + 1):
         rng = _rng(config.seed, 0, identity)
         uniforms = rng.random(len(ATTRIBUTE_RULES))
         draws = rng.random(len(TRAIT_DRAWS))
         attributes = sample_attributes("identity", uniforms, {}, boosts, override)
-        identities.append(identity_traits(identity, attributes, draws))
+        traits = identity_traits(identity, attributes, draws)
+        if buzz_cut and attributes[spurious.attribute] and traits.hair_style != "bald":  # type: ignore[union-attr]
+            traits = dataclasses.replace(traits, hair_style="buzz")
+        identities.append(traits)
     return identities
 
 

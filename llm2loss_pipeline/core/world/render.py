@@ -207,6 +207,8 @@ class Scene:
 
     @property
     def facial_hair(self) -> RGB:
+        if self.t.hair_style == "buzz":  # a buzz cut's colour shows in full only here
+            return self.t.hair_colour
         return shade(self.t.hair_colour, 0.8 if sum(self.t.hair_colour) > 300 else 0.95)
 
 
@@ -547,6 +549,8 @@ def _brows(sc: Scene) -> None:
         0.03 if sc.on("Mouth_Slightly_Open") else 0
     )
     colour = sc.hair_dark if sum(t.hair_colour) < 600 else shade(t.hair_colour, 0.6)
+    if t.hair_style == "buzz":  # as the beard: a buzz cut's colour shows in full only here
+        colour = t.hair_colour
     width = f.px(0.045 * t.brow_thickness)
     for side in (-1, 1):
         inner, outer = t.eye_spacing - 0.13, t.eye_spacing + 0.2 + 0.03 * (t.brow_thickness > 1.8)
@@ -724,6 +728,9 @@ def _hair_top(sc: Scene) -> None:
     style = t.hair_style
     inner_u = np.linspace(0.99, -0.99, 25)
     inner_v, side_v = _hairline(sc, inner_u)
+    if style == "buzz":
+        _buzz_cut(sc, inner_u, inner_v, side_v)
+        return
     rx, top = (1.14, -1.16) if style == "curly" else (1.07, -1.1)
     theta = np.linspace(np.pi, 2 * np.pi, 41)
     radius = np.ones_like(theta)
@@ -752,8 +759,39 @@ def _hair_top(sc: Scene) -> None:
         _bangs(sc, rx, top, side_v)
 
 
-def _bangs(sc: Scene, rx: float, top: float, side_v: float) -> None:
+BUZZ_SKIN_SHARE = 0.6
+"""How much of a buzz cut's colour is the scalp's (world.spurious.attribute_hair: buzz_cut):
+tuned on worlds of seeds 7 and 13 (bench/RESULTS.md, "A weaker hair cue for men")."""
+
+
+def _buzz_cut(sc: Scene, inner_u: np.ndarray, inner_v: np.ndarray, side_v: float) -> None:
+    """A thin cap of short hair, its colour mostly the scalp's: the hair colour shows weakly."""
     f, d, t = sc.f, sc.draw, sc.t
+    colour = mix(t.hair_colour, t.skin, BUZZ_SKIN_SHARE)
+    edge = shade(colour, 0.9)
+    rx, top = 1.03, -1.03
+    theta = np.linspace(np.pi, 2 * np.pi, 41)
+    radius = 1.0 + 0.5 * _hair_wave(sc) * np.abs(np.sin(theta * 9.0))
+    outer_u = rx * radius * np.cos(theta)
+    outer_v = side_v + (side_v - top) * radius * np.sin(theta)
+    us = np.concatenate([outer_u, inner_u])
+    vs = np.concatenate([outer_v, inner_v])
+    d.polygon(f.pts(us, vs), fill=colour, outline=edge, width=max(1, sc.line // 2))
+    if sc.on("Bangs"):
+        _bangs(sc, rx, top, side_v, colour, edge)
+
+
+def _bangs(
+    sc: Scene,
+    rx: float,
+    top: float,
+    side_v: float,
+    colour: RGB | None = None,
+    edge: RGB | None = None,
+) -> None:
+    f, d, t = sc.f, sc.draw, sc.t
+    colour = t.hair_colour if colour is None else colour
+    edge = sc.hair_dark if edge is None else edge
     rng = sc.streams("bangs")
     swept = rng.random() < 0.4
     us = np.linspace(-0.92, 0.92, 19)
@@ -764,14 +802,14 @@ def _bangs(sc: Scene, rx: float, top: float, side_v: float) -> None:
     bottom_u = us[::-1]
     d.polygon(
         f.pts(np.concatenate([us, bottom_u]), np.concatenate([top_v, bottom[::-1]])),
-        fill=t.hair_colour,
-        outline=sc.hair_dark,
+        fill=colour,
+        outline=edge,
         width=sc.line,
     )
     for u in (-0.5, -0.2, 0.15, 0.45):
         d.line(
             [f.p(u, -0.7), f.p(u + (0.08 * t.part_side if swept else 0.0), -0.42)],
-            fill=sc.hair_dark,
+            fill=edge,
             width=max(1, sc.line // 2),
         )
 
