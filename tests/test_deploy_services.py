@@ -8,8 +8,10 @@ their own resources and remove them: a fresh Postgres database per run, Redis da
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,8 @@ BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 PREPARE_ASSETS = {"dataset_manifest", "celeba_attributes", "black_box_model", "semantic_encoder"}
 GPU_STEPS = {"black_box_model", "semantic_encoder", "per_sample_losses", "image_embeddings"}
+SIGNALS_TABLES = ("per_sample_losses", "image_embeddings")
+GPU_WORKERS = ("gpu0", "gpu1")
 REDIS_BROKER_DB, REDIS_BACKEND_DB = 13, 14
 
 
@@ -183,7 +187,10 @@ def celery_deployment(tmp_path) -> Iterator[dict]:
     token = uuid.uuid4().hex[:6]
     workers: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:
-        for role, queue in (("cpu", "dagster"), ("gpu", "gpu")):
+        # Two workers on the gpu queue, so that independent model steps (the black box and the
+        # encoder; two shards) run at once, as on a deployment with two accelerators.
+        roles = [("cpu", "dagster")] + [(role, "gpu") for role in GPU_WORKERS]
+        for role, queue in roles:
             log = tmp_path / f"worker-{role}.log"
             command = [
                 str(BIN / "dagster-celery"),
@@ -199,7 +206,8 @@ def celery_deployment(tmp_path) -> Iterator[dict]:
                 f"llm2loss-{role}-{token}",
                 # The default prefork pool runs tasks in daemonic processes, which may not start
                 # the process pools that world drawing and data loading use: one task at a time
-                # in the worker's own process instead (scale with more workers).
+                # in the worker's own process instead (scale with more workers). `dagster-celery`
+                # already prefetches one task only, so a busy worker leaves the next to an idle one.
                 "--",
                 "--pool=solo",
             ]
@@ -230,8 +238,8 @@ def _wait_until_ready(process: subprocess.Popen, log: Path, role: str, timeout: 
     pytest.fail(f"the {role} Celery worker was not ready in {timeout:.0f}s:\n{log.read_text()}")
 
 
-def _dagster_job(deployment: dict, job: str, *extra: str) -> None:
-    command = [
+def _dagster_command(deployment: dict, job: str, *extra: str) -> list[str]:
+    return [
         str(BIN / "dagster"),
         "job",
         "execute",
@@ -243,10 +251,48 @@ def _dagster_job(deployment: dict, job: str, *extra: str) -> None:
         str(deployment["run_config"]),
         *extra,
     ]
+
+
+def _dagster_job(deployment: dict, job: str, *extra: str) -> None:
+    command = _dagster_command(deployment, job, *extra)
     done = subprocess.run(
         command, env=deployment["env"], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert done.returncode == 0, f"{job} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+
+def _signals_at_once(deployment: dict, shards: list[str], log_dir: Path) -> None:
+    """One `signals` run per shard, all submitted at once (as a backfill would)."""
+    running = []
+    for shard in shards:
+        log = log_dir / f"signals-{shard}.log"
+        tags = json.dumps({"dagster/partition": shard})
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                _dagster_command(deployment, "signals", "--tags", tags),
+                env=deployment["env"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        running.append((process, log))
+    for process, log in running:
+        try:
+            code = process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert code == 0, f"signals failed:\n{log.read_text()[-4000:]}"
+
+
+def _signals_outputs(home: Path, shards: list[str]) -> dict[str, str]:
+    """sha256 of each shard's output files: the Parquet table and its sidecar, per asset."""
+    hashes = {}
+    for table in SIGNALS_TABLES:
+        for shard in shards:
+            for path in sorted((home / "tables" / table).glob(f"{shard}.*")):
+                hashes[f"{table}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
 
 
 def _workers_by_step(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
@@ -263,28 +309,57 @@ def _workers_by_step(instance: dg.DagsterInstance, run_id: str) -> dict[str, str
     return placed
 
 
-def test_celery_workers_run_the_prepare_and_signals_stages(celery_deployment) -> None:
+def test_celery_workers_run_the_prepare_and_signals_stages(celery_deployment, tmp_path) -> None:
     token = celery_deployment["token"]
     _dagster_job(celery_deployment, "prepare")
     with dg.DagsterInstance.from_config(str(celery_deployment["home"])) as instance:
         shards = instance.get_dynamic_partitions(SHARDS.name)
         assert len(shards) >= 2
-        _dagster_job(
-            celery_deployment, "signals", "--tags", json.dumps({"dagster/partition": shards[0]})
-        )
+        two = sorted(shards)[:2]
+        _signals_at_once(celery_deployment, two, tmp_path)
 
-        runs = {run.job_name: run for run in instance.get_runs()}
-        assert set(runs) == {"prepare", "signals"}
-        assert all(run.is_success for run in runs.values())
-        assert runs["signals"].tags["dagster/partition"] == shards[0]
-        placed = {
-            **_workers_by_step(instance, runs["prepare"].run_id),
-            **_workers_by_step(instance, runs["signals"].run_id),
+        runs = instance.get_runs()
+        assert sorted(run.job_name for run in runs) == ["prepare", "signals", "signals"]
+        assert all(run.is_success for run in runs)
+        signals_runs = {
+            run.tags["dagster/partition"]: run for run in runs if run.job_name == "signals"
         }
-        # Every step ran on a worker; model steps on the gpu queue's, the others on the default.
-        assert set(placed) == PREPARE_ASSETS | {"per_sample_losses", "image_embeddings"}
+        assert sorted(signals_runs) == two
+        [prepare] = [run for run in runs if run.job_name == "prepare"]
+        placed = _workers_by_step(instance, prepare.run_id)
+        # Every step ran on a worker; model steps on a gpu queue's worker, the others on the
+        # default queue's.
+        assert set(placed) == PREPARE_ASSETS
+        gpu_workers = {f"llm2loss-{role}-{token}" for role in GPU_WORKERS}
         for step, worker in placed.items():
-            role = "gpu" if step in GPU_STEPS else "cpu"
-            assert worker == f"llm2loss-{role}-{token}", (step, worker)
-        for name in ("per_sample_losses", "image_embeddings"):
-            assert set(instance.get_materialized_partitions(dg.AssetKey(name))) == {shards[0]}
+            if step in GPU_STEPS:
+                assert worker in gpu_workers, (step, worker)
+            else:
+                assert worker == f"llm2loss-cpu-{token}", (step, worker)
+        shard_steps = {
+            (shard, step): worker
+            for shard, run in signals_runs.items()
+            for step, worker in _workers_by_step(instance, run.run_id).items()
+        }
+        assert set(shard_steps) == {(s, a) for s in two for a in SIGNALS_TABLES}
+        # The two shards' four steps were spread over both gpu workers.
+        assert set(shard_steps.values()) == gpu_workers, shard_steps
+        for name in SIGNALS_TABLES:
+            assert set(instance.get_materialized_partitions(dg.AssetKey(name))) == set(two)
+
+        # The same shards materialized in-process give the same bytes.
+        home = Path(celery_deployment["env"]["LLM2LOSS_HOME"])
+        on_workers = _signals_outputs(home, two)
+        assert len(on_workers) == 2 * 2 * len(two)  # table + sidecar, per asset and shard
+        for table in SIGNALS_TABLES:
+            shutil.rmtree(home / "tables" / table)
+        config = load_config(TINY).model_copy(update={"home": str(home)})
+        import torch  # lazy: only this test needs it in the test process
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the workers run (OMP_NUM_THREADS=1)
+        try:
+            run_pipeline(config, ["signals"], shards=two, instance=instance)
+        finally:
+            torch.set_num_threads(threads)
+        assert _signals_outputs(home, two) == on_workers
