@@ -6,7 +6,17 @@ first use, e.g. `from llm2loss_pipeline import Diagnoser`.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Same inputs, same bytes (bench/RESULTS.md, "Determinism"). On CPUs with AVX-512 (Intel Xeon),
+# MKL picks its GEMM kernel by the size of the batch, so a row computed in a batch of 5 and in a
+# batch of 300 differ in the last bits: the modality gap's text mean then differed between a run
+# and its rerun, and `compare --pairs` from `compare`. Strict conditional numerical
+# reproducibility (measured: no other MKL_CBWR value does) removes that. MKL reads the variable at
+# its first call, so it is set here, before any module of ours imports torch; a value the user set
+# is kept (tests/test_determinism.py).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 if TYPE_CHECKING:
     from llm2loss_pipeline.diagnoser import Diagnoser

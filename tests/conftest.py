@@ -11,3 +11,5 @@ import os
 
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+# What `import llm2loss_pipeline` sets (see there), also for a test that imports torch first.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -9,6 +9,8 @@ byte: they hold timings and absolute paths; the weight hashes they record are.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -93,3 +95,32 @@ def test_group_metrics_query_gives_identical_numbers_every_time(reference):
         assert frame.equals(frames[0])
         for column in ("mean_loss", "loss_variance", "auroc"):
             assert frame[column].to_numpy().tobytes() == frames[0][column].to_numpy().tobytes()
+
+
+# Rows of one GEMM, computed in batches of different sizes, must agree to the bit: the text tower
+# embeds a caption corpus or a query in whatever batches the cache leaves, and the heads' modality
+# gap and `compare --pairs` read those rows. On AVX-512 Xeons MKL picks its kernel by the batch
+# size unless strict reproducibility is on (measured: 12 of 28 shapes differed), which made the
+# gap checkpoint differ between a run and its rerun. `import llm2loss_pipeline` turns it on.
+_BATCH_INVARIANCE = """
+import llm2loss_pipeline, torch
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+for k, n in ((384, 384), (384, 1536), (1536, 384)):
+    x, w = torch.randn(512, k, generator=g), torch.randn(n, k, generator=g)
+    full = torch.nn.functional.linear(x, w)
+    for m in (1, 2, 5, 16, 40, 100, 300):
+        assert torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]), (k, n, m)
+"""
+
+
+def test_gemm_rows_do_not_depend_on_the_batch_size() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    done = subprocess.run(
+        [sys.executable, "-c", _BATCH_INVARIANCE],
+        env={**env, **fh.ONE_THREAD_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
