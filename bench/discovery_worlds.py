@@ -27,7 +27,8 @@ sha256, so a retrained black box is scored afresh); nothing else is written into
 
 `--rediscover` runs discovery afresh on each home's materialized encoder, heads, losses and
 embeddings with the current code (nothing written), with `--set key=value` overriding discovery
-settings (e.g. `--set min_p_worse=0.55`): a sensitivity check, not a setting chosen here.
+settings (e.g. `--set min_p_worse=0.55`, `--set estimator=direct`, `--set
+identity_clustered=false`). Settings are chosen on the tuning worlds, never on the reported ones.
 """
 
 from __future__ import annotations
@@ -149,23 +150,23 @@ def planted_of(home: Path) -> dict[str, float]:
 
 
 def rediscover(home: Path, config: DiscoveryConfig) -> pl.DataFrame:
-    """Discovery's hypotheses table computed afresh on `home`, nothing written (a Diagnoser would
-    write its text and query caches into the home)."""
+    """Discovery's hypotheses table computed afresh on `home`, nothing written: a Diagnoser made
+    from the loaded encoder and heads (Diagnoser.load would write its text and query caches into
+    the home), with the home's report for the grounded estimate, as the pipeline's asset has."""
     # lazy: torch and the encoder (seconds), only with --rediscover
-    from types import SimpleNamespace
-
     from llm2loss_pipeline.core.encoder.checkpoint import load_encoder
     from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
+    from llm2loss_pipeline.core.query import Diagnoser
     from llm2loss_pipeline.core.steps.discovery import compute_discovery
 
     layout = Layout.at(home)
     encoder = load_encoder(layout.encoder_dir, "cpu")
-    ensemble, gap, _ = load_ensemble(
+    ensemble, gap, meta = load_ensemble(
         layout.heads_dir,
         expected_dim=int(encoder.embed_dim),
         expected_encoder_sha256=str(encoder.sha256),
     )
-    diagnoser = SimpleNamespace(encode_texts=encoder.encode_texts, ensemble=ensemble, gap=gap)
+    diagnoser = Diagnoser(encoder.encode_texts, ensemble, gap, {**meta, "home": str(home)})
     return compute_discovery(layout, config, diagnoser).hypotheses
 
 

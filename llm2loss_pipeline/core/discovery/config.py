@@ -5,8 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llm2loss_pipeline.core.attributes import check_split
+from llm2loss_pipeline.core.choices import one_of
 
 DEFAULT_API_KEY_ENV = "LLM2LOSS_LLM_API_KEY"
+ESTIMATORS = ("grounded", "direct")
 
 
 class ProposerConfig(BaseModel):
@@ -63,8 +65,35 @@ class DiscoverySettings(BaseModel):
     )
     min_matches: int = Field(10, ge=3, description="at least this many matched samples")
     alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate")
+    estimator: str = Field(
+        "grounded",
+        description="the heads' estimate a description must agree with: grounded (what "
+        "`compare` answers by default, with its calibrated P(worse); direct where the home has "
+        "no report) or direct (the heads at the text embedding, P(worse) the members' share); "
+        "core/discovery/estimate.py",
+    )
     min_p_worse: float = Field(
-        0.75, gt=0.5, le=1, description="share of members that must estimate 'worse'"
+        0.55,
+        gt=0.5,
+        le=1,
+        description="compare's calibrated P(worse) (the grounded estimate, text error included) "
+        "a description must reach to be kept: the estimate leans worse. Chosen on the tuning "
+        "worlds 1001-1008 among 0.55, 0.65, 0.75 and 0.9 (bench/RESULTS.md, \"Discovery's gates "
+        'against population truth"): the text error keeps these P under 0.8, and 0.75 lost the '
+        "planted attributes 0.55 finds",
+    )
+    min_member_share: float = Field(
+        0.75,
+        gt=0.5,
+        le=1,
+        description="with the direct estimate (estimator: direct, or no report): the share of "
+        "members that must estimate 'worse'",
+    )
+    identity_clustered: bool = Field(
+        True,
+        description="test matched against unmatched samples with each identity's images as one "
+        "cluster (a rank test with a cluster-robust error; core/discovery/verify.py), so that a "
+        "few hard identities cannot carry a description; false: Mann-Whitney over images",
     )
     max_overlap: float = Field(
         0.5,
@@ -106,6 +135,11 @@ class DiscoverySettings(BaseModel):
     @classmethod
     def _split(cls, value: str) -> str:
         return check_split("eval_split", value)
+
+    @field_validator("estimator")
+    @classmethod
+    def _estimator(cls, value: str) -> str:
+        return one_of("estimator", value, ESTIMATORS)
 
     @field_validator("vocabulary")
     @classmethod

@@ -31,11 +31,11 @@ COUNTER_EXAMPLES = (
     "those that pull the estimate down most first: cases of the description that do not fail"
 )
 KEEP_RULE = (
-    "kept only when both agree: the heads estimate worse (mean above the population, P(worse) "
-    "at or above the threshold) and the matched samples are worse (Mann-Whitney, "
-    "Benjamini-Hochberg); 'estimate disagrees' means the samples are worse but the heads, "
-    "which generalise from the training split, do not rate the description worse: a lead to "
-    "check, not a finding"
+    "kept only when both agree: the heads estimate worse (the estimate `compare` gives, "
+    "P(worse) at or above discovery.min_p_worse) and the matched samples are worse (a rank test "
+    "that counts each identity's images as one cluster, Benjamini-Hochberg); 'estimate "
+    "disagrees' means the samples are worse but the heads, which generalise from the training "
+    "split, do not rate the description worse: a lead to check, not a finding"
 )
 MODE_RULE = (
     "a failure mode groups the descriptions whose matched samples overlap (Jaccard at or above "

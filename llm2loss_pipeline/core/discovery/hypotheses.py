@@ -2,12 +2,16 @@
 
 For every candidate t:
 
-1. Estimate (the heads). Each member's standardised output at the text, minus that member's mean
-   output over the evaluation split's images: "how many standard deviations worse than the
-   population the member expects inputs like t to be". The ensemble gives its mean, quartiles
-   and P(worse), the share of members above the population mean. `p_estimate` is the one-sided
-   sign test of that share against 1/2 (informative only: members are not independent draws).
-2. Verify (real samples, verify.py): the matched samples' losses against the rest.
+1. Estimate (the heads; estimate.py). By default the estimate `compare` makes: t contrasted with
+   the attribute probes' centroid, grounded on the evaluation images, with compare's calibrated
+   P(worse) (the report's text-side error included); `p_estimate` = 1 - P(worse). Without a
+   report (or with `estimator: direct`): each member's standardised output at the text, minus
+   that member's mean output over the evaluation split's images, P(worse) the share of members
+   above the population mean, `p_estimate` the one-sided sign test of that share against 1/2
+   (informative only: members are not independent draws). The ensemble gives mean and quartiles.
+2. Verify (real samples, verify.py): the matched samples' losses against the rest; the p-value
+   treats each identity's images as one cluster (`identity_clustered`, the default), else it is
+   Mann-Whitney's over images.
 3. Weigh (influence.py): each matched sample's influence on the ensemble's estimate for t.
    Proponents are the matched samples that push the estimate up most; counter-examples are the
    matched samples that pull it down (negative influence: their loss is lower than the heads
@@ -16,8 +20,9 @@ For every candidate t:
    with positive influence; `influence_weighted_gap` is the matched-vs-rest loss gap with each
    matched sample weighted by |influence|, i.e. measured where the estimate comes from.
 
-Kept when both say worse: ensemble mean above the population, P(worse) >= `min_p_worse`, matched
-samples worse on average and by rank (AUROC > 1/2), and the Mann-Whitney p-value significant
+Kept when both say worse: ensemble mean above zero, P(worse) >= `min_p_worse` (grounded) or
+`min_member_share` (direct), matched samples
+worse on average and by rank (AUROC > 1/2), and the matched samples' p-value significant
 after Benjamini-Hochberg control at `alpha` across all candidates (`q_value`). BH is applied to
 the sample evidence only: the estimate side is a gate, because a sign test over 8 or 20
 correlated members cannot carry a false discovery rate over thousands of candidates.
@@ -41,10 +46,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy import stats as sps
 
 from llm2loss_pipeline.core.discovery.candidates import Candidate
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.discovery.estimate import (
+    DescriptionGrounding,
+    direct_estimates,
+    grounded_estimates,
+)
 from llm2loss_pipeline.core.discovery.influence import (
     InfluenceInputs,
     member_influences,
@@ -56,7 +65,12 @@ from llm2loss_pipeline.core.discovery.modes import (
     probe_share,
     wording,
 )
-from llm2loss_pipeline.core.discovery.verify import match_count, measure, top_matches
+from llm2loss_pipeline.core.discovery.verify import (
+    clustered_p_values,
+    match_count,
+    measure,
+    top_matches,
+)
 from llm2loss_pipeline.core.heads.ensemble import HeadEnsemble
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.stats import bh_adjust
@@ -127,6 +141,8 @@ class EvalData:
     sample_ids: list[str]
     embeddings: np.ndarray
     losses: np.ndarray
+    groups: np.ndarray | None = None
+    """the identity of each sample, for the clustered test (None: every sample its own)"""
 
 
 @dataclass(frozen=True)
@@ -142,20 +158,37 @@ class Discovery:
 
 
 def _estimates(
-    ensemble: HeadEnsemble, text_x: np.ndarray, image_x: np.ndarray
-) -> dict[str, np.ndarray]:
+    ensemble: HeadEnsemble,
+    text_x: np.ndarray,
+    image_x: np.ndarray,
+    candidates: Sequence[Candidate],
+    reference_x: np.ndarray | None,
+    grounding: DescriptionGrounding | None,
+    config: DiscoveryConfig,
+) -> tuple[dict[str, np.ndarray], float]:
+    """The heads' estimate of every candidate (estimate.py): grounded when asked for and
+    possible (a grounding and a reference to contrast with), else direct; and the P(worse) it
+    must reach (`min_p_worse` for compare's calibrated P, `min_member_share` for the share)."""
+    if config.estimator == "grounded" and grounding is not None and reference_x is not None:
+        texts = [c.text for c in candidates]
+        return grounded_estimates(grounding, text_x, reference_x, texts), config.min_p_worse
     population = ensemble.standardized(image_x).mean(axis=1)  # [M]
     members = ensemble.standardized(text_x) - population[:, None]  # [M, T]
-    above = (members > 0).sum(axis=0)
-    n_members = members.shape[0]
-    p_estimate = np.array([sps.binomtest(int(k), n_members, 0.5, "greater").pvalue for k in above])
-    return {
-        "estimated_gap": members.mean(axis=0),
-        "estimated_q1": np.quantile(members, 0.25, axis=0),
-        "estimated_q3": np.quantile(members, 0.75, axis=0),
-        "p_worse": above / n_members,
-        "p_estimate": p_estimate,
-    }
+    return direct_estimates(members), config.min_member_share
+
+
+def _p_values(
+    losses: np.ndarray,
+    matches: np.ndarray,
+    measured: Sequence[Any],
+    groups: np.ndarray | None,
+    config: DiscoveryConfig,
+) -> np.ndarray:
+    """Each candidate's one-sided p-value of its matched samples being worse (verify.py):
+    identity-clustered, or Mann-Whitney's over images."""
+    if config.identity_clustered:
+        return clustered_p_values(losses, matches, groups)
+    return np.array([m.p_value for m in measured])
 
 
 def _influences(
@@ -191,6 +224,7 @@ def discover(
     train_losses: np.ndarray | None = None,
     labels: Mapping[str, np.ndarray] | None = None,
     probe_embeddings: np.ndarray | None = None,
+    grounding: DescriptionGrounding | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Discovery:
     """Score, verify, weigh, judge and rank every candidate (module docstring).
@@ -200,7 +234,9 @@ def discover(
     samples serve as the rankers' reference partners (default: the evaluation split's).
     `labels`: attribute -> bool per evaluation sample, to check the words (None: unverified);
     `probe_embeddings`: raw embeddings of the attribute probes, the off-domain rule's reference
-    (None: the candidates of source "attribute"; fewer than two: no rule).
+    (None: the candidates of source "attribute"; fewer than two: no rule), whose centroid is
+    also what a grounded estimate contrasts each description with; `grounding`: what a grounded
+    estimate reads (estimate.py; None: the direct estimate).
     """
     if len(candidates) != len(text_embeddings):
         raise ValueError(f"{len(candidates)} candidates but {len(text_embeddings)} text embeddings")
@@ -214,20 +250,26 @@ def discover(
     image_x = gap.image(eval_data.embeddings)
     train_x = gap.image(train_embeddings)
 
-    estimates = _estimates(ensemble, text_x, image_x)
+    own = _probe_texts(candidates, text_embeddings, probe_embeddings)
+    reference_x = gap.text(own).mean(axis=0) if len(own) else None
+    estimates, gate = _estimates(
+        ensemble, text_x, image_x, candidates, reference_x, grounding, config
+    )
     similarity = image_x.astype(np.float64) @ text_x.astype(np.float64).T  # [n, T]
     matches = top_matches(similarity, match_count(n, config.match_fraction, config.min_matches))
     measured = [measure(losses, row) for row in matches]
+    p_values = _p_values(losses, matches, measured, eval_data.groups, config)
     inputs = _influence_inputs(train_x, image_x, losses, train_losses, config)
     influence = _influences(ensemble, inputs, text_x, config.damping, progress)
-    shares = _probe_shares(candidates, text_embeddings, probe_embeddings)
+    shares = _probe_shares(own, text_embeddings)
 
-    q_values = bh_adjust(np.array([m.p_value for m in measured]))
+    tests = list(zip(p_values, bh_adjust(p_values), strict=True))  # (p, BH q) per candidate
     rows = [
-        _row(t, candidates[t], measured[t], estimates, q_values[t], matches[t], influence, losses)
+        _row(t, candidates[t], measured[t], estimates, tests[t], matches[t], influence, losses)
         for t in range(len(candidates))
     ]
     for t, row in enumerate(rows):
+        row["_p_gate"] = gate
         row.update(_judge(candidates[t], matches[t], row, shares[t], labels, config))
     heads = assign_modes(
         rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
@@ -302,18 +344,23 @@ def _influence_inputs(
     )
 
 
-def _probe_shares(
+def _probe_texts(
     candidates: Sequence[Candidate],
     text_embeddings: np.ndarray,
     probe_embeddings: np.ndarray | None,
 ) -> np.ndarray:
-    """Each candidate's `probe_share` (NaN for all when there are fewer than two probes)."""
+    """The attribute probes' raw embeddings (None given: the candidates of source "attribute")."""
     if probe_embeddings is None:
         own = [t for t, c in enumerate(candidates) if c.source == "attribute"]
-        probe_embeddings = np.asarray(text_embeddings)[own]
-    if len(probe_embeddings) < 2:
-        return np.full(len(candidates), np.nan)
-    return probe_share(text_embeddings, probe_embeddings)
+        return np.asarray(text_embeddings)[own]
+    return np.asarray(probe_embeddings)
+
+
+def _probe_shares(probes: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """Each text's `probe_share` (NaN for all when there are fewer than two probes)."""
+    if len(probes) < 2:
+        return np.full(len(text_embeddings), np.nan)
+    return probe_share(text_embeddings, probes)
 
 
 def _offdomain_reason(share: float, floor: float) -> str:
@@ -328,7 +375,7 @@ def _row(
     candidate: Candidate,
     m: Any,
     estimates: dict[str, np.ndarray],
-    q_value: float,
+    test: tuple[float, float],
     matched: np.ndarray,
     influence: np.ndarray,
     losses: np.ndarray,
@@ -341,6 +388,7 @@ def _row(
         else float("nan")
     )
     est = {key: float(values[t]) for key, values in estimates.items()}
+    p_value, q_value = test
     return {
         "description": candidate.text,
         "source": candidate.source,
@@ -349,7 +397,7 @@ def _row(
         "measured_gap": m.gap,
         "measured_gap_std": m.gap_std,
         "measured_auc": m.auc,
-        "p_value": m.p_value,
+        "p_value": float(p_value),
         "q_value": float(q_value),
         "confidence": float(min(est["p_worse"], 1.0 - q_value)),
         "n_matched": m.n_matched,
@@ -365,7 +413,7 @@ def _agree(row: dict[str, Any], config: DiscoveryConfig) -> bool:
     """Both say worse: the heads' estimate and the matched samples (BH-controlled)."""
     return bool(
         row["estimated_gap"] > 0
-        and row["p_worse"] >= config.min_p_worse
+        and row["p_worse"] >= row["_p_gate"]
         and row["measured_gap"] > 0
         and row["measured_auc"] > 0.5
         and row["q_value"] <= config.alpha

@@ -351,7 +351,8 @@ def dropped_reason(row: dict[str, Any], config: Any) -> str:
         return row["reason"]
     samples_worse = row["measured_gap"] > 0 and row["measured_auc"] > 0.5
     significant = samples_worse and row["q_value"] <= config.alpha
-    heads_worse = row["estimated_gap"] > 0 and row["p_worse"] >= config.min_p_worse
+    gate = row.get("_p_gate", config.min_p_worse)  # the estimator's own (hypotheses.py)
+    heads_worse = row["estimated_gap"] > 0 and row["p_worse"] >= gate
     if not significant:
         return (
             f"matched samples not measurably worse (gap {row['measured_gap']:+.2f}, "
@@ -363,6 +364,6 @@ def dropped_reason(row: dict[str, Any], config: Any) -> str:
         return (
             f"estimate disagrees: the matched samples are worse (q {row['q_value']:.2g}) but the "
             f"heads do not estimate worse (estimate {row['estimated_gap']:+.2f}, P(worse) "
-            f"{row['p_worse']:.2f} < {config.min_p_worse}); kept only when both agree"
+            f"{row['p_worse']:.2f} < {gate}); kept only when both agree"
         )
     return "dropped"

@@ -107,6 +107,7 @@ def compute_discovery(
     `diagnoser`: anything with `encode_texts`, `ensemble` and `gap` (a `core.query.Diagnoser`).
     """
     # lazy: pulls scipy.stats, +3.0 s on the Dagster definitions load (measured)
+    from llm2loss_pipeline.core.discovery.estimate import DescriptionGrounding
     from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover
 
     say = log or (lambda message: None)
@@ -145,7 +146,11 @@ def compute_discovery(
         held_out["sample_id"].to_list(),
         held_out["embedding"].to_numpy().astype(np.float32),
         held_out["loss"].to_numpy(),
+        groups=identities(layout, held_out),
     )
+    grounding = None
+    if config.estimator == "grounded":  # compare's estimate, where the home has a report
+        grounding = DescriptionGrounding.from_diagnoser(diagnoser)
     result = discover(
         candidates,
         text_embeddings,
@@ -157,6 +162,7 @@ def compute_discovery(
         train_losses=train["loss"].to_numpy(),
         labels=eval_labels(held_out, attributes),
         probe_embeddings=embed(probes),
+        grounding=grounding,
         progress=say,
     )
     say(
@@ -165,6 +171,23 @@ def compute_discovery(
     )
     counts = _counts(result, held_out.height, len(proposals))
     return DiscoveryFindings(result.hypotheses, result.evidence, counts)
+
+
+def identities(layout: Layout, frame: pl.DataFrame) -> np.ndarray:
+    """The identity of each row of `frame` (the manifest's; a sample without one is its own),
+    as the grounding pool reads them (core/query.py): discovery's clustered test."""
+    manifest = read_manifest(layout)
+    if "identity" not in manifest.columns:
+        return np.array([f"s{s}" for s in frame["sample_id"]])
+    joined = frame.select("sample_id").join(
+        manifest.select("sample_id", "identity"), on="sample_id", how="left", maintain_order="left"
+    )
+    return np.array(
+        [
+            f"i{i}" if i is not None else f"s{s}"
+            for i, s in zip(joined["identity"], joined["sample_id"], strict=True)
+        ]
+    )
 
 
 def _vocabulary(config: DiscoveryConfig, vocabulary: Sequence[str]) -> list[str]:
