@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 # imports together (a lone `pip install torchvision` can pull a build that does not match torch).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?=
+TEST_WORKERS ?= auto
 
 .PHONY: run test lint bench ui clean-home
 
@@ -27,7 +28,11 @@ test: $(BIN)/llm2loss
 	# the import contracts of pyproject.toml ([tool.importlinter]); no cache, so a module added or
 	# removed since the last run cannot leave a stale graph behind
 	$(BIN)/lint-imports --no-cache
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	# One worker per core: the tests run torch with one thread each (tests/conftest.py), so one
+	# process left the other core idle. `loadfile` keeps a file's tests on one worker, so a module
+	# fixture (a materialized home) is built once, and the services tests never race each other;
+	# files go out in collection order, the end-to-end ones first (tests/conftest.py).
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(BIN)/llm2loss
 	$(BIN)/ruff check llm2loss_pipeline tests bench

@@ -13,3 +13,13 @@ for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 # What `import llm2loss_pipeline` sets (see there), also for a test that imports torch first.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files with end-to-end tests (`slow`, minutes each) first, the rest in their order.
+
+    `make test` hands whole files to one worker per core (pytest-xdist, `--dist loadfile
+    --no-loadscope-reorder`) in this order. Started last, a file of several minutes would keep one
+    worker busy while the other has nothing left to do."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within files kept
