@@ -401,9 +401,11 @@ def test_files_written(report):
         top = con.execute(
             "SELECT attribute FROM attribute_disparity ORDER BY est_mean DESC LIMIT 2"
         ).fetchall()
+        groups = con.execute("SELECT count(*) FROM groups").fetchone()[0]
     finally:
         con.close()
     assert {row[0] for row in top} == set(PLANTED)
+    assert groups == pl.read_parquet(files["groups"]).height > 0
 
 
 def test_default_prompts_and_auroc_integration(tmp_path):

@@ -56,6 +56,8 @@ def view_sources(
         "attribute_disparity": ("read_table", str(reports / "attribute_disparity.parquet"), {}),
         "pair_disparity": ("read_table", str(reports / "pair_disparity.parquet"), {}),
         "correlations": ("read_table", str(reports / "correlations.parquet"), {}),
+        # the task's groups (attribute value x value cells, worst first; core/report/groups.py)
+        "groups": ("read_table", str(reports / "groups.parquet"), {}),
         "member_metrics": ("read_table", str(metrics), {}),
     }
 
