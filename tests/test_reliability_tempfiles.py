@@ -35,7 +35,9 @@ from llm2loss_pipeline.core.storage import atomic_path
 target, marker, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 with atomic_path(target) as tmp:
     tmp.write_bytes(b"written by the slow writer")
-    marker.write_text(tmp.name)
+    # whole or not at all: the test reads the name as soon as the marker exists
+    marker.with_suffix(".part").write_text(tmp.name)
+    marker.with_suffix(".part").rename(marker)
     while not go.exists():
         time.sleep(0.02)
 """
