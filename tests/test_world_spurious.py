@@ -138,10 +138,14 @@ def test_the_hair_option_is_recorded_only_when_set():
         ({**SPURIOUS, "eval_rate": 1.0}, "less than 1"),
         ({"target": "Blond_Hair"}, "attribute"),
         ({**SPURIOUS, "rate": 0.1}, "Extra inputs are not permitted"),
-        ({**SPURIOUS, "attribute_hair": "short"}, "'as_drawn' or 'buzz_cut'"),
+        (
+            {**SPURIOUS, "attribute_hair": "short"},
+            r"attribute_hair must be one of \['as_drawn', 'buzz_cut'\], got 'short'",
+        ),
         (
             {"target": "Young", "attribute": "Male", "attribute_hair": "buzz_cut"},
-            "weakens a hair-colour target .*'Young' is not one",
+            r"spurious.target with attribute_hair 'buzz_cut' must be one of \['Blond_Hair', "
+            r"'Black_Hair', 'Brown_Hair', 'Gray_Hair'\], got 'Young'",
         ),
     ],
 )

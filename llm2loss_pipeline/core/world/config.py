@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -16,9 +16,13 @@ from pydantic import (
 )
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.choices import one_of
 
 HAIR_COLOUR_TARGETS = ("Blond_Hair", "Black_Hair", "Brown_Hair", "Gray_Hair")
 """Targets whose cue `SpuriousConfig.attribute_hair` can weaken."""
+
+ATTRIBUTE_HAIR = ("as_drawn", "buzz_cut")
+"""world.spurious.attribute_hair (see `SpuriousConfig`)."""
 
 GENERATOR_VERSION = 1
 """Bumped whenever the drawing or the sampling changes, so that a cached world is regenerated."""
@@ -67,10 +71,15 @@ class SpuriousConfig(BaseModel):
     eval_rate: float = Field(
         0.4, gt=0.0, lt=1.0, description="rate of target among attribute identities (eval)"
     )
-    attribute_hair: Literal["as_drawn", "buzz_cut"] = Field(
+    attribute_hair: str = Field(
         "as_drawn",
         description="as_drawn, or buzz_cut: attribute identities' hair a thin, skin-mixed cap",
     )
+
+    @field_validator("attribute_hair")
+    @classmethod
+    def _attribute_hair(cls, value: str) -> str:
+        return one_of("attribute_hair", value, ATTRIBUTE_HAIR)
 
     @model_validator(mode="after")
     def _identity_level_pair(self) -> SpuriousConfig:
@@ -95,10 +104,12 @@ class SpuriousConfig(BaseModel):
                 f"spurious.target {self.target!r} is drawn before {self.attribute!r}, so it "
                 "cannot depend on it; swap them or choose another pair"
             )
-        if self.attribute_hair != "as_drawn" and self.target not in HAIR_COLOUR_TARGETS:
-            raise ValueError(
-                f"spurious.attribute_hair {self.attribute_hair!r} weakens a hair-colour target "
-                f"({', '.join(HAIR_COLOUR_TARGETS)}); {self.target!r} is not one"
+        if self.attribute_hair != "as_drawn":
+            # it weakens the cue of a hair-colour target, so only such a target may have it
+            one_of(
+                f"spurious.target with attribute_hair {self.attribute_hair!r}",
+                self.target,
+                HAIR_COLOUR_TARGETS,
             )
         if self.train_rate >= self.eval_rate:
             raise ValueError(
