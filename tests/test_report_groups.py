@@ -111,8 +111,12 @@ def test_describe_reads_like_words():
     assert describe([("Blond_Hair", True), ("Male", True)]) == "blond men"
     assert describe([("Eyeglasses", False)]) == "people without eyeglasses"
     assert describe([("Blond_Hair", False), ("Wearing_Hat", True)]) == (
-        "non-blond people with wearing hat"
+        "non-blond people wearing hat"
     )
+    assert describe([("Wearing_Hat", False)]) == "people not wearing hat"
+    # a negated column reads as what it means, not "without no beard"
+    assert describe([("Blond_Hair", True), ("No_Beard", False)]) == "blond people with beard"
+    assert describe([("No_Beard", True), ("Smiling", True)]) == "smiling people without beard"
 
 
 def test_report_groups_reads_the_target_from_the_attribute_table(tmp_path):

@@ -81,10 +81,20 @@ def describe(conditions: Sequence[tuple[str, bool]]) -> str:
         elif name in ADJECTIVES:
             adjectives.append(ADJECTIVES[name] if value else f"non-{ADJECTIVES[name]}")
         else:
-            words = name.replace("_", " ").lower()
-            phrases.append(f"{'with' if value else 'without'} {words}")
+            phrases.append(_phrase(name, value))
     text = " ".join([*adjectives, noun])
     return f"{text} {' and '.join(phrases)}" if phrases else text
+
+
+def _phrase(name: str, value: bool) -> str:
+    """'with X' / 'without X' from a column name, read the way the name means it: a negated name
+    ('No_Beard') flips the two (not 'without no beard'), a 'Wearing_' one keeps its verb."""
+    words = name.replace("_", " ").lower()
+    if words.startswith("no ") and len(words) > 3:
+        return f"{'without' if value else 'with'} {words[3:]}"
+    if words.startswith("wearing ") and len(words) > 8:
+        return words if value else f"not {words}"
+    return f"{'with' if value else 'without'} {words}"
 
 
 def clustered_mean(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
