@@ -101,6 +101,35 @@ def test_other_tasks_group_by_each_attribute_value():
     assert "none" in worst_group_sentence(None)
 
 
+def test_group_by_declares_the_groups_the_worst_is_chosen_from(tmp_path):
+    # over all cells "blond people" (3 of 6) is the lowest; declared by Male, "men" (4 of 7) is
+    # the worst group, and the sentence names the lower cell after it
+    table = group_table(_frame(), ["Blond_Hair", "Male"], TaskConfig(), 5, group_by=["Male"])
+    assert table["group"].to_list()[:2] == ["blond people", "men"]
+    assert worst_group(table)["group"] == "men"
+    assert table.filter(pl.col("declared"))["attribute"].unique().to_list() == ["Male"]
+    path = tmp_path / "attributes.parquet"
+    _frame().select("sample_id", "Blond_Hair", "Male").write_parquet(path)
+    _, headline, sentence = report_groups(
+        _frame(), ["Blond_Hair", "Male"], TaskConfig(), 5, str(path), ["Male"]
+    )
+    assert headline["worst_group_accuracy"] == pytest.approx(4 / 7)
+    assert sentence.startswith("worst group: men, accuracy 0.57")
+    assert (
+        "; the lowest of all 4 cells, not a declared group (report.group_by): blond people, "
+        in (sentence)
+    )
+    assert "accuracy 0.50" in sentence.split("report.group_by")[1]
+    # without group_by every cell is declared and the lowest is the worst
+    assert worst_group(group_table(_frame(), ["Blond_Hair", "Male"], TaskConfig(), 5))["group"] == (
+        "blond people"
+    )
+    with pytest.raises(ValueError, match=r"report.group_by names \['Hat'\]"):
+        group_table(_frame(), ["Blond_Hair", "Male"], TaskConfig(), 5, group_by=["Hat"])
+    with pytest.raises(ValueError, match=r"report.group_by names \['Blond_Hair'\]"):
+        group_table(_frame(), ["Blond_Hair", "Male"], BLOND_TASK, 2, group_by=["Blond_Hair"])
+
+
 def test_without_accuracy_the_worst_group_is_the_highest_loss():
     frame = _frame().with_columns(correct=pl.lit(None, dtype=pl.Boolean))
     table = group_table(frame, ["Male"], TaskConfig(), min_group_size=2)

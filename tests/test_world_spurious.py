@@ -161,6 +161,7 @@ def test_configs_spurious_yaml_is_a_blond_hair_task_on_a_spurious_world(tmp_path
     assert (config.world.spurious.target, config.world.spurious.attribute) == ("Blond_Hair", "Male")
     assert (config.task.kind, config.task.target) == ("attribute", "Blond_Hair")
     assert config.world.spurious.attribute_hair == "buzz_cut"  # the classic failure needs it
+    assert config.report.group_by == ["Male"]  # the benchmark's groups: Blond_Hair x Male
     assert config.world.hard_attributes == {}
     home = config.model_copy(update={"home": str(tmp_path / "home")})
     assert preflight(home, str(path)) is home

@@ -133,6 +133,12 @@ class ReportConfig(_Strict):
     )
     n_pairs: int = Field(10, ge=0, le=200)
     min_group_size: int = Field(20, ge=1, description="smaller groups are marked small_group")
+    group_by: list[str] = Field(
+        default_factory=list,
+        description="attributes whose cells are the groups the worst group is chosen from, as a "
+        "group-robustness benchmark declares its spurious attribute (e.g. [Male]); empty: every "
+        "attribute's; checked against the dataset's attributes when the report runs",
+    )
     alpha: float = Field(
         0.1,
         gt=0,

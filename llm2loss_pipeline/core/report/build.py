@@ -233,6 +233,7 @@ class ReportSettings(Protocol):
     pairs: Sequence[str]
     n_pairs: int
     min_group_size: int
+    group_by: Sequence[str]
     alpha: float
     estimator: str
     dual_ridge: float
@@ -382,6 +383,7 @@ def build_report(
     pairs: Sequence[Sequence[str]] | None = None,
     n_pairs: int = 10,
     min_group_size: int = 20,
+    group_by: Sequence[str] = (),
     alpha: float = 0.1,  # report.alpha: the FDR of the attribute claims
     out_dir: str | Path | None = None,
     attributes: Sequence[str] | None = None,
@@ -406,6 +408,7 @@ def build_report(
         pairs=[":".join(pair) for pair in validate_pairs(pairs or ())],
         n_pairs=0 if pairs is not None and not pairs else n_pairs,
         min_group_size=min_group_size,
+        group_by=list(group_by),
         alpha=alpha,
         estimator=estimator,
         dual_ridge=dual_ridge,
@@ -451,20 +454,29 @@ def build_report_from_config(
     result = assemble_report(
         scorer, encode_texts, estimator, measured, estimated, probes, config, hooks, say
     )
-    result = _with_groups(result, layout, measured, hooks, config.min_group_size)
+    result = _with_groups(result, layout, measured, hooks, config)
     out = Path(out_dir) if out_dir is not None else layout.reports
     say(f"writing the report to {out}")
     return write_report(result, out, member_groups(list(scorer.members)))
 
 
 def _with_groups(
-    result: ReportResult, layout: Layout, measured: Measured, hooks: ReportHooks, min_size: int
+    result: ReportResult,
+    layout: Layout,
+    measured: Measured,
+    hooks: ReportHooks,
+    config: ReportSettings,
 ) -> ReportResult:
     """Per-group accuracy for the task the black box was fitted for, and the worst group in the
     headline and the notes."""
     task = recorded_task_of(layout.black_box_reference, layout.black_box.with_suffix(".json"))
     table, headline, sentence = report_groups(
-        measured.eval_frame, list(hooks.attributes or ()), task, min_size, str(layout.attributes)
+        measured.eval_frame,
+        list(hooks.attributes or ()),
+        task,
+        config.min_group_size,
+        str(layout.attributes),
+        config.group_by,
     )
     return dataclasses.replace(
         result,

@@ -431,7 +431,21 @@ def _groups_section(result: ReportResult) -> list[str]:
         "identity-clustered standard errors and the upper bound of the 90% interval (a small "
         "slice's low accuracy may be partly chance). The whole table is groups.parquet. The "
         f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
+        *_declared_groups(result.groups),
         html_table(result.groups.head(N_GROUPS_SHOWN), GROUP_COLUMNS),
+    ]
+
+
+def _declared_groups(groups: pl.DataFrame) -> list[str]:
+    """One line when report.group_by declares the groups: the worst group is chosen among them."""
+    if "declared" not in groups.columns:
+        return []
+    declared = groups.filter(pl.col("declared"))["attribute"].unique(maintain_order=True)
+    if declared.len() == groups["attribute"].n_unique():
+        return []
+    return [
+        f"<p>The worst group is chosen among the declared groups (report.group_by: "
+        f"{_esc(', '.join(declared.to_list()))}); the table lists every cell.</p>"
     ]
 
 
