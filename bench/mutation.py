@@ -87,6 +87,7 @@ TARGETS: dict[str, list[str]] = {
     "core/discovery/verify.py": [
         "tests/test_pins.py",
         "tests/test_mutation_pins.py",
+        "tests/test_discovery_gates.py",
         "tests/test_discovery_hypotheses.py",
     ],
 }

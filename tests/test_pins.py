@@ -20,6 +20,7 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
+from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.discovery.hypotheses import _estimates
 from llm2loss_pipeline.core.discovery.verify import jaccard, measure
 from llm2loss_pipeline.core.report.correlate import correlation_row
@@ -224,7 +225,11 @@ class _Members:
 def test_discovery_p_estimate_is_a_one_sided_sign_test_over_members() -> None:
     image_x = np.zeros((4, 10))  # population mean 0 for every member
     text_x = np.array([[1.0] * 8 + [-1.0] * 2, [1.0] * 3 + [-1.0] * 7])
-    est = _estimates(_Members(), text_x, image_x)
+    # the direct estimate (no grounding: a home without a report): its P(worse) is the members'
+    # share, gated at min_member_share
+    config = DiscoveryConfig()
+    est, threshold = _estimates(_Members(), text_x, image_x, [], None, None, config)
+    assert threshold == config.min_member_share
     assert est["p_worse"].tolist() == [0.8, 0.3]
     expected = [sps.binomtest(k, 10, 0.5, alternative="greater").pvalue for k in (8, 3)]
     np.testing.assert_allclose(est["p_estimate"], expected, rtol=1e-12)
