@@ -20,7 +20,7 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core import storage
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
-from llm2loss_pipeline.core.discovery.verify import match_count
+from llm2loss_pipeline.core.discovery.verify import clustered_p_values, match_count
 from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, compare_members
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
 from llm2loss_pipeline.core.heads.train import CHECK_ROWS, check_embeddings
@@ -313,3 +313,20 @@ def test_match_count_is_the_fraction_rounded_up_and_leaves_samples_over() -> Non
     for n, fraction, floor in ((10, 1.0, 1), (10, 0.5, 10), (10, 0.95, 1)):
         with pytest.raises(ValueError, match=rf"matching 10 of {n} samples leaves none"):
             match_count(n, fraction, floor)
+
+
+def test_clustered_p_values_by_hand() -> None:
+    """Survivors of the stop-19 sample (verify.py: the empty/equal return's length, the se == 0
+    branch, the degrees of freedom). Two identities of two images, one of each matched."""
+    clusters = np.array([0, 0, 1, 1])
+    # ranks / n = [1, 1/4, 3/4, 1/2]: matched mean 7/8, rest 3/8, gap 1/2; per-sample terms
+    # +1/16, +1/16, -1/16, -1/16, cluster sums +1/8 and -1/8: var = 2/1 * 2/64, se 1/4, t = 2
+    p = clustered_p_values(np.array([3.0, 0.0, 2.0, 1.0]), np.array([[0, 2]]), clusters)
+    assert p[0] == pytest.approx(sps.t.sf(2.0, df=1), rel=1e-12)  # df = identities - 1
+    # [3, 1, 2, 0]: both identities' terms cancel, se = 0: a sure gap, p 0 one way and 1 the other
+    zero_se = clustered_p_values(
+        np.array([3.0, 1.0, 2.0, 0.0]), np.array([[0, 2], [1, 3]]), clusters
+    )
+    assert zero_se.tolist() == [0.0, 1.0]
+    # equal losses: one p of 1 per candidate, whatever the matched sets' size
+    assert clustered_p_values(np.ones(6), np.array([[0], [1], [2]])).tolist() == [1.0, 1.0, 1.0]
