@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llm2loss_pipeline.core.discovery import hypotheses
 from llm2loss_pipeline.core.discovery.candidates import Candidate
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.discovery.hypotheses import HYPOTHESIS_COLUMNS, EvalData, discover
+from llm2loss_pipeline.core.discovery.influence import member_influences, pool_members
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.train import train_ensemble
@@ -160,3 +162,21 @@ def test_mismatched_inputs_are_clear_errors(setting) -> None:
             train_x,
             DiscoveryConfig(min_matches=12),
         )
+
+
+def test_influence_member_by_member_in_chunks_is_the_pooled_influence(setting, monkeypatch):
+    """`_influences` takes each member's sample side once and the texts in chunks (its cost grew
+    with the square of the samples when the sample side was redone per chunk); whatever the chunk
+    size it must give the members' pooled influence taken all at once."""
+    ensemble, _, eval_data, train_x, train_loss, _ = setting
+    assert {m.arch for m in ensemble.members} == {"linear", "mlp"}
+    assert {m.kind for m in ensemble.members} == {"regressor", "ranker"}
+    texts = _unit(np.random.default_rng(3).normal(size=(7, DIM)))
+    inputs = hypotheses._influence_inputs(
+        train_x, eval_data.embeddings, eval_data.losses, train_loss, DiscoveryConfig()
+    )
+    whole = pool_members(member_influences(ensemble, inputs, texts))
+    monkeypatch.setattr(hypotheses, "INFLUENCE_BUDGET", 2 * len(eval_data.losses))  # 2 texts
+    chunked = hypotheses._influences(ensemble, inputs, texts, 1e-3, None)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-12)
+    assert np.abs(whole).max() > 0.5  # unit RMS per member: not a vacuous comparison

@@ -56,8 +56,8 @@ from llm2loss_pipeline.core.discovery.estimate import (
 )
 from llm2loss_pipeline.core.discovery.influence import (
     InfluenceInputs,
-    member_influences,
-    pool_members,
+    each_member,
+    unit_rms,
 )
 from llm2loss_pipeline.core.discovery.modes import (
     assign_modes,
@@ -198,18 +198,18 @@ def _influences(
     damping: float,
     progress: Callable[[str], None] | None,
 ) -> np.ndarray:
-    """Pooled influence [n_eval, T], in chunks of texts that fit INFLUENCE_BUDGET."""
+    """Pooled influence [n_eval, T] (influence.pool_members: each member's column at unit RMS
+    over the samples, then their mean), member by member, each in chunks of texts that fit
+    INFLUENCE_BUDGET; the samples' side of a member is computed once (influence.each_member)."""
     n, n_texts = inputs.sample_x.shape[0], text_x.shape[0]
-    chunk = max(1, INFLUENCE_BUDGET // max(1, len(ensemble) * n))
+    chunk = max(1, INFLUENCE_BUDGET // max(1, n))
     pooled = np.zeros((n, n_texts))
-    for start in range(0, n_texts, chunk):
-        block = text_x[start : start + chunk]
-        pooled[:, start : start + chunk] = pool_members(
-            member_influences(ensemble, inputs, block, damping=damping)
-        )
+    for m, influence in enumerate(each_member(ensemble, inputs, damping), start=1):
+        for start in range(0, n_texts, chunk):
+            pooled[:, start : start + chunk] += unit_rms(influence(text_x[start : start + chunk]))
         if progress is not None and n_texts > chunk:
-            progress(f"influence: {min(start + chunk, n_texts)}/{n_texts} descriptions")
-    return pooled
+            progress(f"influence: member {m}/{len(ensemble)}")
+    return pooled / len(ensemble)
 
 
 def discover(

@@ -44,6 +44,7 @@ the other samples, z pushes the ensemble's estimate for t, and its sign is the d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,13 +115,24 @@ def mlp_tangent_kernel(
     output_bias: bool = True,
 ) -> np.ndarray:
     """K(x, t) = grad_theta h(x) . grad_theta h(t) [n, T] of one 2-layer MLP (w1 [d, H])."""
-    x = np.asarray(x, dtype=np.float64)
-    t = np.asarray(t, dtype=np.float64)
-    pre_x, pre_t = x @ w1 + b1, t @ w1 + b1
-    act_x, act_t = np.maximum(pre_x, 0.0), np.maximum(pre_t, 0.0)
-    delta_x, delta_t = w2 * (pre_x > 0), w2 * (pre_t > 0)
-    kernel = act_x @ act_t.T + (delta_x @ delta_t.T) * (1.0 + x @ t.T)
-    return kernel + 1.0 if output_bias else kernel
+    return _TangentSide(w1, b1, w2, x).kernel(t, output_bias=output_bias)
+
+
+class _TangentSide:
+    """One side (the samples) of an MLP's tangent kernel, computed once for many texts."""
+
+    def __init__(self, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, x: np.ndarray) -> None:
+        self.w1, self.b1, self.w2 = w1, b1, w2
+        self.x = np.asarray(x, dtype=np.float64)
+        pre_x = self.x @ w1 + b1
+        self.act_x, self.delta_x = np.maximum(pre_x, 0.0), w2 * (pre_x > 0)
+
+    def kernel(self, t: np.ndarray, *, output_bias: bool = True) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        pre_t = t @ self.w1 + self.b1
+        act_t, delta_t = np.maximum(pre_t, 0.0), self.w2 * (pre_t > 0)
+        kernel = self.act_x @ act_t.T + (self.delta_x @ delta_t.T) * (1.0 + self.x @ t.T)
+        return kernel + 1.0 if output_bias else kernel
 
 
 def _sigmoid(values: np.ndarray) -> np.ndarray:
@@ -159,14 +171,26 @@ def member_influences(
     damping: float = 1e-3,
 ) -> np.ndarray:
     """Influence of every sample on every member's output at every text: [M, n_s, T]."""
+    return np.stack([influence(text_x) for influence in each_member(ensemble, inputs, damping)])
+
+
+def each_member(
+    ensemble: HeadEnsemble, inputs: InfluenceInputs, damping: float = 1e-3
+) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """Per member, in order: a function from texts [T, d] to the influence [n_s, T] of every
+    sample on that member's output at them. What depends on the samples alone (outputs,
+    residuals, Hessians, the rankers' pairwise residuals) is computed once per member, when it
+    is reached, so that many texts can be taken in chunks at a cost of samples x texts; computed
+    again for every chunk, it grew with the square of the samples (the chunks shrink as the
+    samples grow; bench/RESULTS.md, "A CelebA-sized run"). One member's state is alive at a
+    time."""
     sample_x = np.asarray(inputs.sample_x, dtype=np.float64)
-    text = np.asarray(text_x, dtype=np.float64)
+    ref_x = np.asarray(inputs.ref_x, dtype=np.float64)
     out_s = ensemble.predict(inputs.sample_x).astype(np.float64)
     out_r = ensemble.predict(inputs.ref_x).astype(np.float64)
     targets = ensemble.scaler.transform(inputs.sample_loss).astype(np.float64)
     ref_loss = np.asarray(inputs.ref_loss, dtype=np.float64)
     sample_loss = np.asarray(inputs.sample_loss, dtype=np.float64)
-    result = np.zeros((len(ensemble), sample_x.shape[0], text.shape[0]))
 
     regressor_inv = ranker_inv = None
     if any(m.arch == "linear" for m in ensemble.members):
@@ -175,6 +199,7 @@ def member_influences(
         centred = np.asarray(inputs.train_x, dtype=np.float64)
         centred = centred - centred.mean(axis=0)
         ranker_inv = hessian_inverse(centred, ridge_lambda(centred, damping))
+    sample_phi = with_bias(sample_x)
 
     for member in ensemble.members:
         m = member.index
@@ -186,29 +211,46 @@ def member_influences(
         if member.kind == "regressor":
             residual = targets - out_s[m]
             if member.arch == "linear":
-                result[m] = linear_influence(
-                    regressor_inv, with_bias(sample_x), residual, with_bias(text), mode="add"
-                )
+                # linear_influence's "add" form, its sample side once
+                projected = sample_phi @ regressor_inv
+                leverage = np.einsum("np,np->n", projected, sample_phi)
+                weight = residual * (1.0 / (1.0 + leverage))
+                yield lambda t, p=projected, w=weight: (p @ with_bias(t).T) * w[:, None]
             else:
-                kernel = mlp_tangent_kernel(
-                    params["w1"], params["b1"], params["w2"], sample_x, text
-                )
-                result[m] = kernel * residual[:, None]
+                side = _TangentSide(params["w1"], params["b1"], params["w2"], sample_x)
+                yield lambda t, k=side, r=residual: k.kernel(t) * r[:, None]
             continue
         pair = pairwise_residuals(out_s[m], sample_loss, out_r[m], ref_loss)  # [n_s, J]
         mean_r = pair.mean(axis=1)
         if member.arch == "linear":
-            own = sample_x @ ranker_inv @ text.T  # [n_s, T]
-            partner = np.asarray(inputs.ref_x, dtype=np.float64) @ ranker_inv @ text.T
+            own_x, partner_x = sample_x @ ranker_inv, ref_x @ ranker_inv
+
+            def ranker(t, own_x=own_x, partner_x=partner_x, pair=pair, mean_r=mean_r):
+                t = np.asarray(t, dtype=np.float64)
+                own, partner = own_x @ t.T, partner_x @ t.T
+                return own * mean_r[:, None] - (pair @ partner) / pair.shape[1]
+
         else:
             w1, b1, w2 = params["w1"], params["b1"], params["w2"]
-            own = mlp_tangent_kernel(w1, b1, w2, sample_x, text, output_bias=False)
-            partner = mlp_tangent_kernel(w1, b1, w2, inputs.ref_x, text, output_bias=False)
-        result[m] = own * mean_r[:, None] - (pair @ partner) / pair.shape[1]
-    return result
+            own_side, partner_side = (
+                _TangentSide(w1, b1, w2, sample_x),
+                _TangentSide(w1, b1, w2, ref_x),
+            )
+
+            def ranker(t, own_side=own_side, partner_side=partner_side, pair=pair, mean_r=mean_r):
+                own = own_side.kernel(t, output_bias=False)
+                partner = partner_side.kernel(t, output_bias=False)
+                return own * mean_r[:, None] - (pair @ partner) / pair.shape[1]
+
+        yield ranker
+
+
+def unit_rms(influence: np.ndarray) -> np.ndarray:
+    """One member's [n, T]: each column (a text) scaled to unit root mean square over samples."""
+    rms = np.sqrt(np.mean(np.square(influence), axis=0, keepdims=True))
+    return influence / np.where(rms > 0, rms, 1.0)
 
 
 def pool_members(influences: np.ndarray) -> np.ndarray:
     """[M, n, T] -> [n, T]: each member's column scaled to unit RMS over samples, then averaged."""
-    rms = np.sqrt(np.mean(np.square(influences), axis=1, keepdims=True))
-    return np.mean(influences / np.where(rms > 0, rms, 1.0), axis=0)
+    return np.mean([unit_rms(member) for member in influences], axis=0)
