@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # imports together (a lone `pip install torchvision` can pull a build that does not match torch).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?=
-TEST_WORKERS ?= auto
+# one pytest worker per core, at most 4: each worker holds torch and a pipeline's data (1-2 GB)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: run test lint bench ui clean-home
 
