@@ -90,9 +90,17 @@ def linear_influence(
     mode: "add" (held-out samples: f_{+z}(t) - f(t)), "remove" (training samples:
     f(t) - f_{-z}(t)) or "first_order" (no leverage term).
     """
+    projected, weight = _linear_sample_side(h_inv, sample_features, residuals, mode)
+    return (projected @ np.asarray(text_features, dtype=np.float64).T) * weight[:, None]
+
+
+def _linear_sample_side(
+    h_inv: np.ndarray, sample_features: np.ndarray, residuals: np.ndarray, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """What `linear_influence` needs of the samples alone: phi H^-1 [n, p] and each sample's
+    weight, its residual times the leverage term of `mode` [n]."""
     phi = np.asarray(sample_features, dtype=np.float64)
     projected = phi @ h_inv  # [n, p]
-    cross = projected @ np.asarray(text_features, dtype=np.float64).T  # [n, T]
     leverage = np.einsum("np,np->n", projected, phi)
     if mode == "add":
         scale = 1.0 / (1.0 + leverage)
@@ -102,7 +110,7 @@ def linear_influence(
         scale = np.ones_like(leverage)
     else:
         raise ValueError(f"mode must be add, remove or first_order, got {mode!r}")
-    return cross * (np.asarray(residuals, dtype=np.float64) * scale)[:, None]
+    return projected, np.asarray(residuals, dtype=np.float64) * scale
 
 
 def mlp_tangent_kernel(
@@ -212,9 +220,7 @@ def each_member(
             residual = targets - out_s[m]
             if member.arch == "linear":
                 # linear_influence's "add" form, its sample side once
-                projected = sample_phi @ regressor_inv
-                leverage = np.einsum("np,np->n", projected, sample_phi)
-                weight = residual * (1.0 / (1.0 + leverage))
+                projected, weight = _linear_sample_side(regressor_inv, sample_phi, residual, "add")
                 yield lambda t, p=projected, w=weight: (p @ with_bias(t).T) * w[:, None]
             else:
                 side = _TangentSide(params["w1"], params["b1"], params["w2"], sample_x)
