@@ -76,12 +76,10 @@ def world_inputs(home: Path) -> dict[str, Any]:
     }
 
 
-def judge(
-    inputs: dict[str, Any], bound: float, noise_share: float, gate: bool, model: str = "additive"
-) -> dict[str, Any]:
+def judge(inputs: dict[str, Any], bound: float, noise_share: float, gate: bool) -> dict[str, Any]:
     """The claims and `compare` answers of one world with tau fitted at `bound` and
-    `noise_share` under the text error `model` (and the probes that do not resolve their
-    attribute untested when `gate`), scored."""
+    `noise_share` (and the probes that do not resolve their attribute untested when `gate`),
+    scored."""
     measured: pl.DataFrame = inputs["measured"]
     diagnoser = inputs["diagnoser"]
     estimator = str(diagnoser.meta.get("extra", {}).get("estimator", "grounded"))
@@ -97,7 +95,6 @@ def judge(
         bound=bound,
         noise_share=noise_share,
         resolution=measured[AUROC[estimator]].to_numpy() if gate else None,
-        model=model,
     )
     report = claims.join(
         measured.select("attribute", pl.col("_mean").alias("est_mean")), on="attribute"
@@ -105,13 +102,7 @@ def judge(
     scores = score_world(report, inputs["truth"], list(inputs["planted"]), None)
     diagnoser._calibration[estimator] = calibration  # what `compare` reads from the report
     answers = compare_answers(diagnoser, inputs["loss"], inputs["table"])
-    return {
-        "seed": inputs["seed"],
-        "tau": calibration.text_error,
-        "tau0": calibration.sign_error,
-        **scores,
-        "answers": answers,
-    }
+    return {"seed": inputs["seed"], "tau": calibration.text_error, **scores, "answers": answers}
 
 
 def summary(judged: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,31 +139,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gates", default="on,off", help="on: probes under MIN_RESOLUTION are not tested"
     )
-    parser.add_argument(
-        "--models", default="additive", help="text error models: additive, null (comma-separated)"
-    )
     parser.add_argument("--json", type=Path, help="write every world's scores here")
     args = parser.parse_args(argv)
     homes = [h for h in args.homes if (h / "reports" / "attribute_disparity.parquet").exists()]
     inputs = [world_inputs(home) for home in homes]
     print(f"{len(inputs)} worlds: {', '.join(str(i['seed']) for i in inputs)}", flush=True)
     results = {}
-    head = "model | gate | noise share | bound | claims | correct | prec mean | prec min | "
-    head += "planted sig | "
+    head = "gate | noise share | bound | claims | correct | prec mean | prec min | planted sig | "
     print(head + "coverage | ECE | P>=0.9 (n, right) | off-domain claims | tau min")
     candidates = [
-        (model, gate, float(n), float(b))
-        for model in args.models.split(",")
+        (gate, float(n), float(b))
         for gate in args.gates.split(",")
         for n in args.noise_shares.split(",")
         for b in args.bounds.split(",")
     ]
-    for model, gate, share, bound in candidates:
-        judged = [judge(i, bound, share, gate == "on", model) for i in inputs]
+    for gate, share, bound in candidates:
+        judged = [judge(i, bound, share, gate == "on") for i in inputs]
         s = summary(judged)
-        results[f"{model}:{gate}:{share:g}:{bound:g}"] = {"summary": s, "worlds": judged}
+        results[f"{gate}:{share:g}:{bound:g}"] = {"summary": s, "worlds": judged}
         print(
-            f"{model} | {gate} | {share:g} | {bound:g} | {s['claims']} | {s['correct']} | "
+            f"{gate} | {share:g} | {bound:g} | {s['claims']} | {s['correct']} | "
             f"{s['precision_mean']:.2f} | "
             f"{s['precision_min']:.2f} | {s['planted_significant']:.2f} | {s['coverage']:.2f} | "
             f"{s['ece']:.3f} | {s['sure_answers']}, {s['sure_right']:.2f} | "
@@ -181,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for w in judged:
             print(
-                f"    {w['seed']}: tau {w['tau']:.2f}, tau0 {w['tau0']:.2f}, "
-                f"claims {w['n_claims']} "
+                f"    {w['seed']}: tau {w['tau']:.2f}, claims {w['n_claims']} "
                 f"({w['n_correct_claims']} right), coverage {w['coverage']:.2f}"
             )
     if args.json:

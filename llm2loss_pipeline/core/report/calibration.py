@@ -67,8 +67,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.choices import one_of
-
 LEVEL = 0.9
 MIN_ATTRIBUTES = 5  # below this the slope and the text error cannot be learned
 TEXT_ERROR_BOUND = 0.0
@@ -80,11 +78,6 @@ claim: the conventional floor of "acceptable" discrimination (Hosmer and Lemesho
 the text does not pick out what it names on these images (the mouth and cheek probes, 0.5-0.6),
 and its estimate measures whatever else it picks out: Smiling was claimed wrongly on worlds 1003
 and 2010, where the model is no worse on smiling faces (bench/RESULTS.md)."""
-TEXT_ERROR_MODELS = ("additive", "null")
-TEXT_ERROR_MODEL = "additive"
-"""How the sign tests' text error is fitted (see the module): "additive", the same tau as the
-intervals, or "null", tau_0 from the attributes with no measurable gap."""
-NULL_QUANTILE = 1.6448536269514722  # the measured gap's 90% interval, as the report shows it
 NOISE_SHARE = 1.0
 """How much of the measured gaps' per-image noise is taken out of tau^2 (see `fit_calibration`)."""
 
@@ -94,29 +87,21 @@ class Calibration:
     """The mapping of one estimator's estimates to loss units, and its text-side error.
 
     slope: loss units per estimate unit (b); text_error: tau, in estimate units; n_attributes:
-    how many labelled attributes it was learned from (0: not calibrated, tau = 0, slope NaN);
-    null_error: tau_0, the text error where there is no gap (`TEXT_ERROR_MODEL` "null"), which
-    the sign tests use; None: tau for both.
+    how many labelled attributes it was learned from (0: not calibrated, tau = 0, slope NaN).
     """
 
     estimator: str
     slope: float
     text_error: float
     n_attributes: int
-    null_error: float | None = None
 
     @property
     def calibrated(self) -> bool:
         return self.n_attributes >= MIN_ATTRIBUTES and math.isfinite(self.slope)
 
-    @property
-    def sign_error(self) -> float:
-        """The text error a sign test uses: tau_0 where it was fitted, else tau."""
-        return self.text_error if self.null_error is None else self.null_error
-
     def z(self, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
-        """The claim's statistic: the estimate over its standard error under "no gap"."""
-        total = np.sqrt(np.square(std) + self.sign_error**2)
+        """The claim's statistic: the estimate over its whole standard error."""
+        total = np.sqrt(np.square(std) + self.text_error**2)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(total > 0, np.asarray(mean) / total, np.sign(mean) * np.inf)
 
@@ -136,8 +121,6 @@ class Calibration:
             slope=float(data["slope"]) if data.get("slope") is not None else math.nan,
             text_error=float(data["text_error"]),
             n_attributes=int(data["n_attributes"]),
-            # absent from calibration.json written before the null model: tau for both
-            null_error=float(data["null_error"]) if data.get("null_error") is not None else None,
         )
 
     @classmethod
@@ -162,8 +145,6 @@ def fit_calibration(
     gap_se: np.ndarray,
     bound: float = TEXT_ERROR_BOUND,
     noise_share: float = NOISE_SHARE,
-    model: str = TEXT_ERROR_MODEL,
-    gap_se_clustered: np.ndarray | None = None,
 ) -> Calibration:
     """b and tau from the labelled attributes (NaN rows are left out); `gap_se` is the measured
     gaps' noise on the same identities (the per-image standard error; see the module).
@@ -171,13 +152,10 @@ def fit_calibration(
     tau^2 is the mean of one term per attribute, so its own standard error is the terms' spread
     over sqrt(n); `bound` of those are added, because a text error estimated too small makes
     every claim built on it too sure (see the module). `noise_share` of the measured gaps'
-    per-image noise is taken out of each term. `model` "null" also fits tau_0 on the
-    attributes whose measured gap's interval (`gap_se_clustered`, else `gap_se`) holds 0."""
-    one_of("text error model", model, TEXT_ERROR_MODELS)
+    per-image noise is taken out of each term."""
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
-    c = u if gap_se_clustered is None else np.asarray(gap_se_clustered, dtype=np.float64)
     keep = np.isfinite(e) & np.isfinite(s) & np.isfinite(g) & np.isfinite(u)
-    e, s, g, u, c = e[keep], s[keep], g[keep], u[keep], c[keep]
+    e, s, g, u = e[keep], s[keep], g[keep], u[keep]
     if e.size < MIN_ATTRIBUTES or float(e @ e) <= 0:
         return Calibration.uncalibrated(estimator)
     slope = float(e @ g / (e @ e))
@@ -186,21 +164,10 @@ def fit_calibration(
         return Calibration(estimator, slope, math.inf, int(e.size))
     residual = g / slope - e
     terms = residual**2 - s**2 - noise_share * (u / slope) ** 2
-    tau = _moment_error(terms, bound)
-    null_error = None
-    if model == "null":
-        # an attribute with a NaN clustered error has no interval to hold 0: not a null one
-        null = np.abs(g) < NULL_QUANTILE * np.where(np.isfinite(c), c, 0.0)
-        null_error = _moment_error(terms[null], bound) if null.sum() >= MIN_ATTRIBUTES else tau
-    return Calibration(estimator, slope, tau, int(e.size), null_error=null_error)
-
-
-def _moment_error(terms: np.ndarray, bound: float) -> float:
-    """sqrt of the terms' mean, raised by `bound` of its standard errors, floored at 0."""
     tau2 = float(np.mean(terms))
     if bound and terms.size > 1:
         tau2 += bound * float(np.std(terms, ddof=1)) / math.sqrt(terms.size)
-    return math.sqrt(max(tau2, 0.0))
+    return Calibration(estimator, slope, math.sqrt(max(tau2, 0.0)), int(e.size))
 
 
 CLAIM_SCHEMA: dict[str, Any] = {
@@ -239,7 +206,6 @@ def calibrated_claims(
     bound: float = TEXT_ERROR_BOUND,
     noise_share: float = NOISE_SHARE,
     resolution: np.ndarray | None = None,
-    model: str = TEXT_ERROR_MODEL,
 ) -> tuple[pl.DataFrame, Calibration]:
     """One row per attribute (CLAIM_SCHEMA), each judged by a calibration fitted without it;
     and the calibration fitted on all of them (what free-text comparisons use).
@@ -260,15 +226,7 @@ def calibrated_claims(
     for j, name in enumerate(attributes):
         others = np.arange(len(attributes)) != j
         cal = fit_calibration(
-            estimator,
-            e[others],
-            s[others],
-            g[others],
-            v[others],
-            bound,
-            noise_share,
-            model,
-            u[others],
+            estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
         spread = math.sqrt(s[j] ** 2 + identity_var[j] / cal.slope**2) if cal.slope > 0 else s[j]
         z = float(cal.z(e[j], spread)) if math.isfinite(e[j]) else math.nan
@@ -307,5 +265,5 @@ def calibrated_claims(
         )
     )
     return frame.select(list(CLAIM_SCHEMA)).cast(CLAIM_SCHEMA), fit_calibration(
-        estimator, e, s, g, v, bound, noise_share, model, u
+        estimator, e, s, g, v, bound, noise_share
     )
