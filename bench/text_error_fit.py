@@ -36,14 +36,20 @@ from worlds import compare_answers
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.config import load_config
+from llm2loss_pipeline.core.heads import compare
 from llm2loss_pipeline.core.query import Diagnoser
-from llm2loss_pipeline.core.report.calibration import calibrated_claims, per_image_gap_se
+from llm2loss_pipeline.core.report.calibration import (
+    calibrated_claims,
+    fit_calibration,
+    per_image_gap_se,
+)
 from llm2loss_pipeline.core.truth import calibration_table, population_gaps, score_world
 from llm2loss_pipeline.core.world.config import WorldConfig
 from llm2loss_pipeline.core.world.population import POPULATION_TABLE
 
 OVERALL = "overall"
 AUROC = {"grounded": "zero_shot_auroc_dual", "direct": "zero_shot_auroc"}
+DEFAULT_FREE_TEXT = (compare.FREE_TEXT_ERROR, compare.FREE_TEXT_FLOOR)
 
 
 def world_inputs(home: Path) -> dict[str, Any]:
@@ -76,10 +82,17 @@ def world_inputs(home: Path) -> dict[str, Any]:
     }
 
 
-def judge(inputs: dict[str, Any], bound: float, noise_share: float, gate: bool) -> dict[str, Any]:
+def judge(
+    inputs: dict[str, Any],
+    bound: float,
+    noise_share: float,
+    gate: bool,
+    free_text: tuple[float, float, float] | None = None,
+) -> dict[str, Any]:
     """The claims and `compare` answers of one world with tau fitted at `bound` and
     `noise_share` (and the probes that do not resolve their attribute untested when `gate`),
-    scored."""
+    scored. `free_text` (factor, floor, bound): `compare`'s text error is
+    max(factor * tau, floor) with tau fitted at that bound (core/heads/compare.py)."""
     measured: pl.DataFrame = inputs["measured"]
     diagnoser = inputs["diagnoser"]
     estimator = str(diagnoser.meta.get("extra", {}).get("estimator", "grounded"))
@@ -100,8 +113,23 @@ def judge(inputs: dict[str, Any], bound: float, noise_share: float, gate: bool) 
         measured.select("attribute", pl.col("_mean").alias("est_mean")), on="attribute"
     )
     scores = score_world(report, inputs["truth"], list(inputs["planted"]), None)
+    if free_text is not None:
+        factor, floor, free_bound = free_text
+        calibration = fit_calibration(
+            estimator,
+            measured["_mean"].to_numpy(),
+            measured["_std"].to_numpy(),
+            measured["gap_loss"].to_numpy(),
+            per_image_gap_se(measured),
+            free_bound,
+            noise_share,
+        )
+        compare.FREE_TEXT_ERROR, compare.FREE_TEXT_FLOOR = factor, floor
     diagnoser._calibration[estimator] = calibration  # what `compare` reads from the report
-    answers = compare_answers(diagnoser, inputs["loss"], inputs["table"])
+    try:
+        answers = compare_answers(diagnoser, inputs["loss"], inputs["table"])
+    finally:
+        compare.FREE_TEXT_ERROR, compare.FREE_TEXT_FLOOR = DEFAULT_FREE_TEXT
     return {"seed": inputs["seed"], "tau": calibration.text_error, **scores, "answers": answers}
 
 
@@ -122,6 +150,8 @@ def summary(judged: list[dict[str, Any]]) -> dict[str, Any]:
         "planted_significant": float(np.mean(planted)) if planted else math.nan,
         "coverage": float(np.mean([w["coverage"] for w in judged])),
         "ece": calibration_table(p, np.array([a["truth"] > 0 for a in answers]))["ece"],
+        # a proper score: calibration and sharpness at once (an always-0.5 answer scores 0.25)
+        "brier": float(np.mean((p - np.array([a["truth"] > 0 for a in answers])) ** 2)),
         "sure_answers": int(sure.sum()),
         "sure_right": float(right[sure].mean()) if sure.any() else math.nan,
         "off_domain_claims": sum(a["claimed"] for a in off),
@@ -138,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--gates", default="on,off", help="on: probes under MIN_RESOLUTION are not tested"
+    )
+    parser.add_argument(
+        "--free-text",
+        help="only `compare`'s free-text error, claims at the first gate, share and bound: "
+        "comma-separated FACTOR:FLOOR:BOUND candidates (core/heads/compare.py; default 2:0:0)",
     )
     parser.add_argument("--json", type=Path, help="write every world's scores here")
     args = parser.parse_args(argv)
@@ -170,9 +205,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"    {w['seed']}: tau {w['tau']:.2f}, claims {w['n_claims']} "
                 f"({w['n_correct_claims']} right), coverage {w['coverage']:.2f}"
             )
+    if args.free_text:
+        results = free_text_candidates(inputs, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def free_text_candidates(inputs: list[dict[str, Any]], args: argparse.Namespace) -> dict:
+    """`compare`'s answers under each FACTOR:FLOOR:BOUND free-text error, the claims at the first
+    gate, noise share and bound (what the report would use)."""
+    gate = args.gates.split(",")[0] == "on"
+    share, bound = float(args.noise_shares.split(",")[0]), float(args.bounds.split(",")[0])
+    print("free text (factor:floor:bound) | ECE | Brier | P>=0.9 (n, right) | off-domain claims")
+    results = {}
+    for candidate in args.free_text.split(","):
+        factor, floor, free_bound = (float(v) for v in candidate.split(":"))
+        judged = [judge(i, bound, share, gate, (factor, floor, free_bound)) for i in inputs]
+        s = summary(judged)
+        results[f"free:{candidate}"] = {"summary": s, "worlds": judged}
+        print(
+            f"{candidate} | {s['ece']:.3f} | {s['brier']:.4f} | "
+            f"{s['sure_answers']}, {s['sure_right']:.2f} | "
+            f"{s['off_domain_claims']}",
+            flush=True,
+        )
+    return results
 
 
 if __name__ == "__main__":

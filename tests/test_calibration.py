@@ -172,6 +172,22 @@ def test_compare_with_calibration_says_cannot_tell_when_twenty_members_agree_on_
     assert uncalibrated.claimed and "20 of 20 members agree" in uncalibrated.verdict
 
 
+def test_a_world_whose_text_error_came_out_small_does_not_make_free_text_sure():
+    # tau is a moment estimate from ~40 attributes; on tuning world 1008 it came out 0.10, and
+    # 2 x tau made free-text answers at P >= 0.9 right only 71% of the time (bench/RESULTS.md)
+    diffs = np.linspace(0.45, 0.55, 20)  # every member: A worse, by half a member sd
+    small = Calibration("grounded", slope=1.0, text_error=0.05, n_attributes=40)
+    answer = compare_members(diffs, MEMBERS, "a", "b", "grounded", small, explained=0.9)
+    floor = sps.norm.cdf(0.5 / math.sqrt(diffs.std(ddof=1) ** 2 + 0.6**2))
+    assert answer.p_a_worse == pytest.approx(floor) and not answer.claimed
+    # where the world's own tau is larger, it is what counts
+    large = Calibration("grounded", slope=1.0, text_error=0.5, n_attributes=40)
+    wide = compare_members(diffs, MEMBERS, "a", "b", "grounded", large, explained=0.9)
+    assert wide.p_a_worse == pytest.approx(
+        sps.norm.cdf(0.5 / math.sqrt(diffs.std(ddof=1) ** 2 + 1.0))
+    )
+
+
 def test_compare_off_the_data_is_not_claimed_however_large():
     cal = Calibration("grounded", slope=1.0, text_error=0.1, n_attributes=40)
     diffs = np.linspace(2.0, 3.0, 20)

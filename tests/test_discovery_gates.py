@@ -117,7 +117,8 @@ def test_the_grounded_estimate_is_compares_answer_for_the_same_text(heads, monke
         answer = diagnoser.compare(name, "the centroid")
         assert est["p_worse"][t] == pytest.approx(answer.p_a_worse, abs=1e-6)
         assert est["estimated_gap"][t] == pytest.approx(answer.overall.mean, abs=1e-6)
-    assert est["p_worse"][0] > 0.99 and est["p_worse"][1] < 0.01  # worse along e0, not against
+    # worse along e0, not against it (not near certainty: free text's floor on the text error)
+    assert est["p_worse"][0] > 0.8 and est["p_worse"][1] < 0.2
     assert est["p_worse"][2] == 0.5  # nothing the probes span: no direction to ask
     assert np.allclose(est["p_estimate"], 1.0 - est["p_worse"])
 

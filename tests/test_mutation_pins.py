@@ -21,7 +21,7 @@ from scipy import stats as sps
 from llm2loss_pipeline.core import storage
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
 from llm2loss_pipeline.core.discovery.verify import clustered_p_values, match_count
-from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, compare_members
+from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, FREE_TEXT_FLOOR, compare_members
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
 from llm2loss_pipeline.core.heads.train import CHECK_ROWS, check_embeddings
 from llm2loss_pipeline.core.members import MemberGroup
@@ -90,14 +90,17 @@ def test_calibrated_z_and_p_worse_add_the_text_error_in_quadrature() -> None:
 
 
 def test_compare_p_a_worse_is_the_normal_cdf_of_the_whole_error() -> None:
-    # compare.py:174 `std**2` (or the text error's square) made `**3`: P(A worse) for free text
-    # is Phi(mean / sqrt(std^2 + (FREE_TEXT_ERROR * tau)^2)), std the members' spread (ddof 1)
+    # compare.py `std**2` (or the text error's square) made `**3`: P(A worse) for free text is
+    # Phi(mean / sqrt(std^2 + max(FREE_TEXT_ERROR * tau, FREE_TEXT_FLOOR)^2)), std the members'
+    # spread (ddof 1); tau 0.4 is above the floor, 0.2 and 0 below it
     members = [MemberInfo(i, "regressor" if i < 5 else "ranker", "linear", i) for i in range(10)]
     diffs = np.array([0.9, -0.4, 1.6, 0.2, 0.7, -0.9, 1.1, 0.5, 0.0, 1.3])
-    for tau in (0.4, 0.0):
+    assert FREE_TEXT_ERROR * 0.4 > FREE_TEXT_FLOOR > FREE_TEXT_ERROR * 0.2
+    for tau in (0.4, 0.2, 0.0):
         cal = Calibration("grounded", slope=1.0, text_error=tau, n_attributes=40)
         answer = compare_members(diffs, members, "a", "b", "grounded", cal, explained=0.9)
-        total = np.sqrt(diffs.std(ddof=1) ** 2 + (FREE_TEXT_ERROR * tau) ** 2)
+        text = max(FREE_TEXT_ERROR * tau, FREE_TEXT_FLOOR)
+        total = np.sqrt(diffs.std(ddof=1) ** 2 + text**2)
         assert answer.p_a_worse == pytest.approx(sps.norm.cdf(diffs.mean() / total), rel=1e-12)
 
 
