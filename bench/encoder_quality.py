@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict] = {
     "baseline": {"attribute_loss_weight": 0.0},
     "dual3": {"attribute_loss_weight": 3.0, "attribute_directions": "dual"},
     "dual10": {"attribute_loss_weight": 10.0, "attribute_directions": "dual"},
+    # the default (dual3) with more, smaller steps at the same epochs (stop 20)
+    "dual3_b64": {"attribute_loss_weight": 3.0, "attribute_directions": "dual", "batch_size": 64},
+    "dual3_b32": {"attribute_loss_weight": 3.0, "attribute_directions": "dual", "batch_size": 32},
     "aux": {"attribute_loss_weight": 1.0, "attribute_directions": "text"},
     "aux0.3": {"attribute_loss_weight": 0.3, "attribute_directions": "text"},
     "aux3": {"attribute_loss_weight": 3.0, "attribute_directions": "text"},

@@ -294,6 +294,13 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
         if v
     }
     config = world_config(seed, position, args.tiny, base)
+    for item in args.setting or []:  # a setting under trial, e.g. encoder.batch_size=64
+        key, _, value = item.partition("=")
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = yaml.safe_load(value)
     if args.default_world:  # the embedded default's own world and plantings, as users see it
         home = Path(args.out) / "world-default"
         config = {"world": load_config(None).world.model_dump(mode="json")}
@@ -428,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-identity", type=int)
     parser.add_argument("--population-per-identity", type=int)
     parser.add_argument("--out", default="/tmp/llm2loss-worlds")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a config setting for every world (dotted key, YAML value): a candidate default",
+    )
     parser.add_argument("--json", help="write the per-world results and summary here")
     parser.add_argument("--merge", nargs="+", help="summarise these --json results instead")
     parser.add_argument(
