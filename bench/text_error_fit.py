@@ -13,7 +13,11 @@ retrained, so the candidates differ in the fit alone.
     .venv/bin/python bench/text_error_fit.py --bounds 0,0.5 --noise-shares 1 /tmp/rep/world-*
 
 Run it on the tuning worlds (1001-1008) to choose, and on the reporting worlds only with the
-chosen bound.
+chosen bound. `--free-text 2:0:0,2:0.6:0` re-judges `compare` alone under each free-text error
+(FACTOR x tau, at least FLOOR, tau fitted at BOUND), with the ECE and the Brier score:
+
+    .venv/bin/python bench/text_error_fit.py --bounds 0 --noise-shares 1 --gates on \
+        --free-text 2:0:0,2:0.6:0 /tmp/tune/world-100?
 """
 
 from __future__ import annotations
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--free-text",
         help="only `compare`'s free-text error, claims at the first gate, share and bound: "
-        "comma-separated FACTOR:FLOOR:BOUND candidates (core/heads/compare.py; default 2:0:0)",
+        "comma-separated FACTOR:FLOOR:BOUND candidates (core/heads/compare.py; the default is "
+        f"{compare.FREE_TEXT_ERROR:g}:{compare.FREE_TEXT_FLOOR:g}:0)",
     )
     parser.add_argument("--json", type=Path, help="write every world's scores here")
     args = parser.parse_args(argv)
