@@ -164,6 +164,21 @@ def world_config(seed: int, position: int, tiny: bool, base: dict[str, Any]) -> 
     return config
 
 
+def apply_settings(config: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """`config` with each KEY=VALUE set (a dotted key, a YAML value): a candidate default under
+    trial on every world, e.g. encoder.batch_size=64."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--setting {item!r}: expected KEY=VALUE, e.g. encoder.batch_size=64")
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = yaml.safe_load(value)
+    return config
+
+
 def run_pipeline(home: Path, config: dict[str, Any], log: Path) -> float:
     home.mkdir(parents=True, exist_ok=True)
     path = home / "world.yaml"
@@ -293,14 +308,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
         )
         if v
     }
-    config = world_config(seed, position, args.tiny, base)
-    for item in args.setting or []:  # a setting under trial, e.g. encoder.batch_size=64
-        key, _, value = item.partition("=")
-        *sections, name = key.split(".")
-        node = config
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = yaml.safe_load(value)
+    config = apply_settings(world_config(seed, position, args.tiny, base), args.setting or [])
     if args.default_world:  # the embedded default's own world and plantings, as users see it
         home = Path(args.out) / "world-default"
         config = {"world": load_config(None).world.model_dump(mode="json")}

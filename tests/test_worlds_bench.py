@@ -105,3 +105,19 @@ def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
     assert table["n"] == sum(1 for w in worlds for a in w["answers"] if math.isfinite(a["truth"]))
     assert sum(row["n"] for row in table["bins"]) == table["n"]
     assert "compare calibration" in stdout and "ECE" in stdout
+
+
+def test_a_setting_under_trial_reaches_every_world_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("worlds", ROOT / "bench" / "worlds.py")
+    worlds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worlds)
+    config = worlds.world_config(1003, 2, False, {})
+    planted = dict(config["world"]["hard_attributes"])
+    changed = worlds.apply_settings(config, ["encoder.batch_size=64", "world.image_size=32"])
+    assert changed["encoder"] == {"batch_size": 64}
+    assert changed["world"]["image_size"] == 32 and changed["world"]["seed"] == 1003
+    assert changed["world"]["hard_attributes"] == planted  # the world's plantings stay
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        worlds.apply_settings(config, ["encoder.batch_size"])
