@@ -3,6 +3,8 @@ labels, the off-domain rule, evidence whose names fit, neutral wording, a self-c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 import pytest
@@ -25,6 +27,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     UNVERIFIED,
     assign_modes,
     interaction_p,
+    labelled_gap,
     probe_share,
     wording,
 )
@@ -414,3 +417,39 @@ def test_a_mode_whose_images_show_other_attributes_is_shown_in_their_words(world
     assert row["wording"] == REWORDED and row["shown_as"] == "face of a person with a goatee"
     assert row["named_lift"] < 1.5 and row["shown_attributes"] == "Goatee"
     assert row["shows"].startswith("Goatee 100% (x5.0)")
+
+
+def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> None:
+    # The matched samples (the worse group, along e0) over-represent "blurry", but the blurry
+    # people as a whole are the model's best: the matched set is worse for another reason, and
+    # the words would mislead. A description of the group itself stays a mode.
+    ensemble, gap, eval_data, train_x, train_loss, probes = world
+    loss = eval_data.losses
+    group = eval_data.embeddings[:, 12] > 0
+    rng = np.random.default_rng(3)
+    easy = ~group & (loss < np.quantile(loss[~group], 0.35))
+    labels = {"Goatee": group, "Blurry": (group & (rng.random(group.size) < 0.8)) | easy}
+    blurry, goatee = describe_values([("Blurry", True)]), describe_values([("Goatee", True)])
+    texts = np.vstack([np.eye(DIM)[0], _unit(np.eye(DIM)[0] + 0.01 * np.eye(DIM)[1])])
+    result = discover(
+        [blurry, goatee],
+        texts.astype(np.float32),
+        ensemble,
+        gap,
+        eval_data,
+        train_x,
+        DiscoveryConfig(),
+        train_losses=train_loss,
+        labels=labels,
+        probe_embeddings=probes,
+    )
+    rows = {row["description"]: row for row in result.hypotheses.iter_rows(named=True)}
+    dropped, kept = rows[blurry.text], rows[goatee.text]
+    blurry_gap = loss[labels["Blurry"]].mean() - loss[~labels["Blurry"]].mean()
+    assert dropped["wording"] == SUPPORTED and dropped["measured_gap"] > 0
+    assert dropped["labelled_gap"] == pytest.approx(blurry_gap) and blurry_gap < 0
+    assert dropped["verdict"] == "dropped" and not dropped["kept"]
+    assert "not worse on" in dropped["reason"] and "Blurry" in dropped["reason"]
+    assert kept["verdict"] == "mode" and kept["labelled_gap"] > 0
+    assert math.isnan(labelled_gap(labels, [], loss))  # no values named
+    assert math.isnan(labelled_gap({"Goatee": np.ones(loss.size, bool)}, [("Goatee", True)], loss))

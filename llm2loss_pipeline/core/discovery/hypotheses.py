@@ -62,6 +62,7 @@ from llm2loss_pipeline.core.discovery.influence import (
 from llm2loss_pipeline.core.discovery.modes import (
     assign_modes,
     dropped_reason,
+    labelled_gap,
     probe_share,
     wording,
 )
@@ -105,6 +106,7 @@ HYPOTHESIS_COLUMNS = (
     "influence_weighted_gap",
     "named_precision",
     "named_lift",
+    "labelled_gap",
     "shows",
     "probe_share",
     "interaction_p",
@@ -122,6 +124,7 @@ _SCHEMA = {
     "n_variants": pl.Int64,
     "named_precision": pl.Float64,
     "named_lift": pl.Float64,
+    "labelled_gap": pl.Float64,
     "interaction_p": pl.Float64,
     "interaction_q": pl.Float64,
     "folded_under": pl.String,
@@ -270,7 +273,7 @@ def discover(
     ]
     for t, row in enumerate(rows):
         row["_p_gate"] = gate
-        row.update(_judge(candidates[t], matches[t], row, shares[t], labels, config))
+        row.update(_judge(candidates[t], matches[t], row, shares[t], labels, losses, config))
     heads = assign_modes(
         rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
     )
@@ -293,9 +296,11 @@ def _judge(
     row: dict[str, Any],
     share: float,
     labels: Mapping[str, np.ndarray] | None,
+    losses: np.ndarray,
     config: DiscoveryConfig,
 ) -> dict[str, Any]:
-    """One candidate's gate (both agree), off-domain rule and wording, as row fields."""
+    """One candidate's gate (both agree), off-domain rule, wording and the labels' word on the
+    people it names, as row fields."""
     fields: dict[str, Any] = {"kept": _agree(row, config), "probe_share": float(share)}
     if candidate.source in FREE_SOURCES and share < config.offdomain_min_share:
         reason = _offdomain_reason(share, config.offdomain_min_share)
@@ -307,8 +312,21 @@ def _judge(
         min_lift=config.min_lift,
         avoid_subjective=config.avoid_subjective,
     )
+    # Its matched samples are worse, but are the people its words name? On some worlds both "a
+    # blurry photo" and "a sharp photo" were kept: each matched set is atypical images that do
+    # worse, and the population backs at most one of them (bench/RESULTS.md, stop 20). Where
+    # the labels state the shown values, the model must be worse on those people as well.
+    gap = labelled_gap(labels, words.shown_values, losses) if labels else float("nan")
+    if fields["kept"] and gap <= 0:
+        fields.update(
+            kept=False,
+            verdict="dropped",
+            reason=f"its words name people the model is not worse on: by their labels, "
+            f"{words.shown_attributes} has a loss gap of {gap:+.2f} on the evaluation samples",
+        )
     return {
         **fields,
+        "labelled_gap": gap,
         "wording": words.verdict,
         "shown_as": words.shown_as,
         "shown_attributes": words.shown_attributes or None,

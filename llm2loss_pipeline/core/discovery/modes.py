@@ -99,6 +99,8 @@ class Wording:
     shown_attributes: str = ""
     """the labelled values `shown_as` states and the images show ('Goatee, Gray_Hair'); empty
     when the words are unverified or not supported"""
+    shown_values: tuple[tuple[str, bool], ...] = ()
+    """the same values as (attribute, value) keys"""
 
 
 def _rates(labels: Mapping[str, np.ndarray], matched: np.ndarray) -> dict[tuple[str, bool], tuple]:
@@ -182,7 +184,7 @@ def wording(
         labels, matched, named, min_lift
     ):
         stated = ", ".join(_label(key) for key in named)
-        return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated)
+        return Wording(SUPPORTED, precision, lift, shows, candidate.text, stated, tuple(named))
     usable = [key for key, _, _ in over][:2]
     if not _together(labels, matched, usable, min_lift):
         usable = usable[:1]
@@ -190,7 +192,23 @@ def wording(
         return Wording(NOT_SUPPORTED, precision, lift, shows, candidate.text)
     reworded = describe_values(usable, neutral=avoid_subjective)
     stated = ", ".join(_label(key) for key in reworded.values)
-    return Wording(REWORDED, precision, lift, shows, reworded.text, stated)
+    values = tuple(reworded.values)
+    return Wording(REWORDED, precision, lift, shows, reworded.text, stated, values)
+
+
+def labelled_gap(
+    labels: Mapping[str, np.ndarray], values: Sequence[tuple[str, bool]], losses: np.ndarray
+) -> float:
+    """Mean loss of the samples whose labels hold every value, minus that of the others (NaN
+    when either side is empty): what the labels say of the people a mode's words name."""
+    if not values:
+        return float("nan")
+    group = np.ones(losses.shape[0], dtype=bool)
+    for attribute, value in values:
+        group &= np.asarray(labels[attribute], dtype=bool) == value
+    if group.all() or not group.any():
+        return float("nan")
+    return float(losses[group].mean() - losses[~group].mean())
 
 
 def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:
