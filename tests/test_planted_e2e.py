@@ -62,7 +62,7 @@ def pipelines(tmp_path_factory) -> dict[int, Path]:
     """Both worlds' pipelines at the same time, each in its own process: the worlds share nothing
     (world, black box, encoder and heads all differ), and each costs about 35 CPU seconds, half of
     it the encoder's text tower on captions and prompts, so with two cores the test takes about
-    one world's time instead of the sum (quiet 2-core machine: about 50 s for both). The prompts
+    one world's time instead of the sum (quiet 2-core machine: 41 s for both). The prompts
     are embedded once per world, by the encoder step, and read from the home's text index by the
     heads and the report.
     Each root holds `home` and `dagster` (the run records)."""

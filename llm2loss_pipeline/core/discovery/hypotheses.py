@@ -30,7 +30,9 @@ correlated members cannot carry a false discovery rate over thousands of candida
 Judged (modes.py): a free text that matches little in the data is off-domain and never kept;
 every description's matched samples are checked against the attribute labels its words name
 (`wording`, `shown_as`: reworded from what the matched set over-represents when they do not show
-it); kept descriptions whose matched samples overlap are grouped into failure modes, and a
+it); a description is dropped when the samples whose labels hold the values it shows are no
+worse than the others (`labelled_gap` <= 0: its matched samples are worse for another reason);
+kept descriptions whose matched samples overlap are grouped into failure modes, and a
 refinement stands as its own mode only when it is measurably worse than its parents.
 
 Ranking. Failure modes first, by their representative's measured AUROC (the effect on real
@@ -321,8 +323,8 @@ def _judge(
         fields.update(
             kept=False,
             verdict="dropped",
-            reason=f"its words name people the model is not worse on: by their labels, "
-            f"{words.shown_attributes} has a loss gap of {gap:+.2f} on the evaluation samples",
+            reason=f"its words name people the model is not worse on: the evaluation samples "
+            f"whose labels say {words.shown_attributes} have a loss gap of {gap:+.2f}",
         )
     return {
         **fields,
