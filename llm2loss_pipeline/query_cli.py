@@ -424,11 +424,16 @@ def _print_pairs(comparisons: Sequence[Any]) -> None:
 
 def _meaning(comparison: Any) -> str:
     if comparison.calibrated:
+        # lazy: the CLI imports no query code up front (`comparison` has loaded this already)
+        from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, FREE_TEXT_FLOOR
+
         return (
             f"P(A worse) {comparison.p_a_worse:.2f}: the probability that the model's real loss "
             "is higher on A, from the members' spread (replicates of one fit, so their spread is "
-            "the standard error) plus the text side's error learned on the report's labelled "
-            "attributes; a side is named only at 0.9 or more."
+            f"the standard error) plus the text side's error: {FREE_TEXT_ERROR:g} x the one "
+            f"learned on the report's labelled attributes, and at least {FREE_TEXT_FLOOR:g}, "
+            "since one wording of free text is read less surely than a probe; a side is named "
+            "only at 0.9 or more."
         )
     return (
         "uncalibrated: 'members A worse' is only the share of ensemble members that say so, "
