@@ -333,3 +333,17 @@ def test_clustered_p_values_by_hand() -> None:
     assert zero_se.tolist() == [0.0, 1.0]
     # equal losses: one p of 1 per candidate, whatever the matched sets' size
     assert clustered_p_values(np.ones(6), np.array([[0], [1], [2]])).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_compare_with_no_error_at_all_is_certain_or_a_coin_flip(monkeypatch) -> None:
+    # compare.py `return 0.5 if values.mean() == 0 ...` made 0.0: with no spread and no text
+    # error (a floor of 0, as bench/text_error_fit.py --free-text tries), equal texts are a coin
+    # flip and a difference is certain
+    from llm2loss_pipeline.core.heads import compare
+
+    monkeypatch.setattr(compare, "FREE_TEXT_FLOOR", 0.0)
+    members = [MemberInfo(i, "regressor", "linear", i) for i in range(4)]
+    cal = Calibration("grounded", slope=1.0, text_error=0.0, n_attributes=40)
+    same = compare_members(np.zeros(4), members, "a", "b", "grounded", cal, explained=0.9)
+    worse = compare_members(np.full(4, 0.3), members, "a", "b", "grounded", cal, explained=0.9)
+    assert same.p_a_worse == 0.5 and worse.p_a_worse == 1.0
