@@ -359,8 +359,24 @@ def world():
     return ensemble, gap, eval_data, train_x, train_loss, _unit(probes).astype(np.float32)
 
 
-def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) -> None:
+def _discover_in(world, candidates, texts, labels=None):
+    """`discover` on the `world` fixture's heads, samples and probes, default settings."""
     ensemble, gap, eval_data, train_x, train_loss, probes = world
+    return discover(
+        candidates,
+        np.asarray(texts, dtype=np.float32),
+        ensemble,
+        gap,
+        eval_data,
+        train_x,
+        DiscoveryConfig(),
+        train_losses=train_loss,
+        labels=labels,
+        probe_embeddings=probes,
+    )
+
+
+def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) -> None:
     group = np.eye(DIM)[0]
     candidates = [
         Candidate("the group", "vocabulary"),
@@ -368,17 +384,7 @@ def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) ->
         Candidate("a cat", "vocabulary"),
     ]
     texts = np.vstack([group, _unit(group + 0.05 * np.eye(DIM)[1]), np.eye(DIM)[12]])
-    result = discover(
-        candidates,
-        texts.astype(np.float32),
-        ensemble,
-        gap,
-        eval_data,
-        train_x,
-        DiscoveryConfig(),
-        train_losses=train_loss,
-        probe_embeddings=probes,
-    )
+    result = _discover_in(world, candidates, texts)
     rows = {row["description"]: row for row in result.hypotheses.to_dicts()}
     cat = rows["a cat"]
     assert cat["measured_gap"] > 0.5 and cat["q_value"] < 1e-6  # its top decile IS the group
@@ -395,23 +401,12 @@ def test_off_domain_text_is_reported_not_kept_and_near_duplicates_fold(world) ->
 
 
 def test_a_mode_whose_images_show_other_attributes_is_shown_in_their_words(world) -> None:
-    ensemble, gap, eval_data, train_x, train_loss, probes = world
+    eval_data = world[2]
     group = eval_data.embeddings[:, 12] > 0  # the worse group, as labelled
     hats = np.random.default_rng(5).random(group.size) < 0.1  # unrelated to the group
     labels = {"Goatee": group, "Wearing_Hat": hats}
     hat = describe_values([("Wearing_Hat", True)])  # words about hats, embedding at the group
-    result = discover(
-        [hat],
-        np.eye(DIM)[:1].astype(np.float32),
-        ensemble,
-        gap,
-        eval_data,
-        train_x,
-        DiscoveryConfig(),
-        train_losses=train_loss,
-        labels=labels,
-        probe_embeddings=probes,
-    )
+    result = _discover_in(world, [hat], np.eye(DIM)[:1], labels)
     row = result.hypotheses.row(0, named=True)
     assert row["verdict"] == "mode" and row["description"] == hat.text
     assert row["wording"] == REWORDED and row["shown_as"] == "face of a person with a goatee"
@@ -423,7 +418,7 @@ def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> N
     # The matched samples (the worse group, along e0) over-represent "blurry", but the blurry
     # people as a whole are the model's best: the matched set is worse for another reason, and
     # the words would mislead. A description of the group itself stays a mode.
-    ensemble, gap, eval_data, train_x, train_loss, probes = world
+    eval_data = world[2]
     loss = eval_data.losses
     group = eval_data.embeddings[:, 12] > 0
     rng = np.random.default_rng(3)
@@ -431,18 +426,7 @@ def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> N
     labels = {"Goatee": group, "Blurry": (group & (rng.random(group.size) < 0.8)) | easy}
     blurry, goatee = describe_values([("Blurry", True)]), describe_values([("Goatee", True)])
     texts = np.vstack([np.eye(DIM)[0], _unit(np.eye(DIM)[0] + 0.01 * np.eye(DIM)[1])])
-    result = discover(
-        [blurry, goatee],
-        texts.astype(np.float32),
-        ensemble,
-        gap,
-        eval_data,
-        train_x,
-        DiscoveryConfig(),
-        train_losses=train_loss,
-        labels=labels,
-        probe_embeddings=probes,
-    )
+    result = _discover_in(world, [blurry, goatee], texts, labels)
     rows = {row["description"]: row for row in result.hypotheses.iter_rows(named=True)}
     dropped, kept = rows[blurry.text], rows[goatee.text]
     blurry_gap = loss[labels["Blurry"]].mean() - loss[~labels["Blurry"]].mean()
