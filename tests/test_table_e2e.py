@@ -15,10 +15,13 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
+from safetensors import safe_open
 
 from llm2loss_pipeline.core.celeba import build_manifest, read_celeba
 from llm2loss_pipeline.core.config import DatasetConfig, load_config, validate_config
+from llm2loss_pipeline.core.encoder.text_index import TEXT_INDEX_DIR
 from llm2loss_pipeline.core.layout import Layout
+from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 from llm2loss_pipeline.core.steps.data import apply_split_mode
 from llm2loss_pipeline.core.world import generate_world
 from llm2loss_pipeline.defs.runner import run_pipeline
@@ -147,6 +150,15 @@ def test_the_report_speaks_the_tables_attributes(table_run) -> None:
     assert "7 attribute(s) are asked about in words built from their column names" in summary
     assert "smile, man, beard, hair_black" in summary
     assert "Eyeglasses" not in html and "Blond_Hair" not in html
+    # the probes file's words reached every step that phrases: the encoder step seeds the home's
+    # text index with its prompts and the report adds its own. Only the file says "spectacles"
+    # or "bareheaded", and no step asked with the words built from those two names
+    (index,) = layout.home.joinpath(*TEXT_INDEX_DIR).glob("*.safetensors")
+    with safe_open(str(index), framework="numpy") as handle:
+        texts = set(json.loads(handle.metadata()["texts"]))
+    assert any("spectacles" in t for t in texts) and any("bareheaded" in t for t in texts)
+    built = {pair[0] for name in ("glasses", "hat") for pair in attribute_prompt_pairs(name)}
+    assert not built & texts, sorted(built & texts)[:3]
     with duckdb.connect(str(layout.duckdb), read_only=True) as con:
         names = {
             row[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -15,8 +16,9 @@ from llm2loss_pipeline.core import prompts
 from llm2loss_pipeline.core.attribute_set import (
     build_attribute_set,
     diagnosed_attributes,
-    install_phrasings,
+    phrasings_of,
     read_attribute_set,
+    with_home_phrasings,
     write_attribute_set,
 )
 from llm2loss_pipeline.core.config import ConfigError, validate_config
@@ -239,8 +241,7 @@ def test_probes_phrases_and_built_phrasings_reach_every_prompt() -> None:
     assert built_phrasings("Wearing_Scarf") == (["wearing:scarf"], ["without:scarf"])
     assert built_phrasings("hair_red") == (["with:hair red"], ["without:hair red"])
     assert built_phrasings("Is_Tall") == (["who:tall"], ["who:not tall"])
-    prompts.use_phrasings(table)
-    try:
+    with prompts.phrased_by(table):
         assert prompts.attribute_prompt_pairs("Smile")[0] == (
             "face of a person who is smiling",
             "face of a person who is not smiling",
@@ -256,9 +257,7 @@ def test_probes_phrases_and_built_phrasings_reach_every_prompt() -> None:
         assert prompts.describe({"hair_red": True, "Male": True}) == ("face of a man with hair red")
         caption, stated = prompts.draw_caption({"Smile": True, "hair_red": False}, random.Random(1))
         assert set(stated) <= {"Smile", "hair_red"} and caption
-    finally:
-        prompts.use_phrasings({})
-    assert prompts.phrasing_source("Smile") == "built"
+    assert prompts.phrasing_source("Smile") == "built"  # the block's phrasings end with it
 
 
 def test_the_attribute_set_leaves_the_target_out_and_flags_built_phrasings(
@@ -276,11 +275,10 @@ def test_the_attribute_set_leaves_the_target_out_and_flags_built_phrasings(
     write_attribute_set(layout, attribute_set)
     assert diagnosed_attributes(layout) == ("Wearing_Scarf", "Smile", "Male")
     assert read_attribute_set(layout).built == ["Wearing_Scarf"]
-    try:
-        install_phrasings(layout)
+    with phrasings_of(layout) as read_back:
+        assert read_back.diagnosed == attribute_set.diagnosed
         assert prompts.composed_prompt({"Smile": True}) == "face of a smiling person"
-    finally:
-        prompts.use_phrasings({})
+    assert prompts.composed_prompt({"Smile": True}) == "face of a person with smile"  # built
     with pytest.raises(ValueError, match=r"task.target 'Blond_Hair' is not an attribute"):
         build_attribute_set(attributes, TaskConfig(kind="attribute", target="Blond_Hair"))
 
@@ -343,3 +341,34 @@ def test_preflight_checks_the_table_and_the_probes_file_before_anything_runs(
         ConfigError, match=r"dataset.probes_path: .*'Smiles'.*did you mean 'Smiling'"
     ):
         check({"probes_path": "p.yaml"}, {"kind": "identity"})
+
+
+def test_phrasings_hold_inside_their_block_and_thread_only() -> None:
+    smiling = {"Smile": (["adj:smiling"], ["adj:unsmiling"])}
+    grinning = {"Smile": (["adj:grinning"], ["adj:unsmiling"])}
+    seen: list[str] = []
+    with prompts.phrased_by(smiling):
+        with prompts.phrased_by(grinning):  # an inner block replaces, then gives back
+            assert prompts.composed_prompt({"Smile": True}) == "face of a grinning person"
+        assert prompts.composed_prompt({"Smile": True}) == "face of a smiling person"
+        # another thread (Dagster's, a test's) does not phrase by this block's file
+        worker = threading.Thread(target=lambda: seen.append(prompts.phrasing_source("Smile")))
+        worker.start()
+        worker.join()
+    assert seen == ["built"]
+    assert prompts.phrasing_source("Smile") == "built"
+
+
+def test_a_step_runs_under_its_homes_phrasings_and_leaves_none_behind(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    attributes = pl.DataFrame({"sample_id": ["a"], **{name: [True] for name in NAMES}})
+    probes = {"Smile": (["adj:smiling"], ["adj:unsmiling"])}
+    write_attribute_set(layout, build_attribute_set(attributes, TaskConfig(), probes))
+
+    @with_home_phrasings
+    def step(home: Layout, attribute: str) -> str:
+        return prompts.composed_prompt({attribute: True})
+
+    assert step(layout, "Smile") == "face of a smiling person"
+    assert prompts.composed_prompt({"Smile": True}) == "face of a person with smile"
+    assert step.__name__ == "step"

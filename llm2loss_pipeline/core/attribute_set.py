@@ -16,11 +16,13 @@ table; its columns are the attribute set then, every one diagnosed.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import polars as pl
 
@@ -32,6 +34,8 @@ from llm2loss_pipeline.core.storage import write_json_atomic
 from llm2loss_pipeline.core.task import TaskConfig, diagnosed
 
 FILE_NAME = "attribute_set.json"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class AttributeSetError(ValueError):
@@ -129,18 +133,31 @@ def diagnosed_attributes(layout: Layout) -> tuple[str, ...]:
     return read_attribute_set(layout).diagnosed
 
 
-def install_phrasings(layout: Layout) -> AttributeSet:
-    """Read the home's attribute set and phrase its probes-file attributes by the file's
-    phrases in this process (core.prompts.use_phrasings); returns the set."""
+@contextmanager
+def phrasings_of(layout: Layout) -> Iterator[AttributeSet]:
+    """Inside the block, phrase the home's probes-file attributes by the file's phrases
+    (core.prompts.phrased_by); yields the home's attribute set."""
     attribute_set = read_attribute_set(layout) if _has_tables(layout) else AttributeSet(())
-    prompts.use_phrasings(
-        {
-            name: (entry["positive"], entry["negative"])
-            for name, entry in attribute_set.phrasings.items()
-            if entry.get("source") == "file"
-        }
-    )
-    return attribute_set
+    file_phrasings = {
+        name: (entry["positive"], entry["negative"])
+        for name, entry in attribute_set.phrasings.items()
+        if entry.get("source") == "file"
+    }
+    with prompts.phrased_by(file_phrasings):
+        yield attribute_set
+
+
+def with_home_phrasings(
+    step: Callable[Concatenate[Layout, P], R],
+) -> Callable[Concatenate[Layout, P], R]:
+    """Run a step `step(layout, ...)` under its home's phrasings, for every text it makes."""
+
+    @functools.wraps(step)
+    def run(layout: Layout, *args: P.args, **kwargs: P.kwargs) -> R:
+        with phrasings_of(layout):
+            return step(layout, *args, **kwargs)
+
+    return run
 
 
 def _has_tables(layout: Layout) -> bool:

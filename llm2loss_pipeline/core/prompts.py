@@ -21,8 +21,8 @@ it and for not having it, each written for that attribute. The first phrase of e
 canonical: deterministic descriptions and the report's first prompt pair use it.
 
 Any other attribute (a table dataset's column) is phrased by the dataset's probes file
-(`use_phrasings`, installed from the data step's attribute set, core/attribute_set.py) or, without
-one, from its name (`core.probes.built_phrasings`).
+(`phrased_by`, for each step from the data step's attribute set, core/attribute_set.py) or,
+without one, from its name (`core.probes.built_phrasings`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ from __future__ import annotations
 import random
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.probes import SLOTS as _PROBE_SLOTS
@@ -327,12 +330,16 @@ _CELEBA_RANK = {name: rank for rank, name in enumerate(CELEBA_ATTRIBUTES)}
 PhraseLists = tuple[tuple[Phrase, ...], tuple[Phrase, ...]]
 
 # The phrasings of the dataset at hand that are not CelebA's curated ones (a probes file's), set
-# by `use_phrasings`. Module state because every text the pipeline makes comes through here, from
-# deep inside the report, discovery and encoder code; each process that reads a home installs
-# its dataset's phrasings once (core/attribute_set.install_phrasings), and an attribute not
+# by `phrased_by` for the length of a block. A context variable, not an argument, because every
+# text the pipeline makes comes through here, from deep inside the report, discovery and encoder
+# code; and not a module global, so that a step's phrasings end with the step and two homes
+# read in one process (or two threads) never phrase by each other's file. Each step that reads
+# a home runs under its dataset's phrasings (core/attribute_set.phrasings_of); an attribute not
 # installed is phrased from its name, the same in every process.
-_INSTALLED: dict[str, PhraseLists] = {}
-_BUILT: dict[str, PhraseLists] = {}
+_INSTALLED: ContextVar[Mapping[str, PhraseLists]] = ContextVar(
+    "llm2loss_phrasings", default=MappingProxyType({})
+)
+_BUILT: dict[str, PhraseLists] = {}  # a cache: built phrasings depend on the name alone
 
 
 def _parsed(name: str, raw: tuple[Sequence[str], Sequence[str]]) -> PhraseLists:
@@ -345,17 +352,21 @@ def _parsed(name: str, raw: tuple[Sequence[str], Sequence[str]]) -> PhraseLists:
     )
 
 
-def use_phrasings(table: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> None:
-    """Phrase the given attributes by these ('slot:text') lists from now on, replacing what an
-    earlier call installed; {} returns to the curated and built phrasings."""
+@contextmanager
+def phrased_by(table: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> Iterator[None]:
+    """Inside the block, phrase the given attributes by these ('slot:text') lists, in place of
+    any outer block's; after it, as before it. Only this thread (or task) sees them."""
     parsed = {_checked_name(name): _parsed(name, raw) for name, raw in table.items()}
-    _INSTALLED.clear()
-    _INSTALLED.update(parsed)
+    token = _INSTALLED.set(MappingProxyType(parsed))
+    try:
+        yield
+    finally:
+        _INSTALLED.reset(token)
 
 
 def phrasing_source(attribute: str) -> str:
     """'file' (installed), 'curated' (CelebA's table) or 'built' (from the name)."""
-    if attribute in _INSTALLED:
+    if attribute in _INSTALLED.get():
         return "file"
     return "curated" if attribute in _TABLE else "built"
 
@@ -368,7 +379,7 @@ def _checked_name(attribute: object) -> str:
 
 def _phrase_lists(attribute: str) -> PhraseLists:
     name = _checked_name(attribute)
-    found = _INSTALLED.get(name) or _TABLE.get(name)
+    found = _INSTALLED.get().get(name) or _TABLE.get(name)
     if found is None:
         found = _BUILT.get(name)
         if found is None:

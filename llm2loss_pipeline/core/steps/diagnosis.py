@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attribute_set import install_phrasings
+from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, with_home_phrasings
 from llm2loss_pipeline.core.device import DeviceSpec
 from llm2loss_pipeline.core.encoder import load_encoder
 from llm2loss_pipeline.core.encoder.text_index import known_first, text_index
@@ -90,6 +90,7 @@ def text_corpus(frame: pl.DataFrame, seed: int, attributes: Sequence[str]) -> li
     return texts
 
 
+@with_home_phrasings  # the text corpus phrases attributes as the dataset's probes file says
 def fit_heads(
     layout: Layout,
     config: HeadsConfig,
@@ -108,7 +109,7 @@ def fit_heads(
     eval_loss = held_out["loss"].to_numpy()
 
     encoder = load_encoder(layout.encoder_dir)
-    attributes = install_phrasings(layout).diagnosed
+    attributes = diagnosed_attributes(layout)
     # the encoder step left its prompts' embeddings in the home's index (1,190 on CelebA's
     # attributes, seconds of the text tower): only the captions are embedded here
     index = text_index(layout.home, str(encoder.sha256), encoder.embed_dim)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attribute_set import install_phrasings
+from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, with_home_phrasings
 from llm2loss_pipeline.core.discovery.candidates import (
     generate_candidates,
     read_vocabulary,
@@ -93,6 +93,7 @@ def run_discovery(
     return write_discovery(layout, config, findings)
 
 
+@with_home_phrasings  # candidates phrase attributes as the dataset's probes file says
 def compute_discovery(
     layout: Layout,
     config: DiscoveryConfig,
@@ -116,8 +117,8 @@ def compute_discovery(
     held_out = split_rows(frame, config.eval_split, "discovery.eval_split")
     train = split_rows(frame, ensemble.config.train_split, "heads.train_split")
 
-    # The dataset's diagnosed attributes, phrased as its probes file says (core/attribute_set.py).
-    attributes = install_phrasings(layout).diagnosed
+    # The dataset's diagnosed attributes (core/attribute_set.py).
+    attributes = diagnosed_attributes(layout)
     texts = _vocabulary(config, vocabulary)
     embed = _TextCache(diagnoser.encode_texts)
 

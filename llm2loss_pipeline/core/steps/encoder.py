@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from llm2loss_pipeline.core.attribute_set import install_phrasings
+from llm2loss_pipeline.core.attribute_set import with_home_phrasings
 from llm2loss_pipeline.core.blackbox.train import cpu_threads
 from llm2loss_pipeline.core.config import DatasetConfig
 from llm2loss_pipeline.core.device import DeviceSpec
@@ -112,6 +112,8 @@ def fixed_cpu_threads() -> int:
     return CPU_THREADS.read_int()
 
 
+# Captions phrase each attribute as the dataset's probes file says (else curated or built).
+@with_home_phrasings
 def _fit_encoder(
     layout: Layout,
     config: EncoderConfig,
@@ -120,8 +122,6 @@ def _fit_encoder(
     on_bad_image: str,
 ) -> EncoderResult:
     manifest = read_manifest(layout)
-    # Captions phrase each attribute as the dataset's probes file says (else curated or built).
-    install_phrasings(layout)
     encoder = build_encoder(config, device.torch_device())
     metrics: dict[str, Any] = {}
     if config.mode == "caption_tuned":

@@ -11,7 +11,7 @@ from typing import Any
 
 import polars as pl
 
-from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, install_phrasings
+from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, with_home_phrasings
 from llm2loss_pipeline.core.config import ReportConfig
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.query import Diagnoser
@@ -58,6 +58,7 @@ class CheckOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@with_home_phrasings  # a probes file's phrasings, for every probe the report asks
 def make_report(
     layout: Layout, config: ReportConfig, log: Callable[[str], None] | None = None
 ) -> DisparityReportResult:
@@ -69,7 +70,6 @@ def make_report(
         publish_views,
     )
 
-    install_phrasings(layout)  # a probes file's phrasings, for every probe the report asks
     diagnoser = Diagnoser.load(layout.home)
     result = build_report_from_config(
         layout, diagnoser, diagnoser.encode_texts, config, out_dir=layout.reports, log=log
