@@ -760,15 +760,7 @@ def trust_check(table: pl.DataFrame, calibration: Calibration) -> dict[str, floa
         "interval_coverage_measured": float(inside.mean()) if inside.len() else math.nan,
         "calibration_slope": calibration.slope,
         "text_error": calibration.text_error,
-        # what the claims were judged with: each tested probe's error learned on the other tested
-        # probes (core/report/calibration.py), the median over them
-        "text_error_tested": _median(table.filter(pl.col("probe_resolves"))["text_error"]),
     }
-
-
-def _median(values: pl.Series) -> float:
-    finite = values.filter(values.is_finite())
-    return float(finite.median()) if finite.len() else math.nan  # type: ignore[arg-type]
 
 
 def _write_calibration(result: ReportResult, out: Path) -> dict[str, Path]:

@@ -42,16 +42,6 @@ every claim held with the gate and no bound, while a bound of 0.5 without the ga
 (all right) of the 10 the old fit made (8 right) and lost planted attributes; with both, nothing
 was claimed. So TEXT_ERROR_BOUND is 0.
 
-Nor does an untested probe teach the error of a tested one: a tested probe's tau is fitted on
-the other tested probes only. An untested probe's estimate measures whatever else its text
-picks out, so its residual is large by construction (on tuning world 1004, Smiling, Eyeglasses
-and Mouth_Slightly_Open at AUROC 0.49-0.51 had estimates of -0.43 to -0.51 where the truth was
-0 to +0.2), and fitted with the rest it raised their tau, hiding planted attributes that their
-probes read well. Measured on the tuning worlds 1001-1008 (bench/RESULTS.md, "Stop 21"):
-claims 12 (all right) -> 22 (20 right; precision per world 0.86-1.00), planted attributes
-claimed 0.36 -> 0.43, interval coverage 0.89 -> 0.88. An untested probe's own interval, and
-free text (whose resolution no label tells), keep the fit on every attribute.
-
 A claim says more than "these people": an attribute that few identities carry can have a large
 gap on them that says nothing about the next person with it, and a claim counts as correct only
 when the population truth's identity-clustered interval excludes 0. So a claim's variance adds
@@ -217,9 +207,8 @@ def calibrated_claims(
     noise_share: float = NOISE_SHARE,
     resolution: np.ndarray | None = None,
 ) -> tuple[pl.DataFrame, Calibration]:
-    """One row per attribute (CLAIM_SCHEMA), each judged by a calibration fitted without it
-    (a probe that resolves its attribute: on the other probes that do); and the calibration
-    fitted on all of them (what free-text comparisons use).
+    """One row per attribute (CLAIM_SCHEMA), each judged by a calibration fitted without it;
+    and the calibration fitted on all of them (what free-text comparisons use).
 
     gap_se: the measured gaps' identity-clustered standard errors; gap_se_images: their per-image
     ones (without, taken equal: no identity part, and tau fitted against the clustered ones)."""
@@ -233,16 +222,9 @@ def calibrated_claims(
     v = u if gap_se_images is None else np.asarray(gap_se_images, dtype=np.float64)
     identity_var = np.maximum(np.nan_to_num(u**2 - v**2), 0.0)  # w^2 b^2 (see the module)
     quantile = float(sps.norm.ppf(0.5 + level / 2))
-    # a probe that does not pick out its attribute is not tested (below), and neither does its
-    # error teach what a tested probe's is (see the module): resolving probes learn from their own
-    resolves = np.ones(len(attributes), dtype=bool)
-    if resolution is not None:  # NaN: no labels to tell, tested
-        resolves = ~(np.asarray(resolution, dtype=np.float64) < MIN_RESOLUTION)
     rows = []
     for j, name in enumerate(attributes):
         others = np.arange(len(attributes)) != j
-        if resolves[j] and int((others & resolves).sum()) >= MIN_ATTRIBUTES:
-            others &= resolves
         cal = fit_calibration(
             estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
@@ -267,6 +249,9 @@ def calibrated_claims(
     frame = pl.DataFrame(rows)
     # a probe that does not pick out its attribute is not tested at all (no p-value, so it takes
     # no share of the FDR either); without labels to tell, every probe is tested
+    resolves = np.ones(len(attributes), dtype=bool)
+    if resolution is not None:  # NaN: no labels to tell, tested
+        resolves = ~(np.asarray(resolution, dtype=np.float64) < MIN_RESOLUTION)
     tested = np.where(resolves, frame["est_p_value"].fill_null(math.nan).to_numpy(), math.nan)
     q = bh_adjust(tested)
     significant = np.where(np.isfinite(q), q <= alpha, False)

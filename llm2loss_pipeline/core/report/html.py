@@ -358,17 +358,9 @@ def _calibration_sentence(result: ReportResult) -> str:
     cal = result.calibration
     if cal is None or not cal.calibrated:
         return "This report had too few labelled attributes to learn the mapping."
-    tested = result.headline.get("text_error_tested", math.nan)
     return (
         f"Here one unit of estimate is {cal.slope:.3f} units of loss, and the text side adds "
-        f"an error of {cal.text_error:.2f} estimate units (from {cal.n_attributes} attributes), "
-        "what a free-text question is judged with"
-        + (
-            f"; a probe that picks out its attribute is judged with the error of the other such "
-            f"probes, {tested:.2f}."
-            if math.isfinite(tested)
-            else "."
-        )
+        f"an error of {cal.text_error:.2f} estimate units (from {cal.n_attributes} attributes)."
     )
 
 
