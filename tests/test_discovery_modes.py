@@ -28,6 +28,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     assign_modes,
     interaction_p,
     labelled_gap,
+    labelled_p,
     probe_share,
     wording,
 )
@@ -437,3 +438,32 @@ def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> N
     assert kept["verdict"] == "mode" and kept["labelled_gap"] > 0
     assert math.isnan(labelled_gap(labels, [], loss))  # no values named
     assert math.isnan(labelled_gap({"Goatee": np.ones(loss.size, bool)}, [("Goatee", True)], loss))
+
+
+def test_words_that_name_people_not_measurably_worse_are_dropped(world) -> None:
+    # As above, but the blurry people are worse on average (+0.07): the failing group's blurry
+    # images lift the mean, while the rest of them are the model's easiest samples. The matched
+    # samples' own test, run on the people the labels name, does not find them worse.
+    eval_data = world[2]
+    loss = eval_data.losses
+    group = eval_data.embeddings[:, 12] > 0
+    rng = np.random.default_rng(3)
+    easy = ~group & (loss < np.quantile(loss[~group], 0.3))
+    labels = {"Goatee": group, "Blurry": (group & (rng.random(group.size) < 0.8)) | easy}
+    blurry, goatee = describe_values([("Blurry", True)]), describe_values([("Goatee", True)])
+    texts = np.vstack([np.eye(DIM)[0], _unit(np.eye(DIM)[0] + 0.01 * np.eye(DIM)[1])])
+    result = _discover_in(world, [blurry, goatee], texts, labels)
+    rows = {row["description"]: row for row in result.hypotheses.iter_rows(named=True)}
+    dropped, kept = rows[blurry.text], rows[goatee.text]
+    assert 0 < dropped["labelled_gap"] < 0.1 and dropped["labelled_p"] > 0.5
+    assert dropped["labelled_p"] == pytest.approx(
+        labelled_p(labels, [("Blurry", True)], loss, None)
+    )
+    assert dropped["verdict"] == "dropped" and "not measurably worse on" in dropped["reason"]
+    assert kept["verdict"] == "mode" and kept["labelled_p"] < 1e-6
+    # the test is one-sided and identity-clustered: whole identities of the group, or none
+    identities = np.arange(loss.size) // 6
+    clustered = labelled_p(labels, [("Goatee", True)], loss, identities)
+    assert labelled_p(labels, [("Goatee", True)], loss, None) < clustered < 0.05
+    assert labelled_p(labels, [("Goatee", False)], loss, None) > 0.99
+    assert math.isnan(labelled_p(labels, [], loss, None))

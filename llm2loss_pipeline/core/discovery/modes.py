@@ -58,7 +58,7 @@ from llm2loss_pipeline.core.discovery.candidates import (
     is_negation,
     neutral_phrase,
 )
-from llm2loss_pipeline.core.discovery.verify import jaccard
+from llm2loss_pipeline.core.discovery.verify import clustered_p_values, jaccard
 from llm2loss_pipeline.core.report.grounded import in_probe_basis
 from llm2loss_pipeline.core.stats import bh_adjust
 
@@ -209,6 +209,26 @@ def labelled_gap(
     if group.all() or not group.any():
         return float("nan")
     return float(losses[group].mean() - losses[~group].mean())
+
+
+def labelled_p(
+    labels: Mapping[str, np.ndarray],
+    values: Sequence[tuple[str, bool]],
+    losses: np.ndarray,
+    clusters: np.ndarray | None,
+) -> float:
+    """One-sided p that the samples whose labels hold every value have larger losses than the
+    others: the matched-set test of verify.py (mid-ranks, identity-clustered) on the people the
+    words name. NaN when either side is empty."""
+    if not values:
+        return float("nan")
+    group = np.ones(losses.shape[0], dtype=bool)
+    for attribute, value in values:
+        group &= np.asarray(labels[attribute], dtype=bool) == value
+    if group.all() or not group.any():
+        return float("nan")
+    matched = np.flatnonzero(group)[None, :]
+    return float(clustered_p_values(losses, matched, clusters)[0])
 
 
 def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:
