@@ -196,17 +196,26 @@ def wording(
     return Wording(REWORDED, precision, lift, shows, reworded.text, stated, values)
 
 
+def _named(
+    labels: Mapping[str, np.ndarray], values: Sequence[tuple[str, bool]], n: int
+) -> np.ndarray | None:
+    """The samples whose labels hold every value; None when no value is named, or when every
+    sample or none holds them (nothing to compare)."""
+    if not values:
+        return None
+    group = np.ones(n, dtype=bool)
+    for attribute, value in values:
+        group &= np.asarray(labels[attribute], dtype=bool) == value
+    return None if group.all() or not group.any() else group
+
+
 def labelled_gap(
     labels: Mapping[str, np.ndarray], values: Sequence[tuple[str, bool]], losses: np.ndarray
 ) -> float:
     """Mean loss of the samples whose labels hold every value, minus that of the others (NaN
     when either side is empty): what the labels say of the people a mode's words name."""
-    if not values:
-        return float("nan")
-    group = np.ones(losses.shape[0], dtype=bool)
-    for attribute, value in values:
-        group &= np.asarray(labels[attribute], dtype=bool) == value
-    if group.all() or not group.any():
+    group = _named(labels, values, losses.shape[0])
+    if group is None:
         return float("nan")
     return float(losses[group].mean() - losses[~group].mean())
 
@@ -220,15 +229,10 @@ def labelled_p(
     """One-sided p that the samples whose labels hold every value have larger losses than the
     others: the matched-set test of verify.py (mid-ranks, identity-clustered) on the people the
     words name. NaN when either side is empty."""
-    if not values:
+    group = _named(labels, values, losses.shape[0])
+    if group is None:
         return float("nan")
-    group = np.ones(losses.shape[0], dtype=bool)
-    for attribute, value in values:
-        group &= np.asarray(labels[attribute], dtype=bool) == value
-    if group.all() or not group.any():
-        return float("nan")
-    matched = np.flatnonzero(group)[None, :]
-    return float(clustered_p_values(losses, matched, clusters)[0])
+    return float(clustered_p_values(losses, np.flatnonzero(group)[None, :], clusters)[0])
 
 
 def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:
