@@ -415,21 +415,29 @@ def test_a_mode_whose_images_show_other_attributes_is_shown_in_their_words(world
     assert row["shows"].startswith("Goatee 100% (x5.0)")
 
 
-def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> None:
-    # The matched samples (the worse group, along e0) over-represent "blurry", but the blurry
-    # people as a whole are the model's best: the matched set is worse for another reason, and
-    # the words would mislead. A description of the group itself stays a mode.
+def _blurry_and_goatee(world, easy_share):
+    """Discovery of "blurry" and "goatee" on the `world` fixture. Goatee labels the worse group;
+    Blurry labels 80% of it and the `easy_share` of the others with the lowest losses, so the
+    matched samples (the group, along e0) over-represent blurry while the blurry people as a
+    whole fare as `easy_share` makes them. Returns (losses, labels, blurry's row, goatee's row)."""
     eval_data = world[2]
     loss = eval_data.losses
     group = eval_data.embeddings[:, 12] > 0
     rng = np.random.default_rng(3)
-    easy = ~group & (loss < np.quantile(loss[~group], 0.35))
+    easy = ~group & (loss < np.quantile(loss[~group], easy_share))
     labels = {"Goatee": group, "Blurry": (group & (rng.random(group.size) < 0.8)) | easy}
     blurry, goatee = describe_values([("Blurry", True)]), describe_values([("Goatee", True)])
     texts = np.vstack([np.eye(DIM)[0], _unit(np.eye(DIM)[0] + 0.01 * np.eye(DIM)[1])])
     result = _discover_in(world, [blurry, goatee], texts, labels)
     rows = {row["description"]: row for row in result.hypotheses.iter_rows(named=True)}
-    dropped, kept = rows[blurry.text], rows[goatee.text]
+    return loss, labels, rows[blurry.text], rows[goatee.text]
+
+
+def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> None:
+    # The matched samples (the worse group, along e0) over-represent "blurry", but the blurry
+    # people as a whole are the model's best: the matched set is worse for another reason, and
+    # the words would mislead. A description of the group itself stays a mode.
+    loss, labels, dropped, kept = _blurry_and_goatee(world, easy_share=0.35)
     blurry_gap = loss[labels["Blurry"]].mean() - loss[~labels["Blurry"]].mean()
     assert dropped["wording"] == SUPPORTED and dropped["measured_gap"] > 0
     assert dropped["labelled_gap"] == pytest.approx(blurry_gap) and blurry_gap < 0
@@ -444,24 +452,14 @@ def test_words_that_name_people_not_measurably_worse_are_dropped(world) -> None:
     # As above, but the blurry people are worse on average (+0.07): the failing group's blurry
     # images lift the mean, while the rest of them are the model's easiest samples. The matched
     # samples' own test, run on the people the labels name, does not find them worse.
-    eval_data = world[2]
-    loss = eval_data.losses
-    group = eval_data.embeddings[:, 12] > 0
-    rng = np.random.default_rng(3)
-    easy = ~group & (loss < np.quantile(loss[~group], 0.3))
-    labels = {"Goatee": group, "Blurry": (group & (rng.random(group.size) < 0.8)) | easy}
-    blurry, goatee = describe_values([("Blurry", True)]), describe_values([("Goatee", True)])
-    texts = np.vstack([np.eye(DIM)[0], _unit(np.eye(DIM)[0] + 0.01 * np.eye(DIM)[1])])
-    result = _discover_in(world, [blurry, goatee], texts, labels)
-    rows = {row["description"]: row for row in result.hypotheses.iter_rows(named=True)}
-    dropped, kept = rows[blurry.text], rows[goatee.text]
+    loss, labels, dropped, kept = _blurry_and_goatee(world, easy_share=0.3)
     assert 0 < dropped["labelled_gap"] < 0.1 and dropped["labelled_p"] > 0.5
     assert dropped["labelled_p"] == pytest.approx(
         labelled_p(labels, [("Blurry", True)], loss, None)
     )
     assert dropped["verdict"] == "dropped" and "not measurably worse on" in dropped["reason"]
     assert kept["verdict"] == "mode" and kept["labelled_p"] < 1e-6
-    # the test is one-sided and identity-clustered: whole identities of the group, or none
+    # one-sided, and identity-clustered: six samples to an identity widen it
     identities = np.arange(loss.size) // 6
     clustered = labelled_p(labels, [("Goatee", True)], loss, identities)
     assert labelled_p(labels, [("Goatee", True)], loss, None) < clustered < 0.05
