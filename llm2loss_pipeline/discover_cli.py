@@ -40,7 +40,9 @@ counter-examples: matched samples the model does fine on (loss at or below that 
   that pull the estimate down most first: cases of the description that do not fail.
 A description is kept only when the heads' estimate and the matched samples both say worse;
   "estimate disagrees": the samples are worse but the heads, which generalise from the training
-  split, do not rate it worse: a lead to check, not a finding.
+  split, do not rate it worse: a lead to check, not a finding. With attribute labels, such a
+  description is still kept when the people its words name are measurably worse ("kept on the
+  labels").
 Descriptions whose matched samples overlap are one failure mode, shown under its best wording."""
 
 

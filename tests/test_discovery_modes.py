@@ -360,8 +360,9 @@ def world():
     return ensemble, gap, eval_data, train_x, train_loss, _unit(probes).astype(np.float32)
 
 
-def _discover_in(world, candidates, texts, labels=None):
-    """`discover` on the `world` fixture's heads, samples and probes, default settings."""
+def _discover_in(world, candidates, texts, labels=None, config=None):
+    """`discover` on the `world` fixture's heads, samples and probes (default settings unless
+    `config`)."""
     ensemble, gap, eval_data, train_x, train_loss, probes = world
     return discover(
         candidates,
@@ -370,7 +371,7 @@ def _discover_in(world, candidates, texts, labels=None):
         gap,
         eval_data,
         train_x,
-        DiscoveryConfig(),
+        config or DiscoveryConfig(),
         train_losses=train_loss,
         labels=labels,
         probe_embeddings=probes,
@@ -465,3 +466,43 @@ def test_words_that_name_people_not_measurably_worse_are_dropped(world) -> None:
     assert labelled_p(labels, [("Goatee", True)], loss, None) < clustered < 0.05
     assert labelled_p(labels, [("Goatee", False)], loss, None) > 0.99
     assert math.isnan(labelled_p(labels, [], loss, None))
+
+
+def test_labels_vouch_for_a_failure_the_heads_do_not_estimate_worse(world) -> None:
+    # The estimate's gate set out of reach, so the heads "disagree" on every description. Where
+    # the labels name people who are measurably worse, and the matched samples are worse too,
+    # the description is kept on the labels and says so; without labels it is dropped.
+    strict = DiscoveryConfig(min_p_worse=0.99, min_member_share=0.99)
+    group = world[2].embeddings[:, 12] > 0
+    goatee = describe_values([("Goatee", True)])
+    text = np.eye(DIM)[12:13]
+    alone = _discover_in(world, [goatee], text, config=strict).hypotheses.row(0, named=True)
+    assert alone["verdict"] == "dropped" and alone["reason"].startswith("estimate disagrees")
+    result = _discover_in(world, [goatee], text, {"Goatee": group}, strict)
+    row = result.hypotheses.row(0, named=True)
+    assert row["p_worse"] < 0.99 and row["measured_gap"] > 0.5 and row["labelled_p"] < 1e-6
+    assert row["verdict"] == "mode" and row["kept"] and result.n_modes == 1
+    assert row["reason"].startswith("kept on the labels") and "(Goatee: gap +1." in row["reason"]
+    # the people named are worse on average but not measurably so (80% of the group and the
+    # easiest 30% of the others, as in the tests above): no vouching
+    labels = {"Goatee": _blurry_and_goatee(world, easy_share=0.3)[1]["Blurry"]}
+    row = _discover_in(world, [goatee], text, labels, strict).hypotheses.row(0, named=True)
+    assert row["shown_attributes"] == "Goatee" and row["labelled_p"] > 0.5
+    assert row["verdict"] == "dropped" and row["reason"].startswith("estimate disagrees")
+
+
+def test_a_mode_is_headed_by_the_wording_whose_labelled_people_fare_worst() -> None:
+    # "a man" and "a goatee" match mostly the same images (the encoder cannot tell them apart);
+    # the goatee's matched set scores the higher AUROC, but the labels say men as a whole fare
+    # worse than the goatee wearers among them: the mode is "a man", the goatee folded under it.
+    losses = np.r_[np.full(40, 3.0), np.linspace(0, 1, 160)]
+    candidates = [describe_values([("Goatee", True)]), describe_values([("Male", True)])]
+    matches = np.array([np.arange(0, 30), np.arange(5, 35)])
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
+    rows[0]["labelled_gap"], rows[1]["labelled_gap"] = 0.3, 0.8
+    heads = assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05)
+    assert heads == [1] and rows[0]["verdict"] == "folded"
+    assert rows[0]["folded_under"] == candidates[1].text
+    # without labels, the higher AUROC heads it
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
+    assert assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05) == [0]

@@ -35,7 +35,8 @@ KEEP_RULE = (
     "P(worse) at or above discovery.min_p_worse) and the matched samples are worse (a rank test "
     "that counts each identity's images as one cluster, Benjamini-Hochberg); 'estimate "
     "disagrees' means the samples are worse but the heads, which generalise from the training "
-    "split, do not rate the description worse: a lead to check, not a finding"
+    "split, do not rate the description worse: a lead to check, not a finding; with attribute "
+    "labels it is 'kept on the labels' when the people its words name are measurably worse too"
 )
 MODE_RULE = (
     "a failure mode groups the descriptions whose matched samples overlap (Jaccard at or above "
