@@ -358,9 +358,9 @@ def _judge(
     ):
         # The labels vouch for it where the heads' estimate does not: its matched samples are
         # worse and so, measurably, are the people its words name. The estimate of one wording
-        # against the probes' centroid misreads single attributes (reporting world 2011's planted
-        # Bangs: -0.02, where the report's fifteen wordings say +0.68), and it dropped most of the
-        # planted attributes missing from the top k (bench/RESULTS.md, stop 22)
+        # against the probes' centroid misreads single attributes (tuning world 1006's planted
+        # Arched_Eyebrows: +0.05, where the report's fifteen wordings say +0.62), and it dropped
+        # most of the planted attributes missing from the top k (bench/RESULTS.md, stop 22)
         fields.update(kept=True, _vouched=True)
     return {
         **fields,
