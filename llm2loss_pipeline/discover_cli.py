@@ -168,3 +168,10 @@ def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
             print(f"{indent}wording: {row['wording']}{extra}")
         if vocabulary:
             print(f"{indent}{row['verdict']}: {row['reason']}")
+        elif str(row.get("reason") or "").startswith("kept on the labels"):
+            # its est and P(worse) say "not worse": say why it is a mode all the same
+            print(
+                f"{indent}kept on the labels: the people it names are worse (gap "
+                f"{row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}), the heads' estimate "
+                "is not"
+            )

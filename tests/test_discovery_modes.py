@@ -506,3 +506,33 @@ def test_a_mode_is_headed_by_the_wording_whose_labelled_people_fare_worst() -> N
     # without labels, the higher AUROC heads it
     rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
     assert assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05) == [0]
+
+
+def test_discover_says_why_a_mode_the_heads_do_not_estimate_worse_is_shown(capsys) -> None:
+    from llm2loss_pipeline.discover_cli import _print_rows
+
+    row = {
+        "rank": 1,
+        "mode": 1,
+        "estimated_gap": -0.67,
+        "p_worse": 0.13,
+        "measured_gap": 1.38,
+        "measured_auc": 0.84,
+        "q_value": 2e-23,
+        "n_variants": 11,
+        "description": "face of a person with gray hair",
+        "shown_as": "face of a person with gray hair",
+        "wording": SUPPORTED,
+        "shows": None,
+        "labelled_gap": 1.21,
+        "labelled_p": 3e-9,
+        "reason": "kept on the labels: the matched samples are worse ...",
+    }
+    _print_rows([row, {**row, "rank": 2, "mode": 2, "reason": "kept: the heads estimate worse"}])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[2:4] == ["-0.67", "0.13"] and lines[1].endswith("with gray hair")
+    assert lines[2].strip() == (
+        "kept on the labels: the people it names are worse (gap +1.21, p 3e-09), the heads' "
+        "estimate is not"
+    )
+    assert len(lines) == 4  # the other mode gets no such line
