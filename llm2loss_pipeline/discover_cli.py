@@ -153,6 +153,8 @@ def _cell(key: str, value: Any) -> str:
 def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
     """Modes under the words their images bear out; the user's lines under their own words,
     with what the images show and the verdict's reason."""
+    from llm2loss_pipeline.core.discovery.modes import KEPT_ON_LABELS
+
     header = "  ".join(f"{label:>{width}}" for _, label, width in COLUMNS)
     print(f"{header}  description")
     indent = " " * (len(header) + 2)
@@ -168,10 +170,10 @@ def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
             print(f"{indent}wording: {row['wording']}{extra}")
         if vocabulary:
             print(f"{indent}{row['verdict']}: {row['reason']}")
-        elif str(row.get("reason") or "").startswith("kept on the labels"):
+        elif str(row.get("reason") or "").startswith(KEPT_ON_LABELS):
             # its est and P(worse) say "not worse": say why it is a mode all the same
             print(
-                f"{indent}kept on the labels: the people it names are worse (gap "
+                f"{indent}{KEPT_ON_LABELS}: the people it names are worse (gap "
                 f"{row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}), the heads' estimate "
                 "is not"
             )

@@ -67,6 +67,8 @@ REWORDED = "reworded"
 NOT_SUPPORTED = "words not supported by the images"
 UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
+KEPT_ON_LABELS = "kept on the labels"
+"""how the reason of a mode the labels vouch for opens (hypotheses.py `_judge`; the CLI reads it)"""
 MIN_PRECISION = 0.25
 """a value offered for a rewording must be on a quarter of the matched samples"""
 
@@ -378,7 +380,7 @@ def _value_set(stated: str | None) -> frozenset[str]:
 def _kept_reason(row: dict[str, Any], alpha: float) -> str:
     if row.get("_vouched"):
         reason = (
-            f"kept on the labels: the matched samples are worse (q {row['q_value']:.2g} <= "
+            f"{KEPT_ON_LABELS}: the matched samples are worse (q {row['q_value']:.2g} <= "
             f"{alpha}) and so are the people its words name ({row['shown_attributes']}: gap "
             f"{row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}), though the heads do not "
             f"estimate worse (P(worse) {row['p_worse']:.2f})"
