@@ -153,6 +153,7 @@ def _cell(key: str, value: Any) -> str:
 def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
     """Modes under the words their images bear out; the user's lines under their own words,
     with what the images show and the verdict's reason."""
+    # lazy: core.discovery pulls numpy and scipy; at module level they would load on `--help`
     from llm2loss_pipeline.core.discovery.modes import KEPT_ON_LABELS
 
     header = "  ".join(f"{label:>{width}}" for _, label, width in COLUMNS)
