@@ -149,8 +149,9 @@ def planted_of(home: Path) -> dict[str, float]:
     return {str(name): float(strength) for name, strength in planted.items()}
 
 
-def rediscover(home: Path, config: DiscoveryConfig) -> pl.DataFrame:
-    """Discovery's hypotheses table computed afresh on `home`, nothing written: a Diagnoser made
+def rediscover(home: Path, config: DiscoveryConfig) -> Any:
+    """Discovery's findings (hypotheses table, shared traits) computed afresh on `home`, nothing
+    written: a Diagnoser made
     from the loaded encoder and heads (Diagnoser.load would write its text and query caches into
     the home), with the home's report for the grounded estimate, as the pipeline's asset has."""
     # lazy: torch and the encoder (seconds), only with --rediscover
@@ -167,7 +168,22 @@ def rediscover(home: Path, config: DiscoveryConfig) -> pl.DataFrame:
         expected_encoder_sha256=str(encoder.sha256),
     )
     diagnoser = Diagnoser(encoder.encode_texts, ensemble, gap, {**meta, "home": str(home)})
-    return compute_discovery(layout, config, diagnoser).hypotheses
+    return compute_discovery(layout, config, diagnoser)
+
+
+def score_shared(
+    shared: Sequence[Any], loss: np.ndarray, table: pl.DataFrame
+) -> list[dict[str, Any]]:
+    """Each value the modes share (core/discovery/shared.py) with its population truth: the
+    line's "worse" is backed when the people with the value are worse in the population
+    (`_backed`), and its "not measurably worse" is contradicted when they are."""
+    scored = []
+    for trait in shared:
+        truth = condition_truth(loss, table, {trait.attribute: trait.value})
+        scored.append(
+            {**trait.to_dict(), **(truth or {}), "label": trait.label, "backed": _backed(truth)}
+        )
+    return scored
 
 
 def one_world(
@@ -175,7 +191,8 @@ def one_world(
 ) -> dict[str, Any]:
     """`config`: rediscover with it (None: the home's own failure_hypotheses.parquet)."""
     layout = Layout.at(home)
-    hypotheses = pl.read_parquet(layout.hypotheses) if config is None else rediscover(home, config)
+    findings = None if config is None else rediscover(home, config)
+    hypotheses = pl.read_parquet(layout.hypotheses) if findings is None else findings.hypotheses
     modes = hypotheses.filter(pl.col("verdict") == "mode").sort("mode").to_dicts()
     table = pl.read_parquet(home / "population" / "population.parquet")
     loss = cached_losses(home, table, use_cache)
@@ -188,6 +205,8 @@ def one_world(
         for row in modes
     ]
     scores = score_modes(conditions, truths, list(planted), variants)
+    # what the modes share is not stored in the home: only a rediscovery has it
+    shared = None if findings is None else score_shared(findings.shared, loss, table)
     return {
         "home": str(home),
         "planted": planted,
@@ -207,6 +226,7 @@ def one_world(
             }
             for i, row in enumerate(modes)
         ],
+        "shared": shared,
     }
 
 
@@ -214,7 +234,12 @@ def summarize(worlds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     planted = [w for w in worlds if w["planted"]]
     n_modes = sum(w["n_modes"] for w in worlds)
     n_top = sum(w["n_top_k"] for w in worlds)
+    shared = [t for w in worlds for t in (w.get("shared") or [])]
     return {
+        "n_shared": len(shared),
+        "n_shared_worse": sum(t["worse"] for t in shared),
+        "n_shared_worse_backed": sum(t["worse"] and t["backed"] for t in shared),
+        "n_shared_not_worse_backed": sum(not t["worse"] and t["backed"] for t in shared),
         "n_worlds": len(worlds),
         "worlds_with_planting": len(planted),
         "all_planted_in_top_k": sum(bool(w["all_planted_in_top_k"]) for w in planted),
@@ -261,6 +286,23 @@ def print_tables(worlds: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
         f"{s['mean_planted_recall']:.2f}; modes backed by population truth {s['n_backed']}/"
         f"{s['n_modes']} ({s['share_backed']:.2f}; target >= 0.90), in the top k "
         f"{s['share_backed_top_k']:.2f} of {s['n_top_k']}"
+    )
+    with_shared = [w for w in worlds if w.get("shared") is not None]
+    if not with_shared:
+        return
+    print("\n| world | what the modes share (said worse?; population truth) |\n|---|---|")
+    for w in with_shared:
+        said = "; ".join(
+            f"{t['label']} in {len(t['modes'])} of {t['n_modes']} modes ("
+            f"{'worse' if t['worse'] else 'not measurably worse'}; truth "
+            f"{t.get('truth_gap', math.nan):+.2f}, {'backed' if t['backed'] else 'not backed'})"
+            for t in w["shared"]
+        )
+        print(f"| {Path(w['home']).name} | {said or '-'} |")
+    print(
+        f"\nshared values said worse: {s['n_shared_worse_backed']} of {s['n_shared_worse']} "
+        f"backed by population truth; said not measurably worse but backed: "
+        f"{s['n_shared_not_worse_backed']} of {s['n_shared'] - s['n_shared_worse']}"
     )
 
 

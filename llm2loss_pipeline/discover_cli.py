@@ -108,6 +108,7 @@ def run_discover(args: argparse.Namespace) -> int:
             f"top {len(modes)}:"
         )
         _print_rows(modes.to_dicts())
+        _print_shared(report.shared)
     if vocab.height:
         print(f"{'' if args.only_vocab else chr(10)}your vocabulary ({vocab.height}):")
         _print_rows(vocab.to_dicts(), vocabulary=True)
@@ -129,11 +130,24 @@ def _print_json(report: Any, modes: Any, vocab: Any, n_modes: int) -> int:
         n_candidates=report.n_candidates,
         n_kept=report.n_kept,
         n_modes=n_modes,
+        shared=[trait.to_dict() for trait in report.shared],
         vocabulary=vocab.to_dicts(),
         evidence=evidence.select("rank", "role", "sample_id", "loss", "influence").to_dicts(),
     )
     print(json.dumps(body, indent=2))
     return 0
+
+
+def _print_shared(shared: Any) -> None:
+    """What most modes' images have in common, when the labels say so (core/discovery/shared.py)."""
+    if not shared:
+        return
+    # lazy: core.discovery pulls numpy and scipy; at module level they would load on `--help`
+    from llm2loss_pipeline.core.discovery.evidence import SHARED_HEADING
+
+    print(f"\n{SHARED_HEADING}:")
+    for trait in shared:
+        print(f"  {trait.sentence()}")
 
 
 def _cell(key: str, value: Any) -> str:

@@ -75,6 +75,8 @@ def test_the_asset_writes_the_ranked_table_evidence_sheets_and_views(home) -> No
         assert count == table.height
         con.execute("SELECT sample_id, influence FROM failure_evidence").fetchall()
         con.execute("SELECT count(*) FROM per_sample_losses").fetchall()  # the report's views too
+    shared = metadata["shared_by_modes"].value  # what most modes' images show, or "(none)"
+    assert shared == "(none)" or (modes.height >= 3 and shared.startswith("- "))
     assert not fh.leftovers(layout.home)
 
 
@@ -103,6 +105,9 @@ def test_cli_discover_prints_json_and_a_table(home, capsys, tmp_path) -> None:
     out = json.loads(capsys.readouterr().out)
     assert len(out["results"]) == min(3, out["n_modes"]) and out["n_candidates"] > 40
     assert all(row["verdict"] == "mode" for row in out["results"])
+    for trait in out["shared"]:  # values most modes share: at least three, of the modes there are
+        assert 3 <= len(trait["modes"]) <= out["n_modes"] and trait["sentence"]
+        assert set(trait["modes"]) <= set(range(1, out["n_modes"] + 1))
     (mine,) = out["vocabulary"]  # the user's line is always there, with its verdict and reason
     assert mine["description"] == "face of a person wearing eyeglasses and a hat"
     assert mine["verdict"] in ("mode", "folded", "dropped", "off-domain") and mine["reason"]

@@ -114,3 +114,28 @@ def test_rediscover_settings_are_validated(bench) -> None:
         bench.discovery_config(["min_p_worse"])
     with pytest.raises(ValueError, match="min_p_worse"):
         bench.discovery_config(["min_p_worse=0.4"])  # must stay above 1/2
+
+
+def test_a_value_the_modes_share_is_scored_against_the_population(bench) -> None:
+    from llm2loss_pipeline.core.discovery.shared import SharedTrait
+
+    # 20 identities of 5 images: the men (first 10) do worse, the smiling are no different
+    identity = np.repeat(np.arange(20), 5)
+    male = identity < 10
+    smiling = np.tile([True, False, True, False, True], 20)
+    table = pl.DataFrame({"identity": identity, "Male": male, "Smiling": smiling})
+    loss = np.where(male, 1.0, 0.2) + 0.05 * (identity % 3)
+
+    def trait(attribute: str, worse: bool) -> SharedTrait:
+        return SharedTrait(attribute, True, "words", (1, 2, 3), 4, 0.5, 0.8, 0.3, 0.01, worse)
+
+    scored = bench.score_shared([trait("Male", True), trait("Smiling", False)], loss, table)
+    male_truth = condition_truth(loss, table, {"Male": True})
+    assert scored[0]["truth_gap"] == pytest.approx(male_truth["truth_gap"])
+    assert scored[0]["truth_gap"] > 0.7
+    assert scored[0]["backed"] and not scored[1]["backed"]
+    assert scored[0]["label"] == "Male" and scored[0]["modes"] == [1, 2, 3]
+    world = {"n_modes": 4, "n_backed": 0, "n_top_k": 0, "n_backed_top_k": 0, "planted": {}}
+    summary = bench.summarize([{**world, "shared": scored}, {**world, "shared": None}])
+    assert (summary["n_shared"], summary["n_shared_worse"]) == (2, 1)
+    assert summary["n_shared_worse_backed"] == 1 and summary["n_shared_not_worse_backed"] == 0

@@ -88,6 +88,8 @@ class DiscoveryReport:
     """proponent and counter-example sample ids of the kept hypotheses among them"""
     n_candidates: int
     n_kept: int
+    shared: tuple[Any, ...] = ()
+    """labelled values most failure modes' images show (core/discovery/shared.SharedTrait)"""
 
     @property
     def kept(self) -> Any:
@@ -680,5 +682,5 @@ class Diagnoser:
         ranks = table["rank"].to_list()
         evidence = result.evidence.filter(result.evidence["rank"].is_in(ranks))
         return DiscoveryReport(
-            table, evidence, result.counts["n_candidates"], result.counts["n_kept"]
+            table, evidence, result.counts["n_candidates"], result.counts["n_kept"], result.shared
         )

@@ -43,6 +43,16 @@ MODE_RULE = (
     "discovery.max_overlap) under its best wording; a pair or triple is its own mode only when "
     "its samples are measurably worse than its parents'"
 )
+SHARED_RULE = (
+    "a labelled value is listed when it is on most of the matched samples of at least half of "
+    "the modes, and of at least three, and there at least discovery.min_lift times as common "
+    "as among all samples; modes that share "
+    "one may be facets of one group, and the labels say whether the people with it are worse"
+)
+SHARED_HEADING = (
+    "what the modes share (a labelled value on most of the images of at least half of the "
+    "modes, and far more common there than among all samples)"
+)
 
 CELL = 96
 LINE = 11
@@ -176,10 +186,18 @@ def _table(rows: pl.DataFrame) -> str:
 
 
 def discovery_html(
-    hypotheses: pl.DataFrame, sheets: Mapping[int, Path], out_html: str | Path, top: int = 30
+    hypotheses: pl.DataFrame,
+    sheets: Mapping[int, Path],
+    out_html: str | Path,
+    top: int = 30,
+    shared: Sequence[Any] = (),
 ) -> Path:
-    """A self-contained page: the failure modes, the user's vocabulary, the evidence sheets."""
+    """A self-contained page: the failure modes, what they share (`shared`: SharedTrait's of
+    core/discovery/shared.py), the user's vocabulary, the evidence sheets."""
     out = Path(out_html)
+    common = "".join(f"<li>{html.escape(trait.sentence())}</li>" for trait in shared)
+    if common:
+        common = f"<h3>What the modes share</h3><p>{html.escape(SHARED_RULE)}</p><ul>{common}</ul>"
     modes = hypotheses.filter(pl.col("verdict") == "mode").head(top)
     vocab = hypotheses.filter(pl.col("source") == "vocabulary")
     figures = "".join(_embedded(path, rank) for rank, path in sorted(sheets.items()))
@@ -198,6 +216,7 @@ the attributes they do over-represent (<code>wording</code>). The full table is
 <code>failure_hypotheses.parquet</code>; the evidence samples are in
 <code>failure_evidence.parquet</code>.</p>
 <h2>Failure modes</h2>{_table(modes) if modes.height else "<p>(no failure mode)</p>"}
+{common}
 <h2>Your vocabulary</h2>{_table(vocab) if vocab.height else "<p>(no vocabulary given)</p>"}
 <h2>Evidence</h2>
 <ul><li>{html.escape(PROPONENTS)}</li><li>{html.escape(COUNTER_EXAMPLES)}</li></ul>

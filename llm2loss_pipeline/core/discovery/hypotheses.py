@@ -37,7 +37,8 @@ reason), and kept when the estimate alone disagrees but those people are measura
 ("kept on the labels");
 kept descriptions whose matched samples overlap are grouped into failure modes (headed by the
 wording whose labelled people fare worst), and a refinement stands as its own mode only when it
-is measurably worse than its parents.
+is measurably worse than its parents. Where labels exist, the values most modes' images share
+are listed beside them (shared.py): distinct modes can be facets of one group.
 
 Ranking. Failure modes first, by their representative's measured AUROC (the effect on real
 samples, scale-free); then the descriptions folded under them (`folded_under`, `redundant_with`);
@@ -73,6 +74,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     probe_share,
     wording,
 )
+from llm2loss_pipeline.core.discovery.shared import SharedTrait, shared_traits
 from llm2loss_pipeline.core.discovery.verify import (
     clustered_p_values,
     match_count,
@@ -167,6 +169,8 @@ class Discovery:
     n_candidates: int
     n_kept: int
     n_modes: int = 0
+    shared: tuple[SharedTrait, ...] = ()
+    """labelled values most modes' images show (shared.py), most widely shared first"""
 
 
 def _estimates(
@@ -300,7 +304,10 @@ def discover(
         schema_overrides=_SCHEMA,
     )
     evidence = _evidence(ranked, matches, similarity, influence, losses, eval_data, config)
-    return Discovery(table, evidence, len(candidates), int(table["kept"].sum()), len(heads))
+    modes = [(rows[i]["mode"], matches[i]) for i in heads]
+    shared = tuple(shared_traits(modes, labels, losses, eval_data.groups, config))
+    n_kept = int(table["kept"].sum())
+    return Discovery(table, evidence, len(candidates), n_kept, len(heads), shared)
 
 
 def _judge(

@@ -105,7 +105,9 @@ class Wording:
     """the same values as (attribute, value) keys"""
 
 
-def _rates(labels: Mapping[str, np.ndarray], matched: np.ndarray) -> dict[tuple[str, bool], tuple]:
+def value_rates(
+    labels: Mapping[str, np.ndarray], matched: np.ndarray
+) -> dict[tuple[str, bool], tuple]:
     """(precision, base rate, lift) of every attribute value over the matched samples."""
     rates = {}
     for name, column in labels.items():
@@ -117,7 +119,7 @@ def _rates(labels: Mapping[str, np.ndarray], matched: np.ndarray) -> dict[tuple[
     return rates
 
 
-def _shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
+def is_shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
     if precision <= base:
         return False
     if base * min_lift <= 1.0:
@@ -146,7 +148,7 @@ def _together(
     min_lift: float,
 ) -> bool:
     """Whether the matched set shows several values as one group: the samples with all of them
-    pass the same test (`_shown`) as a single value. Two values over-represented on different
+    pass the same test (`is_shown`) as a single value. Two values over-represented on different
     samples (blond hair, gray hair) are not one group: "blond hair and gray hair" would name
     images that do not exist."""
     if len(keys) < 2:
@@ -155,7 +157,7 @@ def _together(
     for name, value in keys:
         joint &= np.asarray(labels[name]) == value
     base, precision = float(joint.mean()), float(joint[matched].mean())
-    return base > 0 and _shown(precision, base, precision / base, min_lift)
+    return base > 0 and is_shown(precision, base, precision / base, min_lift)
 
 
 def _label(key: tuple[str, bool]) -> str:
@@ -174,7 +176,7 @@ def wording(
     """How well the matched samples show what `candidate` names (module docstring)."""
     if not labels:
         return Wording(UNVERIFIED, None, None, "", candidate.text)
-    rates = _rates(labels, matched)
+    rates = value_rates(labels, matched)
     over = _over_represented(rates, min_lift, avoid_subjective)
     shows = ", ".join(f"{_label(key)} {p:.0%} (x{lift:.1f})" for key, p, lift in over[:3])
     named = [key for key in candidate.values if key in rates]
@@ -182,7 +184,7 @@ def wording(
         return Wording(UNVERIFIED, None, None, shows, candidate.text)
     precision = min(rates[key][0] for key in named)
     lift = min(rates[key][2] for key in named)
-    if all(_shown(*rates[key], min_lift) for key in named) and _together(
+    if all(is_shown(*rates[key], min_lift) for key in named) and _together(
         labels, matched, named, min_lift
     ):
         stated = ", ".join(_label(key) for key in named)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -34,6 +34,9 @@ from llm2loss_pipeline.core.steps.diagnosis import training_frame
 from llm2loss_pipeline.core.steps.tables import read_manifest, split_rows
 from llm2loss_pipeline.core.storage import sha256_file, write_parquet_atomic
 
+if TYPE_CHECKING:  # core.discovery.shared pulls scipy, which this module loads lazily
+    from llm2loss_pipeline.core.discovery.shared import SharedTrait
+
 TOP_MARKDOWN = 10
 
 
@@ -44,6 +47,8 @@ class DiscoveryFindings:
     hypotheses: pl.DataFrame
     evidence: pl.DataFrame
     counts: dict[str, int]
+    shared: tuple[SharedTrait, ...] = ()
+    """labelled values most modes' images show (core/discovery/shared.py)"""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class FailureHypothesesResult:
     counts: dict[str, int]
     sheets: dict[int, Path] = field(default_factory=dict)
     views: list[str] = field(default_factory=list)
+    shared: tuple[SharedTrait, ...] = ()
 
 
 class _TextCache:
@@ -171,7 +177,7 @@ def compute_discovery(
         "descriptions verified)"
     )
     counts = _counts(result, held_out.height, len(proposals))
-    return DiscoveryFindings(result.hypotheses, result.evidence, counts)
+    return DiscoveryFindings(result.hypotheses, result.evidence, counts, result.shared)
 
 
 def identities(layout: Layout, frame: pl.DataFrame) -> np.ndarray:
@@ -260,7 +266,7 @@ def write_discovery(
     )
     table_path = write_parquet_atomic(result.hypotheses, layout.hypotheses)
     evidence_file = write_parquet_atomic(result.evidence, layout.evidence)
-    html = discovery_html(result.hypotheses, sheets, layout.discovery_html)
+    html = discovery_html(result.hypotheses, sheets, layout.discovery_html, shared=result.shared)
     metrics = layout.member_metrics
     published = publish_with_discovery(
         layout,
@@ -277,6 +283,7 @@ def write_discovery(
         counts=result.counts,
         sheets=sheets,
         views=sorted(published.views),
+        shared=result.shared,
     )
 
 

@@ -61,6 +61,9 @@ def failure_hypotheses(
         "evidence_table": dg.MetadataValue.path(str(result.evidence_path)),
         "discovery_html": dg.MetadataValue.path(str(result.html_path)),
         "duckdb_views": dg.MetadataValue.json(result.views),
+        "shared_by_modes": dg.MetadataValue.md(
+            "\n".join(f"- {trait.sentence()}" for trait in result.shared) or "(none)"
+        ),
     }
     for rank, path in sorted(result.sheets.items())[:3]:
         metadata[f"evidence_{rank:02d}"] = png_markdown(path, f"hypothesis {rank}")
