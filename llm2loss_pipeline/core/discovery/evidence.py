@@ -46,8 +46,8 @@ MODE_RULE = (
 SHARED_RULE = (
     "a labelled value is listed when it is on most of the matched samples of at least half of "
     "the modes, and of at least three, and there at least discovery.min_lift times as common "
-    "as among all samples; modes that share "
-    "one may be facets of one group, and the labels say whether the people with it are worse"
+    "as among all samples; modes that share one may be facets of one group, and the labels say "
+    "whether the people with it are worse"
 )
 SHARED_HEADING = (
     "what the modes share (a labelled value on most of the images of at least half of the "

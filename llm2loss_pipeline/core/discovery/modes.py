@@ -119,7 +119,7 @@ def value_rates(
     return rates
 
 
-def is_shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
+def _shown(precision: float, base: float, lift: float, min_lift: float) -> bool:
     if precision <= base:
         return False
     if base * min_lift <= 1.0:
@@ -148,7 +148,7 @@ def _together(
     min_lift: float,
 ) -> bool:
     """Whether the matched set shows several values as one group: the samples with all of them
-    pass the same test (`is_shown`) as a single value. Two values over-represented on different
+    pass the same test (`_shown`) as a single value. Two values over-represented on different
     samples (blond hair, gray hair) are not one group: "blond hair and gray hair" would name
     images that do not exist."""
     if len(keys) < 2:
@@ -157,7 +157,7 @@ def _together(
     for name, value in keys:
         joint &= np.asarray(labels[name]) == value
     base, precision = float(joint.mean()), float(joint[matched].mean())
-    return base > 0 and is_shown(precision, base, precision / base, min_lift)
+    return base > 0 and _shown(precision, base, precision / base, min_lift)
 
 
 def _label(key: tuple[str, bool]) -> str:
@@ -184,7 +184,7 @@ def wording(
         return Wording(UNVERIFIED, None, None, shows, candidate.text)
     precision = min(rates[key][0] for key in named)
     lift = min(rates[key][2] for key in named)
-    if all(is_shown(*rates[key], min_lift) for key in named) and _together(
+    if all(_shown(*rates[key], min_lift) for key in named) and _together(
         labels, matched, named, min_lift
     ):
         stated = ", ".join(_label(key) for key in named)

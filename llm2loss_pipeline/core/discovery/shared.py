@@ -13,10 +13,10 @@ half of the modes, and of at least `MIN_MODES`, show it: it is on most of their 
 a mode's own words must reach. A value too common for that lift (base rate above 1 / min_lift:
 "a rounded nose", on 88% of the faces) is not what sets any images apart, and is never shared.
 Values worded as an absence and, with `avoid_subjective`, values without neutral words are left
-out, as they are from rewordings. Each shared value carries what
-the labels say of the people with it: their loss gap against the others and the matched-set
-test's identity-clustered p (modes.py `labelled_gap`, `labelled_p`), so the line says whether
-those people, not only these images, are worse. It describes the modes; it is not a mode, and
+out, as they are from rewordings. Each shared value carries what the labels say of the people
+with it: their loss gap against the others and the matched-set test's identity-clustered p
+(modes.py `labelled_gap`, `labelled_p`), so the line says whether those people, not only these
+images, are worse. It describes the modes; it is not a mode, and
 no false discovery rate is spent on it.
 """
 
@@ -30,11 +30,7 @@ import numpy as np
 
 from llm2loss_pipeline.core.discovery.candidates import describe_values, is_negation, neutral_phrase
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
-from llm2loss_pipeline.core.discovery.modes import (
-    labelled_gap,
-    labelled_p,
-    value_rates,
-)
+from llm2loss_pipeline.core.discovery.modes import labelled_gap, labelled_p, value_rates
 
 MIN_MODES = 3
 """fewer modes than this sharing a value is no pattern: two modes can share it by chance"""
