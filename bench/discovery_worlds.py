@@ -207,7 +207,10 @@ def one_world(
     scores = score_modes(conditions, truths, list(planted), variants)
     # what the modes share is not stored in the home: only a rediscovery has it
     shared = None if findings is None else score_shared(findings.shared, loss, table)
+    # a planted attribute the shared line names (True, said worse): found as a shared trait
+    said = {t["attribute"] for t in shared or [] if t["value"] and t["worse"]}
     return {
+        "planted_shared": None if shared is None else [name for name in planted if name in said],
         "home": str(home),
         "planted": planted,
         "n_candidates": hypotheses.height,
@@ -240,6 +243,8 @@ def summarize(worlds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "n_shared_worse": sum(t["worse"] for t in shared),
         "n_shared_worse_backed": sum(t["worse"] and t["backed"] for t in shared),
         "n_shared_not_worse_backed": sum(not t["worse"] and t["backed"] for t in shared),
+        "n_planted_shared": sum(len(w.get("planted_shared") or []) for w in planted),
+        "n_planted": sum(len(w["planted"]) for w in planted),
         "n_worlds": len(worlds),
         "worlds_with_planting": len(planted),
         "all_planted_in_top_k": sum(bool(w["all_planted_in_top_k"]) for w in planted),
@@ -302,7 +307,8 @@ def print_tables(worlds: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
     print(
         f"\nshared values said worse: {s['n_shared_worse_backed']} of {s['n_shared_worse']} "
         f"backed by population truth; said not measurably worse but backed: "
-        f"{s['n_shared_not_worse_backed']} of {s['n_shared'] - s['n_shared_worse']}"
+        f"{s['n_shared_not_worse_backed']} of {s['n_shared'] - s['n_shared_worse']}; planted "
+        f"attributes named by it: {s['n_planted_shared']} of {s['n_planted']}"
     )
 
 

@@ -136,6 +136,9 @@ def test_a_value_the_modes_share_is_scored_against_the_population(bench) -> None
     assert scored[0]["backed"] and not scored[1]["backed"]
     assert scored[0]["label"] == "Male" and scored[0]["modes"] == [1, 2, 3]
     world = {"n_modes": 4, "n_backed": 0, "n_top_k": 0, "n_backed_top_k": 0, "planted": {}}
-    summary = bench.summarize([{**world, "shared": scored}, {**world, "shared": None}])
+    planted = {"planted": {"Male": 0.9, "Bangs": 0.6}, "planted_recall": 0.5}
+    planted |= {"all_planted_in_top_k": False, "planted_shared": ["Male"]}
+    summary = bench.summarize([{**world, **planted, "shared": scored}, {**world, "shared": None}])
     assert (summary["n_shared"], summary["n_shared_worse"]) == (2, 1)
     assert summary["n_shared_worse_backed"] == 1 and summary["n_shared_not_worse_backed"] == 0
+    assert (summary["n_planted_shared"], summary["n_planted"]) == (1, 2)
