@@ -151,9 +151,9 @@ def planted_of(home: Path) -> dict[str, float]:
 
 def rediscover(home: Path, config: DiscoveryConfig) -> Any:
     """Discovery's findings (hypotheses table, shared traits) computed afresh on `home`, nothing
-    written: a Diagnoser made
-    from the loaded encoder and heads (Diagnoser.load would write its text and query caches into
-    the home), with the home's report for the grounded estimate, as the pipeline's asset has."""
+    written: a Diagnoser made from the loaded encoder and heads (Diagnoser.load would write its
+    text and query caches into the home), with the home's report for the grounded estimate, as
+    the pipeline's asset has."""
     # lazy: torch and the encoder (seconds), only with --rediscover
     from llm2loss_pipeline.core.encoder.checkpoint import load_encoder
     from llm2loss_pipeline.core.heads.checkpoint import load_ensemble
@@ -210,9 +210,9 @@ def one_world(
     # a planted attribute the shared line names (True, said worse): found as a shared trait
     said = {t["attribute"] for t in shared or [] if t["value"] and t["worse"]}
     return {
-        "planted_shared": None if shared is None else [name for name in planted if name in said],
         "home": str(home),
         "planted": planted,
+        "planted_shared": None if shared is None else [name for name in planted if name in said],
         "n_candidates": hypotheses.height,
         "n_kept": int(hypotheses["kept"].sum()),
         **scores,

@@ -142,7 +142,7 @@ def _print_shared(shared: Any) -> None:
     """What most modes' images have in common, when the labels say so (core/discovery/shared.py)."""
     if not shared:
         return
-    # lazy: core.discovery pulls numpy and scipy; at module level they would load on `--help`
+    # lazy: core.discovery.evidence pulls polars and PIL; at module level on every `--help`
     from llm2loss_pipeline.core.discovery.evidence import SHARED_HEADING
 
     print(f"\n{SHARED_HEADING}:")
