@@ -69,12 +69,11 @@ def test_a_value_on_most_images_of_most_modes_is_shared_with_the_labels_verdict(
 def test_what_is_not_shared() -> None:
     labels, losses, clusters = _world()
     men, women = np.arange(0, 160), np.arange(160, N)
-    # men in two of four modes: not half of them plus one... exactly half is enough (2 of 4) only
-    # when that is at least MIN_MODES, so two is not
+    # men in two of four modes: half of them, but fewer than MIN_MODES
     assert MIN_MODES == 3
     two = _modes(men[:40], men[40:80], women[:40], women[40:80])
     assert _traits(two, labels, losses, clusters) == []
-    # more than half is needed when there are many modes: 3 of 7 is not
+    # at least half is needed when there are many modes: 4 of 7, so 3 of 7 is not
     seven = _modes(
         men[:40], men[40:80], men[80:120], *(women[k : k + 40] for k in range(0, 160, 40))
     )
@@ -85,7 +84,7 @@ def test_what_is_not_shared() -> None:
     common = _modes(pointy[:40], pointy[40:80], pointy[80:120])
     assert "Pointy_Nose" not in [t.label for t in _traits(common, labels, losses, clusters)]
     goatee_few = np.r_[np.arange(0, 15), women[:25]]  # goatee on 15 of 40 (lift 3.75)
-    few = _modes(goatee_few, goatee_few + 0, goatee_few + 0)
+    few = _modes(goatee_few, goatee_few, goatee_few)
     assert "Goatee" not in [t.label for t in _traits(few, labels, losses, clusters)]
     # fewer than MIN_MODES modes, or no labels: nothing to say
     assert _traits(_modes(men[:40], men[40:80]), labels, losses, clusters) == []
