@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -83,19 +83,7 @@ class SharedTrait:
         )
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "attribute": self.attribute,
-            "value": self.value,
-            "words": self.words,
-            "modes": list(self.modes),
-            "n_modes": self.n_modes,
-            "base_rate": self.base_rate,
-            "min_precision": self.min_precision,
-            "labelled_gap": self.labelled_gap,
-            "labelled_p": self.labelled_p,
-            "worse": self.worse,
-            "sentence": self.sentence(),
-        }
+        return {**asdict(self), "modes": list(self.modes), "sentence": self.sentence()}
 
 
 def shared_traits(
