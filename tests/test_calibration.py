@@ -168,6 +168,12 @@ def test_compare_with_calibration_says_cannot_tell_when_twenty_members_agree_on_
     assert answer.p_greater == 1.0
     assert 0.5 < answer.p_a_worse < 0.6 and not answer.claimed
     assert answer.verdict.startswith("cannot tell: no measurable difference")
+    # the same members moved half the free-text error (1.0) up: a side, but not a claim
+    leaning = compare_members(diffs + 0.5, MEMBERS, "a cat", "a dog", "grounded", cal, 0.9)
+    assert 0.6 < leaning.p_a_worse < 0.9 and not leaning.claimed
+    assert leaning.verdict.startswith("cannot tell: it leans worse on A ('a cat')")
+    flipped = compare_members(-diffs - 0.5, MEMBERS, "a cat", "a dog", "grounded", cal, 0.9)
+    assert flipped.verdict.startswith("cannot tell: it leans worse on B ('a dog')")
     uncalibrated = compare_members(diffs, MEMBERS, "a cat", "a dog")
     assert uncalibrated.claimed and "20 of 20 members agree" in uncalibrated.verdict
 

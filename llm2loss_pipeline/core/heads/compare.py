@@ -17,7 +17,8 @@ or as evenly split when P is exactly 1/2.
 Verdict with the report's calibration (core/report/calibration.py), what `compare` uses:
 P(A worse) = Phi(mean / sqrt(std^2 + tau^2)), the members' spread being the data's standard error
 and tau the text side's error learned on the labelled attributes. The answer names a side only
-when P >= `CLAIM` (0.9) or <= 0.1, and says "cannot tell" otherwise; a pair of texts whose
+when P >= `CLAIM` (0.9) or <= 0.1, and says "cannot tell" otherwise (naming the side it leans
+to from `LEANING`, 0.6, on); a pair of texts whose
 difference the report's probes barely span (`explained` < `MIN_EXPLAINED`) is "off the data":
 the two texts describe the same images (synonyms), or something the images do not vary in (a cat
 vs a dog, on faces), however many members agree.
@@ -59,6 +60,10 @@ CLAIM = 0.9
 #   little skill on these worlds (72% right where the true gap exceeds 0.2, a coin flip under
 #   0.1), so an honest P for it seldom leaves 0.2-0.8.
 MIN_EXPLAINED = 0.25
+LEANING = 0.6
+"""From here to CLAIM an answer that names no side says which side it leans to; nearer 1/2 it
+is "no measurable difference". Wording only: no claim rests on it. (On the reporting worlds
+2009-2016, answers stated 0.6-0.9 named the right side 65-81% of the time: bench/RESULTS.md.)"""
 FREE_TEXT_ERROR = 2.0
 FREE_TEXT_FLOOR = 0.6
 """The least text-side error of a free-text answer, in estimate units (see above)."""
@@ -250,8 +255,16 @@ class Comparison:
         if p >= CLAIM or p <= 1.0 - CLAIM:
             worse, better, sure = (a, b, p) if p >= 0.5 else (b, a, 1.0 - p)
             return f"the model is expected to do worse on {worse} than on {better} (P {sure:.2f})"
+        if abs(p - 0.5) < LEANING - 0.5:
+            return (
+                f"cannot tell: no measurable difference between {a} and {b} "
+                f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f})"
+            )
+        # 20 of 20 members may agree here: "no measurable difference" would misread an answer
+        # whose side is known but not surely enough to name (the text error is the larger part)
+        worse = a if p > 0.5 else b
         return (
-            f"cannot tell: no measurable difference between {a} and {b} "
+            f"cannot tell: it leans worse on {worse}, not surely enough to name a side "
             f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f})"
         )
 
