@@ -30,6 +30,7 @@ from llm2loss_pipeline.cli_common import envelope, fail, run_handler
 
 PIPE_WIDTH = 120
 WIDE = 110
+RANK_ANSWER_WIDTH = 40  # what rank's P(worse) and verdict columns take
 
 
 class PromptFileError(ValueError):
@@ -227,8 +228,8 @@ def run_rank(args: argparse.Namespace) -> int:
     notes = _notes("rank", caught)
     if args.json:
         estimator = ranking[0]["estimator"] if ranking else None
-        # a ranking is ordered by member means: no calibrated probability is attached to it
-        print(json.dumps(envelope("rank", estimator, False, ranking, notes), indent=2))
+        calibrated = bool(ranking) and ranking[0]["p_worse"] is not None
+        print(json.dumps(envelope("rank", estimator, calibrated, ranking, notes), indent=2))
     else:
         _print_ranking(ranking, n_members=len(diagnoser.members))
     if args.plot is not None:
@@ -441,6 +442,14 @@ def _meaning(comparison: Any) -> str:
     )
 
 
+RANK_MEANING = (
+    "P(worse): the probability that the model's real loss is higher on the text than on the "
+    "average of the texts ranked, judged as `compare` judges two texts (the same text-side error "
+    "and the same 0.9 to name a side); 'off the data': the report's labelled attributes span "
+    "little of what sets the text apart, so the data cannot answer it."
+)
+
+
 def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
     # lazy: rich: +60 modules, 50 ms of `llm2loss --help` and of every --json answer
     from rich.table import Table
@@ -451,11 +460,14 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
         title=f"estimated loss by text, worst first ({n_members} members)", title_justify="left"
     )
     kinds = [name for name in ranking[0]["groups"] if name != "overall"] if ranking else []
-    if console.width < WIDE:
-        kinds = []  # a narrow terminal keeps the text readable instead
-    for column in ("rank", "text", "mean", "q1 .. q3", "min .. max", *(f"{k} mean" for k in kinds)):
-        if column == "text":
-            table.add_column(column, justify="left", overflow="fold", ratio=1, min_width=20)
+    judged = bool(ranking) and ranking[0]["p_worse"] is not None
+    answers = ("P(worse)", "verdict") if judged else ()
+    if console.width < WIDE + (RANK_ANSWER_WIDTH if judged else 0):
+        kinds = []  # a narrow terminal keeps the text and the answer readable instead
+    columns = ("rank", "text", "mean", "q1 .. q3", "min .. max", *answers)
+    for column in (*columns, *(f"{k} mean" for k in kinds)):
+        if column in ("text", "verdict"):
+            table.add_column(column, justify="left", overflow="fold", ratio=1, min_width=12)
         else:
             table.add_column(column, justify="right", no_wrap=True)
     for row in ranking:
@@ -465,14 +477,14 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
             f"{row['mean']:+.3f}",
             f"{row['q1']:+.2f} .. {row['q3']:+.2f}",
             f"{row['min']:+.2f} .. {row['max']:+.2f}",
+            *((f"{row['p_worse']:.2f}", row["verdict"]) if judged else ()),
             *(f"{row['groups'][k]['mean']:+.3f}" for k in kinds),
         )
     console.print(table)
-    console.print(
-        "units: standard deviations of each member's predicted loss above its training average",
-        style="dim",
-        soft_wrap=True,
-    )
+    if ranking:
+        console.print(f"units: {ranking[0]['units']}", style="dim", soft_wrap=True)
+    if judged:
+        console.print(RANK_MEANING, style="dim", soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

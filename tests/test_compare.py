@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm2loss_pipeline.core.heads.compare import compare_members, rank_texts
+from llm2loss_pipeline.core.report.calibration import Calibration
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
 from llm2loss_pipeline.core.heads.plots import plot_comparison, plot_ranking
 
@@ -109,6 +110,38 @@ def test_rank_texts_orders_worst_first_with_intervals():
     json.dumps(rows)
     with pytest.raises(ValueError, match=r"scores must be \[3, 2\]"):
         rank_texts(["a", "b"], scores, members(["ranker"] * 3))
+
+
+def test_grounded_rank_answers_each_text_as_compare_answers_it_against_the_average():
+    kinds = ["regressor"] * 4 + ["ranker"] * 4
+    rng = np.random.default_rng(3)
+    scores = np.stack(
+        [rng.normal(0.6, 0.05, 8), rng.normal(0.1, 0.05, 8), rng.normal(-1.0, 0.05, 8)], 1
+    )
+    cal = Calibration("grounded", slope=1.0, text_error=0.3, n_attributes=40)
+    texts = ["a goatee", "a cat", "a young woman"]
+    rows = rank_texts(texts, scores, members(kinds), "grounded", cal, [0.8, 0.1, 0.9])
+    by_text = {row["text"]: row for row in rows}
+    for t, text in enumerate(texts):  # the same P as compare's for those member values
+        same = compare_members(scores[:, t], members(kinds), text, "the average", "grounded", cal)
+        assert by_text[text]["p_worse"] == pytest.approx(same.p_a_worse)
+    # free text's error (at least 0.6) keeps +0.6 short of a claim; -1.0 is one
+    assert by_text["a goatee"]["verdict"] == "cannot tell"
+    assert 0.8 < by_text["a goatee"]["p_worse"] < 0.9
+    assert by_text["a young woman"]["verdict"] == "better than the average"
+    # what the report's probes barely span is not answered, whatever its P
+    assert by_text["a cat"]["off_data"] and by_text["a cat"]["verdict"] == "off the data"
+    assert "average of the texts ranked" in rows[0]["units"]
+    worse = rank_texts(texts, scores + 1.0, members(kinds), "grounded", cal, [0.8, 0.8, 0.8])
+    assert worse[0]["verdict"] == "worse than the average" and worse[0]["p_worse"] >= 0.9
+    # without a report, or for the paper's estimate, no probability is attached
+    for plain in (
+        rank_texts(texts, scores, members(kinds), "grounded"),
+        rank_texts(texts, scores, members(kinds), "direct", cal),
+    ):
+        assert all(r["p_worse"] is None and r["verdict"] == "uncalibrated" for r in plain)
+    assert "training average" in plain[0]["units"]
+    json.dumps(rows)
 
 
 def test_plots_write_png_files(tmp_path):

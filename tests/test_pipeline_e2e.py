@@ -208,6 +208,17 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
     means = [row["mean"] for row in rows]
     assert means == sorted(means, reverse=True)
     np.testing.assert_allclose(means, [row["mean"] for row in in_process], rtol=1e-5, atol=1e-6)
+    # the report is built, so rank answers as compare does: two texts ranked are one comparison
+    assert json.loads(ranked.stdout)["calibrated"] is True
+    assert [row["p_worse"] for row in rows] == pytest.approx(
+        [row["p_worse"] for row in in_process], abs=1e-6
+    )
+    old_man, young_woman = diagnoser.rank(["face of an old man", "face of a young woman"])[::1]
+    by_text = {old_man["text"]: old_man, young_woman["text"]: young_woman}
+    assert by_text["face of an old man"]["p_worse"] == pytest.approx(expected.p_a_worse, abs=1e-6)
+    assert by_text["face of a young woman"]["p_worse"] == pytest.approx(
+        1 - expected.p_a_worse, abs=1e-6
+    )
     empty = subprocess.run(
         [*cli, "compare", "", "face", "--home", str(layout.home)],
         capture_output=True,

@@ -627,15 +627,19 @@ class Diagnoser:
 
         grounded (default as for `compare`): each text is asked as its contrast with the mean of
         the texts ranked with it, on the evaluation images; the scores then say how much worse
-        than the average of these texts, in the units of `compare`.
+        than the average of these texts, in the units of `compare`, and each row carries
+        `compare`'s calibrated P(worse) against that average, its verdict, and whether the data
+        can answer it (`off_data`; core/heads/compare.py `rank_texts`).
         """
         texts = check_texts(texts)
         if not texts:
             raise ValueError("rank needs at least one text")
         if self._grounded(grounded) and len(texts) > 1:
             features = self.text_features(texts)
-            diffs, _ = self._grounded_diffs(features - features.mean(axis=0))
-            return rank_texts(texts, diffs, self.ensemble.members, "grounded")
+            diffs, explained = self._grounded_diffs(features - features.mean(axis=0))
+            calibration = self.calibration("grounded")
+            members = self.ensemble.members
+            return rank_texts(texts, diffs, members, "grounded", calibration, explained)
         return rank_texts(texts, self.score_texts(texts), self.ensemble.members, "direct")
 
     # discovery

@@ -69,6 +69,19 @@ FREE_TEXT_FLOOR = 0.6
 """The least text-side error of a free-text answer, in estimate units (see above)."""
 
 
+def free_text_p_worse(values: np.ndarray, calibration: Calibration) -> float:
+    """P(the real gap is > 0) for a free-text estimate with member values `values`: their spread
+    is the data's standard error, and the text side's is FREE_TEXT_ERROR x the report's tau, at
+    least FREE_TEXT_FLOOR (see above)."""
+    values = np.asarray(values, dtype=np.float64)
+    std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    text_error = max(FREE_TEXT_ERROR * calibration.text_error, FREE_TEXT_FLOOR)
+    total = math.sqrt(std**2 + text_error**2)
+    if total == 0:
+        return 0.5 if values.mean() == 0 else float(values.mean() > 0)
+    return 0.5 * math.erfc(-float(values.mean()) / total / math.sqrt(2))
+
+
 def quartiles(values: np.ndarray) -> list[float]:
     """`np.quantile(values, [0.25, 0.5, 0.75])` (its default 'linear' method), bit for bit, without
     its per-call overhead: a tenth of a millisecond, paid per group of every comparison, which
@@ -184,14 +197,7 @@ class Comparison:
         the share of members that say so."""
         if not self.calibrated:
             return self.p_greater
-        values = np.asarray(self.diffs)
-        std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-        calibration: Calibration = self.calibration  # type: ignore[assignment]
-        text_error = max(FREE_TEXT_ERROR * calibration.text_error, FREE_TEXT_FLOOR)
-        total = math.sqrt(std**2 + text_error**2)
-        if total == 0:
-            return 0.5 if values.mean() == 0 else float(values.mean() > 0)
-        return 0.5 * math.erfc(-float(values.mean()) / total / math.sqrt(2))
+        return free_text_p_worse(np.asarray(self.diffs), self.calibration)  # type: ignore[arg-type]
 
     @property
     def claimed(self) -> bool:
@@ -315,30 +321,68 @@ def compare_members(
     )
 
 
+RANK_UNITS = {
+    "grounded": (
+        "member standard deviations of predicted loss per standard deviation of the evaluation "
+        "images' similarity to the text rather than to the average of the texts ranked "
+        "(> 0: worse than that average)"
+    ),
+    "direct": "standard deviations of each member's predicted loss above its training average",
+}
+
+
+def rank_verdict(p_worse: float | None, off_data: bool) -> str:
+    """A ranked text's one-word answer: its contrast with the average of the texts ranked,
+    judged as `compare` judges a pair (the same P and the same CLAIM level)."""
+    if off_data:
+        return "off the data"
+    if p_worse is None:
+        return "uncalibrated"
+    if p_worse >= CLAIM:
+        return "worse than the average"
+    if p_worse <= 1.0 - CLAIM:
+        return "better than the average"
+    return "cannot tell"
+
+
 def rank_texts(
     texts: Sequence[str],
     scores: np.ndarray,
     members: Sequence[MemberInfo],
     estimator: str = "direct",
+    calibration: Calibration | None = None,
+    explained: Sequence[float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
 
     `scores` is [M, T]. Each row carries the overall spread (intervals q1..q3 and min..max) and the
-    spread per kind.
+    spread per kind. Grounded scores are each text's contrast with the average of the texts
+    ranked, a `compare` of the text against that average: with the report's `calibration` each
+    row gets `compare`'s P(worse) (`p_worse`) and verdict, and with `explained` (the share of
+    each contrast the report's probes span) a text the data cannot answer is `off_data`.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(members), len(texts)):
         raise ValueError(f"scores must be [{len(members)}, {len(texts)}], got {scores.shape}")
     groups = kind_groups(members)
+    judged = estimator == "grounded" and calibration is not None and calibration.calibrated
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
+        share = explained[t] if explained is not None else None
+        off_data = share is not None and share < MIN_EXPLAINED
+        p_worse = free_text_p_worse(scores[:, t], calibration) if judged else None  # type: ignore[arg-type]
         rows.append(
             {
                 "text": text,
                 **per_group[OVERALL].to_dict(),
                 "groups": per_group,
                 "estimator": estimator,
+                "units": RANK_UNITS.get(estimator, RANK_UNITS["direct"]),
+                "p_worse": p_worse,
+                "explained": share,
+                "off_data": off_data,
+                "verdict": rank_verdict(p_worse, off_data),
             }
         )
     rows.sort(key=lambda row: -row["mean"])  # stable: equal means keep input order
