@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from llm2loss_pipeline.core.heads.compare import compare_members, rank_texts
-from llm2loss_pipeline.core.report.calibration import Calibration
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
 from llm2loss_pipeline.core.heads.plots import plot_comparison, plot_ranking
+from llm2loss_pipeline.core.report.calibration import Calibration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
