@@ -213,8 +213,8 @@ def test_cli_compare_and_rank_on_the_materialized_home(tiny) -> None:
     assert [row["p_worse"] for row in rows] == pytest.approx(
         [row["p_worse"] for row in in_process], abs=1e-6
     )
-    old_man, young_woman = diagnoser.rank(["face of an old man", "face of a young woman"])[::1]
-    by_text = {old_man["text"]: old_man, young_woman["text"]: young_woman}
+    pair = ["face of an old man", "face of a young woman"]
+    by_text = {row["text"]: row for row in diagnoser.rank(pair)}
     assert by_text["face of an old man"]["p_worse"] == pytest.approx(expected.p_a_worse, abs=1e-6)
     assert by_text["face of a young woman"]["p_worse"] == pytest.approx(
         1 - expected.p_a_worse, abs=1e-6
