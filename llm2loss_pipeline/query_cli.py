@@ -424,6 +424,16 @@ def _print_pairs(comparisons: Sequence[Any]) -> None:
 
 
 def _meaning(comparison: Any) -> str:
+    if comparison.asked_as_probe:
+        probe = comparison.probe
+        return (
+            f"P(A worse) {comparison.p_a_worse:.2f}: the report's own calibrated P(worse with "
+            f"{probe.attribute}), read for A: the texts' difference, written in the report's "
+            f"probe directions, is {probe.share:.0%} {probe.attribute}'s, so it is asked as the "
+            "report asks that attribute (its fifteen wordings, its text error, its identity "
+            "term; the report itself claims only what holds over all attributes at its false "
+            "discovery rate); a side is named only at 0.9 or more."
+        )
     if comparison.calibrated:
         # lazy: the CLI imports no query code up front (`comparison` has loaded this already)
         from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, FREE_TEXT_FLOOR
@@ -445,8 +455,8 @@ def _meaning(comparison: Any) -> str:
 RANK_MEANING = (
     "P(worse): the probability that the model's real loss is higher on the text than on the "
     "average of the texts ranked, judged as `compare` judges two texts (the same text-side error "
-    "and the same 0.9 to name a side); 'off the data': the report's labelled attributes span "
-    "little of what sets the text apart, so the data cannot answer it."
+    "and the same 0.9 to name a side; a text one report probe holds takes the report's answer "
+    "for that attribute, as in `compare`)."
 )
 
 

@@ -11,6 +11,7 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.heads.compare import compare_members
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
+from llm2loss_pipeline.core.heads.probe_reading import ProbeReading, probe_readings
 from llm2loss_pipeline.core.report.calibration import (
     Calibration,
     calibrated_claims,
@@ -414,3 +415,47 @@ def test_a_probe_that_does_not_resolve_its_attribute_is_never_claimed():
     assert calibrated_claims(names, "grounded", e, s, g, u, 0.1, resolution=unknown)[0][
         "bh_significant"
     ][0]
+
+
+def test_a_question_one_probe_holds_is_answered_as_the_report_answers_that_probe():
+    cal = Calibration("grounded", slope=1.0, text_error=0.2, n_attributes=40)
+    diffs = np.linspace(0.3, 0.5, 20)  # free text alone: P(A worse) 0.75, no claim
+    free = compare_members(diffs, MEMBERS, "a man", "a woman", "grounded", cal, 0.9)
+    assert 0.7 < free.p_a_worse < 0.8 and not free.claimed and not free.asked_as_probe
+    male = ProbeReading("Male", share=0.92, sign=1, p_worse=0.95, resolves=True)
+    asked = compare_members(diffs, MEMBERS, "a man", "a woman", "grounded", cal, 0.9, male)
+    assert asked.asked_as_probe and asked.p_a_worse == 0.95 and asked.claimed
+    assert asked.verdict.startswith("the model is expected to do worse on A ('a man')")
+    assert "asked as the report asks Male, whose probe holds 92% of the question" in asked.verdict
+    assert asked.to_dict()["probe"]["holds"] is True
+    # text B on the attribute's side: the report's P read for A
+    swapped = ProbeReading("Male", share=0.92, sign=-1, p_worse=0.95, resolves=True)
+    flipped = compare_members(-diffs, MEMBERS, "a woman", "a man", "grounded", cal, 0.9, swapped)
+    assert flipped.p_a_worse == pytest.approx(0.05) and flipped.claimed
+    # a probe short of the share, one the report does not test, or no calibration: as before
+    for probe in (
+        ProbeReading("Male", share=0.6, sign=1, p_worse=0.95, resolves=True),
+        ProbeReading("Smiling", share=0.95, sign=1, p_worse=0.99, resolves=False),
+    ):
+        other = compare_members(diffs, MEMBERS, "a", "b", "grounded", cal, 0.9, probe)
+        assert not other.asked_as_probe and other.p_a_worse == pytest.approx(free.p_a_worse)
+    bare = compare_members(diffs, MEMBERS, "a", "b", "grounded", None, 0.9, male)
+    assert not bare.asked_as_probe and bare.p_a_worse == 1.0  # the members' share
+    # text the data cannot answer stays unanswered whatever probe it leans on
+    off = compare_members(diffs, MEMBERS, "a cat", "a dog", "grounded", cal, 0.1, male)
+    assert not off.claimed and "mostly not something these images vary in" in off.verdict
+
+
+def test_probe_readings_take_the_probe_with_the_largest_coefficient():
+    coefficients = np.array([[0.1, -0.9, 0.2], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    readings = probe_readings(coefficients, ["A", "B", "C"], [0.2, 0.97, 0.5], [1, 1, 0])
+    first, none, spread = readings
+    assert (first.attribute, first.sign) == ("B", -1)
+    assert first.share == pytest.approx(0.81 / 0.86) and first.holds
+    assert first.p_a_worse == pytest.approx(0.03)
+    assert none is None
+    assert spread.attribute == "A" and spread.share == pytest.approx(1 / 3) and not spread.holds
+    nan = ProbeReading("B", share=0.99, sign=1, p_worse=float("nan"), resolves=True)
+    assert not nan.holds
+    with pytest.raises(ValueError, match=r"coefficients must be \[q, 2\]"):
+        probe_readings(coefficients, ["A", "B"], [0.1, 0.2], [1, 1])

@@ -10,6 +10,7 @@ import pytest
 from llm2loss_pipeline.core.heads.compare import compare_members, rank_texts
 from llm2loss_pipeline.core.heads.ensemble import MemberInfo
 from llm2loss_pipeline.core.heads.plots import plot_comparison, plot_ranking
+from llm2loss_pipeline.core.heads.probe_reading import ProbeReading
 from llm2loss_pipeline.core.report.calibration import Calibration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,7 +121,7 @@ def test_grounded_rank_answers_each_text_as_compare_answers_it_against_the_avera
     )
     cal = Calibration("grounded", slope=1.0, text_error=0.3, n_attributes=40)
     texts = ["a goatee", "a cat", "a young woman"]
-    rows = rank_texts(texts, scores, members(kinds), "grounded", cal, [0.8, 0.1, 0.9])
+    rows = rank_texts(texts, scores, members(kinds), "grounded", cal)
     by_text = {row["text"]: row for row in rows}
     for t, text in enumerate(texts):  # the same P as compare's for those member values
         same = compare_members(scores[:, t], members(kinds), text, "the average", "grounded", cal)
@@ -129,17 +130,22 @@ def test_grounded_rank_answers_each_text_as_compare_answers_it_against_the_avera
     assert by_text["a goatee"]["verdict"] == "cannot tell"
     assert 0.8 < by_text["a goatee"]["p_worse"] < 0.9
     assert by_text["a young woman"]["verdict"] == "better than the average"
-    # what the report's probes barely span is not answered, whatever its P
-    assert by_text["a cat"]["off_data"] and by_text["a cat"]["verdict"] == "off the data"
     assert "average of the texts ranked" in rows[0]["units"]
-    worse = rank_texts(texts, scores + 1.0, members(kinds), "grounded", cal, [0.8, 0.8, 0.8])
+    worse = rank_texts(texts, scores + 1.0, members(kinds), "grounded", cal)
     assert worse[0]["verdict"] == "worse than the average" and worse[0]["p_worse"] >= 0.9
+    # a contrast one report probe holds takes the report's answer, read for its side
+    held = ProbeReading("Male", share=0.9, sign=-1, p_worse=0.97, resolves=True)
+    routed = rank_texts(texts, scores, members(kinds), "grounded", cal, [held, None, None])
+    goatee = next(row for row in routed if row["text"] == "a goatee")
+    assert goatee["p_worse"] == pytest.approx(0.03) and goatee["asked_as"] == "Male"
+    assert goatee["verdict"] == "better than the average"
     # without a report, or for the paper's estimate, no probability is attached
     for plain in (
         rank_texts(texts, scores, members(kinds), "grounded"),
-        rank_texts(texts, scores, members(kinds), "direct", cal),
+        rank_texts(texts, scores, members(kinds), "direct", cal, [held, None, None]),
     ):
         assert all(r["p_worse"] is None and r["verdict"] == "uncalibrated" for r in plain)
+        assert all(r["asked_as"] is None for r in plain)
     assert "training average" in plain[0]["units"]
     json.dumps(rows)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import polars as pl
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
@@ -42,6 +43,7 @@ from llm2loss_pipeline.core.heads.compare import (
     rank_texts,
 )
 from llm2loss_pipeline.core.heads.gap import ModalityGap
+from llm2loss_pipeline.core.heads.probe_reading import ProbeReading, probe_readings
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.members import MemberInfo
 from llm2loss_pipeline.core.prompts import shows_nothing
@@ -60,6 +62,7 @@ POOL_SEED = 0  # fixed: a grounded comparison gives the same numbers every time
 # written by the report (core/report/build.py); plain names here keep this module off the report's
 # heavy imports (matplotlib) at query time
 CALIBRATION_FILE = "calibration.json"
+ATTRIBUTE_TABLE = "attribute_disparity.parquet"
 PROBES_FILE = "probes.safetensors"
 ENCODER_SIDECAR = "encoder.json"  # core/encoder/checkpoint.py writes it last, with the sha256
 HEADS_INDEX = "ensemble.json"  # core/heads/checkpoint.INDEX, named here to keep torch out
@@ -341,6 +344,7 @@ class Diagnoser:
         self._probes: tuple[np.ndarray, np.ndarray] | tuple[()] | None = None
         self._snapshot: Path | None = None  # where to save the query snapshot (Diagnoser.load)
         self._basis: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+        self._probe_answers: tuple[list[str], np.ndarray, np.ndarray] | tuple[()] | None = None
 
     def __repr__(self) -> str:
         return f"Diagnoser({len(self.ensemble)} members, dim {self.ensemble.embedding_dim})"
@@ -494,10 +498,14 @@ class Diagnoser:
         members = self.ensemble.members
         if self._grounded(grounded):
             features = self.text_features(check_texts(flat, labels))
-            diffs, explained = self._grounded_diffs(features[0::2] - features[1::2])
+            directions = features[0::2] - features[1::2]
+            diffs, explained = self._grounded_diffs(directions)
             calibration = self.calibration("grounded")
+            readings = self._probe_readings(directions)
             return [
-                compare_members(diffs[:, p], members, a, b, "grounded", calibration, explained[p])
+                compare_members(
+                    diffs[:, p], members, a, b, "grounded", calibration, explained[p], readings[p]
+                )
                 for p, (a, b) in enumerate(pairs)
             ]
         scores = self.score_texts(flat, labels=labels)
@@ -540,6 +548,35 @@ class Diagnoser:
             pool, scores, weights = self.grounding_pool()
             diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
         return diffs, explained
+
+    def _probe_readings(self, directions: np.ndarray) -> list[ProbeReading | None]:
+        """Per text direction [q, d], the report probe holding most of it and the report's
+        answer for that probe (all None before a report; core/heads/probe_reading.py)."""
+        probes, answers = self.probes(), self.probe_answers()
+        if probes is None or answers is None:
+            return [None] * len(directions)
+        coefficients = np.asarray(directions, dtype=np.float64) @ probes[1].T  # c = duals @ t
+        return probe_readings(coefficients, *answers)
+
+    def probe_answers(self) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """The report's attributes in its probes' order, with its calibrated P(worse with each)
+        and whether it tests each probe; None before a grounded report."""
+        if self._probe_answers is None:
+            self._probe_answers = ()
+            calibration, table = (
+                self._report_file(CALIBRATION_FILE),
+                self._report_file(ATTRIBUTE_TABLE),
+            )
+            attributes = _read_json(calibration).get("attributes") if calibration else None
+            if attributes and table is not None:
+                columns = ["attribute", "est_p_worse", "probe_resolves"]
+                rows = pl.read_parquet(table, columns=columns)
+                by_name = {row[0]: row[1:] for row in rows.iter_rows()}
+                if set(by_name) == set(attributes):  # the same report run wrote both
+                    p_worse = np.array([by_name[a][0] for a in attributes], dtype=np.float64)
+                    resolves = np.array([bool(by_name[a][1]) for a in attributes])
+                    self._probe_answers = (list(attributes), p_worse, resolves)
+        return self._probe_answers or None  # type: ignore[return-value]
 
     def _report_file(self, name: str) -> Path | None:
         if "home" not in self.meta:
@@ -628,18 +665,20 @@ class Diagnoser:
         grounded (default as for `compare`): each text is asked as its contrast with the mean of
         the texts ranked with it, on the evaluation images; the scores then say how much worse
         than the average of these texts, in the units of `compare`, and each row carries
-        `compare`'s calibrated P(worse) against that average, its verdict, and whether the data
-        can answer it (`off_data`; core/heads/compare.py `rank_texts`).
+        `compare`'s calibrated P(worse) against that average and its verdict
+        (core/heads/compare.py `rank_texts`).
         """
         texts = check_texts(texts)
         if not texts:
             raise ValueError("rank needs at least one text")
         if self._grounded(grounded) and len(texts) > 1:
             features = self.text_features(texts)
-            diffs, explained = self._grounded_diffs(features - features.mean(axis=0))
+            contrasts = features - features.mean(axis=0)
+            diffs, _ = self._grounded_diffs(contrasts)
             calibration = self.calibration("grounded")
+            readings = self._probe_readings(contrasts)
             members = self.ensemble.members
-            return rank_texts(texts, diffs, members, "grounded", calibration, explained)
+            return rank_texts(texts, diffs, members, "grounded", calibration, readings)
         return rank_texts(texts, self.score_texts(texts), self.ensemble.members, "direct")
 
     # discovery

@@ -9,6 +9,7 @@ evaluate.py    held-out Spearman / Kendall / pairwise accuracy per member and pe
 gap.py         ModalityGap: centre each modality before the heads; measure_gap_effect
 checkpoint.py  save_ensemble / load_ensemble (one safetensors file per member, index written last)
 compare.py     Comparison of two texts over members; rank_texts
+probe_reading.py  a free-text question one report probe holds, answered as the report answers it
 plots.py       Figure-2-style comparison chart and ranking chart
 """
 
@@ -26,6 +27,7 @@ _EXPORTS = {
     "DiffStats": "compare",
     "compare_members": "compare",
     "rank_texts": "compare",
+    "ProbeReading": "probe_reading",
     "HeadsConfig": "config",
     "HeadEnsemble": "ensemble",
     "MemberInfo": "ensemble",

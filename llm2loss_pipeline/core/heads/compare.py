@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from llm2loss_pipeline.core.heads.probe_reading import ProbeReading
 from llm2loss_pipeline.core.members import OVERALL, MemberInfo, member_groups
 from llm2loss_pipeline.core.report.calibration import Calibration
 
@@ -182,6 +183,13 @@ class Comparison:
     calibration: Calibration | None = None
     explained: float | None = None
     """share of the texts' difference that the report's probes span (grounded only)"""
+    probe: ProbeReading | None = None
+    """the report probe that holds most of the question, with the report's answer for it"""
+
+    @property
+    def asked_as_probe(self) -> bool:
+        """Whether P(A worse) is the report's answer for one probe (probe_reading.py)."""
+        return self.calibrated and self.probe is not None and self.probe.holds
 
     @property
     def calibrated(self) -> bool:
@@ -197,6 +205,8 @@ class Comparison:
         the share of members that say so."""
         if not self.calibrated:
             return self.p_greater
+        if self.asked_as_probe:
+            return self.probe.p_a_worse  # type: ignore[union-attr]
         return free_text_p_worse(np.asarray(self.diffs), self.calibration)  # type: ignore[arg-type]
 
     @property
@@ -258,20 +268,30 @@ class Comparison:
                 f"vary in (the labelled attributes span {self.explained:.0%} of it): the two "
                 "texts describe the same images, or something the data does not show"
             )
+        asked = ""
+        if self.asked_as_probe:
+            probe: ProbeReading = self.probe  # type: ignore[assignment]
+            asked = (
+                f"; asked as the report asks {probe.attribute}, whose probe holds "
+                f"{probe.share:.0%} of the question"
+            )
         if p >= CLAIM or p <= 1.0 - CLAIM:
             worse, better, sure = (a, b, p) if p >= 0.5 else (b, a, 1.0 - p)
-            return f"the model is expected to do worse on {worse} than on {better} (P {sure:.2f})"
+            return (
+                f"the model is expected to do worse on {worse} than on {better} "
+                f"(P {sure:.2f}{asked})"
+            )
         if abs(p - 0.5) < LEANING - 0.5:
             return (
                 f"cannot tell: no measurable difference between {a} and {b} "
-                f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f})"
+                f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f}{asked})"
             )
         # 20 of 20 members may agree here: "no measurable difference" would misread an answer
         # whose side is known but not surely enough to name (the text error is the larger part)
         worse = a if p > 0.5 else b
         return (
             f"cannot tell: it leans worse on {worse}, not surely enough to name a side "
-            f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f})"
+            f"(P(A worse) {p:.2f}; a claim needs {CLAIM:.1f}{asked})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +303,8 @@ class Comparison:
             "claimed": self.claimed,
             "calibrated": self.calibrated,
             "explained": self.explained,
+            "asked_as_probe": self.asked_as_probe,
+            "probe": self.probe.to_dict() if self.probe is not None else None,
             "members_a_worse": self.p_greater,
             "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
             "members": [
@@ -301,6 +323,7 @@ def compare_members(
     estimator: str = "direct",
     calibration: Calibration | None = None,
     explained: float | None = None,
+    probe: ProbeReading | None = None,
 ) -> Comparison:
     """Statistics of per-member differences `diff` [M] = h(a) - h(b) (standardised)."""
     values = np.asarray(diff, dtype=np.float64).reshape(-1)
@@ -318,6 +341,7 @@ def compare_members(
         estimator=estimator,
         calibration=calibration,
         explained=explained,
+        probe=probe,
     )
 
 
@@ -331,11 +355,9 @@ RANK_UNITS = {
 }
 
 
-def rank_verdict(p_worse: float | None, off_data: bool) -> str:
+def rank_verdict(p_worse: float | None) -> str:
     """A ranked text's one-word answer: its contrast with the average of the texts ranked,
     judged as `compare` judges a pair (the same P and the same CLAIM level)."""
-    if off_data:
-        return "off the data"
     if p_worse is None:
         return "uncalibrated"
     if p_worse >= CLAIM:
@@ -351,15 +373,17 @@ def rank_texts(
     members: Sequence[MemberInfo],
     estimator: str = "direct",
     calibration: Calibration | None = None,
-    explained: Sequence[float | None] | None = None,
+    probes: Sequence[ProbeReading | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
 
     `scores` is [M, T]. Each row carries the overall spread (intervals q1..q3 and min..max) and the
     spread per kind. Grounded scores are each text's contrast with the average of the texts
     ranked, a `compare` of the text against that average: with the report's `calibration` each
-    row gets `compare`'s P(worse) (`p_worse`) and verdict, and with `explained` (the share of
-    each contrast the report's probes span) a text the data cannot answer is `off_data`.
+    row gets `compare`'s P(worse) (`p_worse`) and verdict; a contrast one report probe holds
+    (`probes`) takes the report's answer for it, as in `compare`. (No off-the-data flag: a
+    contrast with the average of texts worded alike or not, a cat among them, is mostly wording,
+    so its share spanned by the probes says little about the one text.)
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(members), len(texts)):
@@ -369,9 +393,14 @@ def rank_texts(
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
-        share = explained[t] if explained is not None else None
-        off_data = share is not None and share < MIN_EXPLAINED
-        p_worse = free_text_p_worse(scores[:, t], calibration) if judged else None  # type: ignore[arg-type]
+        probe = probes[t] if probes is not None else None
+        p_worse = None
+        if judged:
+            p_worse = (
+                probe.p_a_worse
+                if probe is not None and probe.holds
+                else free_text_p_worse(scores[:, t], calibration)  # type: ignore[arg-type]
+            )
         rows.append(
             {
                 "text": text,
@@ -380,9 +409,10 @@ def rank_texts(
                 "estimator": estimator,
                 "units": RANK_UNITS.get(estimator, RANK_UNITS["direct"]),
                 "p_worse": p_worse,
-                "explained": share,
-                "off_data": off_data,
-                "verdict": rank_verdict(p_worse, off_data),
+                "asked_as": probe.attribute
+                if judged and probe is not None and probe.holds
+                else None,
+                "verdict": rank_verdict(p_worse),
             }
         )
     rows.sort(key=lambda row: -row["mean"])  # stable: equal means keep input order
