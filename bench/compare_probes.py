@@ -44,7 +44,7 @@ from llm2loss_pipeline.core.truth import calibration_table, condition_gap
 PARAPHRASES: list[tuple[str, str, str]] = [
     ("a man", "a woman", "Male"),
     ("a photo of a blond man", "a photo of a blond woman", "Male"),
-    ("an elderly person", "a young person", "Young"),
+    ("a young person", "an elderly person", "Young"),
     ("someone with silver hair", "someone with brown hair", "Gray_Hair"),
     ("a gray-haired person", "a person whose hair is not gray", "Gray_Hair"),
     ("a man with a mustache", "a man without a mustache", "Mustache"),

@@ -434,7 +434,7 @@ def test_a_question_one_probe_holds_is_answered_as_the_report_answers_that_probe
     assert flipped.p_a_worse == pytest.approx(0.05) and flipped.claimed
     # a probe short of the share, one the report does not test, or no calibration: as before
     for probe in (
-        ProbeReading("Male", share=0.6, sign=1, p_worse=0.95, resolves=True),
+        ProbeReading("Male", share=0.45, sign=1, p_worse=0.95, resolves=True),
         ProbeReading("Smiling", share=0.95, sign=1, p_worse=0.99, resolves=False),
     ):
         other = compare_members(diffs, MEMBERS, "a", "b", "grounded", cal, 0.9, probe)

@@ -129,6 +129,19 @@ def test_the_grounded_estimate_is_compares_answer_for_the_same_text(heads, monke
     est = grounded_estimates(grounding, np.stack([texts[t] for t in names]), reference, names)
     assert 0.5 < est["p_worse"][0] < 0.6
 
+    # a description one report probe holds takes the report's answer for it, in both
+    answers = (["a0", "a1", "a2", "a3", "a4"], np.array([0.99, 0.5, 0.5, 0.5, 0.5]), np.ones(5))
+    monkeypatch.setattr(diagnoser, "calibration", lambda estimator: tau)
+    monkeypatch.setattr(diagnoser, "probe_answers", lambda: answers)
+    grounding = DescriptionGrounding.from_diagnoser(diagnoser)
+    est = grounded_estimates(grounding, np.stack([texts[t] for t in names]), reference, names)
+    assert est["p_worse"][:2] == pytest.approx([0.99, 0.01])
+    assert est["p_worse"][2] == 0.5
+    for t, name in enumerate(names):
+        answer = diagnoser.compare(name, "the centroid")
+        assert answer.asked_as_probe == (t < 2)
+        assert est["p_worse"][t] == pytest.approx(answer.p_a_worse, abs=1e-6)
+
     # a bare scorer (no report, no images) cannot ground: discovery falls back to direct
     assert DescriptionGrounding.from_diagnoser(object()) is None
 

@@ -11,7 +11,10 @@ Discovery keeps a description only when the heads' estimate agrees with its matc
   member's estimate is the covariance of its predicted loss with the evaluation images' score
   along that direction, on its own identity-clustered bootstrap of the images. P(worse) is
   `Comparison.p_a_worse`: calibrated with the report's slope and text-side error (the free-text
-  factor included) when the report has a calibration, else the members' share. So `discover` and
+  factor included) when the report has a calibration, else the members' share; a description
+  one report probe holds takes the report's answer for it, as in `compare`
+  (core/heads/probe_reading.py; it changed no mode on the tuning worlds 1001-1008: a
+  description's contrast with the centroid is seldom held by one probe). So `discover` and
   `compare(t, ...)` read a text the same way. Issue 17 found the direct estimate the weaker
   estimator (Spearman against the measured gaps 0.44 vs 0.88 on the default world), and its
   member share dropped planted attributes whose matched samples were worse at q 1e-5
@@ -31,6 +34,7 @@ import numpy as np
 from scipy import stats as sps
 
 from llm2loss_pipeline.core.heads.compare import compare_members
+from llm2loss_pipeline.core.heads.probe_reading import ProbeReading, probe_readings
 from llm2loss_pipeline.core.members import MemberInfo
 from llm2loss_pipeline.core.report.calibration import Calibration
 from llm2loss_pipeline.core.report.grounded import grounded_diffs, probe_basis
@@ -52,6 +56,8 @@ class DescriptionGrounding:
     probe_directions: np.ndarray
     probe_duals: np.ndarray
     calibration: Calibration | None
+    answers: tuple[list[str], np.ndarray, np.ndarray] | None = None
+    """the report's attributes with its P(worse with each) and gate (`Diagnoser.probe_answers`)"""
 
     @classmethod
     def from_diagnoser(cls, diagnoser: Any) -> DescriptionGrounding | None:
@@ -74,6 +80,7 @@ class DescriptionGrounding:
             probe_directions=np.asarray(probes[0], dtype=np.float64),
             probe_duals=np.asarray(probes[1], dtype=np.float64),
             calibration=diagnoser.calibration("grounded"),
+            answers=diagnoser.probe_answers() if hasattr(diagnoser, "probe_answers") else None,
         )
 
 
@@ -108,10 +115,19 @@ def grounded_estimates(
         diffs[:, apart] = grounded_diffs(
             grounding.member_scores, grounding.pool, mapped[apart], grounding.weights
         )
+    readings: list[ProbeReading | None] = [None] * len(directions)
+    if grounding.answers is not None:
+        readings = probe_readings(directions @ grounding.probe_duals.T, *grounding.answers)
     p_worse = np.array(
         [
             compare_members(
-                diffs[:, t], grounding.members, text, REFERENCE, "grounded", grounding.calibration
+                diffs[:, t],
+                grounding.members,
+                text,
+                REFERENCE,
+                "grounded",
+                grounding.calibration,
+                probe=readings[t],
             ).p_a_worse
             for t, text in enumerate(texts)
         ]

@@ -18,7 +18,8 @@ Verdict with the report's calibration (core/report/calibration.py), what `compar
 P(A worse) = Phi(mean / sqrt(std^2 + tau^2)), the members' spread being the data's standard error
 and tau the text side's error learned on the labelled attributes. The answer names a side only
 when P >= `CLAIM` (0.9) or <= 0.1, and says "cannot tell" otherwise (naming the side it leans
-to from `LEANING`, 0.6, on); a pair of texts whose
+to from `LEANING`, 0.6, on). A question that one report probe holds (probe_reading.py) takes the
+report's own calibrated P for that attribute instead of free text's. A pair of texts whose
 difference the report's probes barely span (`explained` < `MIN_EXPLAINED`) is "off the data":
 the two texts describe the same images (synonyms), or something the images do not vary in (a cat
 vs a dog, on faces), however many members agree.
