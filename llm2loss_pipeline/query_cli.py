@@ -476,8 +476,10 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
         kinds = []  # a narrow terminal keeps the text and the answer readable instead
     columns = ("rank", "text", "mean", "q1 .. q3", "min .. max", *answers)
     for column in (*columns, *(f"{k} mean" for k in kinds)):
-        if column in ("text", "verdict"):
-            table.add_column(column, justify="left", overflow="fold", ratio=1, min_width=12)
+        if column == "text":
+            table.add_column(column, justify="left", overflow="fold", ratio=1, min_width=20)
+        elif column == "verdict":
+            table.add_column(column, justify="left", no_wrap=True)
         else:
             table.add_column(column, justify="right", no_wrap=True)
     for row in ranking:

@@ -563,10 +563,8 @@ class Diagnoser:
         and whether it tests each probe; None before a grounded report."""
         if self._probe_answers is None:
             self._probe_answers = ()
-            calibration, table = (
-                self._report_file(CALIBRATION_FILE),
-                self._report_file(ATTRIBUTE_TABLE),
-            )
+            calibration = self._report_file(CALIBRATION_FILE)
+            table = self._report_file(ATTRIBUTE_TABLE)
             attributes = _read_json(calibration).get("attributes") if calibration else None
             if attributes and table is not None:
                 columns = ["attribute", "est_p_worse", "probe_resolves"]

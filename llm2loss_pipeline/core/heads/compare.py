@@ -395,13 +395,12 @@ def rank_texts(
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
         probe = probes[t] if probes is not None else None
+        held = judged and probe is not None and probe.holds
         p_worse = None
-        if judged:
-            p_worse = (
-                probe.p_a_worse
-                if probe is not None and probe.holds
-                else free_text_p_worse(scores[:, t], calibration)  # type: ignore[arg-type]
-            )
+        if held:
+            p_worse = probe.p_a_worse  # type: ignore[union-attr]
+        elif judged:
+            p_worse = free_text_p_worse(scores[:, t], calibration)  # type: ignore[arg-type]
         rows.append(
             {
                 "text": text,
@@ -410,9 +409,7 @@ def rank_texts(
                 "estimator": estimator,
                 "units": RANK_UNITS.get(estimator, RANK_UNITS["direct"]),
                 "p_worse": p_worse,
-                "asked_as": probe.attribute
-                if judged and probe is not None and probe.holds
-                else None,
+                "asked_as": probe.attribute if held else None,  # type: ignore[union-attr]
                 "verdict": rank_verdict(p_worse),
             }
         )
