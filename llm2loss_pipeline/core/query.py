@@ -477,7 +477,9 @@ class Diagnoser:
         member on its own bootstrap resample of the evaluation identities
         (core/report/grounded.py). The texts' difference is asked in the report's probe basis,
         and P(A worse) is calibrated with the report's text-side error
-        (core/report/calibration.py) when the report has been built.
+        (core/report/calibration.py) when the report has been built; where one probe holds most
+        of the question, P(A worse) is the report's own answer for that attribute
+        (core/heads/probe_reading.py; `Comparison.asked_as_probe`).
         """
         return self.compare_many([(text_a, text_b)], grounded=grounded)[0]
 
