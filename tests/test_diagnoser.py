@@ -510,3 +510,41 @@ def test_texts_of_combining_marks_alone_are_empty(diagnoser):
 def test_verdicts_quote_texts_as_typed(diagnoser):
     result = diagnoser.compare("face $\\frac{a$ x", HAT)
     assert "'face $\\frac{a$ x'" in result.verdict and "\\\\" not in result.verdict
+
+
+def test_the_report_s_answers_per_probe_are_read_once_and_checked(diagnoser, tmp_path):
+    import polars as pl
+
+    from llm2loss_pipeline.core.storage import StorageError
+
+    def answers_at(home: Path):
+        fresh = Diagnoser.load(diagnoser.meta["home"], encoder_loader=fake_loader)
+        fresh.meta["home"] = str(home)  # the report files are read from this home
+        return fresh.probe_answers()
+
+    reports = Layout.at(tmp_path).reports
+    assert answers_at(tmp_path) is None  # no report yet
+    reports.mkdir(parents=True)
+    (reports / "calibration.json").write_text(json.dumps({"attributes": ["Hat", "Glasses"]}))
+    table = reports / "attribute_disparity.parquet"
+    pl.DataFrame(
+        {
+            "attribute": ["Glasses", "Hat"],
+            "est_p_worse": [0.97, 0.2],
+            "probe_resolves": [True, False],
+        }
+    ).write_parquet(table)
+    names, p_worse, resolves = answers_at(tmp_path)
+    assert names == ["Hat", "Glasses"]  # in the probes' order, not the table's
+    assert list(p_worse) == [0.2, 0.97] and list(resolves) == [False, True]
+    # a report from before these columns: no answers, free text as it was
+    pl.DataFrame({"attribute": ["Glasses", "Hat"], "gap_loss": [0.1, 0.2]}).write_parquet(table)
+    assert answers_at(tmp_path) is None
+    # a table from another report run (other attributes) is not mixed in
+    pl.DataFrame(
+        {"attribute": ["Smiling"], "est_p_worse": [0.5], "probe_resolves": [True]}
+    ).write_parquet(table)
+    assert answers_at(tmp_path) is None
+    table.write_bytes(b"not parquet")
+    with pytest.raises(StorageError, match=r"attribute_disparity\.parquet: unreadable"):
+        answers_at(tmp_path)

@@ -294,6 +294,19 @@ def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict,
         return None
 
 
+def _report_answers(table: Path) -> dict[str, tuple[Any, Any]] | None:
+    """attribute -> (est_p_worse, probe_resolves) from the report's attribute table; None when
+    the table predates those columns. An unreadable table names itself."""
+    columns = ["attribute", "est_p_worse", "probe_resolves"]
+    try:
+        if not set(columns) <= set(pl.read_parquet_schema(table)):
+            return None
+        frame = pl.read_parquet(table, columns=columns)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise StorageError(f"{table}: unreadable ({exc}); rebuild the report") from exc
+    return {row[0]: row[1:] for row in frame.iter_rows()}
+
+
 def check_texts(texts: Iterable[Any], labels: Sequence[str] | None = None) -> list[str]:
     """Texts as a list, with a ValueError naming the first empty or non-string one."""
     if isinstance(texts, str):
@@ -562,20 +575,18 @@ class Diagnoser:
 
     def probe_answers(self) -> tuple[list[str], np.ndarray, np.ndarray] | None:
         """The report's attributes in its probes' order, with its calibrated P(worse with each)
-        and whether it tests each probe; None before a grounded report."""
+        and whether it tests each probe; None before a grounded report, or for a report from
+        before those columns (its questions are answered as free text, as they were)."""
         if self._probe_answers is None:
             self._probe_answers = ()
             calibration = self._report_file(CALIBRATION_FILE)
             table = self._report_file(ATTRIBUTE_TABLE)
             attributes = _read_json(calibration).get("attributes") if calibration else None
-            if attributes and table is not None:
-                columns = ["attribute", "est_p_worse", "probe_resolves"]
-                rows = pl.read_parquet(table, columns=columns)
-                by_name = {row[0]: row[1:] for row in rows.iter_rows()}
-                if set(by_name) == set(attributes):  # the same report run wrote both
-                    p_worse = np.array([by_name[a][0] for a in attributes], dtype=np.float64)
-                    resolves = np.array([bool(by_name[a][1]) for a in attributes])
-                    self._probe_answers = (list(attributes), p_worse, resolves)
+            rows = _report_answers(table) if attributes and table is not None else None
+            if rows is not None and set(rows) == set(attributes):  # one report run wrote both
+                p_worse = np.array([rows[a][0] for a in attributes], dtype=np.float64)
+                resolves = np.array([bool(rows[a][1]) for a in attributes])
+                self._probe_answers = (list(attributes), p_worse, resolves)
         return self._probe_answers or None  # type: ignore[return-value]
 
     def _report_file(self, name: str) -> Path | None:
