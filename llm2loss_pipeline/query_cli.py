@@ -415,12 +415,24 @@ def _print_pairs(comparisons: Sequence[Any]) -> None:
             Text(comparison.text_b),
             f"{overall.mean:+.3f}",
             f"{value:.2f}",
-            Text(comparison.verdict.split(":")[0]),
+            Text(_short_verdict(comparison)),
         )
     console.print(table)
     console.print(
         f"estimator: {first.estimator}; units: {first.units}", style="dim", soft_wrap=True
     )
+
+
+def _short_verdict(comparison: Any) -> str:
+    """One table cell: the side named, else the verdict's opening words; and the probe asked."""
+    if comparison.claimed:
+        side = "A" if comparison.p_a_worse >= 0.5 else "B"
+        short = f"worse on {side}"
+    else:
+        short = comparison.verdict.split(":")[0]
+    if comparison.asked_as_probe:
+        short += f" (asked as {comparison.probe.attribute})"
+    return short
 
 
 def _meaning(comparison: Any) -> str:

@@ -428,6 +428,10 @@ def test_a_question_one_probe_holds_is_answered_as_the_report_answers_that_probe
     assert asked.verdict.startswith("the model is expected to do worse on A ('a man')")
     assert "asked as the report asks Male, whose probe holds 92% of the question" in asked.verdict
     assert asked.to_dict()["probe"]["holds"] is True
+    from llm2loss_pipeline.query_cli import _short_verdict
+
+    assert _short_verdict(asked) == "worse on A (asked as Male)"
+    assert _short_verdict(free) == "cannot tell"
     # text B on the attribute's side: the report's P read for A
     swapped = ProbeReading("Male", share=0.92, sign=-1, p_worse=0.95, resolves=True)
     flipped = compare_members(-diffs, MEMBERS, "a woman", "a man", "grounded", cal, 0.9, swapped)

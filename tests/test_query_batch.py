@@ -59,6 +59,8 @@ def test_pairs_file_answers_each_pair_as_compare_does(cli_home, capsys, tmp_path
     assert main(["compare", "--pairs", str(pairs), "--home", str(cli_home)]) == 0
     table = capsys.readouterr().out
     assert "2 pairs" in table and GLASSES in table and "members A worse" in table
+    # a row's verdict is the side named: glasses worse than a hat, then A (smiling) better
+    assert "worse on A" in table and "worse on B" in table
 
 
 def test_pairs_bad_line_is_named_by_its_number(cli_home, capsys, tmp_path, monkeypatch):
