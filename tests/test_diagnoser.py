@@ -546,5 +546,8 @@ def test_the_report_s_answers_per_probe_are_read_once_and_checked(diagnoser, tmp
     ).write_parquet(table)
     assert answers_at(tmp_path) is None
     table.write_bytes(b"not parquet")
-    with pytest.raises(StorageError, match=r"attribute_disparity\.parquet: unreadable"):
-        answers_at(tmp_path)
+    broken = Diagnoser.load(diagnoser.meta["home"], encoder_loader=fake_loader)
+    broken.meta["home"] = str(tmp_path)
+    for _ in range(2):  # on every ask, not once and then silently nothing
+        with pytest.raises(StorageError, match=r"attribute_disparity\.parquet: unreadable"):
+            broken.probe_answers()

@@ -577,16 +577,17 @@ class Diagnoser:
         """The report's attributes in its probes' order, with its calibrated P(worse with each)
         and whether it tests each probe; None before a grounded report, or for a report from
         before those columns (its questions are answered as free text, as they were)."""
-        if self._probe_answers is None:
-            self._probe_answers = ()
+        if self._probe_answers is None:  # an unreadable table raises now and on every ask
             calibration = self._report_file(CALIBRATION_FILE)
             table = self._report_file(ATTRIBUTE_TABLE)
             attributes = _read_json(calibration).get("attributes") if calibration else None
             rows = _report_answers(table) if attributes and table is not None else None
+            found: tuple[list[str], np.ndarray, np.ndarray] | tuple[()] = ()
             if rows is not None and set(rows) == set(attributes):  # one report run wrote both
                 p_worse = np.array([rows[a][0] for a in attributes], dtype=np.float64)
                 resolves = np.array([bool(rows[a][1]) for a in attributes])
-                self._probe_answers = (list(attributes), p_worse, resolves)
+                found = (list(attributes), p_worse, resolves)
+            self._probe_answers = found
         return self._probe_answers or None  # type: ignore[return-value]
 
     def _report_file(self, name: str) -> Path | None:
