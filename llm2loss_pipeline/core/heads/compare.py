@@ -394,13 +394,14 @@ def rank_texts(
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
-        probe = probes[t] if probes is not None else None
-        held = judged and probe is not None and probe.holds
-        p_worse = None
-        if held:
-            p_worse = probe.p_a_worse  # type: ignore[union-attr]
-        elif judged:
-            p_worse = free_text_p_worse(scores[:, t], calibration)  # type: ignore[arg-type]
+        p_worse, asked_as = None, None
+        if judged:  # the text against the average, answered by compare's own rules
+            probe = probes[t] if probes is not None else None
+            answer = compare_members(
+                scores[:, t], members, text, "the average", estimator, calibration, probe=probe
+            )
+            p_worse = answer.p_a_worse
+            asked_as = probe.attribute if answer.asked_as_probe else None  # type: ignore[union-attr]
         rows.append(
             {
                 "text": text,
@@ -409,7 +410,7 @@ def rank_texts(
                 "estimator": estimator,
                 "units": RANK_UNITS.get(estimator, RANK_UNITS["direct"]),
                 "p_worse": p_worse,
-                "asked_as": probe.attribute if held else None,  # type: ignore[union-attr]
+                "asked_as": asked_as,
                 "verdict": rank_verdict(p_worse),
             }
         )
