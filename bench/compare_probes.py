@@ -63,6 +63,7 @@ PARAPHRASES: list[tuple[str, str, str]] = [
     ("a person with a receding hairline", "a person with a full hairline", "Receding_Hairline"),
     ("a bearded man", "a beardless man", "No_Beard"),
 ]
+PARAPHRASES_ATTRIBUTES = [name for _, _, name in PARAPHRASES]
 DEFAULT_SHARES = "0.5,0.6,0.7,0.8,0.9"
 
 
@@ -165,9 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
-
-
-PARAPHRASES_ATTRIBUTES = [name for _, _, name in PARAPHRASES]
 
 if __name__ == "__main__":
     sys.exit(main())
