@@ -110,7 +110,7 @@ def test_group_by_declares_the_groups_the_worst_is_chosen_from(tmp_path):
     assert table.filter(pl.col("declared"))["attribute"].unique().to_list() == ["Male"]
     path = tmp_path / "attributes.parquet"
     _frame().select("sample_id", "Blond_Hair", "Male").write_parquet(path)
-    _, headline, sentence = report_groups(
+    _, headline, (sentence,) = report_groups(
         _frame(), ["Blond_Hair", "Male"], TaskConfig(), 5, str(path), ["Male"]
     )
     assert headline["worst_group_accuracy"] == pytest.approx(4 / 7)
@@ -152,11 +152,12 @@ def test_report_groups_reads_the_target_from_the_attribute_table(tmp_path):
     frame = _frame()
     path = tmp_path / "attributes.parquet"
     frame.select("sample_id", "Blond_Hair", "Male").write_parquet(path)
-    table, headline, sentence = report_groups(
+    table, headline, sentences = report_groups(
         frame.drop("Blond_Hair"), ["Male"], BLOND_TASK, 2, str(path)
     )
     assert headline["worst_group_accuracy"] == 0.25 and headline["worst_group_n"] == 4
     assert headline["n_groups"] == 4 and table.height == 4
-    assert sentence.startswith("worst group: blond men")
+    assert len(sentences) == 1 and sentences[0].startswith("worst group: blond men")
+    assert "est_loss" not in table.columns  # no grounding given: nothing estimated from text
     with pytest.raises(ValueError, match=r"no column for task.target 'Blond_Hair'"):
         group_table(frame.drop("Blond_Hair"), ["Male"], BLOND_TASK, 2)

@@ -150,6 +150,14 @@ def test_the_report_speaks_the_tables_attributes(table_run) -> None:
     assert "7 attribute(s) are asked about in words built from their column names" in summary
     assert "smile, man, beard, hair_black" in summary
     assert "Eyeglasses" not in html and "Blond_Hair" not in html
+    # each group estimated from text too: the text puts every test image on one side of each
+    # attribute, and one declared group is named the estimated worst, in the headline
+    groups = pl.read_parquet(layout.reports / "groups.parquet")
+    sides = groups.group_by("attribute").agg(pl.col("est_n").sum())["est_n"].unique().to_list()
+    assert sides == [headline["n_eval_samples"]]
+    assert groups["est_loss"].is_not_null().all() and groups["est_worst"].sum() == 1
+    assert headline["worst_group_estimated_agrees"] in (0.0, 1.0)
+    assert "worst group estimated from text, without the attribute&#x27;s labels" in summary
     # the probes file's words reached every step that phrases: the encoder step seeds the home's
     # text index with its prompts and the report adds its own. Only the file says "spectacles"
     # or "bareheaded", and no step asked with the words built from those two names

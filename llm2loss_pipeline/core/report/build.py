@@ -454,7 +454,7 @@ def build_report_from_config(
     result = assemble_report(
         scorer, encode_texts, estimator, measured, estimated, probes, config, hooks, say
     )
-    result = _with_groups(result, layout, measured, hooks, config)
+    result = _with_groups(result, layout, measured, hooks, config, estimated.grounding)
     out = Path(out_dir) if out_dir is not None else layout.reports
     say(f"writing the report to {out}")
     return write_report(result, out, member_groups(list(scorer.members)))
@@ -466,23 +466,26 @@ def _with_groups(
     measured: Measured,
     hooks: ReportHooks,
     config: ReportSettings,
+    grounding: Grounding | None,
 ) -> ReportResult:
     """Per-group accuracy for the task the black box was fitted for, and the worst group in the
-    headline and the notes."""
+    headline and the notes; with the grounded estimator, each group estimated from text too."""
     task = recorded_task_of(layout.black_box_reference, layout.black_box.with_suffix(".json"))
-    table, headline, sentence = report_groups(
+    pool = (grounding, measured.pool[0]) if grounding is not None and measured.pool else None
+    table, headline, sentences = report_groups(
         measured.eval_frame,
         list(hooks.attributes or ()),
         task,
         config.min_group_size,
         str(layout.attributes),
         config.group_by,
+        pool,
     )
     return dataclasses.replace(
         result,
         groups=table,
         headline={**result.headline, **headline},
-        notes=[sentence, *result.notes],
+        notes=[*sentences, *result.notes],
     )
 
 

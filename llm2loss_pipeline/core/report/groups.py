@@ -33,6 +33,12 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from llm2loss_pipeline.core.report.grounded import Grounding
+from llm2loss_pipeline.core.report.group_estimates import (
+    estimate_agreement,
+    estimate_groups,
+    estimated_worst_sentence,
+)
 from llm2loss_pipeline.core.task import TaskConfig
 
 GROUP_SCHEMA: dict[str, pl.DataType] = {
@@ -276,16 +282,21 @@ def report_groups(
     min_group_size: int,
     attribute_table: str,
     group_by: Sequence[str] = (),
-) -> tuple[pl.DataFrame, dict[str, float], str]:
-    """The report's group table, its headline numbers and the worst-group sentence. An attribute
-    task's target is not among the diagnosed attributes, so its column is read from
-    `attribute_table` (the attribute Parquet file)."""
+    grounding: tuple[Grounding, Sequence[object]] | None = None,
+) -> tuple[pl.DataFrame, dict[str, float], list[str]]:
+    """The report's group table, its headline numbers and its sentences (the worst group, then
+    the one estimated from text). An attribute task's target is not among the diagnosed
+    attributes, so its column is read from `attribute_table` (the attribute Parquet file).
+    `grounding`: the grounded estimator's pool and its sample ids, for the groups estimated from
+    text (`core.report.group_estimates`); None leaves them out."""
     frame = eval_frame
     target = task.target if task.kind == "attribute" else None
     if target is not None and target not in frame.columns:
         column = pl.read_parquet(attribute_table, columns=["sample_id", target])
         frame = frame.join(column, on="sample_id", how="left", maintain_order="left")
     table = group_table(frame, attributes, task, min_group_size, group_by)
+    if grounding is not None:
+        table = estimate_groups(table, *grounding, frame, target, min_group_size)
     row = worst_group(table)
     nan = float("nan")
     headline = {
@@ -295,5 +306,10 @@ def report_groups(
         "worst_group_n": float(row["n"]) if row else nan,  # type: ignore[arg-type]
         "n_groups": float(table.height),
     }
-    lowest = lowest_cell(table) if group_by else None
-    return table, headline, worst_group_sentence(row, lowest, table.height)
+    sentences = [worst_group_sentence(row, lowest_cell(table) if group_by else None, table.height)]
+    if grounding is not None:
+        headline.update(estimate_agreement(table))
+        estimated = estimated_worst_sentence(table)
+        if estimated is not None:
+            sentences.append(estimated)
+    return table, headline, sentences

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from llm2loss_pipeline.core.probes import BUILT_NOTE
+from llm2loss_pipeline.core.report.group_estimates import ESTIMATED_WORST
 
 if TYPE_CHECKING:
     from llm2loss_pipeline.core.report.build import ReportResult
@@ -110,6 +111,12 @@ GROUP_COLUMNS: list[tuple[str, str, Format]] = [
     ("mean_loss", "mean loss", num(4)),
     ("small_group", "small", text),
 ]
+ESTIMATED_GROUP_COLUMNS: list[tuple[str, str, Format]] = [
+    ("est_n", "images by text", text),
+    ("est_loss", "estimated loss (member sd)", num(2)),
+    ("est_worst", "estimated worst", text),
+]
+"""The groups estimated from text (core/report/group_estimates.py), with the grounded estimator."""
 N_GROUPS_SHOWN = 12
 
 CORRELATION_COLUMNS: list[tuple[str, str, Format]] = [
@@ -346,7 +353,8 @@ def _headline(result: ReportResult) -> str:
     # which probes a reader should not take at their word: built from column names
     items.extend(note for note in result.notes if BUILT_NOTE in note)
     if result.groups is not None:  # the worst group first: the group-robustness view
-        items.insert(0, next(n for n in result.notes if n.startswith("worst group:")))
+        first = [n for n in result.notes if n.startswith(("worst group:", ESTIMATED_WORST))]
+        items[:0] = first
     return "<ul class='headline'>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>"
 
 
@@ -424,6 +432,8 @@ def _guide(result: ReportResult) -> str:
 def _groups_section(result: ReportResult) -> list[str]:
     if result.groups is None:
         return []
+    estimated = "est_loss" in result.groups.columns
+    columns = GROUP_COLUMNS + (ESTIMATED_GROUP_COLUMNS if estimated else [])
     return [
         "<h2 id='groups'>Groups, worst first</h2>",
         f"<p>Accuracy and mean loss of the black box per group on the {_esc(result.eval_split)} "
@@ -432,7 +442,20 @@ def _groups_section(result: ReportResult) -> list[str]:
         "slice's low accuracy may be partly chance). The whole table is groups.parquet. The "
         f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
         *_declared_groups(result.groups),
-        html_table(result.groups.head(N_GROUPS_SHOWN), GROUP_COLUMNS),
+        *_estimated_groups(result.groups),
+        html_table(result.groups.head(N_GROUPS_SHOWN), columns),
+    ]
+
+
+def _estimated_groups(groups: pl.DataFrame) -> list[str]:
+    """How to read the estimated columns, when the grounded estimator gave them."""
+    if "est_loss" not in groups.columns:
+        return []
+    return [
+        "<p>Estimated from text, without the attribute's labels: the images the report's probe "
+        "puts in each group (an attribute task's target from its labels), and the heads' mean "
+        "loss over them in member standard deviations. The estimated worst group is the "
+        "declared group with the highest estimate among those the text gives enough images.</p>"
     ]
 
 
