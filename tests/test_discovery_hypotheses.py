@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 
 from llm2loss_pipeline.core.discovery import hypotheses
-from llm2loss_pipeline.core.discovery.candidates import Candidate
+from llm2loss_pipeline.core.discovery.candidates import Candidate, class_candidates
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
-from llm2loss_pipeline.core.discovery.hypotheses import HYPOTHESIS_COLUMNS, EvalData, discover
+from llm2loss_pipeline.core.discovery.hypotheses import (
+    HYPOTHESIS_COLUMNS,
+    EvalData,
+    discover,
+    scope_masks,
+)
 from llm2loss_pipeline.core.discovery.influence import member_influences, pool_members
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import ModalityGap
@@ -180,3 +185,56 @@ def test_influence_member_by_member_in_chunks_is_the_pooled_influence(setting, m
     chunked = hypotheses._influences(ensemble, inputs, texts, 1e-3, None)
     np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-12)
     assert np.abs(whole).max() > 0.5  # unit RMS per member: not a vacuous comparison
+
+
+def test_class_candidates_match_within_their_class_and_change_nothing_else(setting) -> None:
+    ensemble, gap, eval_data, train_x, _, group = setting
+    candidates, texts = _texts(np.random.default_rng(4), 10)
+    # the task's labels: T holds on the images with a positive second coordinate, about half
+    label = eval_data.embeddings[:, 1] > 0
+    base = candidates[0]
+    classes = class_candidates([Candidate(base.text, "attribute", (("Hidden", True),))], "T")
+    assert [c.text for c in classes] == [
+        "a person of the hidden group, among images labelled T",
+        "a person of the hidden group, among images not labelled T",
+    ]
+    assert classes[0].scope == ("T", True) and classes[0].words == base.text
+    assert classes[1].values == (("Hidden", True), ("T", False))
+    hidden = {"Hidden": group}  # the attribute's labels, as a dataset has them
+    plain = discover(
+        candidates, texts, ensemble, gap, eval_data, train_x, DiscoveryConfig(), labels=hidden
+    )
+    result = discover(
+        [*candidates, *classes],
+        np.vstack([texts, texts[[0, 0]]]),
+        ensemble,
+        gap,
+        eval_data,
+        train_x,
+        DiscoveryConfig(),
+        labels={**hidden, "T": label},
+    )
+    table = result.hypotheses
+    keys = ["description", "verdict", "kept", "q_value", "measured_auc", "p_worse"]
+    before = plain.hypotheses.select(keys).sort("description")
+    after = table.filter(table["source"] != "class").select(keys).sort("description")
+    assert after.equals(before)  # its own BH family and modes: the rest is as it was
+    ids = {sid: i for i, sid in enumerate(eval_data.sample_ids)}
+    for value, row in zip((True, False), classes, strict=True):
+        found = table.filter(table["description"] == row.text).row(0, named=True)
+        assert found["kept"] and found["n_matched"] == 60 and found["measured_auc"] > 0.65
+        matched = result.evidence.filter(result.evidence["rank"] == found["rank"])
+        assert matched.height > 0
+        assert all(label[ids[sid]] == value for sid in matched["sample_id"])
+    assert result.n_modes == plain.n_modes + 2  # half the group each: two distinct modes
+
+
+def test_a_class_needs_its_labels_and_more_samples_than_a_match() -> None:
+    scoped = class_candidates([Candidate("x", "attribute", (("A", True),))], "T")
+    with pytest.raises(ValueError, match=r"class candidates of 'T' need its labels"):
+        scope_masks(scoped, {"A": np.ones(30, dtype=bool)}, 10)
+    few = np.arange(30) < 10  # 10 labelled T: no more than the 10 a description matches
+    with pytest.raises(ValueError, match=r"10 samples labelled T: a class needs more than the 10"):
+        scope_masks(scoped, {"T": few}, 10)
+    masks = scope_masks(scoped, {"T": np.arange(30) < 15}, 10)
+    assert masks[("T", True)].sum() == 15 and masks[("T", False)].sum() == 15

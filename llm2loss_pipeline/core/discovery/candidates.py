@@ -34,7 +34,7 @@ from llm2loss_pipeline.core.prompts import (
     text_lines,
 )
 
-SOURCES = ("attribute", "pair", "triple", "vocabulary", "proposer")
+SOURCES = ("attribute", "pair", "triple", "vocabulary", "proposer", "class")
 
 NEUTRAL_WORDING: dict[tuple[str, bool], str | None] = {
     ("Attractive", True): None,  # a rating of looks: no neutral words, never said unprompted
@@ -74,6 +74,18 @@ class Candidate:
     source: str
     values: tuple[tuple[str, bool], ...] = field(default=())
     """the attribute values the text states, for composed candidates (empty for free text)"""
+    scope: tuple[str, bool] | None = None
+    """an attribute task's target and one of its values (source "class"): the candidate is
+    matched, estimated and verified among the evaluation images whose task label is that value;
+    `values` ends with it and `text` says it"""
+    query: str = ""
+    """the words embedded, where they are not `text` (a class candidate's: its description
+    without the scope, which the task's labels decide, not the encoder)"""
+
+    @property
+    def words(self) -> str:
+        """What the encoder reads for this candidate."""
+        return self.query or self.text
 
     @property
     def attributes(self) -> str:
@@ -243,6 +255,26 @@ def generate_candidates(
     return merge(
         [free_text(vocabulary), free_text(proposals, "proposer"), singles, composed], limit
     )
+
+
+def class_candidates(singles: Sequence[Candidate], target: str) -> list[Candidate]:
+    """For an attribute task with `target`: each single description within each class of the
+    task's own labels ("face of a man, among images labelled Blond_Hair"). A classifier's
+    failure is often one attribute within one class (blond men, where blond training images are
+    mostly women); over all images that attribute's matched set mixes the class it fails with
+    the one it does not."""
+    return [
+        Candidate(
+            f"{single.text}, among images {'' if value else 'not '}labelled {target}",
+            "class",
+            (*single.values, (target, value)),
+            scope=(target, value),
+            query=single.text,
+        )
+        for value in (True, False)
+        for single in singles
+        if single.source == "attribute"
+    ]
 
 
 def contains_attribute(candidate: Candidate | Mapping[str, object], attribute: str) -> bool:

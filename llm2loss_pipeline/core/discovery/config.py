@@ -60,6 +60,12 @@ class DiscoverySettings(BaseModel):
         12, ge=1, le=80, description="best single descriptions that pairs and triples start from"
     )
     max_candidates: int = Field(2000, ge=1, le=100_000)
+    by_class: bool = Field(
+        True,
+        description="for an attribute task, also test each single description within each "
+        "class of the task's labels ('face of a man, among images labelled Blond_Hair'): "
+        "matched, estimated and verified on that class's images (candidates.class_candidates)",
+    )
     match_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of the split matched to a description (top-k)"
     )

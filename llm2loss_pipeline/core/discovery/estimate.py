@@ -26,6 +26,7 @@ Discovery keeps a description only when the heads' estimate agrees with its matc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,19 @@ class DescriptionGrounding:
             probe_duals=np.asarray(probes[1], dtype=np.float64),
             calibration=diagnoser.calibration("grounded"),
             answers=diagnoser.probe_answers() if hasattr(diagnoser, "probe_answers") else None,
+        )
+
+    def within(self, mask: np.ndarray) -> DescriptionGrounding:
+        """The same grounding on the pool images `mask` selects (a class of an attribute task's
+        labels). A member whose bootstrap drew none of them keeps them all, as `pool_weights`
+        does for a resample that drew no image."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (len(self.pool),):
+            raise ValueError(f"a mask of shape {mask.shape} for {len(self.pool)} pool images")
+        weights = self.weights[:, mask].copy()
+        weights[weights.sum(axis=1) == 0] = 1.0
+        return dataclasses.replace(
+            self, pool=self.pool[mask], member_scores=self.member_scores[:, mask], weights=weights
         )
 
 

@@ -40,6 +40,12 @@ wording whose labelled people fare worst), and a refinement stands as its own mo
 is measurably worse than its parents. Where labels exist, the values most modes' images share
 are listed beside them (shared.py): distinct modes can be facets of one group.
 
+Class candidates (an attribute task; candidates.class_candidates): matched among the samples of
+their class only, estimated on that class's images, verified against all other samples. They are
+their own family: their own Benjamini-Hochberg control and their own modes, judged with the task's
+labels, so they change no row of the descriptions over all images (which are judged, reworded and
+shared on the diagnosed attributes alone, as without them).
+
 Ranking. Failure modes first, by their representative's measured AUROC (the effect on real
 samples, scale-free); then the descriptions folded under them (`folded_under`, `redundant_with`);
 then the rest by q-value. Every row says why in `reason`.
@@ -181,16 +187,55 @@ def _estimates(
     reference_x: np.ndarray | None,
     grounding: DescriptionGrounding | None,
     config: DiscoveryConfig,
+    scopes: Mapping[tuple[str, bool], np.ndarray],
 ) -> tuple[dict[str, np.ndarray], float]:
     """The heads' estimate of every candidate (estimate.py): grounded when asked for and
     possible (a grounding and a reference to contrast with), else direct; and the P(worse) it
-    must reach (`min_p_worse` for compare's calibrated P, `min_member_share` for the share)."""
-    if config.estimator == "grounded" and grounding is not None and reference_x is not None:
-        texts = [c.text for c in candidates]
-        return grounded_estimates(grounding, text_x, reference_x, texts), config.min_p_worse
-    population = ensemble.standardized(image_x).mean(axis=1)  # [M]
-    members = ensemble.standardized(text_x) - population[:, None]  # [M, T]
-    return direct_estimates(members), config.min_member_share
+    must reach (`min_p_worse` for compare's calibrated P, `min_member_share` for the share).
+    A class candidate is estimated on its class's images (`scopes`: scope -> sample mask)."""
+    grounded = config.estimator == "grounded" and grounding is not None and reference_x is not None
+    if grounded and scopes and len(grounding.pool) != len(image_x):  # type: ignore[union-attr]
+        raise ValueError(
+            f"the grounding pool has {len(grounding.pool)} images, the evaluation split "  # type: ignore[union-attr]
+            f"{len(image_x)}: class candidates need them to be the same images"
+        )
+    out: dict[str, np.ndarray] = {}
+    for scope in dict.fromkeys(c.scope for c in candidates):
+        columns = [t for t, c in enumerate(candidates) if c.scope == scope]
+        mask = np.ones(len(image_x), dtype=bool) if scope is None else scopes[scope]
+        if grounded:
+            part = grounded_estimates(
+                grounding if scope is None else grounding.within(mask),  # type: ignore[union-attr]
+                text_x[columns],
+                reference_x,  # type: ignore[arg-type]
+                [candidates[t].text for t in columns],
+            )
+        else:
+            population = ensemble.standardized(image_x[mask]).mean(axis=1)  # [M]
+            part = direct_estimates(ensemble.standardized(text_x[columns]) - population[:, None])
+        for key, values in part.items():
+            out.setdefault(key, np.full(len(candidates), np.nan))[columns] = values
+    return out, config.min_p_worse if grounded else config.min_member_share
+
+
+def scope_masks(
+    candidates: Sequence[Candidate], labels: Mapping[str, np.ndarray] | None, k: int
+) -> dict[tuple[str, bool], np.ndarray]:
+    """Scope -> the evaluation samples of that class, for the class candidates; each class
+    must hold more than the `k` samples a description matches."""
+    masks: dict[tuple[str, bool], np.ndarray] = {}
+    for scope in dict.fromkeys(c.scope for c in candidates if c.scope is not None):
+        target, value = scope
+        if labels is None or target not in labels:
+            raise ValueError(f"class candidates of {target!r} need its labels on every sample")
+        mask = np.asarray(labels[target], dtype=bool) == value
+        if int(mask.sum()) <= k:
+            raise ValueError(
+                f"{int(mask.sum())} samples {'' if value else 'not '}labelled {target}: a class "
+                f"needs more than the {k} samples a description matches"
+            )
+        masks[scope] = mask
+    return masks
 
 
 def _p_values(
@@ -268,36 +313,35 @@ def discover(
 
     own = _probe_texts(candidates, text_embeddings, probe_embeddings)
     reference_x = gap.text(own).mean(axis=0) if len(own) else None
+    k = match_count(n, config.match_fraction, config.min_matches)
+    scopes = scope_masks(candidates, labels, k)
     estimates, gate = _estimates(
-        ensemble, text_x, image_x, candidates, reference_x, grounding, config
+        ensemble, text_x, image_x, candidates, reference_x, grounding, config, scopes
     )
-    similarity = image_x.astype(np.float64) @ text_x.astype(np.float64).T  # [n, T]
-    matches = top_matches(similarity, match_count(n, config.match_fraction, config.min_matches))
+    similarity = _similarity(image_x, text_x, candidates, scopes)
+    matches = top_matches(similarity, k)
     measured = [measure(losses, row) for row in matches]
     p_values = _p_values(losses, matches, measured, eval_data.groups, config)
     inputs = _influence_inputs(train_x, image_x, losses, train_losses, config)
     influence = _influences(ensemble, inputs, text_x, config.damping, progress)
     shares = _probe_shares(own, text_embeddings)
 
-    tests = list(zip(p_values, bh_adjust(p_values), strict=True))  # (p, BH q) per candidate
+    families = candidate_families(candidates)
+    tests = list(zip(p_values, _q_values(p_values, families), strict=True))  # (p, BH q)
+    own_labels = _without_targets(labels, candidates)
     rows = [
         _row(t, candidates[t], measured[t], estimates, tests[t], matches[t], influence, losses)
         for t in range(len(candidates))
     ]
     for t, row in enumerate(rows):
         row["_p_gate"] = gate
+        read = labels if candidates[t].scope is not None else own_labels
         row.update(
             _judge(
-                candidates[t], matches[t], row, shares[t], labels, losses, eval_data.groups, config
+                candidates[t], matches[t], row, shares[t], read, losses, eval_data.groups, config
             )
         )
-    heads = assign_modes(
-        rows, candidates, matches, losses, max_overlap=config.max_overlap, alpha=config.alpha
-    )
-    for row in rows:
-        if not row["kept"]:
-            row["reason"] = dropped_reason(row, config)
-            row.setdefault("verdict", "dropped")
+    heads = _modes_by_family(rows, candidates, matches, losses, families, config)
     ranked = [dict(rows[i], rank=position + 1) for position, i in enumerate(_rank(rows, heads))]
     table = pl.DataFrame(
         [{key: row.get(key) for key in HYPOTHESIS_COLUMNS} for row in ranked],
@@ -305,9 +349,88 @@ def discover(
     )
     evidence = _evidence(ranked, matches, similarity, influence, losses, eval_data, config)
     modes = [(rows[i]["mode"], matches[i]) for i in heads]
-    shared = tuple(shared_traits(modes, labels, losses, eval_data.groups, config))
+    shared = tuple(shared_traits(modes, own_labels, losses, eval_data.groups, config))
     n_kept = int(table["kept"].sum())
     return Discovery(table, evidence, len(candidates), n_kept, len(heads), shared)
+
+
+def _similarity(
+    image_x: np.ndarray,
+    text_x: np.ndarray,
+    candidates: Sequence[Candidate],
+    scopes: Mapping[tuple[str, bool], np.ndarray],
+) -> np.ndarray:
+    """[n, T] image-text similarity; a class candidate's is -inf outside its class, so that it
+    matches only its class's samples."""
+    similarity = image_x.astype(np.float64) @ text_x.astype(np.float64).T
+    for scope, mask in scopes.items():
+        columns = [t for t, c in enumerate(candidates) if c.scope == scope]
+        similarity[np.ix_(~mask, columns)] = -np.inf
+    return similarity
+
+
+def _q_values(p_values: Sequence[float] | np.ndarray, families: Sequence[np.ndarray]) -> np.ndarray:
+    """Benjamini-Hochberg q-values within each family: class candidates move no other q."""
+    p = np.asarray(p_values, dtype=np.float64)
+    q = np.empty_like(p)
+    for family in families:
+        q[family] = bh_adjust(p[family])
+    return q
+
+
+def candidate_families(candidates: Sequence[Candidate]) -> list[np.ndarray]:
+    """Candidate indices by family: descriptions over all images, then class candidates (when
+    there are any). Each family has its own BH control and its own modes."""
+    scoped = np.array([c.scope is not None for c in candidates], dtype=bool)
+    return [np.flatnonzero(part) for part in (~scoped, scoped) if part.any()]
+
+
+def _without_targets(
+    labels: Mapping[str, np.ndarray] | None, candidates: Sequence[Candidate]
+) -> Mapping[str, np.ndarray] | None:
+    """The labels without the task's target: descriptions over all images are judged, reworded
+    and shared on the diagnosed attributes alone, as without class candidates."""
+    targets = {c.scope[0] for c in candidates if c.scope is not None}
+    if labels is None or not targets:
+        return labels
+    return {name: column for name, column in labels.items() if name not in targets} or None
+
+
+def _modes_by_family(
+    rows: list[dict[str, Any]],
+    candidates: Sequence[Candidate],
+    matches: np.ndarray,
+    losses: np.ndarray,
+    families: Sequence[np.ndarray],
+    config: DiscoveryConfig,
+) -> list[int]:
+    """Modes within each family (modes.assign_modes), so a class candidate never folds into a
+    description over all images nor one into it; then all modes numbered together, by measured
+    AUROC as within a family, and each row left out says why. Returns the representatives, best
+    first."""
+    heads: list[int] = []
+    for number, family in enumerate(families):
+        local = assign_modes(
+            [rows[i] for i in family],
+            [candidates[i] for i in family],
+            matches[family],
+            losses,
+            max_overlap=config.max_overlap,
+            alpha=config.alpha,
+        )
+        heads += [int(family[i]) for i in local]
+        for i in family:
+            if rows[i].get("mode") is not None:
+                rows[i]["_mode_key"] = (number, rows[i]["mode"])
+    ordered = sorted(heads, key=lambda i: (-rows[i]["measured_auc"], rows[i]["q_value"], i))
+    ids = {rows[i]["_mode_key"]: position + 1 for position, i in enumerate(ordered)}
+    for row in rows:
+        if "_mode_key" in row:
+            row["mode"] = ids[row.pop("_mode_key")]
+        if not row["kept"]:
+            row["reason"] = dropped_reason(row, config)
+            row.setdefault("verdict", "dropped")
+    return ordered
 
 
 def _judge(

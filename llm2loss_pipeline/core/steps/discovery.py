@@ -16,7 +16,10 @@ import numpy as np
 import polars as pl
 
 from llm2loss_pipeline.core.attribute_set import diagnosed_attributes, with_home_phrasings
+from llm2loss_pipeline.core.blackbox.task_labels import recorded_task_of
 from llm2loss_pipeline.core.discovery.candidates import (
+    Candidate,
+    class_candidates,
     generate_candidates,
     read_vocabulary,
     single_candidates,
@@ -131,6 +134,56 @@ def compute_discovery(
     def score(batch: Sequence[str]) -> np.ndarray:
         return ensemble.standardized(gap.text(embed(batch))).mean(axis=0)
 
+    candidates, n_proposed = _candidates(config, score, texts, attributes, say)
+    eval_data = EvalData(
+        held_out["sample_id"].to_list(),
+        held_out["embedding"].to_numpy().astype(np.float32),
+        held_out["loss"].to_numpy(),
+        groups=identities(layout, held_out),
+    )
+    grounding = None
+    if config.estimator == "grounded":  # compare's estimate, where the home has a report
+        grounding = DescriptionGrounding.from_diagnoser(diagnoser)
+    labels = eval_labels(held_out, attributes)
+    by_class, target_labels = _by_class(layout, config, held_out, grounding, ensemble, say)
+    if by_class:
+        candidates += by_class
+        labels = {**(labels or {}), **target_labels}
+    say(f"discovery: {len(candidates)} candidate descriptions")
+    text_embeddings = embed([c.words for c in candidates])
+    # every value, canonical words
+    probes = [c.text for c in single_candidates(attributes, negations=True)]
+    result = discover(
+        candidates,
+        text_embeddings,
+        ensemble,
+        gap,
+        eval_data,
+        train["embedding"].to_numpy().astype(np.float32),
+        config,
+        train_losses=train["loss"].to_numpy(),
+        labels=labels,
+        probe_embeddings=embed(probes),
+        grounding=grounding,
+        progress=say,
+    )
+    say(
+        f"discovery: {result.n_modes} failure modes ({result.n_kept} of {result.n_candidates} "
+        "descriptions verified)"
+    )
+    counts = _counts(result, held_out.height, n_proposed)
+    return DiscoveryFindings(result.hypotheses, result.evidence, counts, result.shared)
+
+
+def _candidates(
+    config: DiscoveryConfig,
+    score: Callable[[Sequence[str]], np.ndarray],
+    texts: Sequence[str],
+    attributes: Sequence[str],
+    say: Callable[[str], None],
+) -> tuple[list[Candidate], int]:
+    """The candidates over all images (candidates.generate_candidates), with the language
+    model's proposals when it is enabled; and how many it proposed."""
     proposals: list[str] = []
     if config.proposer.enabled:
         proposals = _proposals(config, score, say, attributes)
@@ -145,39 +198,63 @@ def compute_discovery(
         negations=config.negations,
         avoid_subjective=config.avoid_subjective,
     )
-    say(f"discovery: {len(candidates)} candidate descriptions")
-    text_embeddings = embed([c.text for c in candidates])
-    # every value, canonical words
-    probes = [c.text for c in single_candidates(attributes, negations=True)]
-    eval_data = EvalData(
-        held_out["sample_id"].to_list(),
-        held_out["embedding"].to_numpy().astype(np.float32),
-        held_out["loss"].to_numpy(),
-        groups=identities(layout, held_out),
+    return candidates, len(proposals)
+
+
+def _by_class(
+    layout: Layout,
+    config: DiscoveryConfig,
+    held_out: pl.DataFrame,
+    grounding: Any,
+    ensemble: Any,
+    say: Callable[[str], None],
+) -> tuple[list[Candidate], dict[str, np.ndarray]]:
+    """For an attribute task (and `config.by_class`): the class candidates of each class large
+    enough to match in, and the target's labels on the evaluation samples; else nothing."""
+    task = recorded_task_of(layout.black_box_reference, layout.black_box.with_suffix(".json"))
+    if task.kind != "attribute" or not config.by_class or task.target is None:
+        return [], {}
+    if grounding is not None and ensemble.config.eval_split != config.eval_split:
+        say(
+            f"discovery: no class candidates: the heads' evaluation split "
+            f"{ensemble.config.eval_split!r} is not discovery's {config.eval_split!r}"
+        )
+        return [], {}
+    column = pl.read_parquet(layout.attributes, columns=["sample_id", task.target])
+    joined = held_out.select("sample_id").join(column, on="sample_id", how="left")
+    if joined[task.target].null_count():
+        say(f"discovery: no class candidates: some samples have no {task.target} label")
+        return [], {}
+    # lazy: verify imports scipy.stats (+3.0 s on the Dagster definitions load, as above)
+    from llm2loss_pipeline.core.discovery.verify import match_count
+
+    labels = joined[task.target].cast(pl.Boolean).to_numpy()
+    k = match_count(held_out.height, config.match_fraction, config.min_matches)
+    singles = single_candidates(
+        declared_attributes(layout),
+        negations=config.negations,
+        avoid_subjective=config.avoid_subjective,
     )
-    grounding = None
-    if config.estimator == "grounded":  # compare's estimate, where the home has a report
-        grounding = DescriptionGrounding.from_diagnoser(diagnoser)
-    result = discover(
-        candidates,
-        text_embeddings,
-        ensemble,
-        gap,
-        eval_data,
-        train["embedding"].to_numpy().astype(np.float32),
-        config,
-        train_losses=train["loss"].to_numpy(),
-        labels=eval_labels(held_out, attributes),
-        probe_embeddings=embed(probes),
-        grounding=grounding,
-        progress=say,
-    )
-    say(
-        f"discovery: {result.n_modes} failure modes ({result.n_kept} of {result.n_candidates} "
-        "descriptions verified)"
-    )
-    counts = _counts(result, held_out.height, len(proposals))
-    return DiscoveryFindings(result.hypotheses, result.evidence, counts, result.shared)
+    chosen = [
+        c
+        for c in class_candidates(singles, task.target)
+        if int((labels == c.scope[1]).sum()) > k  # type: ignore[index]
+    ]
+    return chosen, {task.target: labels}
+
+
+def declared_attributes(layout: Layout) -> list[str]:
+    """The attributes whose groups the report declares (report.group_by, the `declared` rows of
+    reports/groups.parquet); every diagnosed attribute where the report declares all of them or
+    has not run. Class candidates of every attribute would test 2 x 39 facets of one failure
+    (each a different top-k of the same people), where the user named the group to test."""
+    attributes = list(diagnosed_attributes(layout))
+    path = layout.reports / "groups.parquet"
+    if not path.is_file():
+        return attributes
+    groups = pl.read_parquet(path, columns=["attribute", "declared"])
+    declared = set(groups.filter(pl.col("declared"))["attribute"].to_list())
+    return [name for name in attributes if name in declared] or attributes
 
 
 def identities(layout: Layout, frame: pl.DataFrame) -> np.ndarray:

@@ -23,8 +23,9 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
 
 
 @dg.asset(
-    # The report is a dependency only for ordering: discovery rewrites the DuckDB file with the
-    # report's views plus its own, and writes its page next to report.html.
+    # The report is a dependency: discovery asks as the report's probes and calibration do, tests
+    # its declared groups within each class of an attribute task, rewrites the DuckDB file with
+    # the report's views plus its own, and writes its page next to report.html.
     deps=[
         diagnosis_heads,
         image_embeddings,
@@ -35,11 +36,12 @@ from llm2loss_pipeline.defs.signals.assets import image_embeddings, per_sample_l
     group_name="report",
     kinds={"pytorch", "duckdb", "html"},
     owners=OWNERS,
-    code_version="discovery-v2",
+    code_version="discovery-v3",
     automation_condition=FOLLOW_UPSTREAM,
     description=(
         "Candidate descriptions (attribute phrases, pairs, triples, a user vocabulary, optionally "
-        "a language model's proposals) scored by the heads, verified on matched evaluation "
+        "a language model's proposals; for an attribute task, the report's declared groups within "
+        "each class of its labels) scored by the heads, verified on matched evaluation "
         "samples (Mann-Whitney, Benjamini-Hochberg), weighted by each sample's influence on the "
         "estimate; ranked failure hypotheses with proponents and counter-examples."
     ),
