@@ -12,6 +12,8 @@ against it (core/truth.py):
 - claims made, and the precision of the claims (sign right and truth's 95% interval excludes 0);
 - coverage of the stated 90% intervals (loss units);
 - pairs Spearman (estimated vs population signed pair disparity);
+- the groups estimated from text: Spearman with the population's mean loss per group, beside the
+  measured test split's, and how often each names the population's worst group;
 - a calibration table of `compare` answers (paraphrased probes and hand-written questions).
 
     .venv/bin/python bench/worlds.py --set report          # the 8 reporting worlds
@@ -258,6 +260,49 @@ def pair_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> tuple
     return _spearman(pairs["est_signed_mean"].to_numpy(), np.asarray(truth)), pairs.height
 
 
+def group_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> dict[str, float]:
+    """The groups estimated from text (core/report/group_estimates.py) against the population:
+    Spearman of each declared group's estimate with its population mean loss, beside the same
+    for the measured test-split mean loss (what a user with labels sees), and whether the
+    estimated and the measured worst groups are the population's worst by mean loss. Groups
+    of an attribute task (target x attribute) are not scored: the population holds the identity
+    task's losses."""
+    from llm2loss_pipeline.core.truth import _spearman
+
+    nan = {k: math.nan for k in GROUP_KEYS}
+    path = report_dir / "groups.parquet"
+    if not path.is_file():
+        return nan
+    groups = pl.read_parquet(path)
+    if "est_loss" not in groups.columns or groups["target"].drop_nulls().len():
+        return nan
+    groups = groups.filter(pl.col("declared") & ~pl.col("small_group"))
+    truth = np.array(
+        [
+            float(loss[table[name].to_numpy().astype(bool) == value].mean())
+            for name, value in zip(groups["attribute"], groups["value"], strict=True)
+        ]
+    )
+    worst = int(np.nanargmax(truth))
+    estimated = np.flatnonzero(groups["est_worst"].to_numpy())
+    return {
+        "groups_spearman": _spearman(groups["est_loss"].to_numpy(), truth),
+        "groups_measured_spearman": _spearman(groups["mean_loss"].to_numpy(), truth),
+        "groups_estimated_worst_is_true": float(estimated.size > 0 and estimated[0] == worst),
+        "groups_measured_worst_is_true": float(
+            int(np.nanargmax(groups["mean_loss"].to_numpy())) == worst
+        ),
+    }
+
+
+GROUP_KEYS = (
+    "groups_spearman",
+    "groups_measured_spearman",
+    "groups_estimated_worst_is_true",
+    "groups_measured_worst_is_true",
+)
+
+
 def compare_answers(diagnoser: Any, loss: np.ndarray, table: pl.DataFrame) -> list[dict]:
     from llm2loss_pipeline.core.prompts import attribute_prompt_pairs
 
@@ -334,6 +379,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
         ordered.with_columns(pl.Series("est_mean", truth_ceiling)), truth, [], None
     )["spearman"]
     scores["pairs_spearman"], scores["n_pairs"] = pair_truth(report_dir, loss, table)
+    scores.update(group_truth(report_dir, loss, table))
     answers = compare_answers(diagnoser, loss, table)
     retrieval = retrieval_lift(layout, diagnoser)
     headline = json.loads((report_dir / "headline.json").read_text())
@@ -354,7 +400,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
 
 def summarize(worlds: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(key: str) -> float:
-        values = [w[key] for w in worlds if isinstance(w[key], float) and math.isfinite(w[key])]
+        values = [w[key] for w in worlds if isinstance(w.get(key), float) and math.isfinite(w[key])]
         return float(np.mean(values)) if values else math.nan
 
     answers = [a for w in worlds for a in w["answers"] if math.isfinite(a["truth"])]
@@ -380,6 +426,7 @@ def summarize(worlds: list[dict[str, Any]]) -> dict[str, Any]:
             (w["pairs_spearman"] for w in worlds if math.isfinite(w["pairs_spearman"])),
             default=math.nan,
         ),
+        **{key: mean(key) for key in GROUP_KEYS if any(key in w for w in worlds)},
         "compare_calibration": calibration_table(
             np.array([a["p_a_worse"] for a in answers]), np.array([a["truth"] > 0 for a in answers])
         ),

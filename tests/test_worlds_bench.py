@@ -101,6 +101,13 @@ def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
         usable = [r["lift"] for r in retrieval.values() if 0 < r["base_rate"] <= 0.5]
         assert np.mean(usable) > 1.2
         assert retrieval["Black_Hair"]["lift"] >= 2
+        # the groups estimated from text are scored against the population's group losses
+        assert -1.0 <= world["groups_spearman"] <= 1.0
+        assert world["groups_estimated_worst_is_true"] in (0.0, 1.0)
+        assert world["groups_measured_worst_is_true"] in (0.0, 1.0)
+    assert summary["groups_spearman"] == pytest.approx(
+        np.mean([w["groups_spearman"] for w in worlds])
+    )
     table = summary["compare_calibration"]
     assert table["n"] == sum(1 for w in worlds for a in w["answers"] if math.isfinite(a["truth"]))
     assert sum(row["n"] for row in table["bins"]) == table["n"]
