@@ -4,11 +4,13 @@ text's side of each image, the members' means over it, and the estimated worst g
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 
+from llm2loss_pipeline.core.report import html
 from llm2loss_pipeline.core.report.grounded import Grounding
 from llm2loss_pipeline.core.report.group_estimates import (
     estimate_agreement,
@@ -136,3 +138,14 @@ def test_a_pool_image_without_a_target_label_is_named():
     ids = [*frame["sample_id"].to_list()[:-1], "999999.jpg"]
     with pytest.raises(ValueError, match=r"pool image '999999.jpg' has no label of the task's"):
         estimate_groups(table, _grounding(), ids, frame, "Blond_Hair", 2)
+
+
+def test_the_html_shows_the_estimated_worst_group_even_below_the_shown_rows(monkeypatch):
+    monkeypatch.setattr(html, "N_GROUPS_SHOWN", 1)
+    table = _estimated().with_columns(est_worst=pl.col("group") == "non-blond women")
+    first = table.row(0, named=True)["group"]
+    assert first != "non-blond women"
+    section = "".join(html._groups_section(SimpleNamespace(groups=table, eval_split="test")))
+    body = section.split("<tbody>")[1]
+    assert body.count("<tr") == 2 and first in body and "non-blond women" in body
+    assert "images by text" in section and "Estimated from text" in section

@@ -434,6 +434,11 @@ def _groups_section(result: ReportResult) -> list[str]:
         return []
     estimated = "est_loss" in result.groups.columns
     columns = GROUP_COLUMNS + (ESTIMATED_GROUP_COLUMNS if estimated else [])
+    shown = result.groups.head(N_GROUPS_SHOWN)
+    if estimated:  # the estimated worst group is shown even where its measure is not among them
+        shown = pl.concat([shown, result.groups.filter(pl.col("est_worst"))]).unique(
+            ["target_value", "attribute", "value"], keep="first", maintain_order=True
+        )
     return [
         "<h2 id='groups'>Groups, worst first</h2>",
         f"<p>Accuracy and mean loss of the black box per group on the {_esc(result.eval_split)} "
@@ -443,7 +448,7 @@ def _groups_section(result: ReportResult) -> list[str]:
         f"{N_GROUPS_SHOWN} worst of {result.groups.height}:</p>",
         *_declared_groups(result.groups),
         *_estimated_groups(result.groups),
-        html_table(result.groups.head(N_GROUPS_SHOWN), columns),
+        html_table(shown, columns),
     ]
 
 
