@@ -274,7 +274,7 @@ def group_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> dict
     if not path.is_file():
         return nan
     groups = pl.read_parquet(path)
-    if "est_loss" not in groups.columns or groups["target"].drop_nulls().len():
+    if "est_rank" not in groups.columns or groups["target"].drop_nulls().len():
         return nan
     groups = groups.filter(pl.col("declared") & ~pl.col("small_group"))
     truth = np.array(
@@ -284,11 +284,13 @@ def group_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> dict
         ]
     )
     worst = int(np.nanargmax(truth))
-    estimated = np.flatnonzero(groups["est_worst"].to_numpy())
+    # the report's own order (est_rank: by estimate, among groups the text gives enough images)
+    estimated = np.argsort(groups["est_rank"].fill_null(1 << 30).to_numpy(), kind="stable")
     return {
         "groups_spearman": _spearman(groups["est_loss"].to_numpy(), truth),
         "groups_measured_spearman": _spearman(groups["mean_loss"].to_numpy(), truth),
-        "groups_estimated_worst_is_true": float(estimated.size > 0 and estimated[0] == worst),
+        "groups_estimated_worst_is_true": float(estimated[0] == worst),
+        "groups_true_worst_in_estimated_top3": float(worst in estimated[:3]),
         "groups_measured_worst_is_true": float(
             int(np.nanargmax(groups["mean_loss"].to_numpy())) == worst
         ),
@@ -299,6 +301,7 @@ GROUP_KEYS = (
     "groups_spearman",
     "groups_measured_spearman",
     "groups_estimated_worst_is_true",
+    "groups_true_worst_in_estimated_top3",
     "groups_measured_worst_is_true",
 )
 

@@ -116,6 +116,7 @@ def test_agreement_and_sentence_name_the_measured_worst_group():
     table = _estimated()
     numbers = estimate_agreement(table)
     assert numbers["worst_group_estimated_agrees"] == 1.0
+    assert numbers["worst_group_estimated_rank"] == 1.0
     # two declared cells are small (one identity each): too few left to correlate
     assert math.isnan(numbers["group_spearman_estimated"])
     # all four: measured mean loss 1.25, 0.4, 0.3, 0.2 (blond men, non-blond women, non-blond
@@ -123,13 +124,26 @@ def test_agreement_and_sentence_name_the_measured_worst_group():
     # Spearman 1 - 6 * 6 / (4 * 15)
     everyone = estimate_agreement(table.with_columns(small_group=pl.lit(False)))
     assert everyone["group_spearman_estimated"] == pytest.approx(0.4)
-    sentence = estimated_worst_sentence(table)
-    assert sentence.startswith("worst group estimated from text, without the attribute's labels")
-    assert "blond men" in sentence and "the text puts 3 images there" in sentence
-    assert sentence.endswith("the same group as measured")
-    other = table.with_columns(worst=pl.col("group") == "blond women")
-    assert estimate_agreement(other)["worst_group_estimated_agrees"] == 0.0
-    assert estimated_worst_sentence(other).endswith("not the measured worst group (blond women)")
+    # the declared cells by estimate: blond men, blond women, non-blond women, non-blond men
+    ranks = dict(zip(table["group"], table["est_rank"], strict=True))
+    assert [ranks[g] for g in ("blond men", "blond women", "non-blond women")] == [1, 2, 3]
+    assert ranks["non-blond men"] == 4 and ranks["blond people with eyeglasses"] is None
+    assert estimated_worst_sentence(table) == (
+        "worst groups estimated from text, without the attribute's labels: blond men (the "
+        "heads' loss +1.75 member sd, quartiles +1.46 to +2.04; the text puts 3 images there), "
+        "then blond women (+0.95), non-blond women (+0.60); the measured worst group is the "
+        "first of them"
+    )
+    second = table.with_columns(worst=pl.col("group") == "blond women")
+    assert estimate_agreement(second)["worst_group_estimated_agrees"] == 0.0
+    assert estimate_agreement(second)["worst_group_estimated_rank"] == 2.0
+    assert estimated_worst_sentence(second).endswith(
+        "the measured worst group is the second of them"
+    )
+    fourth = table.with_columns(worst=pl.col("group") == "non-blond men")
+    assert estimated_worst_sentence(fourth).endswith(
+        "the measured worst group (non-blond men) is not among them"
+    )
 
 
 def test_a_pool_image_without_a_target_label_is_named():

@@ -157,7 +157,8 @@ def test_the_report_speaks_the_tables_attributes(table_run) -> None:
     assert sides == [headline["n_eval_samples"]]
     assert groups["est_loss"].is_not_null().all() and groups["est_worst"].sum() == 1
     assert headline["worst_group_estimated_agrees"] in (0.0, 1.0)
-    assert "worst group estimated from text, without the attribute&#x27;s labels" in summary
+    assert "worst groups estimated from text, without the attribute&#x27;s labels" in summary
+    assert sorted(groups["est_rank"].drop_nulls()) == list(range(1, groups["est_rank"].count() + 1))
     # the probes file's words reached every step that phrases: the encoder step seeds the home's
     # text index with its prompts and the report adds its own. Only the file says "spectacles"
     # or "bareheaded", and no step asked with the words built from those two names

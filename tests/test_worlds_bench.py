@@ -104,6 +104,9 @@ def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
         # the groups estimated from text are scored against the population's group losses
         assert -1.0 <= world["groups_spearman"] <= 1.0
         assert world["groups_estimated_worst_is_true"] in (0.0, 1.0)
+        assert (
+            world["groups_true_worst_in_estimated_top3"] >= world["groups_estimated_worst_is_true"]
+        )
         assert world["groups_measured_worst_is_true"] in (0.0, 1.0)
     assert summary["groups_spearman"] == pytest.approx(
         np.mean([w["groups_spearman"] for w in worlds])

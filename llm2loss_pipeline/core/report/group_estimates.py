@@ -15,13 +15,17 @@ need them) but not the attribute's. Here each group is found by text instead:
    images so assigned, under its bootstrap weights of the pool (`Grounding.weights`), so the
    members' spread carries the pool's sampling noise as well as the heads'.
 
-The estimated worst group is the declared group (report.group_by) with the highest estimate among
-those the text gives at least `min_group_size` images, chosen without a label of the attribute.
-On configs/spurious.yaml it is blond men, as measured (bench/RESULTS.md, "Stop 25").
+The declared groups (report.group_by) the text gives at least `min_group_size` images are ranked by
+their estimate, without a label of the attribute; the headline names the first three. On
+configs/spurious.yaml the first is blond men, as measured, on world seeds 0, 7 and 13. On the
+reporting worlds 2009-2016 (80 groups each) the estimates' Spearman with the population's group
+losses is 0.67 (the measured test split's: 0.83), and the population's worst group is among the
+first three on 7 of 8 worlds (bench/RESULTS.md, "Stop 25"). A ranking, not a probability.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,15 +39,23 @@ ESTIMATE_SCHEMA: dict[str, pl.DataType] = {
     "est_loss": pl.Float64(),
     "est_loss_q1": pl.Float64(),
     "est_loss_q3": pl.Float64(),
+    "est_rank": pl.Int64(),
     "est_worst": pl.Boolean(),
 }
 """The columns `estimate_groups` adds: images the text assigns to the group, the members' mean
 estimate (the heads' standardised loss, in member standard deviations), its quartiles over the
-members, and the estimated worst declared group."""
+members, its rank among the declared groups the text gives enough images (1: the estimated
+worst; null for the others) and whether it is the estimated worst."""
 
 _SPLIT_ITERATIONS = 100
-ESTIMATED_WORST = "worst group estimated from text"
-"""How the sentence naming the estimated worst group starts (the HTML headline finds it so)."""
+ESTIMATED_WORST = "worst groups estimated from text"
+"""How the sentence naming the estimated worst groups starts (the HTML headline finds it so)."""
+N_NAMED = 3
+"""Groups the sentence names, worst first. On the reporting worlds 2009-2016 the population's
+worst group was the estimate's first on 3 of 8 and among its first three on 7 (all but the world
+with nothing planted); bench/RESULTS.md, "Stop 25"."""
+ORDINALS = ("first", "second", "third")
+assert len(ORDINALS) == N_NAMED, "one ordinal per group named"
 
 
 def two_means_threshold(scores: np.ndarray) -> float:
@@ -105,7 +117,8 @@ def estimate_groups(
             mask &= target_values == bool(group["target_value"])
         rows.append({"est_n": int(mask.sum()), **_member_summary(scores, weights, mask)})
     estimates = pl.DataFrame(
-        rows, schema={k: v for k, v in ESTIMATE_SCHEMA.items() if k != "est_worst"}
+        rows,
+        schema={k: v for k, v in ESTIMATE_SCHEMA.items() if k not in ("est_rank", "est_worst")},
     )
     out = pl.concat([table, estimates], how="horizontal")
     eligible = (
@@ -113,11 +126,14 @@ def estimate_groups(
         & out["est_loss"].is_not_null()
         & (out["est_n"].fill_null(0) >= min_group_size)
     ).to_numpy()
-    worst = np.zeros(out.height, dtype=bool)
-    if eligible.any():
-        values = np.where(eligible, out["est_loss"].fill_null(-np.inf).to_numpy(), -np.inf)
-        worst[int(np.argmax(values))] = True
-    return out.with_columns(pl.Series("est_worst", worst, dtype=pl.Boolean))
+    values = np.where(eligible, out["est_loss"].fill_null(-np.inf).to_numpy(), -np.inf)
+    rank = np.full(out.height, None, dtype=object)
+    for position, i in enumerate(np.argsort(-values, kind="stable")[: int(eligible.sum())]):
+        rank[i] = position + 1
+    return out.with_columns(
+        pl.Series("est_rank", rank.tolist(), dtype=pl.Int64),
+        pl.Series("est_worst", (rank == 1).tolist(), dtype=pl.Boolean),
+    )
 
 
 def _member_summary(scores: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> dict[str, object]:
@@ -134,13 +150,14 @@ def _member_summary(scores: np.ndarray, weights: np.ndarray, mask: np.ndarray) -
 
 
 def estimate_agreement(table: pl.DataFrame) -> dict[str, float]:
-    """Headline numbers: whether the estimated worst group is the measured one (1 or 0; NaN when
-    either is missing) and the Spearman correlation of the estimates with the measured mean loss
-    over the declared groups that are not small (NaN below 3 of them)."""
+    """Headline numbers: whether the estimated worst group is the measured one (1 or 0), the
+    measured worst group's rank among the estimates (NaN where either is missing), and the
+    Spearman correlation of the estimates with the measured mean loss over the declared groups
+    that are not small (NaN below 3 of them)."""
     nan = float("nan")
-    estimated = table.filter(pl.col("est_worst"))["group"].to_list()
-    measured = table.filter(pl.col("worst"))["group"].to_list()
-    agrees = float(estimated == measured) if estimated and measured else nan
+    measured = table.filter(pl.col("worst"))["est_rank"].to_list()
+    rank = float(measured[0]) if measured and measured[0] is not None else nan
+    agrees = float(rank == 1) if math.isfinite(rank) else nan
     rows = table.filter(
         pl.col("declared") & ~pl.col("small_group") & pl.col("est_loss").is_not_null()
     )
@@ -149,28 +166,37 @@ def estimate_agreement(table: pl.DataFrame) -> dict[str, float]:
         spearman = correlations(
             rows["est_loss"].to_numpy(), rows["mean_loss"].to_numpy()
         ).spearman.coefficient
-    return {"worst_group_estimated_agrees": agrees, "group_spearman_estimated": spearman}
+    return {
+        "worst_group_estimated_agrees": agrees,
+        "worst_group_estimated_rank": rank,
+        "group_spearman_estimated": spearman,
+    }
 
 
 def estimated_worst_sentence(table: pl.DataFrame) -> str | None:
-    """'estimated from text, without the attribute's labels: blond men (...)', saying whether it
-    is the measured worst group; None when no group could be estimated."""
-    if "est_worst" not in table.columns:
+    """'worst groups estimated from text, without the attribute's labels: blond men (...), then
+    ...', the first `N_NAMED`, and where among them the measured worst group is; None when no
+    group could be estimated."""
+    if "est_rank" not in table.columns:
         return None
-    chosen = table.filter(pl.col("est_worst")).to_dicts()
-    if not chosen:
+    named = table.filter(pl.col("est_rank") <= N_NAMED).sort("est_rank").to_dicts()
+    if not named:
         return None
-    row = chosen[0]
-    measured = table.filter(pl.col("worst")).to_dicts()
-    if measured and measured[0]["group"] == row["group"]:
-        verdict = "the same group as measured"
-    elif measured:
-        verdict = f"not the measured worst group ({measured[0]['group']})"
-    else:
-        verdict = "no measured group is large enough to compare"
-    return (
-        f"{ESTIMATED_WORST}, without the attribute's labels: {row['group']} "
-        f"(the heads' loss {float(row['est_loss']):+.2f} member sd, quartiles "
-        f"{float(row['est_loss_q1']):+.2f} to {float(row['est_loss_q3']):+.2f}; the text puts "
-        f"{row['est_n']} images there); {verdict}"
+    first, rest = named[0], named[1:]
+    words = (
+        f"{first['group']} (the heads' loss {float(first['est_loss']):+.2f} member sd, quartiles "
+        f"{float(first['est_loss_q1']):+.2f} to {float(first['est_loss_q3']):+.2f}; the text puts "
+        f"{first['est_n']} images there)"
     )
+    if rest:
+        words += ", then " + ", ".join(
+            f"{row['group']} ({float(row['est_loss']):+.2f})" for row in rest
+        )
+    measured = table.filter(pl.col("worst")).to_dicts()
+    if not measured:
+        verdict = "no measured group is large enough to compare"
+    elif measured[0]["est_rank"] is not None and measured[0]["est_rank"] <= len(named):
+        verdict = f"the measured worst group is the {ORDINALS[measured[0]['est_rank'] - 1]} of them"
+    else:
+        verdict = f"the measured worst group ({measured[0]['group']}) is not among them"
+    return f"{ESTIMATED_WORST}, without the attribute's labels: {words}; {verdict}"

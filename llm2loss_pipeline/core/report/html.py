@@ -114,7 +114,7 @@ GROUP_COLUMNS: list[tuple[str, str, Format]] = [
 ESTIMATED_GROUP_COLUMNS: list[tuple[str, str, Format]] = [
     ("est_n", "images by text", text),
     ("est_loss", "estimated loss (member sd)", num(2)),
-    ("est_worst", "estimated worst", text),
+    ("est_rank", "estimated rank", text),
 ]
 """The groups estimated from text (core/report/group_estimates.py), with the grounded estimator."""
 N_GROUPS_SHOWN = 12
@@ -459,8 +459,8 @@ def _estimated_groups(groups: pl.DataFrame) -> list[str]:
     return [
         "<p>Estimated from text, without the attribute's labels: the images the report's probe "
         "puts in each group (an attribute task's target from its labels), and the heads' mean "
-        "loss over them in member standard deviations. The estimated worst group is the "
-        "declared group with the highest estimate among those the text gives enough images.</p>"
+        "loss over them in member standard deviations. The declared groups the text gives "
+        "enough images are ranked by it (1: estimated worst); a ranking, not a probability.</p>"
     ]
 
 
