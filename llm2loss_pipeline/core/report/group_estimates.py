@@ -53,7 +53,8 @@ ESTIMATED_WORST = "worst groups estimated from text"
 N_NAMED = 3
 """Groups the sentence names, worst first. On the reporting worlds 2009-2016 the population's
 worst group was the estimate's first on 3 of 8 and among its first three on 7 (all but the world
-with nothing planted); bench/RESULTS.md, "Stop 25"."""
+with nothing planted); on the tuning worlds 1001-1008, 4 and 6 of 8 (bench/RESULTS.md, "Stop
+25"): one name would be wrong more often than right."""
 ORDINALS = ("first", "second", "third")
 assert len(ORDINALS) == N_NAMED, "one ordinal per group named"
 
