@@ -1,13 +1,16 @@
 """Which class candidates discovery adds (core/steps/discovery.py): the report's declared
-groups, for an attribute task only."""
+groups, for an attribute task only; and the grounding they are estimated on."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import polars as pl
+import pytest
 
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
+from llm2loss_pipeline.core.discovery.estimate import DescriptionGrounding
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.steps import discovery as step
 
@@ -68,3 +71,29 @@ def test_an_attribute_task_tests_each_declared_value_in_each_large_class(
     said: list[str] = []
     assert step._by_class(layout, DiscoveryConfig(), held_out, None, None, said.append) == ([], {})
     assert said == ["discovery: no class candidates: some samples have no Blond_Hair label"]
+
+
+def test_a_grounding_within_a_class_keeps_its_images_and_drops_the_reports_answers() -> None:
+    pool = np.arange(12.0).reshape(6, 2)
+    scores = np.arange(12.0).reshape(2, 6)
+    weights = np.array([[1.0, 0.0, 0.0, 2.0, 1.0, 1.0], [0.0, 0.0, 3.0, 1.0, 1.0, 1.0]])
+    grounding = DescriptionGrounding(
+        members=(),
+        pool=pool,
+        member_scores=scores,
+        weights=weights,
+        probe_directions=np.eye(2),
+        probe_duals=np.eye(2),
+        calibration=None,
+        answers=(["Male", "Young"], np.array([0.9, 0.2]), np.array([True, True])),
+    )
+    mask = np.array([False, True, True, False, False, False])
+    inside = grounding.within(mask)
+    assert inside.pool.tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    assert inside.member_scores.tolist() == [[1.0, 2.0], [7.0, 8.0]]
+    # member 0 drew neither image of the class: it keeps both, as pool_weights would
+    assert inside.weights.tolist() == [[1.0, 1.0], [0.0, 3.0]]
+    assert inside.answers is None  # the report answers over all images, not within a class
+    assert grounding.answers is not None  # the original is unchanged
+    with pytest.raises(ValueError, match=r"a mask of shape \(3,\) for 6 pool images"):
+        grounding.within(np.ones(3, dtype=bool))

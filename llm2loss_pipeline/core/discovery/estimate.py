@@ -87,14 +87,19 @@ class DescriptionGrounding:
     def within(self, mask: np.ndarray) -> DescriptionGrounding:
         """The same grounding on the pool images `mask` selects (a class of an attribute task's
         labels). A member whose bootstrap drew none of them keeps them all, as `pool_weights`
-        does for a resample that drew no image."""
+        does for a resample that drew no image. Without the report's answers: those are over all
+        images, and a question within a class is not the report's question."""
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (len(self.pool),):
             raise ValueError(f"a mask of shape {mask.shape} for {len(self.pool)} pool images")
         weights = self.weights[:, mask].copy()
         weights[weights.sum(axis=1) == 0] = 1.0
         return dataclasses.replace(
-            self, pool=self.pool[mask], member_scores=self.member_scores[:, mask], weights=weights
+            self,
+            pool=self.pool[mask],
+            member_scores=self.member_scores[:, mask],
+            weights=weights,
+            answers=None,
         )
 
 
