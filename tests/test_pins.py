@@ -20,6 +20,7 @@ from scipy import stats as sps
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.celeba import CelebaFormatError, read_celeba
+from llm2loss_pipeline.core.discovery.candidates import Candidate
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.discovery.hypotheses import _estimates
 from llm2loss_pipeline.core.discovery.verify import jaccard, measure
@@ -228,11 +229,24 @@ def test_discovery_p_estimate_is_a_one_sided_sign_test_over_members() -> None:
     # the direct estimate (no grounding: a home without a report): its P(worse) is the members'
     # share, gated at min_member_share
     config = DiscoveryConfig()
-    est, threshold = _estimates(_Members(), text_x, image_x, [], None, None, config)
+    texts = [Candidate("text a", "vocabulary"), Candidate("text b", "vocabulary")]
+    est, threshold = _estimates(_Members(), text_x, image_x, texts, None, None, config, {})
     assert threshold == config.min_member_share
     assert est["p_worse"].tolist() == [0.8, 0.3]
     expected = [sps.binomtest(k, 10, 0.5, alternative="greater").pvalue for k in (8, 3)]
     np.testing.assert_allclose(est["p_estimate"], expected, rtol=1e-12)
+
+
+def test_a_class_candidates_direct_estimate_is_against_its_class_population() -> None:
+    image_x = np.array([[1.0] * 10, [1.0] * 10, [-1.0] * 10, [-1.0] * 10])  # mean 0; class 1
+    text_x = np.full((2, 10), 1.5)
+    texts = [
+        Candidate("a text", "vocabulary"),
+        Candidate("a text, among images labelled T", "class", scope=("T", True)),
+    ]
+    scopes = {("T", True): np.array([True, True, False, False])}
+    est, _ = _estimates(_Members(), text_x, image_x, texts, None, None, DiscoveryConfig(), scopes)
+    assert est["estimated_gap"].tolist() == [1.5, 0.5]  # 1.5 - 0 over all, 1.5 - 1 in class T
 
 
 # --- the CelebA reader: ids are compared, tokens are whole ----------------------------------------
