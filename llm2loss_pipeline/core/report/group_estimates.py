@@ -94,7 +94,7 @@ def estimate_groups(
     """`table` (the measured groups) with `ESTIMATE_SCHEMA`'s columns. `frame` maps sample_id to
     the target's labels (an attribute task); the pool `pool_ids` are the grounding's images, in
     its order. A group whose attribute has no probe in `grounding` gets null estimates."""
-    member = {name: k for k, name in enumerate(grounding.attributes)}
+    column_of = {name: k for k, name in enumerate(grounding.attributes)}
     sides = text_membership(grounding.attribute_scores())
     target_values = None
     if target is not None:
@@ -109,7 +109,7 @@ def estimate_groups(
     scores, weights = grounding.member_scores, grounding.weights
     rows: list[dict[str, object]] = []
     for group in table.iter_rows(named=True):
-        k = member.get(group["attribute"])
+        k = column_of.get(group["attribute"])
         if k is None:
             rows.append({"est_n": None, "est_loss": None, "est_loss_q1": None, "est_loss_q3": None})
             continue
