@@ -432,6 +432,9 @@ def _short_verdict(comparison: Any) -> str:
         short = comparison.verdict.split(":")[0]
     if comparison.asked_as_probe:
         short += f" (asked as {comparison.probe.attribute})"
+    elif comparison.scope is not None:
+        label = "labelled" if comparison.scope.value else "not labelled"
+        short += f" (among {label} {comparison.scope.target})"
     return short
 
 
@@ -446,11 +449,33 @@ def _meaning(comparison: Any) -> str:
             "term; the report itself claims only what holds over all attributes at its false "
             "discovery rate); a side is named only at 0.9 or more."
         )
+    within = ""
+    if comparison.scope is not None:
+        within = (
+            f"Both texts name one class of the task's target {comparison.scope.target}, whose "
+            f"labels every evaluation image has, so the question is asked among "
+            f"{comparison.scope.words} only, not over all images as the report's rows are. "
+        )
+    if comparison.calibrated and comparison.scope is not None and not comparison.probe_within_class:
+        return within + (
+            "P(A worse) 0.50: within a class only a question one report probe holds is answered; "
+            "free text there named the right side about half the time on the tuning worlds "
+            '(bench/RESULTS.md, "Stop 26"). Ask it in the words of one attribute.'
+        )
+    if comparison.calibrated and comparison.probe_within_class:
+        probe = comparison.probe
+        return within + (
+            f"P(A worse) {comparison.p_a_worse:.2f}: the probability that the model's real loss "
+            f"is higher on A, from the members' spread on those images (replicates of one fit, "
+            f"so their spread is the standard error) plus the text side's error the report "
+            f"learned for its probes, since the question is {probe.share:.0%} the "
+            f"{probe.attribute} probe's; a side is named only at 0.9 or more."
+        )
     if comparison.calibrated:
         # lazy: the CLI imports no query code up front (`comparison` has loaded this already)
         from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, FREE_TEXT_FLOOR
 
-        return (
+        return within + (
             f"P(A worse) {comparison.p_a_worse:.2f}: the probability that the model's real loss "
             "is higher on A, from the members' spread (replicates of one fit, so their spread is "
             f"the standard error) plus the text side's error: {FREE_TEXT_ERROR:g} x the one "
@@ -507,6 +532,15 @@ def _print_ranking(ranking: Sequence[dict[str, Any]], n_members: int) -> None:
     console.print(table)
     if ranking:
         console.print(f"units: {ranking[0]['units']}", style="dim", soft_wrap=True)
+    within = ranking[0].get("within") if ranking else None
+    if within:
+        label = "labelled" if within["value"] else "not labelled"
+        console.print(
+            f"ranked among the {within['n_images']} evaluation images {label} "
+            f"{within['target']}, the class of the task's target every text names",
+            style="dim",
+            soft_wrap=True,
+        )
     if judged:
         console.print(RANK_MEANING, style="dim", soft_wrap=True)
 

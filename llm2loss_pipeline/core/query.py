@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
+from llm2loss_pipeline.core.attribute_set import attribute_set_path, phrasings_of
 from llm2loss_pipeline.core.device import resolve_device
 from llm2loss_pipeline.core.encoder.text_index import (  # noqa: F401  (TEXT_INDEX_DIR: re-exported)
     TEXT_INDEX_DIR,
@@ -44,6 +45,12 @@ from llm2loss_pipeline.core.heads.compare import (
 )
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.probe_reading import ProbeReading, probe_readings
+from llm2loss_pipeline.core.heads.within_class import (
+    MIN_CLASS_IMAGES,
+    ClassScope,
+    shared_class,
+    side_words,
+)
 from llm2loss_pipeline.core.layout import Layout
 from llm2loss_pipeline.core.members import MemberInfo
 from llm2loss_pipeline.core.prompts import shows_nothing
@@ -67,7 +74,7 @@ PROBES_FILE = "probes.safetensors"
 ENCODER_SIDECAR = "encoder.json"  # core/encoder/checkpoint.py writes it last, with the sha256
 HEADS_INDEX = "ensemble.json"  # core/heads/checkpoint.INDEX, named here to keep torch out
 SNAPSHOT_DIR = ("cache", "query")  # under the home: <key>.safetensors (QuerySnapshot)
-SNAPSHOT_FORMAT = "llm2loss-query-snapshot/1"
+SNAPSHOT_FORMAT = "llm2loss-query-snapshot/2"  # 2: the pool's target classes
 TEXT_TOWER_ENV = "LLM2LOSS_TEXT_TOWER"  # "torch": embed new texts with the full encoder
 
 
@@ -260,6 +267,8 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
         "pool_scores": scores,
         "pool_weights": weights,
     }
+    if diagnoser.pool_classes is not None:
+        arrays["pool_classes"] = diagnoser.pool_classes
     data = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=header)
     try:  # a read-only home still answers; the next process only stays slower
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,8 +283,9 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
 
 
 def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict, tuple] | None:
-    """(members, embedding_dim, gap, index record, pool) of a snapshot, or None where there is
-    none or it cannot be read (then the heads load as before, and write a new one)."""
+    """(members, embedding_dim, gap, index record, (pool, pool classes)) of a snapshot, or None
+    where there is none or it cannot be read (then the heads load as before, and write a new
+    one)."""
 
     if not path.is_file():
         return None
@@ -289,7 +299,7 @@ def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict,
         gap = ModalityGap(arrays["gap_image_mean"], arrays["gap_text_mean"], header["gap_mode"])
         pool = (arrays["pool_features"], arrays["pool_scores"], arrays["pool_weights"])
         meta = json.loads(header["meta"])
-        return members, int(header["embedding_dim"]), gap, meta, pool
+        return members, int(header["embedding_dim"]), gap, meta, (pool, arrays.get("pool_classes"))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
@@ -353,6 +363,11 @@ class Diagnoser:
         self.meta = dict(meta or {})
         self._scores: dict[str, np.ndarray] = {}
         self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.pool_classes: np.ndarray | None = None
+        """per pool image, its label of an attribute task's target (1, 0; -1 unknown), else None"""
+        self._class_words: tuple[str, tuple[frozenset[str], frozenset[str]]] | tuple[()] | None = (
+            None
+        )
         self._calibration: dict[str, Calibration | None] = {}
         self._probes: tuple[np.ndarray, np.ndarray] | tuple[()] | None = None
         self._snapshot: Path | None = None  # where to save the query snapshot (Diagnoser.load)
@@ -415,7 +430,7 @@ class Diagnoser:
         )
         meta = {**meta, "home": str(layout.home), "encoder": repr(lazy)}
         diagnoser = cls(lazy, ensemble, gap, meta)  # type: ignore[arg-type]
-        diagnoser._pool = pool
+        diagnoser._pool, diagnoser.pool_classes = pool
         return diagnoser
 
     @classmethod
@@ -492,7 +507,10 @@ class Diagnoser:
         and P(A worse) is calibrated with the report's text-side error
         (core/report/calibration.py) when the report has been built; where one probe holds most
         of the question, P(A worse) is the report's own answer for that attribute
-        (core/heads/probe_reading.py; `Comparison.asked_as_probe`).
+        (core/heads/probe_reading.py; `Comparison.asked_as_probe`). Two texts that both name one
+        class of an attribute task's target ("a blond man" vs "a blond woman", for a Blond_Hair
+        classifier) are asked among that class's images only (core/heads/within_class.py;
+        `Comparison.scope`).
         """
         return self.compare_many([(text_a, text_b)], grounded=grounded)[0]
 
@@ -514,12 +532,21 @@ class Diagnoser:
         if self._grounded(grounded):
             features = self.text_features(check_texts(flat, labels))
             directions = features[0::2] - features[1::2]
-            diffs, explained = self._grounded_diffs(directions)
+            scopes = [self._scope(pair) for pair in pairs]
+            diffs, explained = self._grounded_diffs(directions, scopes)
             calibration = self.calibration("grounded")
             readings = self._probe_readings(directions)
             return [
                 compare_members(
-                    diffs[:, p], members, a, b, "grounded", calibration, explained[p], readings[p]
+                    diffs[:, p],
+                    members,
+                    a,
+                    b,
+                    "grounded",
+                    calibration,
+                    explained[p],
+                    readings[p],
+                    scopes[p],
                 )
                 for p, (a, b) in enumerate(pairs)
             ]
@@ -540,9 +567,12 @@ class Diagnoser:
             )
         return grounded
 
-    def _grounded_diffs(self, directions: np.ndarray) -> tuple[np.ndarray, list[float | None]]:
+    def _grounded_diffs(
+        self, directions: np.ndarray, scopes: Sequence[ClassScope | None] | None = None
+    ) -> tuple[np.ndarray, list[float | None]]:
         """[members, q] grounded estimates of text directions [q, d], and per direction the
-        share the report's probes span (None without the report's probes)."""
+        share the report's probes span (None without the report's probes). A direction with a
+        scope (`_scope`) is grounded on the images of its class only."""
 
         explained: list[float | None] = [None] * len(directions)
         probes = self.probes()
@@ -562,7 +592,44 @@ class Diagnoser:
         if apart.any():
             pool, scores, weights = self.grounding_pool()
             diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
+            for q, scope in enumerate(scopes or ()):
+                if scope is not None and apart[q]:
+                    within = weights * (self.pool_classes == int(scope.value))
+                    diffs[:, q] = grounded_diffs(scores, pool, directions[q : q + 1], within)[:, 0]
         return diffs, explained
+
+    def _scope(self, texts: Sequence[str]) -> ClassScope | None:
+        """The class of an attribute task's target that all `texts` name, where they are to be
+        asked among its images only (core/heads/within_class.py); None for other tasks, texts
+        that name no one class, or a class too few pool images have for every member to draw."""
+        found = self.class_words()
+        if found is None:
+            return None
+        target, words = found
+        side = shared_class(texts, words)
+        if side is None:
+            return None
+        _, _, weights = self.grounding_pool()  # reads the pool's classes too
+        if self.pool_classes is None:
+            return None
+        mask = self.pool_classes == int(side)
+        if mask.sum() < MIN_CLASS_IMAGES or not (weights[:, mask].sum(axis=1) > 0).all():
+            return None
+        return ClassScope(target, side, int(mask.sum()))
+
+    def class_words(self) -> tuple[str, tuple[frozenset[str], frozenset[str]]] | None:
+        """(an attribute task's target, the words that name each of its sides), read once from
+        the home's attribute set; None for another task or without a home."""
+        if self._class_words is None:
+            found: tuple[str, tuple[frozenset[str], frozenset[str]]] | tuple[()] = ()
+            home = self.meta.get("home")
+            if home is not None and attribute_set_path(Layout.at(home)).is_file():
+                with phrasings_of(Layout.at(home)) as attribute_set:
+                    if attribute_set.target is not None:
+                        target = attribute_set.target
+                        found = (target, side_words(target, attribute_set.attributes))
+            self._class_words = found
+        return self._class_words or None  # type: ignore[return-value]
 
     def _probe_readings(self, directions: np.ndarray) -> list[ProbeReading | None]:
         """Per text direction [q, d], the report probe holding most of it and the report's
@@ -631,16 +698,26 @@ class Diagnoser:
             self._probes = (arrays["directions"], arrays["duals"])
         return self._probes or None  # type: ignore[return-value]
 
-    def use_pool(self, embeddings: np.ndarray, groups: np.ndarray | None = None) -> None:
+    def use_pool(
+        self,
+        embeddings: np.ndarray,
+        groups: np.ndarray | None = None,
+        classes: np.ndarray | None = None,
+    ) -> None:
         """Ground comparisons on these image embeddings [n, d] instead of the home's images;
-        `groups` (an identity per image) makes the bootstrap resample whole identities."""
+        `groups` (an identity per image) makes the bootstrap resample whole identities, and
+        `classes` (an attribute task's target label per image: 1, 0, or -1 unknown) lets texts
+        that name one class be asked among its images."""
 
         features = self.image_features(embeddings)
         if len(features) < 2:
             raise ValueError(f"a grounding pool needs at least 2 images, got {len(features)}")
         scores = self.score_features(features)
         weights = pool_weights(len(scores), len(features), POOL_SEED, groups)
+        if classes is not None and len(classes) != len(features):
+            raise ValueError(f"{len(classes)} classes for {len(features)} pool images")
         self._pool = (features, scores, weights)
+        self.pool_classes = None if classes is None else np.asarray(classes, dtype=np.int8)
 
     def grounding_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
@@ -666,10 +743,23 @@ class Diagnoser:
                     for i, s in zip(frame["identity"], frame["sample_id"], strict=True)
                 ]
             )
-            self.use_pool(np.asarray(frame["embedding"].to_list(), dtype=np.float32), groups)
+            self.use_pool(
+                np.asarray(frame["embedding"].to_list(), dtype=np.float32),
+                groups,
+                self._target_classes(layout, frame["sample_id"]),
+            )
             if self._snapshot is not None:
                 write_snapshot(self._snapshot, self)
         return self._pool  # type: ignore[return-value]
+
+    def _target_classes(self, layout: Layout, sample_ids: pl.Series) -> np.ndarray | None:
+        """The attribute task's target label of each sample (1, 0; -1 where unlabelled)."""
+        found = self.class_words()
+        if found is None or not layout.attributes.is_file():
+            return None
+        column = pl.read_parquet(layout.attributes, columns=["sample_id", found[0]])
+        labels = sample_ids.to_frame().join(column, on="sample_id", how="left")[found[0]]
+        return labels.cast(pl.Int8).fill_null(-1).to_numpy()
 
     def rank(self, texts: Sequence[str], *, grounded: bool | None = None) -> list[dict[str, Any]]:
         """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals.
@@ -686,11 +776,12 @@ class Diagnoser:
         if self._grounded(grounded) and len(texts) > 1:
             features = self.text_features(texts)
             contrasts = features - features.mean(axis=0)
-            diffs, _ = self._grounded_diffs(contrasts)
+            scope = self._scope(texts)  # texts that all name one class are ranked within it
+            diffs, _ = self._grounded_diffs(contrasts, [scope] * len(texts))
             calibration = self.calibration("grounded")
             readings = self._probe_readings(contrasts)
             members = self.ensemble.members
-            return rank_texts(texts, diffs, members, "grounded", calibration, readings)
+            return rank_texts(texts, diffs, members, "grounded", calibration, readings, scope)
         return rank_texts(texts, self.score_texts(texts), self.ensemble.members, "direct")
 
     # discovery

@@ -35,9 +35,11 @@ TRUTH_LEVEL = 0.95
 
 
 def population_losses(
-    black_box_path: Path, population_dir: Path, table: pl.DataFrame
+    black_box_path: Path, population_dir: Path, table: pl.DataFrame, target: str | None = None
 ) -> np.ndarray:
-    """The built-in black box's per-sample loss on the population images, in table order."""
+    """The built-in black box's per-sample loss on the population images, in table order: on
+    their identities, or for an attribute task on their `target` labels (1 with it, 0 without,
+    the built-in numbering of core/blackbox/task_labels.py)."""
     # lazy: torch (+980 modules, 2.9 s) for population losses only; scoring needs none
     from llm2loss_pipeline.core.blackbox.checkpoint import load_black_box
     from llm2loss_pipeline.core.blackbox.labels import map_labels
@@ -47,7 +49,8 @@ def population_losses(
     if loaded.label_map is None:
         raise ValueError(f"{black_box_path} has no label map: only the built-in black box")
     ids = table["sample_id"].to_list()
-    labels = map_labels(table["identity"].to_numpy(), loaded.label_map, sample_ids=ids)
+    column = table["identity"] if target is None else table[target].cast(pl.Int64)
+    labels = map_labels(column.to_numpy(), loaded.label_map, sample_ids=ids)
     items = [
         (sample, str(Path(population_dir) / path))
         for sample, path in zip(ids, table["path"].to_list(), strict=True)

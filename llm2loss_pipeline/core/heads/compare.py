@@ -22,7 +22,10 @@ to from `LEANING`, 0.6, on). A question that one report probe holds (probe_readi
 report's own calibrated P for that attribute instead of free text's. A pair of texts whose
 difference the report's probes barely span (`explained` < `MIN_EXPLAINED`) is "off the data":
 the two texts describe the same images (synonyms), or something the images do not vary in (a cat
-vs a dog, on faces), however many members agree.
+vs a dog, on faces), however many members agree. Two texts that name one class of an attribute
+task's target are asked among that class's images (within_class.py), where only a question one
+probe holds gets a P (that probe's text error on the class's own estimate) and free text gets
+"cannot tell".
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from llm2loss_pipeline.core.heads.probe_reading import ProbeReading
+from llm2loss_pipeline.core.heads.probe_reading import PROBE_SHARE, ProbeReading
+from llm2loss_pipeline.core.heads.within_class import ClassScope
 from llm2loss_pipeline.core.members import OVERALL, MemberInfo, member_groups
 from llm2loss_pipeline.core.report.calibration import Calibration
 
@@ -186,11 +190,29 @@ class Comparison:
     """share of the texts' difference that the report's probes span (grounded only)"""
     probe: ProbeReading | None = None
     """the report probe that holds most of the question, with the report's answer for it"""
+    scope: ClassScope | None = None
+    """the class of an attribute task's target that both texts name, among whose images the
+    question was asked (within_class.py); None: over all evaluation images"""
 
     @property
     def asked_as_probe(self) -> bool:
-        """Whether P(A worse) is the report's answer for one probe (probe_reading.py)."""
-        return self.calibrated and self.probe is not None and self.probe.holds
+        """Whether P(A worse) is the report's answer for one probe (probe_reading.py). Not
+        within a class: the report answers over all images."""
+        return (
+            self.scope is None and self.calibrated and self.probe is not None and self.probe.holds
+        )
+
+    @property
+    def probe_within_class(self) -> bool:
+        """Whether a question asked within a class is one report probe's (that probe's text
+        error then applies, not free text's)."""
+        probe = self.probe
+        return (
+            self.scope is not None
+            and probe is not None
+            and probe.share >= PROBE_SHARE
+            and probe.resolves
+        )
 
     @property
     def calibrated(self) -> bool:
@@ -208,6 +230,13 @@ class Comparison:
             return self.p_greater
         if self.asked_as_probe:
             return self.probe.p_a_worse  # type: ignore[union-attr]
+        if (
+            self.scope is not None
+        ):  # within a class: one probe's question, or none (within_class.py)
+            if not self.probe_within_class:
+                return 0.5
+            values = np.asarray(self.diffs)
+            return float(self.calibration.p_worse(values.mean(), values.std(ddof=1)))  # type: ignore[union-attr]
         return free_text_p_worse(np.asarray(self.diffs), self.calibration)  # type: ignore[arg-type]
 
     @property
@@ -270,12 +299,23 @@ class Comparison:
                 "texts describe the same images, or something the data does not show"
             )
         asked = ""
+        probe: ProbeReading = self.probe  # type: ignore[assignment]
+        if self.scope is not None and not self.probe_within_class:
+            nearest = f" (the nearest, {probe.attribute}, holds {probe.share:.0%})" if probe else ""
+            return (
+                f"cannot tell: {a} and {b} both name one class, so they are asked among "
+                f"{self.scope.words}, and there only a question one report probe holds is "
+                f"answered; what they differ in is not one probe's{nearest}"
+            )
         if self.asked_as_probe:
-            probe: ProbeReading = self.probe  # type: ignore[assignment]
             asked = (
                 f"; asked as the report asks {probe.attribute}, whose probe holds "
                 f"{probe.share:.0%} of the question"
             )
+        elif self.scope is not None:
+            asked = f"; asked among {self.scope.words}, the class both texts name"
+            if self.probe_within_class:
+                asked += f", as {probe.attribute} ({probe.share:.0%} of the question) within it"
         if p >= CLAIM or p <= 1.0 - CLAIM:
             worse, better, sure = (a, b, p) if p >= 0.5 else (b, a, 1.0 - p)
             return (
@@ -306,6 +346,7 @@ class Comparison:
             "explained": self.explained,
             "asked_as_probe": self.asked_as_probe,
             "probe": self.probe.to_dict() if self.probe is not None else None,
+            "scope": self.scope.to_dict() if self.scope is not None else None,
             "members_a_worse": self.p_greater,
             "groups": {name: stats.to_dict() for name, stats in self.groups.items()},
             "members": [
@@ -325,6 +366,7 @@ def compare_members(
     calibration: Calibration | None = None,
     explained: float | None = None,
     probe: ProbeReading | None = None,
+    scope: ClassScope | None = None,
 ) -> Comparison:
     """Statistics of per-member differences `diff` [M] = h(a) - h(b) (standardised)."""
     values = np.asarray(diff, dtype=np.float64).reshape(-1)
@@ -343,6 +385,7 @@ def compare_members(
         calibration=calibration,
         explained=explained,
         probe=probe,
+        scope=scope,
     )
 
 
@@ -375,6 +418,7 @@ def rank_texts(
     estimator: str = "direct",
     calibration: Calibration | None = None,
     probes: Sequence[ProbeReading | None] | None = None,
+    scope: ClassScope | None = None,
 ) -> list[dict[str, Any]]:
     """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
 
@@ -384,7 +428,9 @@ def rank_texts(
     row gets `compare`'s P(worse) (`p_worse`) and verdict; a contrast one report probe holds
     (`probes`) takes the report's answer for it, as in `compare`. (No off-the-data flag: a
     contrast with the average of texts worded alike or not, a cat among them, is mostly wording,
-    so its share spanned by the probes says little about the one text.)
+    so its share spanned by the probes says little about the one text.) Texts that all name
+    one class of an attribute task's target were ranked among its images (`scope`), and each row
+    says so (`within`).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(members), len(texts)):
@@ -398,7 +444,14 @@ def rank_texts(
         if judged:  # the text against the average, answered by compare's own rules
             probe = probes[t] if probes is not None else None
             answer = compare_members(
-                scores[:, t], members, text, "the average", estimator, calibration, probe=probe
+                scores[:, t],
+                members,
+                text,
+                "the average",
+                estimator,
+                calibration,
+                probe=probe,
+                scope=scope,
             )
             p_worse = answer.p_a_worse
             asked_as = probe.attribute if answer.asked_as_probe else None  # type: ignore[union-attr]
@@ -411,6 +464,7 @@ def rank_texts(
                 "units": RANK_UNITS.get(estimator, RANK_UNITS["direct"]),
                 "p_worse": p_worse,
                 "asked_as": asked_as,
+                "within": scope.to_dict() if scope is not None else None,
                 "verdict": rank_verdict(p_worse),
             }
         )

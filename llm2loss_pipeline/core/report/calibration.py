@@ -119,7 +119,8 @@ class Calibration:
         return cls(
             estimator=str(data["estimator"]),
             slope=float(data["slope"]) if data.get("slope") is not None else math.nan,
-            text_error=float(data["text_error"]),
+            # null: an infinite error (estimates that ran against the gaps; JSON has no inf)
+            text_error=float(data["text_error"]) if data["text_error"] is not None else math.inf,
             n_attributes=int(data["n_attributes"]),
         )
 
