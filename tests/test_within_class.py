@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from llm2loss_pipeline.core import prompts
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.heads.compare import compare_members, free_text_p_worse
 from llm2loss_pipeline.core.heads.probe_reading import ProbeReading
@@ -57,6 +58,21 @@ def test_plurals_and_the_negative_sides_own_words() -> None:
     assert named_side("two women", MALE) is False
     assert named_side("men in hats", MALE) is True
     assert named_side("not a woman", MALE) is True
+
+
+def test_a_probes_files_phrasings_give_its_own_words() -> None:
+    table = {
+        "is_vegan": (["who:eats only plants", "adj:vegan"], ["who:eats meat"]),
+        "hair_blond": (["with:blond hair"], ["with:dark hair"]),
+    }
+    with prompts.phrased_by(table):
+        words = side_words("is_vegan", ["is_vegan", "hair_blond"])
+    # "eats" is stated on both sides: it names neither
+    assert words == (frozenset({"only", "plants", "vegan"}), frozenset({"meat"}))
+    assert shared_class(["a vegan man", "a vegan woman"], words) is True
+    assert shared_class(["a man who eats meat", "a woman who eats meat"], words) is False
+    # a column phrased from its name ("with hair blond") shares "hair" with nothing here
+    assert side_words("hair_blond", ["is_vegan", "hair_blond"])[0] == {"hair", "blond"}
 
 
 def test_texts_share_a_class_only_when_all_name_it() -> None:

@@ -75,20 +75,37 @@ def _tokens(text: str) -> list[str]:
     return [IRREGULAR.get(token, token) for token in _TOKEN.findall(text.lower())]
 
 
+def _negated(tokens: list[str], i: int) -> bool:
+    return any(t in NEGATIONS for t in tokens[max(0, i - NEGATION_REACH) : i])
+
+
 def _phrase_words(attribute: str, value: bool) -> set[str]:
     return {word for phrase in prompts.phrases(attribute, value) for word in _tokens(phrase.text)}
 
 
+def _stated_words(attribute: str, value: bool) -> set[str]:
+    """The words a side's phrasings state, not negate ("blond" in "with:blond hair", not in
+    "without:blond hair" or "whose hair is not blond")."""
+    words = set()
+    for phrase in prompts.phrases(attribute, value):
+        tokens = _tokens(phrase.text)
+        if phrase.slot != "without":
+            words |= {t for i, t in enumerate(tokens) if not _negated(tokens, i)}
+    return words
+
+
 def side_words(target: str, others: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
-    """(words naming the target's positive side, words naming its negative side): the words of
-    its phrasings (under the phrasings installed now) that no other attribute's phrasings use,
-    a negative side's only where the positive side does not use them either."""
+    """(words naming the target's positive side, words naming its negative side): the words each
+    side's phrasings (those installed now) state and the other side's do not, less any word of
+    another attribute's phrasings ("hair" names no hair colour; "eats" in "who eats only
+    plants" vs "who eats meat" names neither side)."""
     used = set(NEGATIONS)
     for other in others:
         if other != target:
             used |= _phrase_words(other, True) | _phrase_words(other, False)
-    positive = _phrase_words(target, True) - used
-    negative = _phrase_words(target, False) - used - positive
+    stated_positive, stated_negative = _stated_words(target, True), _stated_words(target, False)
+    positive = stated_positive - stated_negative - used
+    negative = stated_negative - stated_positive - used
     return frozenset(positive), frozenset(negative)
 
 
@@ -103,10 +120,8 @@ def named_side(text: str, words: tuple[frozenset[str], frozenset[str]]) -> bool 
     tokens = _tokens(text)
     for i, token in enumerate(tokens):
         on = True if _matches(token, positive) else False if _matches(token, negative) else None
-        if on is None:
-            continue
-        negated = any(t in NEGATIONS for t in tokens[max(0, i - NEGATION_REACH) : i])
-        sides.add(on != negated)
+        if on is not None:
+            sides.add(on != _negated(tokens, i))
     return sides.pop() if len(sides) == 1 else None
 
 
