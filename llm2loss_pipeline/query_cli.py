@@ -456,6 +456,11 @@ def _meaning(comparison: Any) -> str:
             f"labels every evaluation image has, so the question is asked among "
             f"{comparison.scope.words} only, not over all images as the report's rows are. "
         )
+    if comparison.calibrated and comparison.scope is not None and comparison.scope.too_few:
+        return within + (
+            "P(A worse) 0.50: none of those images is labelled on one side of the attribute "
+            "asked about, so the question is about people the data does not hold."
+        )
     if comparison.calibrated and comparison.scope is not None and not comparison.probe_within_class:
         return within + (
             "P(A worse) 0.50: within a class only a question one report probe holds is answered; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import polars as pl
 import pytest
 
 from llm2loss_pipeline.core import prompts
@@ -20,7 +21,7 @@ from llm2loss_pipeline.core.heads.within_class import (
     side_words,
 )
 from llm2loss_pipeline.core.members import MemberInfo
-from llm2loss_pipeline.core.query import read_snapshot, write_snapshot
+from llm2loss_pipeline.core.query import _class_counts, read_snapshot, write_snapshot
 from llm2loss_pipeline.core.report.calibration import Calibration
 from llm2loss_pipeline.core.report.grounded import grounded_diffs
 from tests.test_diagnoser import diagnoser, home, pool_embeddings  # noqa: F401  (fixtures)
@@ -104,7 +105,12 @@ def test_a_question_within_a_class_is_not_the_reports_marginal_answer() -> None:
     assert within.p_a_worse == pytest.approx(expected)
     assert "among the 174 evaluation images labelled Blond_Hair" in within.verdict
     assert "as Male (80% of the question) within it" in within.verdict
-    assert within.to_dict()["scope"] == {"target": "Blond_Hair", "value": True, "n_images": 174}
+    assert within.to_dict()["scope"] == {
+        "target": "Blond_Hair",
+        "value": True,
+        "n_images": 174,
+        "probe_sides": None,
+    }
     # a question no probe holds: free text, which had no skill within a class
     free = compare_members(
         diffs, MEMBERS, "a", "b", "grounded", CALIBRATION, 0.9, _reading(0.3), SCOPE
@@ -112,6 +118,17 @@ def test_a_question_within_a_class_is_not_the_reports_marginal_answer() -> None:
     assert not free.probe_within_class and free.p_a_worse == 0.5 and not free.claimed
     assert free.verdict.startswith("cannot tell: A ('a') and B ('b') both name one class")
     assert "the nearest, Male, holds 30%" in free.verdict
+    # a class that holds no labelled image on one side of the probe's attribute
+    none = ClassScope("Blond_Hair", True, 174, probe_sides=(0, 174))
+    empty = compare_members(
+        diffs, MEMBERS, "a", "b", "grounded", CALIBRATION, 0.9, _reading(0.8), none
+    )
+    assert not empty.probe_within_class and empty.p_a_worse == 0.5 and not empty.claimed
+    assert "0 are labelled Male and 174 are not: no such people" in empty.verdict
+    few = ClassScope("Blond_Hair", True, 174, probe_sides=(1, 173))  # few, but some: answered
+    assert compare_members(
+        diffs, MEMBERS, "a", "b", "grounded", CALIBRATION, 0.9, _reading(0.8), few
+    ).probe_within_class
     # outside a class the same question is free text's, with its own error
     plain = compare_members(diffs, MEMBERS, "a", "b", "grounded", CALIBRATION, 0.9, _reading(0.3))
     assert plain.p_a_worse == pytest.approx(free_text_p_worse(diffs, CALIBRATION))
@@ -143,15 +160,33 @@ def test_compare_asks_texts_naming_one_class_among_its_images(diagnoser) -> None
         diagnoser.use_pool(pool, classes=np.ones(3))
 
 
-def test_the_snapshot_keeps_the_pools_classes(tmp_path, diagnoser) -> None:  # noqa: F811
+def test_class_counts_and_the_snapshot_keep_what_each_class_holds(tmp_path, diagnoser) -> None:  # noqa: F811
     labels, pool = pool_embeddings()
-    diagnoser.use_pool(pool, classes=labels[:, 1].astype(np.int8))
+    classes = labels[:, 1].astype(np.int8)
+    frame = pl.DataFrame(
+        {"glasses": labels[:, 0], "partly": [None, *labels[1:, 2]], "loss": np.zeros(len(pool))}
+    )
+    names, counts = _class_counts(frame, classes)
+    assert names == ("glasses", "partly")  # boolean columns only
+    hat = classes == 1
+    assert counts[0, 1].tolist() == [int((~labels[hat, 0]).sum()), int(labels[hat, 0].sum())]
+    assert counts[1].sum() == len(pool) - 1  # the unlabelled image counts on neither side
+    diagnoser.use_pool(pool, classes=classes)
+    diagnoser.class_counts = (names, counts)
+    scope = ClassScope("Wearing_Hat", True, int(hat.sum()))
+    assert diagnoser.class_sides(scope, "glasses") == (
+        int(labels[hat, 0].sum()),
+        int((~labels[hat, 0]).sum()),
+    )
+    assert diagnoser.class_sides(scope, "Smiling") is None
     write_snapshot(tmp_path / "s.safetensors", diagnoser)
-    _, _, _, _, (_, classes) = read_snapshot(tmp_path / "s.safetensors")
-    assert np.array_equal(classes, labels[:, 1].astype(np.int8))
-    diagnoser.use_pool(pool)
+    _, _, _, _, (_, (kept_classes, kept_counts)) = read_snapshot(tmp_path / "s.safetensors")
+    assert np.array_equal(kept_classes, classes)
+    assert kept_counts[0] == names and np.array_equal(kept_counts[1], counts)
+    diagnoser.use_pool(pool)  # a new pool drops the old one's counts
+    assert diagnoser.class_counts is None
     write_snapshot(tmp_path / "t.safetensors", diagnoser)
-    assert read_snapshot(tmp_path / "t.safetensors")[4][1] is None
+    assert read_snapshot(tmp_path / "t.safetensors")[4][1] == (None, None)
 
 
 def test_a_null_text_error_reads_back_as_infinite() -> None:

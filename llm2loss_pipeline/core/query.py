@@ -13,6 +13,7 @@ uncertainty (paper, Figure 2).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -269,6 +270,9 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
     }
     if diagnoser.pool_classes is not None:
         arrays["pool_classes"] = diagnoser.pool_classes
+    if diagnoser.class_counts is not None:
+        header["class_count_names"] = json.dumps(list(diagnoser.class_counts[0]))
+        arrays["pool_class_counts"] = diagnoser.class_counts[1]
     data = save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=header)
     try:  # a read-only home still answers; the next process only stays slower
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,9 +287,9 @@ def write_snapshot(path: Path, diagnoser: Diagnoser) -> None:
 
 
 def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict, tuple] | None:
-    """(members, embedding_dim, gap, index record, (pool, pool classes)) of a snapshot, or None
-    where there is none or it cannot be read (then the heads load as before, and write a new
-    one)."""
+    """(members, embedding_dim, gap, index record, (pool, (pool classes, class counts))) of a
+    snapshot, or None where there is none or it cannot be read (then the heads load as before,
+    and write a new one)."""
 
     if not path.is_file():
         return None
@@ -299,9 +303,27 @@ def read_snapshot(path: Path) -> tuple[list[MemberInfo], int, ModalityGap, dict,
         gap = ModalityGap(arrays["gap_image_mean"], arrays["gap_text_mean"], header["gap_mode"])
         pool = (arrays["pool_features"], arrays["pool_scores"], arrays["pool_weights"])
         meta = json.loads(header["meta"])
-        return members, int(header["embedding_dim"]), gap, meta, (pool, arrays.get("pool_classes"))
+        counts = None
+        if "pool_class_counts" in arrays:
+            names = tuple(json.loads(header["class_count_names"]))
+            counts = (names, arrays["pool_class_counts"])
+        classes = (arrays.get("pool_classes"), counts)
+        return members, int(header["embedding_dim"]), gap, meta, (pool, classes)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
+
+
+def _class_counts(frame: pl.DataFrame, classes: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+    """(attributes, counts [attributes, 2, 2]): per boolean attribute column of `frame`, per
+    class of the target (0, 1), its images labelled without and with it."""
+    names = tuple(name for name, dtype in frame.schema.items() if dtype == pl.Boolean)
+    counts = np.zeros((len(names), 2, 2), dtype=np.int64)
+    for k, name in enumerate(names):
+        labels = frame[name].cast(pl.Int8).fill_null(-1).to_numpy()  # -1: not labelled
+        for value in (0, 1):
+            in_class = labels[classes == value]
+            counts[k, value] = (int((in_class == 0).sum()), int((in_class == 1).sum()))
+    return names, counts
 
 
 def _report_answers(table: Path) -> dict[str, tuple[Any, Any]] | None:
@@ -365,6 +387,9 @@ class Diagnoser:
         self._pool: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.pool_classes: np.ndarray | None = None
         """per pool image, its label of an attribute task's target (1, 0; -1 unknown), else None"""
+        self.class_counts: tuple[tuple[str, ...], np.ndarray] | None = None
+        """(attributes, [attributes, 2, 2] counts): per attribute, per class of the target (0, 1),
+        the pool images labelled without and with it (`_class_counts`), else None"""
         self._class_words: tuple[str, tuple[frozenset[str], frozenset[str]]] | tuple[()] | None = (
             None
         )
@@ -430,7 +455,7 @@ class Diagnoser:
         )
         meta = {**meta, "home": str(layout.home), "encoder": repr(lazy)}
         diagnoser = cls(lazy, ensemble, gap, meta)  # type: ignore[arg-type]
-        diagnoser._pool, diagnoser.pool_classes = pool
+        diagnoser._pool, (diagnoser.pool_classes, diagnoser.class_counts) = pool
         return diagnoser
 
     @classmethod
@@ -536,6 +561,10 @@ class Diagnoser:
             diffs, explained = self._grounded_diffs(directions, scopes)
             calibration = self.calibration("grounded")
             readings = self._probe_readings(directions)
+            for p, (scope, reading) in enumerate(zip(scopes, readings, strict=True)):
+                if scope is not None and reading is not None:  # what the class holds of it
+                    sides = self.class_sides(scope, reading.attribute)
+                    scopes[p] = dataclasses.replace(scope, probe_sides=sides)
             return [
                 compare_members(
                     diffs[:, p],
@@ -718,6 +747,7 @@ class Diagnoser:
             raise ValueError(f"{len(classes)} classes for {len(features)} pool images")
         self._pool = (features, scores, weights)
         self.pool_classes = None if classes is None else np.asarray(classes, dtype=np.int8)
+        self.class_counts = None  # another pool's; the home's pool sets its own after this
 
     def grounding_pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image features [n, d], member scores [M, n], bootstrap weights [M, n]) of the
@@ -743,11 +773,11 @@ class Diagnoser:
                     for i, s in zip(frame["identity"], frame["sample_id"], strict=True)
                 ]
             )
+            classes = self._target_classes(layout, frame["sample_id"])
             self.use_pool(
-                np.asarray(frame["embedding"].to_list(), dtype=np.float32),
-                groups,
-                self._target_classes(layout, frame["sample_id"]),
+                np.asarray(frame["embedding"].to_list(), dtype=np.float32), groups, classes
             )
+            self.class_counts = None if classes is None else _class_counts(frame, classes)
             if self._snapshot is not None:
                 write_snapshot(self._snapshot, self)
         return self._pool  # type: ignore[return-value]
@@ -760,6 +790,14 @@ class Diagnoser:
         column = pl.read_parquet(layout.attributes, columns=["sample_id", found[0]])
         labels = sample_ids.to_frame().join(column, on="sample_id", how="left")[found[0]]
         return labels.cast(pl.Int8).fill_null(-1).to_numpy()
+
+    def class_sides(self, scope: ClassScope, attribute: str) -> tuple[int, int] | None:
+        """Among the pool images of the scope's class, how many are labelled with `attribute`
+        and how many without; None where the labels are not known."""
+        if self.class_counts is None or attribute not in self.class_counts[0]:
+            return None
+        counts = self.class_counts[1][self.class_counts[0].index(attribute), int(scope.value)]
+        return int(counts[1]), int(counts[0])
 
     def rank(self, texts: Sequence[str], *, grounded: bool | None = None) -> list[dict[str, Any]]:
         """Texts ordered by estimated loss, worst first, with q1..q3 and min..max intervals.

@@ -209,6 +209,7 @@ class Comparison:
         probe = self.probe
         return (
             self.scope is not None
+            and not self.scope.too_few
             and probe is not None
             and probe.share >= PROBE_SHARE
             and probe.resolves
@@ -300,6 +301,13 @@ class Comparison:
             )
         asked = ""
         probe: ProbeReading = self.probe  # type: ignore[assignment]
+        if self.scope is not None and self.scope.too_few:
+            with_it, without = self.scope.probe_sides  # type: ignore[misc]
+            return (
+                f"cannot tell: {a} and {b} both name one class, so they are asked among "
+                f"{self.scope.words}; of those, {with_it} are labelled {probe.attribute} and "
+                f"{without} are not: no such people to tell about"
+            )
         if self.scope is not None and not self.probe_within_class:
             nearest = f" (the nearest, {probe.attribute}, holds {probe.share:.0%})" if probe else ""
             return (

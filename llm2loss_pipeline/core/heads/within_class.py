@@ -60,6 +60,18 @@ class ClassScope:
     target: str
     value: bool
     n_images: int
+    probe_sides: tuple[int, int] | None = None
+    """of those images, how many are labelled with and without the attribute whose probe holds
+    the question (None: not known, or no probe holds it)"""
+
+    @property
+    def too_few(self) -> bool:
+        """Whether the class holds no labelled image on one side of the question's attribute
+        ("blond hair and black hair": no such people), so there is nothing to answer about.
+        Small sides are kept: seed 0's 7 blond images with a necktie carried a right claim (the
+        report's small-group size, 20, as the bar cut 4 of 15 right claims: bench/RESULTS.md,
+        "Stop 26")."""
+        return self.probe_sides is not None and min(self.probe_sides) == 0
 
     @property
     def words(self) -> str:
@@ -68,7 +80,13 @@ class ClassScope:
         return f"the {self.n_images} evaluation images {label} {self.target}"
 
     def to_dict(self) -> dict[str, object]:
-        return {"target": self.target, "value": self.value, "n_images": self.n_images}
+        sides = list(self.probe_sides) if self.probe_sides is not None else None
+        return {
+            "target": self.target,
+            "value": self.value,
+            "n_images": self.n_images,
+            "probe_sides": sides,
+        }
 
 
 def _tokens(text: str) -> list[str]:
