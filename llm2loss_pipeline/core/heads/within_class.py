@@ -69,7 +69,7 @@ class ClassScope:
         """Whether the class holds no labelled image on one side of the question's attribute
         ("blond hair and black hair": no such people), so there is nothing to answer about.
         Small sides are kept: seed 0's 7 blond images with a necktie carried a right claim (the
-        report's small-group size, 20, as the bar cut 4 of 15 right claims: bench/RESULTS.md,
+        report's small-group size, 20, as the bar cut 6 of 15 right claims: bench/RESULTS.md,
         "Stop 26")."""
         return self.probe_sides is not None and min(self.probe_sides) == 0
 
