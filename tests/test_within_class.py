@@ -11,6 +11,7 @@ import pytest
 
 from llm2loss_pipeline.core import prompts
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
+from llm2loss_pipeline.core.discovery.candidates import class_candidates, single_candidates
 from llm2loss_pipeline.core.heads.compare import compare_members, free_text_p_worse
 from llm2loss_pipeline.core.heads.probe_reading import ProbeReading
 from llm2loss_pipeline.core.heads.within_class import (
@@ -49,10 +50,19 @@ def test_a_targets_words_are_its_own() -> None:
         ("a man without glasses and blond hair", True),  # the negation is out of reach
         ("a blond woman next to a man who is not blond", None),  # both sides
         ("a photo of a man", None),
+        # discover's class candidates read back as their class
+        ("face of a man, among images labelled Blond_Hair", True),
+        ("face of a man, among images not labelled Blond_Hair", False),
     ],
 )
 def test_the_side_a_text_names(text: str, side: bool | None) -> None:
     assert named_side(text, BLOND) is side
+
+
+def test_discovers_class_candidates_are_asked_within_their_class() -> None:
+    singles = single_candidates(["Male", "Eyeglasses"])
+    for candidate in class_candidates(singles, "Blond_Hair"):
+        assert named_side(candidate.text, BLOND) is candidate.scope[1], candidate.text
 
 
 def test_plurals_and_the_negative_sides_own_words() -> None:
