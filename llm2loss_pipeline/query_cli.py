@@ -480,7 +480,7 @@ def _meaning(comparison: Any) -> str:
         # lazy: the CLI imports no query code up front (`comparison` has loaded this already)
         from llm2loss_pipeline.core.heads.compare import FREE_TEXT_ERROR, FREE_TEXT_FLOOR
 
-        return within + (
+        return (
             f"P(A worse) {comparison.p_a_worse:.2f}: the probability that the model's real loss "
             "is higher on A, from the members' spread (replicates of one fit, so their spread is "
             f"the standard error) plus the text side's error: {FREE_TEXT_ERROR:g} x the one "
@@ -488,7 +488,7 @@ def _meaning(comparison: Any) -> str:
             "since one wording of free text is read less surely than a probe; a side is named "
             "only at 0.9 or more."
         )
-    return (
+    return within + (
         "uncalibrated: 'members A worse' is only the share of ensemble members that say so, "
         "not a probability (build the report, and use the grounded estimator, to calibrate it)."
     )

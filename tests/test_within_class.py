@@ -170,6 +170,28 @@ def test_compare_asks_texts_naming_one_class_among_its_images(diagnoser) -> None
         diagnoser.use_pool(pool, classes=np.ones(3))
 
 
+def test_compare_reads_what_the_class_holds_of_the_probes_attribute(diagnoser) -> None:  # noqa: F811
+    labels, pool = pool_embeddings()
+    hat = labels[:, 1]
+    diagnoser.use_pool(pool, classes=hat.astype(np.int8))
+    diagnoser.class_words = lambda: ("Wearing_Hat", (frozenset({"hat"}), frozenset()))
+    counts = np.zeros((1, 2, 2), dtype=np.int64)
+    counts[0, 1] = (int(hat.sum()), 0)  # no one with a hat is labelled with glasses
+    diagnoser.class_counts = (("glasses",), counts)
+    reading = ProbeReading("glasses", share=0.9, sign=1, p_worse=0.99, resolves=True)
+    diagnoser._probe_readings = lambda directions: [reading] * len(directions)
+    pair = ("a person wearing glasses and a hat", "a person wearing a hat")
+    diagnoser._calibration["grounded"] = CALIBRATION  # as a built report's calibration.json
+    answer = diagnoser.compare(*pair)
+    assert answer.scope.probe_sides == (0, int(hat.sum())) and answer.scope.too_few
+    assert answer.calibrated and answer.p_a_worse == 0.5
+    assert "0 are labelled glasses" in answer.verdict and "no such people" in answer.verdict
+    # a probe that does not hold the question: its attribute's counts are not read
+    weak = ProbeReading("glasses", share=0.3, sign=1, p_worse=0.99, resolves=True)
+    diagnoser._probe_readings = lambda directions: [weak] * len(directions)
+    assert diagnoser.compare(*pair).scope.probe_sides is None
+
+
 def test_class_counts_and_the_snapshot_keep_what_each_class_holds(tmp_path, diagnoser) -> None:  # noqa: F811
     labels, pool = pool_embeddings()
     classes = labels[:, 1].astype(np.int8)

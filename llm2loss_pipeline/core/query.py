@@ -45,7 +45,7 @@ from llm2loss_pipeline.core.heads.compare import (
     rank_texts,
 )
 from llm2loss_pipeline.core.heads.gap import ModalityGap
-from llm2loss_pipeline.core.heads.probe_reading import ProbeReading, probe_readings
+from llm2loss_pipeline.core.heads.probe_reading import PROBE_SHARE, ProbeReading, probe_readings
 from llm2loss_pipeline.core.heads.within_class import (
     MIN_CLASS_IMAGES,
     ClassScope,
@@ -562,7 +562,8 @@ class Diagnoser:
             calibration = self.calibration("grounded")
             readings = self._probe_readings(directions)
             for p, (scope, reading) in enumerate(zip(scopes, readings, strict=True)):
-                if scope is not None and reading is not None:  # what the class holds of it
+                # what the class holds of the attribute whose probe holds the question
+                if scope is not None and reading is not None and reading.share >= PROBE_SHARE:
                     sides = self.class_sides(scope, reading.attribute)
                     scopes[p] = dataclasses.replace(scope, probe_sides=sides)
             return [
@@ -736,7 +737,8 @@ class Diagnoser:
         """Ground comparisons on these image embeddings [n, d] instead of the home's images;
         `groups` (an identity per image) makes the bootstrap resample whole identities, and
         `classes` (an attribute task's target label per image: 1, 0, or -1 unknown) lets texts
-        that name one class be asked among its images."""
+        that name one class be asked among its images (for a diagnoser loaded from the home of
+        an attribute task, whose attribute set says which words name the target)."""
 
         features = self.image_features(embeddings)
         if len(features) < 2:

@@ -231,9 +231,8 @@ class Comparison:
             return self.p_greater
         if self.asked_as_probe:
             return self.probe.p_a_worse  # type: ignore[union-attr]
-        if (
-            self.scope is not None
-        ):  # within a class: one probe's question, or none (within_class.py)
+        # within a class: one probe's question, or no answer (within_class.py)
+        if self.scope is not None:
             if not self.probe_within_class:
                 return 0.5
             values = np.asarray(self.diffs)
