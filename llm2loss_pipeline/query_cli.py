@@ -456,7 +456,7 @@ def _meaning(comparison: Any) -> str:
             f"labels every evaluation image has, so the question is asked among "
             f"{comparison.scope.words} only, not over all images as the report's rows are. "
         )
-    if comparison.calibrated and comparison.scope is not None and comparison.scope.too_few:
+    if comparison.calibrated and comparison.scope is not None and comparison.scope.empty_side:
         return within + (
             "P(A worse) 0.50: none of those images is labelled on one side of the attribute "
             "asked about, so the question is about people the data does not hold."

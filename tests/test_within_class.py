@@ -183,7 +183,7 @@ def test_compare_reads_what_the_class_holds_of_the_probes_attribute(diagnoser) -
     pair = ("a person wearing glasses and a hat", "a person wearing a hat")
     diagnoser._calibration["grounded"] = CALIBRATION  # as a built report's calibration.json
     answer = diagnoser.compare(*pair)
-    assert answer.scope.probe_sides == (0, int(hat.sum())) and answer.scope.too_few
+    assert answer.scope.probe_sides == (0, int(hat.sum())) and answer.scope.empty_side
     assert answer.calibrated and answer.p_a_worse == 0.5
     assert "0 are labelled glasses" in answer.verdict and "no such people" in answer.verdict
     # a probe that does not hold the question: its attribute's counts are not read

@@ -209,7 +209,7 @@ class Comparison:
         probe = self.probe
         return (
             self.scope is not None
-            and not self.scope.too_few
+            and not self.scope.empty_side
             and probe is not None
             and probe.share >= PROBE_SHARE
             and probe.resolves
@@ -300,7 +300,7 @@ class Comparison:
             )
         asked = ""
         probe: ProbeReading = self.probe  # type: ignore[assignment]
-        if self.scope is not None and self.scope.too_few:
+        if self.scope is not None and self.scope.empty_side:
             with_it, without = self.scope.probe_sides  # type: ignore[misc]
             return (
                 f"cannot tell: {a} and {b} both name one class, so they are asked among "

@@ -11,11 +11,11 @@ So such a pair is asked among the evaluation images labelled with that class onl
 Which side of the target a text names is read from its words, not its embedding: under the
 offline encoder "a man" scores higher on the blond probe than "a blond man" (bench/RESULTS.md,
 "Stop 25"), while the words say it plainly. A text names the target's positive side when it
-holds one of the target's own words (`side_words`: those of its phrasings that no other
-attribute's phrasings use, so "hair" names no hair colour) and the negative side when that word
-is negated ("not blond", "without glasses") or it holds a word only the negative phrasings use
-("woman" for Male, "old" for Young). A text that names both sides, or neither, names no class,
-and the question is asked over all images as before.
+holds one of the target's own words (`side_words`: those its positive phrasings state and its
+negative ones do not, and no other attribute's phrasings use, so "hair" names no hair colour)
+and the negative side when that word is negated ("not blond", "without glasses") or it holds a
+word only the negative phrasings state ("woman" for Male, "old" for Young). A text that names
+both sides, or neither, names no class, and the question is asked over all images as before.
 
 How such an answer is judged was chosen on the spurious worlds of seeds 0, 7, 101 and 102
 (configs/spurious.yaml, changing only `world.seed`) against each world's population truth within
@@ -65,7 +65,7 @@ class ClassScope:
     the question (None: not known, or no probe holds it)"""
 
     @property
-    def too_few(self) -> bool:
+    def empty_side(self) -> bool:
         """Whether the class holds no labelled image on one side of the question's attribute
         ("blond hair and black hair": no such people), so there is nothing to answer about.
         Small sides are kept: seed 0's 7 blond images with a necktie carried a right claim (the
