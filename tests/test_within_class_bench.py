@@ -43,7 +43,9 @@ def test_a_claim_is_right_on_the_truths_side_and_outside_its_noise(bench) -> Non
     assert (summary["n_claims"], summary["n_claims_right"]) == (4, 2)
     outcome = [1, 0, 0, 1, 1]
     p = [0.95, 0.05, 0.95, 0.95, 0.6]
-    assert summary["brier"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(p, outcome)) / 5)
+    assert summary["brier"] == pytest.approx(
+        sum((a - b) ** 2 for a, b in zip(p, outcome, strict=True)) / 5
+    )
 
 
 def test_each_question_names_the_class_it_is_asked_in(bench, tmp_path) -> None:
