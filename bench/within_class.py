@@ -144,7 +144,7 @@ def main() -> None:
             f"{s['n_claims']} right; acceptance P {world['acceptance']['p_a_worse']:.2f}"
         )
     total = summary([row for world in worlds for row in world["rows"]])
-    print(json.dumps({k: v for k, v in total.items()}, indent=1))
+    print(json.dumps(total, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"worlds": worlds, "aggregate": total}, indent=1))
 
