@@ -186,6 +186,10 @@ def test_compare_reads_what_the_class_holds_of_the_probes_attribute(diagnoser) -
     assert answer.scope.probe_sides == (0, int(hat.sum())) and answer.scope.empty_side
     assert answer.calibrated and answer.p_a_worse == 0.5
     assert "0 are labelled glasses" in answer.verdict and "no such people" in answer.verdict
+    # rank reads them per text, as compare does
+    rows = diagnoser.rank(["glasses and a hat", "a hat"])
+    assert all(row["within"]["probe_sides"] == [0, int(hat.sum())] for row in rows)
+    assert all(row["p_worse"] == 0.5 and row["verdict"] == "cannot tell" for row in rows)
     # a probe that does not hold the question: its attribute's counts are not read
     weak = ProbeReading("glasses", share=0.3, sign=1, p_worse=0.99, resolves=True)
     diagnoser._probe_readings = lambda directions: [weak] * len(directions)

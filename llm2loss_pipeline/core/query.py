@@ -561,11 +561,7 @@ class Diagnoser:
             diffs, explained = self._grounded_diffs(directions, scopes)
             calibration = self.calibration("grounded")
             readings = self._probe_readings(directions)
-            for p, (scope, reading) in enumerate(zip(scopes, readings, strict=True)):
-                # what the class holds of the attribute whose probe holds the question
-                if scope is not None and reading is not None and reading.share >= PROBE_SHARE:
-                    sides = self.class_sides(scope, reading.attribute)
-                    scopes[p] = dataclasses.replace(scope, probe_sides=sides)
+            scopes = self._with_probe_sides(scopes, readings)
             return [
                 compare_members(
                     diffs[:, p],
@@ -793,6 +789,18 @@ class Diagnoser:
         labels = sample_ids.to_frame().join(column, on="sample_id", how="left")[found[0]]
         return labels.cast(pl.Int8).fill_null(-1).to_numpy()
 
+    def _with_probe_sides(
+        self, scopes: Sequence[ClassScope | None], readings: Sequence[ProbeReading | None]
+    ) -> list[ClassScope | None]:
+        """Each scope with what its class holds of the attribute whose probe holds its question
+        (`ClassScope.probe_sides`); unchanged where no probe holds it."""
+        out = list(scopes)
+        for q, (scope, reading) in enumerate(zip(scopes, readings, strict=True)):
+            if scope is not None and reading is not None and reading.share >= PROBE_SHARE:
+                sides = self.class_sides(scope, reading.attribute)
+                out[q] = dataclasses.replace(scope, probe_sides=sides)
+        return out
+
     def class_sides(self, scope: ClassScope, attribute: str) -> tuple[int, int] | None:
         """Among the pool images of the scope's class, how many are labelled with `attribute`
         and how many without; None where the labels are not known."""
@@ -816,12 +824,13 @@ class Diagnoser:
         if self._grounded(grounded) and len(texts) > 1:
             features = self.text_features(texts)
             contrasts = features - features.mean(axis=0)
-            scope = self._scope(texts)  # texts that all name one class are ranked within it
-            diffs, _ = self._grounded_diffs(contrasts, [scope] * len(texts))
+            scopes = [self._scope(texts)] * len(texts)  # one class all name: ranked within it
+            diffs, _ = self._grounded_diffs(contrasts, scopes)
             calibration = self.calibration("grounded")
             readings = self._probe_readings(contrasts)
+            scopes = self._with_probe_sides(scopes, readings)
             members = self.ensemble.members
-            return rank_texts(texts, diffs, members, "grounded", calibration, readings, scope)
+            return rank_texts(texts, diffs, members, "grounded", calibration, readings, scopes)
         return rank_texts(texts, self.score_texts(texts), self.ensemble.members, "direct")
 
     # discovery

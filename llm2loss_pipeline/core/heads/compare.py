@@ -425,7 +425,7 @@ def rank_texts(
     estimator: str = "direct",
     calibration: Calibration | None = None,
     probes: Sequence[ProbeReading | None] | None = None,
-    scope: ClassScope | None = None,
+    scopes: Sequence[ClassScope | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Texts ordered by the ensemble-mean standardised estimate, highest (worst) first.
 
@@ -436,8 +436,9 @@ def rank_texts(
     (`probes`) takes the report's answer for it, as in `compare`. (No off-the-data flag: a
     contrast with the average of texts worded alike or not, a cat among them, is mostly wording,
     so its share spanned by the probes says little about the one text.) Texts that all name
-    one class of an attribute task's target were ranked among its images (`scope`), and each row
-    says so (`within`).
+    one class of an attribute task's target were ranked among its images (`scopes`, one per text,
+    each with what the class holds of its own probe's attribute), and each row says so
+    (`within`).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(members), len(texts)):
@@ -447,6 +448,7 @@ def rank_texts(
     rows = []
     for t, text in enumerate(texts):
         per_group = {name: Spread.of(scores[idx, t]) for name, idx in groups.items()}
+        scope = scopes[t] if scopes is not None else None
         p_worse, asked_as = None, None
         if judged:  # the text against the average, answered by compare's own rules
             probe = probes[t] if probes is not None else None
