@@ -617,11 +617,15 @@ class Diagnoser:
         diffs = np.zeros((len(self.ensemble), len(directions)))
         if apart.any():
             pool, scores, weights = self.grounding_pool()
-            diffs[:, apart] = grounded_diffs(scores, pool, directions[apart], weights)
-            for q, scope in enumerate(scopes or ()):
-                if scope is not None and apart[q]:
-                    within = weights * (self.pool_classes == int(scope.value))
-                    diffs[:, q] = grounded_diffs(scores, pool, directions[q : q + 1], within)[:, 0]
+            # each direction once: over all images, or within its class (one batch per class)
+            values = [None if scope is None else scope.value for scope in scopes or ()]
+            values += [None] * (len(directions) - len(values))
+            for value in (None, True, False):
+                columns = apart & np.array([v is value for v in values])
+                if not columns.any():
+                    continue
+                within = weights if value is None else weights * (self.pool_classes == int(value))
+                diffs[:, columns] = grounded_diffs(scores, pool, directions[columns], within)
         return diffs, explained
 
     def _scope(self, texts: Sequence[str]) -> ClassScope | None:
@@ -771,7 +775,7 @@ class Diagnoser:
                     for i, s in zip(frame["identity"], frame["sample_id"], strict=True)
                 ]
             )
-            classes = self._target_classes(layout, frame["sample_id"])
+            classes = self._target_classes(frame)
             self.use_pool(
                 np.asarray(frame["embedding"].to_list(), dtype=np.float32), groups, classes
             )
@@ -780,14 +784,13 @@ class Diagnoser:
                 write_snapshot(self._snapshot, self)
         return self._pool  # type: ignore[return-value]
 
-    def _target_classes(self, layout: Layout, sample_ids: pl.Series) -> np.ndarray | None:
-        """The attribute task's target label of each sample (1, 0; -1 where unlabelled)."""
+    def _target_classes(self, frame: pl.DataFrame) -> np.ndarray | None:
+        """The attribute task's target label of each sample of the pool's frame (1, 0; -1 where
+        unlabelled): `training_frame` already joined the attribute table."""
         found = self.class_words()
-        if found is None or not layout.attributes.is_file():
+        if found is None or found[0] not in frame.columns:
             return None
-        column = pl.read_parquet(layout.attributes, columns=["sample_id", found[0]])
-        labels = sample_ids.to_frame().join(column, on="sample_id", how="left")[found[0]]
-        return labels.cast(pl.Int8).fill_null(-1).to_numpy()
+        return frame[found[0]].cast(pl.Int8).fill_null(-1).to_numpy()
 
     def _with_probe_sides(
         self, scopes: Sequence[ClassScope | None], readings: Sequence[ProbeReading | None]
