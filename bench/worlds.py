@@ -238,6 +238,23 @@ def retrieval_lift(layout: Layout, diagnoser: Any, share: float = 0.1) -> dict[s
     return out
 
 
+def encoder_scores(layout: Layout, retrieval: dict[str, dict]) -> dict[str, Any]:
+    """Issue 17 item 3 on one world: the encoder's zero-shot AUROC over the attributes (its
+    sidecar, validation split) and the share of probes whose retrieval precision is at least
+    twice the base rate."""
+    sidecar = json.loads((layout.encoder_dir / "encoder.json").read_text())
+    metrics = sidecar.get("metrics", sidecar)
+    aurocs = [v for v in metrics.get("zero_shot_auroc", {}).values() if math.isfinite(v)]
+    lifted = summarize_retrieval(retrieval)
+    return {
+        "zero_shot_auroc_mean": float(np.mean(aurocs)) if aurocs else math.nan,
+        "zero_shot_below_0_75": float(sum(v < 0.75 for v in aurocs)),
+        "retrieval_lift_2_share": (
+            lifted["lift_at_least_2"] / lifted["attributes"] if lifted["attributes"] else math.nan
+        ),
+    }
+
+
 def summarize_retrieval(lifts: dict[str, dict]) -> dict[str, Any]:
     usable = [v for v in lifts.values() if 0 < v["base_rate"] <= 0.5]
     return {
@@ -297,6 +314,8 @@ def group_truth(report_dir: Path, loss: np.ndarray, table: pl.DataFrame) -> dict
     }
 
 
+ENCODER_KEYS = ("zero_shot_auroc_mean", "zero_shot_below_0_75", "retrieval_lift_2_share")
+"""`encoder_scores`' figures, averaged over the worlds that have them (older JSON files do not)."""
 GROUP_KEYS = (
     "groups_spearman",
     "groups_measured_spearman",
@@ -398,6 +417,7 @@ def one_world(seed: int, position: int, args: argparse.Namespace) -> dict[str, A
         },
         "answers": answers,
         "retrieval": retrieval,
+        **encoder_scores(layout, retrieval),
     }
 
 
@@ -430,6 +450,7 @@ def summarize(worlds: list[dict[str, Any]]) -> dict[str, Any]:
             default=math.nan,
         ),
         **{key: mean(key) for key in GROUP_KEYS if any(key in w for w in worlds)},
+        **{key: mean(key) for key in ENCODER_KEYS if any(key in w for w in worlds)},
         "compare_calibration": calibration_table(
             np.array([a["p_a_worse"] for a in answers]), np.array([a["truth"] > 0 for a in answers])
         ),

@@ -280,7 +280,7 @@ def test_config_choices_are_plain_strings_that_name_key_and_values():
         ),
         (
             {"devices": {"heads": {"precision": "fp8"}}},
-            "precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'",
+            "precision must be one of ['fp32', 'bf16', 'fp16', 'auto'], got 'fp8'",
         ),
     ]
     for raw, message in cases:

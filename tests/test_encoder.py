@@ -743,3 +743,25 @@ def test_a_truncated_open_clip_config_is_refused_naming_it(trained: dict, tmp_pa
         pytest.raises(StorageError, match=r"tokenizer\.json line \d+: not valid JSON"),
     ):
         load_encoder(out)
+
+
+def test_bf16_training_records_its_precision_and_is_deterministic(
+    world: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`precision: auto` on a CPU with bf16 arithmetic (forced here, so any machine runs it)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    spec = CPU.model_copy(update={"precision": "auto"})
+    config = TINY.model_copy(update={"epochs": 2})
+    items, rows = world["train"]
+    runs = []
+    for _ in range(2):
+        encoder = build_encoder(config)
+        metrics = train_caption_tuned(encoder, items[:32], rows[:32], config, spec)
+        runs.append((metrics, encoder.model.visual.state_dict()))
+    assert runs[0][0]["precision"] == "bf16"
+    weights = [state for _, state in runs]
+    # the weights stay fp32 (autocast computes in bf16), so the checkpoint format is unchanged
+    assert all(value.dtype != torch.bfloat16 for value in weights[0].values())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    fp32 = train_caption_tuned(build_encoder(config), items[:32], rows[:32], config, CPU)
+    assert fp32["precision"] == "fp32"

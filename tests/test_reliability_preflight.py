@@ -137,7 +137,12 @@ def test_the_preflight_runs_once_per_run_and_not_in_runs_llm2loss_run_checked(
         encoder_steps,
         "fit_encoder",
         lambda *a, **k: SimpleNamespace(
-            mode="caption_tuned", embed_dim=8, load_snippet="", zero_shot_auroc={}, **common
+            mode="caption_tuned",
+            embed_dim=8,
+            load_snippet="",
+            zero_shot_auroc={},
+            train_precision="bf16",
+            **common,
         ),
     )
     config = _tiny(tmp_path / "home")

@@ -101,6 +101,11 @@ def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
         usable = [r["lift"] for r in retrieval.values() if 0 < r["base_rate"] <= 0.5]
         assert np.mean(usable) > 1.2
         assert retrieval["Black_Hair"]["lift"] >= 2
+        # issue 17 item 3's figures: the encoder's zero-shot AUROC and the share of lifts >= 2
+        share = sum(lift >= 2 for lift in usable) / len(usable)
+        assert world["retrieval_lift_2_share"] == pytest.approx(share)
+        assert 0.5 < world["zero_shot_auroc_mean"] <= 1.0
+        assert 0 <= world["zero_shot_below_0_75"] <= 40
         # the groups estimated from text are scored against the population's group losses
         assert -1.0 <= world["groups_spearman"] <= 1.0
         assert world["groups_estimated_worst_is_true"] in (0.0, 1.0)
@@ -110,6 +115,9 @@ def test_scores_add_up_and_the_calibration_table_is_printed(two_worlds):
         assert world["groups_measured_worst_is_true"] in (0.0, 1.0)
     assert summary["groups_spearman"] == pytest.approx(
         np.mean([w["groups_spearman"] for w in worlds])
+    )
+    assert summary["zero_shot_auroc_mean"] == pytest.approx(
+        np.mean([w["zero_shot_auroc_mean"] for w in worlds])
     )
     table = summary["compare_calibration"]
     assert table["n"] == sum(1 for w in worlds for a in w["answers"] if math.isfinite(a["truth"]))

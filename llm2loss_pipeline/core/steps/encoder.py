@@ -53,6 +53,8 @@ class EncoderResult:
     load_snippet: str
     metrics: dict[str, float]
     zero_shot_auroc: dict[str, float] = field(default_factory=dict)
+    train_precision: str | None = None
+    """what the image tower trained in ("auto" resolved); None: nothing was trained"""
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def _fit_encoder(
     manifest = read_manifest(layout)
     encoder = build_encoder(config, device.torch_device())
     metrics: dict[str, Any] = {}
+    train_precision = None
     if config.mode == "caption_tuned":
         train = manifest.filter(pl.col("split") == "train").sort("index")
         training = train_caption_tuned(
@@ -140,7 +143,13 @@ def _fit_encoder(
         )
         if training.get("skipped_images"):
             metrics["skipped_images"] = training["skipped_images"]
-    zero_shot, validation = evaluate_encoder(layout, encoder, manifest, device, config.seed)
+        train_precision = training["precision"]
+    # "auto" buys training speed; the validation reads embeddings as the embeddings asset makes
+    # them by default (fp32), so its AUROC is the one the report's embeddings have
+    evaluated_on = (
+        device.model_copy(update={"precision": "fp32"}) if device.precision == "auto" else device
+    )
+    zero_shot, validation = evaluate_encoder(layout, encoder, manifest, evaluated_on, config.seed)
     metrics.update(validation)
     encoder.metrics = {**metrics, "zero_shot_auroc": zero_shot}
     sidecar = save_encoder(encoder, layout.encoder_dir)
@@ -157,6 +166,7 @@ def _fit_encoder(
         load_snippet=loading_snippet(layout.encoder_dir),
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         zero_shot_auroc=zero_shot,
+        train_precision=train_precision,
     )
 
 

@@ -84,6 +84,7 @@ def semantic_encoder(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         "checkpoint": dg.MetadataValue.path(str(result.path)),
         "sha256": result.sha256,
         "embedding_dim": result.embed_dim,
+        **({"train_precision": result.train_precision} if result.train_precision else {}),
         "load_with_open_clip": dg.MetadataValue.md(f"```python\n{result.load_snippet}\n```"),
         **float_metadata(result.metrics),
     }
