@@ -102,6 +102,17 @@ def backfilled(prepared) -> Backfill:
     return Backfill(after_first, str(failure.value), heads_after_refusal, after_all)
 
 
+def test_the_encoder_says_which_precision_it_trained_in(prepared) -> None:
+    """The tiny config names `device: cpu` without a precision, so fp32 whatever the CPU; the
+    metadata and the checkpoint's sidecar agree (`auto`, the default: test_device_precision.py)."""
+    config, instance, layout, _, _ = prepared
+    assert config.devices.encoder.precision == "fp32"
+    record = instance.get_latest_materialization_event(dg.AssetKey("semantic_encoder"))
+    assert record.asset_materialization.metadata["train_precision"].value == "fp32"
+    sidecar = json.loads((layout.encoder_dir / "encoder.json").read_text())
+    assert sidecar["metrics"]["train_precision"] == "fp32"
+
+
 def test_diagnose_waits_until_every_shard_is_backfilled(prepared, backfilled) -> None:
     _, _, _, shards, _ = prepared
     assert backfilled.after_first_shard == {shards[0]}

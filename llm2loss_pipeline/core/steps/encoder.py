@@ -143,7 +143,7 @@ def _fit_encoder(
         )
         if training.get("skipped_images"):
             metrics["skipped_images"] = training["skipped_images"]
-        train_precision = training["precision"]
+        train_precision = metrics["train_precision"] = training["precision"]  # and in the sidecar
     # "auto" buys training speed; the validation reads embeddings as the embeddings asset makes
     # them by default (fp32), so its AUROC is the one the report's embeddings have
     evaluated_on = (
