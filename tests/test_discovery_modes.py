@@ -227,6 +227,45 @@ def test_overlapping_descriptions_are_one_mode_and_refinements_need_an_interacti
     assert "no failure mode" in rows[6]["reason"] and rows[6]["interaction_q"] > 0.05
 
 
+@pytest.mark.parametrize("necklace_worse", [True, False])
+def test_the_labels_keep_apart_what_the_matched_sets_cannot(necklace_worse: bool) -> None:
+    """The encoder matches the same images for "earrings" and "necklace" (tuning world 1007), but
+    the labels name other people: a necklace wearer without earrings who is worse is a failure
+    of its own; one who is not is the earrings' mode again."""
+    rng = np.random.default_rng(1)
+    n, identities = 600, np.repeat(np.arange(120), 5)
+    losses = rng.exponential(1.0, n)
+    earrings = np.zeros(n, dtype=bool)
+    earrings[:100] = True
+    necklace = np.zeros(n, dtype=bool)
+    necklace[50:150] = True  # half with earrings, half (100-149) without
+    losses[:100] += 2.0
+    if necklace_worse:
+        losses[100:150] += 2.0
+    candidates = [
+        describe_values([("Wearing_Earrings", True)]),
+        describe_values([("Wearing_Necklace", True)]),
+    ]
+    # the same matched samples for both texts (Jaccard 0.8), as the encoder reads them
+    matches = np.array([np.arange(0, 100), np.arange(10, 110)])
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
+    rows[0]["_named"], rows[1]["_named"] = earrings, necklace
+    heads = assign_modes(
+        rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05, clusters=identities
+    )
+    if necklace_worse:
+        assert heads == [0, 1] and rows[1]["verdict"] == "mode"
+        assert "people only its words name are measurably worse" in rows[1]["reason"]
+        assert candidates[0].text in rows[1]["reason"]
+    else:
+        assert heads == [0]
+        assert rows[1]["verdict"] == "folded" and "Jaccard" in rows[1]["reason"]
+    # without labels for both, matched sets alone decide, as before
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
+    rows[1]["_named"] = necklace
+    assert assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05) == [0]
+
+
 def test_descriptions_whose_images_show_the_same_attributes_are_one_mode() -> None:
     losses = np.r_[np.full(100, 3.0), np.linspace(0, 1, 300)]
     candidates = [Candidate(f"text {i}", "vocabulary") for i in range(3)]

@@ -73,6 +73,7 @@ from llm2loss_pipeline.core.discovery.influence import (
     unit_rms,
 )
 from llm2loss_pipeline.core.discovery.modes import (
+    _named,
     assign_modes,
     dropped_reason,
     labelled_gap,
@@ -341,7 +342,7 @@ def discover(
                 candidates[t], matches[t], row, shares[t], read, losses, eval_data.groups, config
             )
         )
-    heads = _modes_by_family(rows, candidates, matches, losses, families, config)
+    heads = _modes_by_family(rows, candidates, matches, losses, families, config, eval_data.groups)
     ranked = [dict(rows[i], rank=position + 1) for position, i in enumerate(_rank(rows, heads))]
     table = pl.DataFrame(
         [{key: row.get(key) for key in HYPOTHESIS_COLUMNS} for row in ranked],
@@ -403,6 +404,7 @@ def _modes_by_family(
     losses: np.ndarray,
     families: Sequence[np.ndarray],
     config: DiscoveryConfig,
+    clusters: np.ndarray | None = None,
 ) -> list[int]:
     """Modes within each family (modes.assign_modes), so a class candidate never folds into a
     description over all images nor one into it; then all modes numbered together, by measured
@@ -417,6 +419,7 @@ def _modes_by_family(
             losses,
             max_overlap=config.max_overlap,
             alpha=config.alpha,
+            clusters=clusters,
         )
         heads += [int(family[i]) for i in local]
         for i in family:
@@ -492,8 +495,10 @@ def _judge(
         # Arched_Eyebrows: +0.05, where the report's fifteen wordings say +0.62), and it dropped
         # most of the planted attributes missing from the top k (bench/RESULTS.md, stop 22)
         fields.update(kept=True, _vouched=True)
+    named = _named(labels, words.shown_values, losses.shape[0]) if labels else None
     return {
         **fields,
+        "_named": named,  # the people its words name, for telling overlapping modes apart
         "labelled_gap": gap,
         "labelled_p": p_named,
         "wording": words.verdict,

@@ -32,7 +32,11 @@ not "blond hair and gray hair". Free text names no label:
 Modes (`assign_modes`). Kept descriptions are visited simplest first (free text and single
 attributes, then pairs, then triples), better-worded first, then by measured AUROC. In turn:
 1. one whose matched samples overlap an existing mode's by Jaccard >= `max_overlap` is folded
-   under it;
+   under it, unless the labels tell the two apart: the people only its words name (its labels
+   hold, the mode's do not) are measurably worse than the rest (identity-clustered, at `alpha`).
+   The encoder can match the same images for two texts ("a necklace" and "earrings") whose
+   people the labels tell apart; on tuning world 1007 the planted necklace was folded under
+   earrings (bench/RESULTS.md, "Stop 27");
 2. a refinement (a pair or triple) whose parents (its attribute values alone) are candidates must
    be worse than every parent: its matched losses against the losses of the samples only the
    parent matches (one-sided Mann-Whitney, the largest p over parents, Benjamini-Hochberg across
@@ -313,14 +317,18 @@ def assign_modes(
     *,
     max_overlap: float,
     alpha: float,
+    clusters: np.ndarray | None = None,
 ) -> list[int]:
     """Group kept rows into modes (module docstring); returns the representatives, best first,
-    after setting each kept row's verdict, mode, folded_under and reason."""
+    after setting each kept row's verdict, mode, folded_under and reason. `clusters` (identity
+    per sample) make the labels' test of overlapping descriptions identity-clustered."""
     parents = interaction_tests(rows, candidates, matches, losses)
     heads: list[int] = []
     for i in _visit_order(rows, candidates):
         row = rows[i]
-        twin = next((j for j in heads if jaccard(matches[i], matches[j]) >= max_overlap), None)
+        overlapping = [j for j in heads if jaccard(matches[i], matches[j]) >= max_overlap]
+        apart = {j: _apart_p(row, rows[j], losses, clusters) for j in overlapping}
+        twin = next((j for j in overlapping if not apart[j] <= alpha), None)
         if twin is not None:
             share = jaccard(matches[i], matches[twin])
             _fold(row, rows[twin], f"matches the same samples (Jaccard {share:.2f})")
@@ -334,10 +342,42 @@ def assign_modes(
             _fold(row, rows[same], reason)
             row["_head"] = same
             continue
-        row.update(verdict="mode", reason=_kept_reason(row, alpha))
+        row.update(verdict="mode", reason=_kept_reason(row, alpha) + _apart_reason(rows, apart))
         row["_head"] = i
         heads.append(i)
     return _number_modes(rows, heads)
+
+
+def _apart_p(
+    row: dict[str, Any], twin: dict[str, Any], losses: np.ndarray, clusters: np.ndarray | None
+) -> float:
+    """One-sided identity-clustered p that the people only `row`'s words name (its labels hold,
+    the twin's do not) have larger losses than the rest: a failure of its own where the matched
+    sets overlap. NaN (never apart) without labels for both, or too few such people."""
+    mine, theirs = row.get("_named"), twin.get("_named")
+    if mine is None or theirs is None:
+        return float("nan")
+    only = np.flatnonzero(mine & ~theirs)
+    if only.size < MIN_APART or only.size == mine.shape[0]:
+        return float("nan")
+    return float(clustered_p_values(losses, only[None, :], clusters)[0])
+
+
+MIN_APART = 5
+"""The fewest people only a description names for the labels to set it apart: below it the
+clustered test has nothing to rank."""
+
+
+def _apart_reason(rows: list[dict[str, Any]], apart: dict[int, float]) -> str:
+    """What a mode's reason adds when its matched samples overlap another mode's."""
+    said = [f"'{rows[j]['description']}' (p {p:.2g})" for j, p in apart.items() if p == p]
+    if not said:
+        return ""
+    return (
+        "; it matches the same samples as "
+        + ", ".join(said)
+        + ", but the people only its words name are measurably worse"
+    )
 
 
 def _judge_refinement(rows: list[dict[str, Any]], i: int, parents: list[int], alpha: float) -> bool:
