@@ -73,11 +73,11 @@ from llm2loss_pipeline.core.discovery.influence import (
     unit_rms,
 )
 from llm2loss_pipeline.core.discovery.modes import (
-    _named,
     assign_modes,
     dropped_reason,
     labelled_gap,
     labelled_p,
+    named_samples,
     probe_share,
     wording,
 )
@@ -495,7 +495,7 @@ def _judge(
         # Arched_Eyebrows: +0.05, where the report's fifteen wordings say +0.62), and it dropped
         # most of the planted attributes missing from the top k (bench/RESULTS.md, stop 22)
         fields.update(kept=True, _vouched=True)
-    named = _named(labels, words.shown_values, losses.shape[0]) if labels else None
+    named = named_samples(labels, words.shown_values, losses.shape[0]) if labels else None
     return {
         **fields,
         "_named": named,  # the people its words name, for telling overlapping modes apart

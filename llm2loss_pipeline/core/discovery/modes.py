@@ -204,7 +204,7 @@ def wording(
     return Wording(REWORDED, precision, lift, shows, reworded.text, stated, values)
 
 
-def _named(
+def named_samples(
     labels: Mapping[str, np.ndarray], values: Sequence[tuple[str, bool]], n: int
 ) -> np.ndarray | None:
     """The samples whose labels hold every value; None when no value is named, or when every
@@ -222,7 +222,7 @@ def labelled_gap(
 ) -> float:
     """Mean loss of the samples whose labels hold every value, minus that of the others (NaN
     when either side is empty): what the labels say of the people a mode's words name."""
-    group = _named(labels, values, losses.shape[0])
+    group = named_samples(labels, values, losses.shape[0])
     if group is None:
         return float("nan")
     return float(losses[group].mean() - losses[~group].mean())
@@ -237,7 +237,7 @@ def labelled_p(
     """One-sided p that the samples whose labels hold every value have larger losses than the
     others: the matched-set test of verify.py (mid-ranks, identity-clustered) on the people the
     words name. NaN when either side is empty."""
-    group = _named(labels, values, losses.shape[0])
+    group = named_samples(labels, values, losses.shape[0])
     if group is None:
         return float("nan")
     return float(clustered_p_values(losses, np.flatnonzero(group)[None, :], clusters)[0])
@@ -348,6 +348,11 @@ def assign_modes(
     return _number_modes(rows, heads)
 
 
+MIN_APART = 5
+"""The fewest people only a description names for the labels to set it apart: below it the
+clustered test has nothing to rank."""
+
+
 def _apart_p(
     row: dict[str, Any], twin: dict[str, Any], losses: np.ndarray, clusters: np.ndarray | None
 ) -> float:
@@ -363,14 +368,9 @@ def _apart_p(
     return float(clustered_p_values(losses, only[None, :], clusters)[0])
 
 
-MIN_APART = 5
-"""The fewest people only a description names for the labels to set it apart: below it the
-clustered test has nothing to rank."""
-
-
 def _apart_reason(rows: list[dict[str, Any]], apart: dict[int, float]) -> str:
     """What a mode's reason adds when its matched samples overlap another mode's."""
-    said = [f"'{rows[j]['description']}' (p {p:.2g})" for j, p in apart.items() if p == p]
+    said = [f"'{rows[j]['description']}' (p {p:.2g})" for j, p in apart.items() if np.isfinite(p)]
     if not said:
         return ""
     return (
