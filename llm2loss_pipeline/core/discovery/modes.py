@@ -363,14 +363,15 @@ def _apart_p(
     if mine is None or theirs is None:
         return float("nan")
     only = np.flatnonzero(mine & ~theirs)
-    if only.size < MIN_APART or only.size == mine.shape[0]:
+    if only.size < MIN_APART:  # (never every sample: `named_samples` leaves none of those)
         return float("nan")
     return float(clustered_p_values(losses, only[None, :], clusters)[0])
 
 
 def _apart_reason(rows: list[dict[str, Any]], apart: dict[int, float]) -> str:
-    """What a mode's reason adds when its matched samples overlap another mode's."""
-    said = [f"'{rows[j]['description']}' (p {p:.2g})" for j, p in apart.items() if np.isfinite(p)]
+    """What a mode's reason adds when its matched samples overlap other modes' (every one of
+    them set apart by the labels, or it would have been folded)."""
+    said = [f"'{rows[j]['description']}' (p {p:.2g})" for j, p in apart.items()]
     if not said:
         return ""
     return (
