@@ -67,7 +67,7 @@ def test_fit_calibration_text_error_is_its_moment_estimate() -> None:
     s = np.array([0.1, 0.2, 0.1, 0.3, 0.2, 0.1])
     g = np.array([2.9, 0.4, 3.1, 1.9, -2.9, 0.2])
     u = np.array([0.4, 0.6, 0.5, 0.7, 0.3, 0.5])
-    slope = float(e @ g / (e @ e))
+    slope = float((g @ g - u @ u) / (e @ g))  # the errors-in-variables moments
     tau2 = np.mean((g / slope - e) ** 2 - s**2 - (u / slope) ** 2)
     assert tau2 > 0  # the floor at zero is not what is tested
     cal = fit_calibration("direct", e, s, g, u)

@@ -12,15 +12,23 @@ units) has three kinds of error against the black box's real disparity:
 3. the scale: e is not in loss units.
 
 Where attributes are labelled, the measured gaps g tell both the scale and the size of the text
-side's error. Model:
+side's error. Model: the estimate reads the real gap G_j (in estimate units) with errors,
 
-    g_j = b * (e_j + t_j + d_j) + m_j,
+    e_j = G_j + t_j + d_j,   g_j = b * G_j + m_j,
     t_j ~ (0, tau^2) the text error, d_j ~ (0, s_j^2) the data's, m_j ~ (0, v_j^2) the measurement's
 
-so b is the least-squares slope of g on e through the origin (no text signal, no gap), and
-tau^2 = mean_j (r_j^2 - s_j^2 - v_j^2 / b^2) with r_j = g_j / b - e_j, floored at 0. Each attribute
-is judged with b and tau fitted on the *other* attributes (leave-one-attribute-out), so its own
-measured gap never vouches for its own estimate.
+so sum_j e_j g_j estimates b sum_j G_j^2 and sum_j (g_j^2 - v_j^2) estimates b^2 sum_j G_j^2: the
+slope is b = sum (g^2 - v^2) / sum e g (no text signal, no gap), and tau^2 = mean_j (r_j^2 - s_j^2
+- v_j^2 / b^2) with r_j = g_j / b - e_j, floored at 0. The least-squares slope of g on e
+(sum e g / sum e^2, used until stop 28) is the same b shrunk by the estimates' reliability,
+sum G^2 / sum e^2: the errors are in e, not in g. With it, a planted attribute's real gap came out
+twice its estimate, its residual swelled tau, and on the tuning worlds 1001-1008 only 0.43 of the
+planted attributes were claimed (0.76 with these moments, every world's claims at least 0.89
+right; bench/RESULTS.md, "Stop 28"). Each attribute is judged with b and tau fitted on the
+*other* attributes (leave-one-attribute-out), so its own measured gap never vouches for its own
+estimate. Without the attribute that carries most of the signal (a world's one planting), the
+others may say little of b: the moments then give a large b, so g / b is small and tau comes out
+as the spread of the other estimates, and a claim needs its estimate to stand out from theirs.
 
 Which measurement noise v belongs in that fit: the estimate, the measured gap and the
 population truth are all taken on the *same* identities, so what separates g from the truth is
@@ -45,7 +53,10 @@ was claimed. So TEXT_ERROR_BOUND is 0.
 A claim says more than "these people": an attribute that few identities carry can have a large
 gap on them that says nothing about the next person with it, and a claim counts as correct only
 when the population truth's identity-clustered interval excludes 0. So a claim's variance adds
-that identity part of the measured gap, w^2 = max(u^2 - v^2, 0) / b^2:
+the measured gap's identity-clustered variance, w^2 = u^2 / b^2. (Its identity part alone,
+(u^2 - v^2) / b^2, let through claims on attributes a few identities carry that the population
+did not confirm once the slope was no longer shrunk: Wearing_Necktie on tuning world 1007,
+Bushy_Eyebrows on 1003.)
 
     z = e / sqrt(s^2 + tau^2 + w^2),  P(worse with it) = Phi(z),  p = 2 Phi(-|z|),
     interval (level 90%) = b * (e -+ 1.645 sqrt(s^2 + tau^2 + w^2))   in loss units,
@@ -153,15 +164,18 @@ def fit_calibration(
     tau^2 is the mean of one term per attribute, so its own standard error is the terms' spread
     over sqrt(n); `bound` of those are added, because a text error estimated too small makes
     every claim built on it too sure (see the module). `noise_share` of the measured gaps'
-    per-image noise is taken out of each term."""
+    per-image noise is taken out of each term, and out of the slope's sum of squared gaps."""
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
     keep = np.isfinite(e) & np.isfinite(s) & np.isfinite(g) & np.isfinite(u)
     e, s, g, u = e[keep], s[keep], g[keep], u[keep]
     if e.size < MIN_ATTRIBUTES or float(e @ e) <= 0:
         return Calibration.uncalibrated(estimator)
-    slope = float(e @ g / (e @ e))
+    cross = float(e @ g)
+    signal = float(g @ g) - noise_share * float(u @ u)  # b^2 sum G^2 (module docstring)
+    slope = signal / cross if cross > 0 else cross / float(e @ e)
     if not slope > 0:
-        # estimates that run against the measured gaps carry no usable signal: no claim at all
+        # estimates that run against the measured gaps, or gaps that are all measurement noise,
+        # carry no usable signal: no claim at all
         return Calibration(estimator, slope, math.inf, int(e.size))
     residual = g / slope - e
     terms = residual**2 - s**2 - noise_share * (u / slope) ** 2
@@ -221,7 +235,7 @@ def calibrated_claims(
 
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
     v = u if gap_se_images is None else np.asarray(gap_se_images, dtype=np.float64)
-    identity_var = np.maximum(np.nan_to_num(u**2 - v**2), 0.0)  # w^2 b^2 (see the module)
+    identity_var = np.nan_to_num(u**2)  # w^2 b^2 (see the module)
     quantile = float(sps.norm.ppf(0.5 + level / 2))
     rows = []
     for j, name in enumerate(attributes):
