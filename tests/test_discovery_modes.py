@@ -29,9 +29,11 @@ from llm2loss_pipeline.core.discovery.modes import (
     interaction_p,
     labelled_gap,
     labelled_p,
+    mode_rank,
     probe_share,
     wording,
 )
+from llm2loss_pipeline.core.discovery.verify import clustered_p_values
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.train import train_ensemble
@@ -255,7 +257,7 @@ def test_the_labels_keep_apart_what_the_matched_sets_cannot(necklace_worse: bool
     )
     if necklace_worse:
         assert heads == [0, 1] and rows[1]["verdict"] == "mode"
-        assert "people only its words name are measurably worse" in rows[1]["reason"]
+        assert "only its words name are measurably worse than those neither" in rows[1]["reason"]
         assert candidates[0].text in rows[1]["reason"]
     else:
         assert heads == [0]
@@ -264,6 +266,68 @@ def test_the_labels_keep_apart_what_the_matched_sets_cannot(necklace_worse: bool
     rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.8], strict=True)]
     rows[1]["_named"] = necklace
     assert assign_modes(rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05) == [0]
+
+
+def test_a_weaker_failure_is_kept_apart_from_a_stronger_one_it_overlaps() -> None:
+    """A planted Male under a strongly planted Goatee (tuning world 1003): the men without a
+    goatee are worse than the women, though not worse than everyone else, since everyone else
+    holds the goatees. The labels' test compares them with the people neither names."""
+    rng = np.random.default_rng(1)
+    n, identities = 600, np.repeat(np.arange(120), 5)
+    losses = rng.exponential(1.0, n)
+    goatee, male = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    goatee[:200], male[:300] = True, True
+    losses[:200] += 4.0
+    losses[200:300] += 0.6
+    candidates = [describe_values([("Goatee", True)]), describe_values([("Male", True)])]
+    matches = np.array([np.arange(0, 100), np.arange(20, 120)])  # Jaccard 0.67
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.9, 0.7], strict=True)]
+    rows[0]["_named"], rows[1]["_named"] = goatee, male
+    only = np.flatnonzero(male & ~goatee)
+    # against everyone else, the goatees included, the men without one look no worse
+    assert clustered_p_values(losses, only[None, :], identities)[0] > 0.05
+    heads = assign_modes(
+        rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05, clusters=identities
+    )
+    assert heads == [0, 1] and rows[1]["verdict"] == "mode"
+    assert candidates[0].text in rows[1]["reason"]
+
+
+@pytest.mark.parametrize("planted", ["Male", "Goatee"])
+def test_a_mode_whose_people_are_among_another_modes_is_one_finding(planted: str) -> None:
+    """ "a goatee" names some of the people "a man" names, and the encoder matches other images
+    for each (no overlap). Men planted: the goatee is a facet of it, folded under "a man".
+    Goatees planted: "a man" only says it again, folded under "a goatee". Mode 1 is the group the
+    labels say the model fails most, whatever its matched samples' AUROC."""
+    rng = np.random.default_rng(2)
+    n, identities = 600, np.repeat(np.arange(120), 5)
+    losses = rng.exponential(1.0, n)
+    male, goatee = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    male[:300], goatee[:100] = True, True
+    losses[male if planted == "Male" else goatee] += 1.5
+    candidates = [describe_values([("Male", True)]), describe_values([("Goatee", True)])]
+    matches = np.array([np.arange(200, 260), np.arange(0, 60)])  # apart
+    rows = [_row(c.text, auc) for c, auc in zip(candidates, [0.6, 0.8], strict=True)]
+    for row, named in zip(rows, [male, goatee], strict=True):
+        row["_named"] = named
+        row["labelled_gap"] = float(losses[named].mean() - losses[~named].mean())
+    heads = assign_modes(
+        rows, candidates, matches, losses, max_overlap=0.5, alpha=0.05, clusters=identities
+    )
+    kept, folded = (0, 1) if planted == "Male" else (1, 0)
+    assert heads == [kept]
+    assert rows[folded]["verdict"] == "folded" and rows[folded]["mode"] == 1
+    assert rows[folded]["folded_under"] == candidates[kept].text
+    assert rows[kept]["n_variants"] == 1
+    said = "among those of" if planted == "Male" else "are no worse than the rest"
+    assert said in rows[folded]["reason"]
+
+
+def test_modes_the_labels_check_rank_by_how_much_worse_their_people_are() -> None:
+    rows = [_row("broad", 0.58), _row("narrow", 0.9), _row("free text", 0.95)]
+    rows[0]["labelled_gap"], rows[1]["labelled_gap"] = 0.8, 0.3
+    rows[2]["labelled_gap"] = float("nan")  # free text names no label
+    assert sorted(range(3), key=lambda i: mode_rank(rows[i])) == [0, 1, 2]
 
 
 def test_descriptions_whose_images_show_the_same_attributes_are_one_mode() -> None:

@@ -46,9 +46,10 @@ their own family: their own Benjamini-Hochberg control and their own modes, judg
 labels, so they change no row of the descriptions over all images (which are judged, reworded and
 shared on the diagnosed attributes alone, as without them).
 
-Ranking. Failure modes first, by their representative's measured AUROC (the effect on real
-samples, scale-free); then the descriptions folded under them (`folded_under`, `redundant_with`);
-then the rest by q-value. Every row says why in `reason`.
+Ranking. Failure modes first (modes.py `mode_rank`): those whose words the labels check by how
+much worse the people they name are (`labelled_gap`), then the others by their representative's
+measured AUROC (the effect on real samples, scale-free); then the descriptions folded under them
+(`folded_under`, `redundant_with`); then the rest by q-value. Every row says why in `reason`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     dropped_reason,
     labelled_gap,
     labelled_p,
+    mode_rank,
     named_samples,
     probe_share,
     wording,
@@ -407,8 +409,8 @@ def _modes_by_family(
     clusters: np.ndarray | None = None,
 ) -> list[int]:
     """Modes within each family (modes.assign_modes), so a class candidate never folds into a
-    description over all images nor one into it; then all modes numbered together, by measured
-    AUROC as within a family, and each row left out says why. Returns the representatives, best
+    description over all images nor one into it; then all modes numbered together, by `mode_rank`
+    as within a family, and each row left out says why. Returns the representatives, best
     first."""
     heads: list[int] = []
     for number, family in enumerate(families):
@@ -425,7 +427,7 @@ def _modes_by_family(
         for i in family:
             if rows[i].get("mode") is not None:
                 rows[i]["_mode_key"] = (number, rows[i]["mode"])
-    ordered = sorted(heads, key=lambda i: (-rows[i]["measured_auc"], rows[i]["q_value"], i))
+    ordered = sorted(heads, key=lambda i: (*mode_rank(rows[i]), i))
     ids = {rows[i]["_mode_key"]: position + 1 for position, i in enumerate(ordered)}
     for row in rows:
         if "_mode_key" in row:
