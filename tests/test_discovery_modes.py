@@ -19,7 +19,13 @@ from llm2loss_pipeline.core.discovery.candidates import (
 )
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
 from llm2loss_pipeline.core.discovery.evidence import discovery_html, fmt
-from llm2loss_pipeline.core.discovery.hypotheses import EvalData, discover, pick_evidence
+from llm2loss_pipeline.core.discovery.hypotheses import (
+    EvalData,
+    _q_values,
+    discover,
+    pick_evidence,
+    simple_weights,
+)
 from llm2loss_pipeline.core.discovery.modes import (
     NOT_SUPPORTED,
     REWORDED,
@@ -639,3 +645,27 @@ def test_discover_says_why_a_mode_the_heads_do_not_estimate_worse_is_shown(capsy
         "estimate is not"
     )
     assert len(lines) == 4  # the other mode gets no such line
+
+
+def test_the_simplest_descriptions_get_their_share_of_the_false_discovery_rate() -> None:
+    singles = [describe_values([("Goatee", v)]) for v in (True, False)]
+    pairs = [describe_values([("Goatee", True), (name, True)]) for name in CELEBA_ATTRIBUTES[:18]]
+    candidates = [*singles, Candidate("a free text", "vocabulary"), *pairs]
+    family = np.arange(len(candidates))
+    weights = simple_weights(candidates, [family], 0.5)
+    assert weights.mean() == pytest.approx(1.0)  # what keeps the false discovery rate
+    assert weights[:3] == pytest.approx([0.5 * 21 / 3] * 3)  # half the budget on 3 of 21
+    assert np.all(weights[3:] == weights[3]) and weights[3] == pytest.approx(0.5 * 21 / 18)
+    # a share below their count never weighs the simple ones under 1; one level: all 1
+    assert np.all(simple_weights(candidates, [family], 0.05)[:3] == 1.0)
+    assert np.all(simple_weights(singles, [np.arange(2)], 0.5) == 1.0)
+    p = np.r_[0.003, np.full(len(candidates) - 1, 0.5)]  # one single stands out
+    assert _q_values(p, [family], weights)[0] == pytest.approx(0.003 / 3.5 * 21)  # 0.018
+    assert _q_values(p, [family], np.ones(len(p)))[0] == pytest.approx(0.003 * 21)  # 0.063
+    # under the null the weighted procedure rejects no more often than alpha
+    rng = np.random.default_rng(0)
+    rejected = [
+        (_q_values(rng.uniform(size=len(candidates)), [family], weights) <= 0.1).any()
+        for _ in range(2000)
+    ]
+    assert np.mean(rejected) <= 0.1 + 3 * math.sqrt(0.1 * 0.9 / 2000)

@@ -71,6 +71,14 @@ class DiscoverySettings(BaseModel):
     )
     min_matches: int = Field(10, ge=3, description="at least this many matched samples")
     alpha: float = Field(0.05, gt=0, lt=1, description="Benjamini-Hochberg false discovery rate")
+    simple_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the false discovery rate's budget spent on the simplest "
+        "descriptions (free text and one attribute value; weighted Benjamini-Hochberg), at "
+        "least their share of the candidates; the pairs and triples share the rest",
+    )
     estimator: str = Field(
         "grounded",
         description="the heads' estimate a description must agree with: grounded (what "
