@@ -430,8 +430,8 @@ def _fold_nested(
         else:
             continue
         _fold(rows[folded], rows[into], reason)
-        for row in rows:
-            if row.get("_head") == folded:
+        for row in rows:  # its variants join the mode; `folded_under` still names the words
+            if row.get("_head") == folded:  # their reason compares them with
                 row["_head"] = into
         standing.remove(folded)
     return standing

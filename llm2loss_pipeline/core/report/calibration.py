@@ -226,7 +226,7 @@ def calibrated_claims(
     and the calibration fitted on all of them (what free-text comparisons use).
 
     gap_se: the measured gaps' identity-clustered standard errors; gap_se_images: their per-image
-    ones (without, taken equal: no identity part, and tau fitted against the clustered ones)."""
+    ones, which tau is fitted against (without, taken equal to the clustered ones)."""
     # lazy: scipy.stats (and core.stats, which imports it) would add 0.9 s to every `compare`,
     # and queries import this module for `Calibration` alone
     from scipy import stats as sps
@@ -235,7 +235,7 @@ def calibrated_claims(
 
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
     v = u if gap_se_images is None else np.asarray(gap_se_images, dtype=np.float64)
-    identity_var = np.nan_to_num(u**2)  # w^2 b^2 (see the module)
+    clustered_var = np.nan_to_num(u**2)  # w^2 b^2 (see the module)
     quantile = float(sps.norm.ppf(0.5 + level / 2))
     rows = []
     for j, name in enumerate(attributes):
@@ -243,7 +243,7 @@ def calibrated_claims(
         cal = fit_calibration(
             estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
-        spread = math.sqrt(s[j] ** 2 + identity_var[j] / cal.slope**2) if cal.slope > 0 else s[j]
+        spread = math.sqrt(s[j] ** 2 + clustered_var[j] / cal.slope**2) if cal.slope > 0 else s[j]
         z = float(cal.z(e[j], spread)) if math.isfinite(e[j]) else math.nan
         half = quantile * math.sqrt(spread**2 + cal.text_error**2)
         # a slope <= 0 (estimates against the gaps) has no loss units to give: no gap, no interval
