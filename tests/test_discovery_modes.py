@@ -649,7 +649,8 @@ def test_discover_says_why_a_mode_the_heads_do_not_estimate_worse_is_shown(capsy
 
 def test_the_simplest_descriptions_get_their_share_of_the_false_discovery_rate() -> None:
     singles = [describe_values([("Goatee", v)]) for v in (True, False)]
-    pairs = [describe_values([("Goatee", True), (name, True)]) for name in CELEBA_ATTRIBUTES[:18]]
+    others = [name for name in CELEBA_ATTRIBUTES if name != "Goatee"][:18]
+    pairs = [describe_values([("Goatee", True), (name, True)]) for name in others]
     candidates = [*singles, Candidate("a free text", "vocabulary"), *pairs]
     family = np.arange(len(candidates))
     weights = simple_weights(candidates, [family], 0.5)
