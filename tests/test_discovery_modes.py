@@ -33,8 +33,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     UNVERIFIED,
     assign_modes,
     interaction_p,
-    labelled_gap,
-    labelled_p,
+    labelled_test,
     mode_rank,
     probe_share,
     wording,
@@ -554,8 +553,9 @@ def test_words_that_name_people_the_labels_show_no_worse_are_dropped(world) -> N
     assert dropped["verdict"] == "dropped" and not dropped["kept"]
     assert "not worse on" in dropped["reason"] and "Blurry" in dropped["reason"]
     assert kept["verdict"] == "mode" and kept["labelled_gap"] > 0
-    assert math.isnan(labelled_gap(labels, [], loss))  # no values named
-    assert math.isnan(labelled_gap({"Goatee": np.ones(loss.size, bool)}, [("Goatee", True)], loss))
+    assert math.isnan(labelled_test(labels, [], loss, None)[1])  # no values named
+    everyone = {"Goatee": np.ones(loss.size, bool)}
+    assert math.isnan(labelled_test(everyone, [("Goatee", True)], loss, None)[1])
 
 
 def test_words_that_name_people_not_measurably_worse_are_dropped(world) -> None:
@@ -565,16 +565,16 @@ def test_words_that_name_people_not_measurably_worse_are_dropped(world) -> None:
     loss, labels, dropped, kept = _blurry_and_goatee(world, easy_share=0.3)
     assert 0 < dropped["labelled_gap"] < 0.1 and dropped["labelled_p"] > 0.5
     assert dropped["labelled_p"] == pytest.approx(
-        labelled_p(labels, [("Blurry", True)], loss, None)
+        labelled_test(labels, [("Blurry", True)], loss, None)[2]
     )
     assert dropped["verdict"] == "dropped" and "not measurably worse on" in dropped["reason"]
     assert kept["verdict"] == "mode" and kept["labelled_p"] < 1e-6
     # one-sided, and identity-clustered: six samples to an identity widen it
     identities = np.arange(loss.size) // 6
-    clustered = labelled_p(labels, [("Goatee", True)], loss, identities)
-    assert labelled_p(labels, [("Goatee", True)], loss, None) < clustered < 0.05
-    assert labelled_p(labels, [("Goatee", False)], loss, None) > 0.99
-    assert math.isnan(labelled_p(labels, [], loss, None))
+    clustered = labelled_test(labels, [("Goatee", True)], loss, identities)[2]
+    assert labelled_test(labels, [("Goatee", True)], loss, None)[2] < clustered < 0.05
+    assert labelled_test(labels, [("Goatee", False)], loss, None)[2] > 0.99
+    assert math.isnan(labelled_test(labels, [], loss, None)[2])
 
 
 def test_labels_vouch_for_a_failure_the_heads_do_not_estimate_worse(world) -> None:

@@ -77,10 +77,8 @@ from llm2loss_pipeline.core.discovery.influence import (
 from llm2loss_pipeline.core.discovery.modes import (
     assign_modes,
     dropped_reason,
-    labelled_gap,
-    labelled_p,
+    labelled_test,
     mode_rank,
-    named_samples,
     probe_share,
     wording,
 )
@@ -495,8 +493,11 @@ def _judge(
     # the labels state the shown values, the model must be worse on those people as well, and
     # measurably so, by the matched samples' own test at the same level (stop 21: on the tuning
     # worlds the modes the population backs went from 36 of 46 to 34 of 39)
-    gap = labelled_gap(labels, words.shown_values, losses) if labels else float("nan")
-    p_named = labelled_p(labels, words.shown_values, losses, clusters) if labels else float("nan")
+    named, gap, p_named = (
+        labelled_test(labels, words.shown_values, losses, clusters)
+        if labels
+        else (None, float("nan"), float("nan"))
+    )
     if fields["kept"] and gap <= 0:
         fields.update(
             kept=False,
@@ -525,7 +526,6 @@ def _judge(
         # Arched_Eyebrows: +0.05, where the report's fifteen wordings say +0.62), and it dropped
         # most of the planted attributes missing from the top k (bench/RESULTS.md, stop 22)
         fields.update(kept=True, _vouched=True)
-    named = named_samples(labels, words.shown_values, losses.shape[0]) if labels else None
     return {
         **fields,
         "_named": named,  # the people its words name, for telling overlapping modes apart

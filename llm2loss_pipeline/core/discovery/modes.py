@@ -224,30 +224,22 @@ def named_samples(
     return None if group.all() or not group.any() else group
 
 
-def labelled_gap(
-    labels: Mapping[str, np.ndarray], values: Sequence[tuple[str, bool]], losses: np.ndarray
-) -> float:
-    """Mean loss of the samples whose labels hold every value, minus that of the others (NaN
-    when either side is empty): what the labels say of the people a mode's words name."""
-    group = named_samples(labels, values, losses.shape[0])
-    if group is None:
-        return float("nan")
-    return float(losses[group].mean() - losses[~group].mean())
-
-
-def labelled_p(
+def labelled_test(
     labels: Mapping[str, np.ndarray],
     values: Sequence[tuple[str, bool]],
     losses: np.ndarray,
     clusters: np.ndarray | None,
-) -> float:
-    """One-sided p that the samples whose labels hold every value have larger losses than the
-    others: the matched-set test of verify.py (mid-ranks, identity-clustered) on the people the
-    words name. NaN when either side is empty."""
+) -> tuple[np.ndarray | None, float, float]:
+    """What the labels say of the people a mode's words name, with those people found once:
+    (`named_samples`, the gap of their mean loss over the others', the one-sided p that their
+    losses are larger: the matched-set test of verify.py, mid-ranks, identity-clustered). The gap
+    and p are NaN when either side is empty."""
     group = named_samples(labels, values, losses.shape[0])
     if group is None:
-        return float("nan")
-    return float(clustered_p_values(losses, np.flatnonzero(group)[None, :], clusters)[0])
+        return None, float("nan"), float("nan")
+    gap = float(losses[group].mean() - losses[~group].mean())
+    p = float(clustered_p_values(losses, np.flatnonzero(group)[None, :], clusters)[0])
+    return group, gap, p
 
 
 def _parents(candidates: Sequence[Candidate]) -> dict[int, list[int]]:

@@ -15,7 +15,7 @@ a mode's own words must reach. A value too common for that lift (base rate above
 Values worded as an absence and, with `avoid_subjective`, values without neutral words are left
 out, as they are from rewordings. Each shared value carries what the labels say of the people
 with it: their loss gap against the others and the matched-set test's identity-clustered p
-(modes.py `labelled_gap`, `labelled_p`), so the line says whether those people, not only these
+(modes.py `labelled_test`), so the line says whether those people, not only these
 images, are worse. It describes the modes; it is not a mode, and
 no false discovery rate is spent on it.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from llm2loss_pipeline.core.discovery.candidates import describe_values, is_negation, neutral_phrase
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
-from llm2loss_pipeline.core.discovery.modes import labelled_gap, labelled_p, value_rates
+from llm2loss_pipeline.core.discovery.modes import labelled_test, value_rates
 
 MIN_MODES = 3
 """fewer modes than this sharing a value is no pattern: two modes can share it by chance"""
@@ -113,8 +113,7 @@ def shared_traits(
         ]
         if len(showing) < needed:
             continue
-        gap = labelled_gap(labels, [key], losses)
-        p_named = labelled_p(labels, [key], losses, clusters)
+        _, gap, p_named = labelled_test(labels, [key], losses, clusters)
         found.append(
             SharedTrait(
                 attribute=key[0],
