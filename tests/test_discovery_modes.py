@@ -12,9 +12,11 @@ from PIL import Image
 
 from llm2loss_pipeline.core.attributes import CELEBA_ATTRIBUTES
 from llm2loss_pipeline.core.discovery.candidates import (
+    NEUTRAL_WORDING,
     Candidate,
     describe_values,
     generate_candidates,
+    neutral_phrase,
     single_candidates,
 )
 from llm2loss_pipeline.core.discovery.config import DiscoveryConfig
@@ -42,6 +44,7 @@ from llm2loss_pipeline.core.discovery.verify import clustered_p_values
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.train import train_ensemble
+from llm2loss_pipeline.core.prompts import PHRASES, Phrase
 
 SUBJECTIVE_WORDS = ("attractive", "chubby", "big nose", "big lips", "double chin", "bags under")
 
@@ -80,6 +83,18 @@ def test_a_vocabulary_line_that_is_an_attribute_phrase_keeps_its_values() -> Non
     first = candidates[0]
     assert first.source == "vocabulary" and first.values == (("Goatee", True),)
     assert sum("goatee" in c.text.lower() for c in candidates) == 1
+
+
+def test_neutral_words_are_words_the_encoder_is_trained_on() -> None:
+    # the caption-tuned encoder learns PHRASES' words; "shadows under the eyes", outside them,
+    # matched bald men with sideburns on a world with planted Bags_Under_Eyes (stop 29)
+    for (attribute, value), raw in NEUTRAL_WORDING.items():
+        if raw is None:
+            continue
+        slot, _, words = raw.partition(":")
+        trained = PHRASES[attribute][0 if value else 1]
+        assert raw in trained, f"{attribute}={value}: {raw!r} is not one of {trained}"
+        assert neutral_phrase(attribute, value) == Phrase(slot, words)
 
 
 def test_pairs_grown_from_the_beam_are_neutral_too() -> None:

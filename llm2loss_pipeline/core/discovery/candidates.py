@@ -40,17 +40,25 @@ NEUTRAL_WORDING: dict[tuple[str, bool], str | None] = {
     ("Attractive", True): None,  # a rating of looks: no neutral words, never said unprompted
     ("Attractive", False): None,
     ("Chubby", True): "with:a round full face",
-    ("Chubby", False): "with:a narrow face",
+    ("Chubby", False): "adj:lean",
     ("Big_Nose", True): "with:a prominent nose",
     ("Big_Nose", False): "with:a small nose",
     ("Big_Lips", True): "with:full lips",
     ("Big_Lips", False): "with:thin lips",
-    ("Double_Chin", True): "with:a rounded chin",
+    ("Double_Chin", True): "with:a chin with two folds",
     ("Double_Chin", False): "with:a defined chin",
-    ("Bags_Under_Eyes", True): "with:shadows under the eyes",
+    ("Bags_Under_Eyes", True): "with:puffy eyes",
     ("Bags_Under_Eyes", False): "with:smooth skin under the eyes",
 }
-"""Subjective attribute values -> "slot:neutral words" (None: left out of composed descriptions)."""
+"""Subjective attribute values -> "slot:neutral words" (None: left out of composed descriptions).
+
+Each is one of the value's own phrases in `prompts.PHRASES`, the words the caption-tuned encoder
+is trained on. Words it never saw match other images: "shadows under the eyes" picked out
+Bags_Under_Eyes at a zero-shot AUROC of 0.45-0.74 on tuning worlds 1001-1004 ("puffy eyes":
+0.77-0.97), "a rounded chin" Double_Chin at 0.66-0.91 ("a chin with two folds": 0.92-0.99), "a
+narrow face" the slim at 0.20-0.51, against the labels; the planted Bags_Under_Eyes of tuning
+world 1004 and Double_Chin of reporting world 2014 were missed by discovery for it
+(bench/RESULTS.md, stop 29)."""
 
 
 def neutral_phrase(attribute: str, value: bool) -> Phrase | None:
