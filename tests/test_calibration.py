@@ -389,10 +389,39 @@ def test_a_gap_few_identities_carry_needs_more_to_be_claimed():
     cal = fit_calibration(
         "grounded", np.delete(e, 1), np.delete(s, 1), np.delete(g, 1), np.delete(per_image, 1)
     )
-    identity = 2.0 / cal.slope  # the whole clustered error (see the module)
+    # the whole clustered error, in estimate units by every attribute's slope (see the module)
+    identity = 2.0 / fit_calibration("grounded", e, s, g, per_image).slope
     assert z[1] == pytest.approx(1.5 / math.sqrt(s[1] ** 2 + identity**2 + cal.text_error**2))
     assert z[0] > 2 * z[1]
     assert frame["claim"][0] == "worse with" and frame["claim"][1] == "cannot tell"
+
+
+def test_a_planting_that_carries_the_signal_is_claimed_where_the_others_say_little_of_b():
+    # one planted attribute holds most of a world's signal; without it the other 39 give a
+    # slope far from the real one (tuning world 1007's Wearing_Earrings: 0.32 against 1.65)
+    rng = np.random.default_rng(1)
+    n = 40
+    v = np.full(n, 0.1)  # the measured gaps' per-image noise
+    e, g = rng.normal(0, 0.15, n), rng.normal(0, 1, n)
+    g[2:] *= math.sqrt(np.sum(v[2:] ** 2) / np.sum(g[2:] ** 2))  # 38 gaps that are all noise
+    e[0], g[0] = 0.6, 1.8  # the planting
+    e[1], g[1] = 0.55, 0.6  # a weaker one
+    s, u = np.full(n, 0.07), np.full(n, 0.18)
+    others = fit_calibration("grounded", e[1:], s[1:], g[1:], v[1:])
+    whole = fit_calibration("grounded", e, s, g, v)
+    assert others.slope < 0.4 * whole.slope
+    frame, returned = calibrated_claims(
+        [f"a{i}" for i in range(n)], "grounded", e, s, g, u, 0.1, gap_se_images=v
+    )
+    assert returned == whole
+    # w in estimate units by every attribute's slope; the text error still from the others
+    z = e[0] / math.sqrt(s[0] ** 2 + (u[0] / whole.slope) ** 2 + others.text_error**2)
+    assert frame["est_z"][0] == pytest.approx(z) and z > 4
+    # with the others' slope, w was three times as large and z 2.3 (p 0.02 of 40 tests)
+    assert e[0] / math.sqrt(s[0] ** 2 + (u[0] / others.slope) ** 2 + others.text_error**2) < 2.5
+    assert frame["claim"][0] == "worse with"
+    # the interval keeps the others' slope: its own gap does not set its own loss units
+    assert frame["est_gap"][0] == pytest.approx(others.slope * e[0])
 
 
 def test_per_image_gap_se_is_welch_from_the_measured_table():

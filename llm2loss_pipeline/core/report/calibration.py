@@ -56,7 +56,14 @@ when the population truth's identity-clustered interval excludes 0. So a claim's
 the measured gap's identity-clustered variance, w^2 = u^2 / b^2. (Its identity part alone,
 (u^2 - v^2) / b^2, let through claims on attributes a few identities carry that the population
 did not confirm once the slope was no longer shrunk: Wearing_Necktie on tuning world 1007,
-Bushy_Eyebrows on 1003.)
+Bushy_Eyebrows on 1003.) u is put in estimate units by the slope of *every* attribute, not the
+leave-one-out one: w is the scale of the attribute's own sampling noise, not a reading of its
+estimate, and where one attribute carries most of a world's signal the others' slope says
+little of b. On tuning world 1007 (30 encoder epochs) planted Wearing_Earrings had a measured
+gap of +1.78 (population +1.83) and an estimate of 0.62 read by a probe at zero-shot AUROC 0.99;
+the other 39 gave b = 0.32 against 1.65 with it, so w came out five times too large and z was
+1.1. With every attribute's slope it is claimed; no other claim on tuning worlds 1001-1008
+changed (bench/RESULTS.md, stop 29).
 
     z = e / sqrt(s^2 + tau^2 + w^2),  P(worse with it) = Phi(z),  p = 2 Phi(-|z|),
     interval (level 90%) = b * (e -+ 1.645 sqrt(s^2 + tau^2 + w^2))   in loss units,
@@ -236,6 +243,7 @@ def calibrated_claims(
     e, s, g, u = (np.asarray(v, dtype=np.float64) for v in (mean, std, gap, gap_se))
     v = u if gap_se_images is None else np.asarray(gap_se_images, dtype=np.float64)
     clustered_var = np.nan_to_num(u**2)  # w^2 b^2 (see the module)
+    whole = fit_calibration(estimator, e, s, g, v, bound, noise_share)
     quantile = float(sps.norm.ppf(0.5 + level / 2))
     rows = []
     for j, name in enumerate(attributes):
@@ -243,7 +251,9 @@ def calibrated_claims(
         cal = fit_calibration(
             estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
-        spread = math.sqrt(s[j] ** 2 + clustered_var[j] / cal.slope**2) if cal.slope > 0 else s[j]
+        # w's loss units per estimate unit: every attribute's slope (see the module)
+        unit = whole.slope if whole.slope > 0 else cal.slope
+        spread = math.sqrt(s[j] ** 2 + clustered_var[j] / unit**2) if unit > 0 else s[j]
         z = float(cal.z(e[j], spread)) if math.isfinite(e[j]) else math.nan
         half = quantile * math.sqrt(spread**2 + cal.text_error**2)
         # a slope <= 0 (estimates against the gaps) has no loss units to give: no gap, no interval
@@ -279,6 +289,4 @@ def calibrated_claims(
             "claim", [claim_word(bool(k), float(m)) for k, m in zip(significant, e, strict=True)]
         )
     )
-    return frame.select(list(CLAIM_SCHEMA)).cast(CLAIM_SCHEMA), fit_calibration(
-        estimator, e, s, g, v, bound, noise_share
-    )
+    return frame.select(list(CLAIM_SCHEMA)).cast(CLAIM_SCHEMA), whole
