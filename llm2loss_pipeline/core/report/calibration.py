@@ -251,7 +251,7 @@ def calibrated_claims(
         cal = fit_calibration(
             estimator, e[others], s[others], g[others], v[others], bound, noise_share
         )
-        # w's loss units per estimate unit: every attribute's slope (see the module)
+        # u into estimate units by every attribute's slope, not the others' (see the module)
         unit = whole.slope if whole.slope > 0 else cal.slope
         spread = math.sqrt(s[j] ** 2 + clustered_var[j] / unit**2) if unit > 0 else s[j]
         z = float(cal.z(e[j], spread)) if math.isfinite(e[j]) else math.nan
