@@ -62,8 +62,8 @@ estimate, and where one attribute carries most of a world's signal the others' s
 little of b. On tuning world 1007 (30 encoder epochs) planted Wearing_Earrings had a measured
 gap of +1.78 (population +1.83) and an estimate of 0.62 read by a probe at zero-shot AUROC 0.99;
 the other 39 gave b = 0.32 against 1.65 with it, so w came out five times too large and z was
-1.1. With every attribute's slope it is claimed; no other claim on tuning worlds 1001-1008
-changed (bench/RESULTS.md, stop 29).
+1.1. With every attribute's slope it is claimed, and no other claim changed, on those tuning
+worlds or on the reporting worlds at 20 or 30 epochs (bench/RESULTS.md, stop 29).
 
     z = e / sqrt(s^2 + tau^2 + w^2),  P(worse with it) = Phi(z),  p = 2 Phi(-|z|),
     interval (level 90%) = b * (e -+ 1.645 sqrt(s^2 + tau^2 + w^2))   in loss units,
