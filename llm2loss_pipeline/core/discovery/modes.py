@@ -422,8 +422,10 @@ def _fold_nested(
         else:
             continue
         _fold(rows[folded], rows[into], reason)
-        for row in rows:  # its variants join the mode; `folded_under` still names the words
-            if row.get("_head") == folded:  # their reason compares them with
+        # its variants join the mode; `folded_under` still names the words their reason
+        # compares them with
+        for row in rows:
+            if row.get("_head") == folded:
                 row["_head"] = into
         standing.remove(folded)
     return standing
