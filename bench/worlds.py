@@ -188,7 +188,14 @@ def run_pipeline(home: Path, config: dict[str, Any], log: Path) -> float:
     start = time.perf_counter()
     if not (home / "reports" / "attribute_disparity.parquet").exists():
         cli = Path(sys.executable).parent / "llm2loss"
-        env = {**os.environ, "LLM2LOSS_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        # one encoder thread unless the caller says otherwise: the worlds run two streams side by
+        # side, and every figure in bench/RESULTS.md up to stop 29 was trained with one
+        env = {
+            "LLM2LOSS_CPU_THREADS": "1",
+            **os.environ,
+            "LLM2LOSS_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+        }
         with log.open("w") as out:
             done = subprocess.run(
                 [str(cli), "run", "--config", str(path)], env=env, stdout=out, stderr=out

@@ -11,6 +11,9 @@ import os
 
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
+# The encoder's pinned thread count (core/env.py, default 2) at one as well: `make test` runs one
+# worker per core, and two threads per worker would spin-wait for each other's cores.
+os.environ.setdefault("LLM2LOSS_CPU_THREADS", "1")
 # What `import llm2loss_pipeline` sets (see there), also for a test that imports torch first.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 

@@ -268,7 +268,7 @@ def test_the_three_limits_share_the_parser_and_its_message(monkeypatch):
 
     readers = [
         (MAX_PIXELS_ENV, max_image_pixels, "a whole number of pixels", 64 * 1024 * 1024),
-        (CPU_THREADS_ENV, fixed_cpu_threads, "a whole number of threads", 1),
+        (CPU_THREADS_ENV, fixed_cpu_threads, "a whole number of threads", 2),
         (SLOT_WAIT_ENV, slot_wait_limit, "a number of seconds", 3600),
     ]
     for name, read, kind, default in readers:
@@ -301,7 +301,7 @@ def test_a_bad_limit_in_the_environment_fails_the_preflight_not_the_step(tmp_pat
     assert str(caught.value).splitlines() == [
         "environment variables that cannot be used",
         "  $LLM2LOSS_CPU_THREADS='two' must be a whole number of threads greater than 0; "
-        "unset it for the default (1)",
+        "unset it for the default (2)",
         "  $LLM2LOSS_SLOT_WAIT_S='-1' must be a number of seconds greater than 0; "
         "unset it for the default (3600)",
     ]

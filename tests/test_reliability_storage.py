@@ -295,15 +295,16 @@ def test_the_encoder_trains_with_a_fixed_thread_count_whatever_torch_was_set_to(
     seen: list[int] = []
     monkeypatch.setattr(step, "_fit_encoder", lambda *args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
+        monkeypatch.delenv(step.CPU_THREADS_ENV, raising=False)  # tests/conftest.py sets 1
         step.fit_encoder(None, None, DeviceSpec(device="cpu"))
-        monkeypatch.setenv(step.CPU_THREADS_ENV, "3")
+        monkeypatch.setenv(step.CPU_THREADS_ENV, "1")
         step.fit_encoder(None, None, DeviceSpec(device="cpu"))
-        assert torch.get_num_threads() == 2  # restored
+        assert torch.get_num_threads() == 3  # restored
     finally:
         torch.set_num_threads(before)
-    assert seen == [1, 3]
+    assert seen == [2, 1]  # the default, then the variable's
     monkeypatch.setenv(step.CPU_THREADS_ENV, "0")
     with pytest.raises(ValueError, match="LLM2LOSS_CPU_THREADS='0' must be a whole number"):
         step.fit_encoder(None, None, DeviceSpec(device="cpu"))

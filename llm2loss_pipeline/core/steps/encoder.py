@@ -95,7 +95,8 @@ CPU_THREADS_ENV = CPU_THREADS.name
 
 
 def pinned_cpu_threads(device: DeviceSpec) -> Any:
-    """A fixed number of torch threads while a CPU step runs (default 1), restored after.
+    """A fixed number of torch threads while the encoder trains on a CPU (default 2), restored
+    after.
 
     Float sums split over threads add their partial sums in an order that depends on the
     thread count, so with torch's default (one thread per core) the same seed gave other
@@ -110,7 +111,7 @@ def pinned_cpu_threads(device: DeviceSpec) -> Any:
 
 
 def fixed_cpu_threads() -> int:
-    """`$LLM2LOSS_CPU_THREADS` (a whole number >= 1), default 1."""
+    """`$LLM2LOSS_CPU_THREADS` (a whole number >= 1), default 2."""
     return CPU_THREADS.read_int()
 
 
@@ -206,7 +207,9 @@ def shard_embeddings(
     rows = shard_rows(read_manifest(layout), shard)
     encoder = load_encoder(layout.encoder_dir, device.torch_device())
     # skip mode, so that in fail mode every bad image is listed at once just below
-    with pinned_cpu_threads(device):  # the same embeddings whatever the core count
+    # One thread, fixed: the same embeddings whatever the core count, and a backfill runs the
+    # shards side by side, where more threads per process would spin-wait for each other
+    with cpu_threads(1 if device.torch_device().type == "cpu" else None):
         result = embed_images(
             encoder, items_of(rows), device, on_bad_image="skip", progress=progress
         )
