@@ -110,6 +110,12 @@ VARIANTS: dict[str, dict] = {
         "attribute_directions": "text",
         "_balanced": False,
     },
+    # stop 30: learning speed at the default 20 epochs (bf16 where native); "default" is the
+    # embedded default's encoder section unchanged
+    "default": {},
+    "lr4": {"lr": 4e-3},
+    "noaug": {"augment": False},
+    "wd0.2": {"weight_decay": 0.2},
 }
 """Keys starting with '_' set module switches of `train.py` instead of config fields."""
 IMAGE_LEVEL = ("Eyeglasses", "Wearing_Hat", "Smiling", "Mouth_Slightly_Open", "Bald")
