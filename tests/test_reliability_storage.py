@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -308,3 +309,36 @@ def test_the_encoder_trains_with_a_fixed_thread_count_whatever_torch_was_set_to(
     monkeypatch.setenv(step.CPU_THREADS_ENV, "0")
     with pytest.raises(ValueError, match="LLM2LOSS_CPU_THREADS='0' must be a whole number"):
         step.fit_encoder(None, None, DeviceSpec(device="cpu"))
+
+
+def test_the_embedding_shards_run_on_one_thread_whatever_the_encoder_is_pinned_to(monkeypatch):
+    """A backfill runs the shards side by side: two threads per process spun waiting for each
+    other's cores (bench/RESULTS.md, "Stop 30"), so the shards keep one, fixed."""
+    import torch
+
+    from llm2loss_pipeline.core.device import DeviceSpec
+    from llm2loss_pipeline.core.steps import encoder as step
+
+    class Seen(Exception):
+        pass
+
+    def embed(*args, **kwargs):
+        raise Seen(torch.get_num_threads())
+
+    monkeypatch.setattr(step, "read_manifest", lambda layout: None)
+    monkeypatch.setattr(
+        step, "shard_rows", lambda manifest, shard: pl.DataFrame({"sample_id": [], "path": []})
+    )
+    monkeypatch.setattr(step, "load_encoder", lambda *args: None)
+    monkeypatch.setattr(step, "embed_images", embed)
+    monkeypatch.setenv(step.CPU_THREADS_ENV, "3")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    layout = SimpleNamespace(encoder_dir=None)
+    try:
+        with pytest.raises(Seen) as caught:
+            step.shard_embeddings(layout, "shard-00000", None, DeviceSpec(device="cpu"))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert caught.value.args == (1,)

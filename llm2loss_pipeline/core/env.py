@@ -61,7 +61,7 @@ class EnvLimit:
 
 MAX_IMAGE_PIXELS = EnvLimit("LLM2LOSS_MAX_IMAGE_PIXELS", 64 * 1024 * 1024, "pixels", whole=True)
 # Two, not one: on a 2-core CPU without native bf16 (AVX2 only), the encoder trains in fp32, and
-# with one thread `make run` took 340 s against the 300 s budget; two threads, 275 s (bench/
+# with one thread `make run` took 340 s against the 300 s budget; with two, 258 s (bench/
 # RESULTS.md, "Stop 30"). The count is still fixed, so the weights still do not depend on the
 # machine's core count. The test suite runs two workers of one thread each (tests/conftest.py).
 CPU_THREADS = EnvLimit("LLM2LOSS_CPU_THREADS", 2, "threads", whole=True)
