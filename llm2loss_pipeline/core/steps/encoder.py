@@ -94,9 +94,9 @@ def fit_encoder(
 CPU_THREADS_ENV = CPU_THREADS.name
 
 
-def pinned_cpu_threads(device: DeviceSpec) -> Any:
-    """A fixed number of torch threads while the encoder trains on a CPU (default 2), restored
-    after.
+def pinned_cpu_threads(device: DeviceSpec, threads: int | None = None) -> Any:
+    """A fixed number of torch threads while a CPU step runs, restored after: `threads`, else
+    `$LLM2LOSS_CPU_THREADS` (default 2, the encoder's training).
 
     Float sums split over threads add their partial sums in an order that depends on the
     thread count, so with torch's default (one thread per core) the same seed gave other
@@ -107,7 +107,8 @@ def pinned_cpu_threads(device: DeviceSpec) -> Any:
     result's, not the machine's: `$LLM2LOSS_CPU_THREADS=N` trades speed on a large CPU for
     results that match other runs with the same N. On a GPU this changes nothing.
     """
-    return cpu_threads(fixed_cpu_threads() if device.torch_device().type == "cpu" else None)
+    cpu = device.torch_device().type == "cpu"
+    return cpu_threads((threads or fixed_cpu_threads()) if cpu else None)
 
 
 def fixed_cpu_threads() -> int:
@@ -209,7 +210,7 @@ def shard_embeddings(
     # skip mode, so that in fail mode every bad image is listed at once just below
     # One thread, fixed: the same embeddings whatever the core count, and a backfill runs the
     # shards side by side, where more threads per process would spin-wait for each other
-    with cpu_threads(1 if device.torch_device().type == "cpu" else None):
+    with pinned_cpu_threads(device, threads=1):
         result = embed_images(
             encoder, items_of(rows), device, on_bad_image="skip", progress=progress
         )
