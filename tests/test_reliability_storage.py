@@ -244,6 +244,21 @@ def test_the_pixel_cap_is_one_setting_and_skip_skips(tmp_path: Path, monkeypatch
         images.load_image(png)
 
 
+def test_the_pixel_cap_is_not_left_in_pil_for_other_work(tmp_path: Path, monkeypatch):
+    """A low cap stayed in PIL after a load, and the world renderer's 64x64 crops in the same
+    process then failed as decompression bombs."""
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(small)
+    before = Image.MAX_IMAGE_PIXELS
+    monkeypatch.setenv(images.MAX_PIXELS_ENV, "2000")
+    images.load_image(small)
+    with pytest.raises(images.ImageDecodeError):
+        images.load_image(_bomb(tmp_path / "bomb.jpg"))
+    left = Image.MAX_IMAGE_PIXELS
+    assert left == before
+    Image.new("RGB", (200, 200)).crop((0, 0, 64, 64))  # 4,096 pixels: no bomb outside the loader
+
+
 # ---- a ready loss table with exactly the README's columns ------------------------------------
 
 

@@ -7,11 +7,12 @@ off, so truncation and corruption surface where the file is read, with the path 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ except ImportError:  # pragma: no cover - torch is a dependency of the package
     Dataset = object  # type: ignore[assignment,misc]
 
 PathLike = str | os.PathLike[str]
-_TRUNCATION_FLAG = threading.Lock()
+_PIL_SETTINGS = threading.Lock()  # PIL's process-wide decoding switches, set per decode
 
 MAX_PIXELS_ENV = MAX_IMAGE_PIXELS.name
 DEFAULT_MAX_IMAGE_PIXELS = int(MAX_IMAGE_PIXELS.default)
@@ -140,8 +141,26 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+@contextlib.contextmanager
+def _pil_settings(max_pixels: int) -> Iterator[None]:
+    """PIL's own bomb check at our cap, and truncated data an error, for one decode; both are
+    process-wide, so they are restored after. Left set, a low cap failed other PIL work in the
+    same process (the world renderer's crops, tests/test_world_spurious.py)."""
+    with _PIL_SETTINGS:
+        previous = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _decode(path: PathLike, data: bytes, draft: bool) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = max_image_pixels()  # PIL's own bomb check uses the same cap
+    with _pil_settings(max_image_pixels()):
+        return _decode_with_settings(path, data, draft)
+
+
+def _decode_with_settings(path: PathLike, data: bytes, draft: bool) -> Image.Image:
     try:
         with warnings.catch_warnings():  # over the cap is an error just below, not a warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -163,19 +182,14 @@ def _decode(path: PathLike, data: bytes, draft: bool) -> Image.Image:
     if draft and image.format == "JPEG":
         # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught.
         image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-    with _TRUNCATION_FLAG:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            image.load()
-        except OSError as exc:
-            message = str(exc)
-            reason = "truncated image data" if "runcated" in message else f"corrupt ({message})"
-            raise ImageDecodeError(path, reason) from None
-        except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageDecodeError(path, f"corrupt ({exc})") from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    try:
+        image.load()
+    except OSError as exc:
+        message = str(exc)
+        reason = "truncated image data" if "runcated" in message else f"corrupt ({message})"
+        raise ImageDecodeError(path, reason) from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(path, f"corrupt ({exc})") from None
     return image
 
 
