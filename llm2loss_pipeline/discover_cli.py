@@ -168,7 +168,7 @@ def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
     """Modes under the words their images bear out; the user's lines under their own words,
     with what the images show and the verdict's reason."""
     # lazy: core.discovery pulls numpy and scipy; at module level they would load on `--help`
-    from llm2loss_pipeline.core.discovery.modes import KEPT_ON_LABELS
+    from llm2loss_pipeline.core.discovery.modes import KEPT_ON_LABELS, KEPT_ON_LABELS_ALONE
 
     header = "  ".join(f"{label:>{width}}" for _, label, width in COLUMNS)
     print(f"{header}  description")
@@ -186,9 +186,10 @@ def _print_rows(rows: list[dict[str, Any]], vocabulary: bool = False) -> None:
         if vocabulary:
             print(f"{indent}{row['verdict']}: {row['reason']}")
         elif str(row.get("reason") or "").startswith(KEPT_ON_LABELS):
-            # its est and P(worse) say "not worse": say why it is a mode all the same
+            # its est, P(worse) or q say "not worse": say why it is a mode all the same
+            alone = str(row["reason"]).startswith(KEPT_ON_LABELS_ALONE)
             print(
                 f"{indent}{KEPT_ON_LABELS}: the people it names are worse (gap "
-                f"{row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}), the heads' estimate "
-                "is not"
+                f"{row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}), "
+                + ("its matched samples are not" if alone else "the heads' estimate is not")
             )

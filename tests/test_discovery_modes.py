@@ -40,7 +40,7 @@ from llm2loss_pipeline.core.discovery.modes import (
     probe_share,
     wording,
 )
-from llm2loss_pipeline.core.discovery.verify import clustered_p_values
+from llm2loss_pipeline.core.discovery.verify import clustered_p_values, match_count
 from llm2loss_pipeline.core.heads.config import HeadsConfig
 from llm2loss_pipeline.core.heads.gap import ModalityGap
 from llm2loss_pipeline.core.heads.train import train_ensemble
@@ -615,6 +615,62 @@ def test_labels_vouch_for_a_failure_the_heads_do_not_estimate_worse(world) -> No
     assert row["verdict"] == "dropped" and row["reason"].startswith("estimate disagrees")
 
 
+def _necklace_seen_on_easy_images(world, n_group: int) -> dict[str, np.ndarray]:
+    """Labels where the images most like the words along e3 all wear a necklace and are no
+    worse than the rest (e3 is not the failing axis), and so do `n_group` of the worse group:
+    the people wearing one are worse, the images the encoder finds for them are not."""
+    x = world[2].embeddings
+    k = match_count(x.shape[0], DiscoveryConfig().match_fraction, DiscoveryConfig().min_matches)
+    necklace = np.zeros(x.shape[0], dtype=bool)
+    necklace[np.argsort(-x[:, 3], kind="stable")[:k]] = True
+    necklace[np.flatnonzero(x[:, 0] > np.quantile(x[:, 0], 0.8))[:n_group]] = True
+    hats = np.random.default_rng(7).random(x.shape[0]) < 0.1  # unrelated to anything
+    return {"Wearing_Necklace": necklace, "Wearing_Hat": hats}
+
+
+def test_labels_alone_keep_words_the_images_show_when_the_matched_samples_are_no_worse(
+    world,
+) -> None:
+    # Tuning world 1006: the 72 images most like "wearing a necklace" show necklaces at 2.2
+    # times the base rate and are no worse, while the people wearing one are worse by 0.66
+    # (p 1e-6). Kept on its people alone, at the family-wise level alpha / candidates.
+    necklace = describe_values([("Wearing_Necklace", True)])
+    along_e3 = np.eye(DIM)[3:4]
+    labels = _necklace_seen_on_easy_images(world, n_group=120)
+    row = _discover_in(world, [necklace], along_e3, labels).hypotheses.row(0, named=True)
+    assert row["named_precision"] == 1.0 and row["wording"] == SUPPORTED
+    assert row["measured_gap"] < 0.1 and row["q_value"] > 0.5  # the matched samples: no worse
+    assert row["labelled_gap"] > 0.5 and row["labelled_p"] < 1e-10
+    assert row["verdict"] == "mode" and row["kept"]
+    assert row["reason"].startswith("kept on the labels: its images show its words")
+    assert "not measurably worse" in row["reason"]
+    off = DiscoveryConfig(labels_alone=False)
+    row = _discover_in(world, [necklace], along_e3, labels, off).hypotheses.row(0, named=True)
+    assert row["verdict"] == "dropped" and row["reason"].startswith("matched samples not worse")
+    # words the images do not show ("a hat", reworded to the necklace they show) are not kept
+    # on the labels of what they show
+    hat = describe_values([("Wearing_Hat", True)])
+    row = _discover_in(world, [hat], along_e3, labels).hypotheses.row(0, named=True)
+    assert row["wording"] == REWORDED and row["shown_attributes"] == "Wearing_Necklace"
+    assert row["labelled_p"] < 1e-10 and row["verdict"] == "dropped"
+
+
+def test_labels_alone_hold_their_people_to_alpha_over_the_candidates(world) -> None:
+    # The people wearing a necklace are worse at p 0.007: under alpha (0.05) for one candidate,
+    # over alpha / 10 with nine others tested beside it
+    necklace = describe_values([("Wearing_Necklace", True)])
+    labels = _necklace_seen_on_easy_images(world, n_group=30)
+    alone = _discover_in(world, [necklace], np.eye(DIM)[3:4], labels).hypotheses
+    row = alone.row(0, named=True)
+    assert 0.05 / 10 < row["labelled_p"] < 0.05 and row["verdict"] == "mode"
+    others = [Candidate(f"text {j}", "vocabulary") for j in range(9)]
+    texts = np.vstack([np.eye(DIM)[3:4], _unit(np.eye(DIM)[4] + 0.1 * np.eye(DIM)[range(9)])])
+    rows = _discover_in(world, [necklace, *others], texts, labels).hypotheses
+    row = rows.filter(pl.col("description") == necklace.text).row(0, named=True)
+    assert row["labelled_p"] == pytest.approx(alone["labelled_p"][0])
+    assert row["verdict"] == "dropped" and not row["kept"]
+
+
 def test_a_mode_is_headed_by_the_wording_whose_labelled_people_fare_worst() -> None:
     # "a man" and "a goatee" match mostly the same images (the encoder cannot tell them apart);
     # the goatee's matched set scores the higher AUROC, but the labels say men as a whole fare
@@ -652,14 +708,21 @@ def test_discover_says_why_a_mode_the_heads_do_not_estimate_worse_is_shown(capsy
         "labelled_p": 3e-9,
         "reason": "kept on the labels: the matched samples are worse ...",
     }
-    _print_rows([row, {**row, "rank": 2, "mode": 2, "reason": "kept: the heads estimate worse"}])
+    alone = {**row, "rank": 3, "mode": 3, "reason": "kept on the labels: its images show its words"}
+    _print_rows(
+        [row, {**row, "rank": 2, "mode": 2, "reason": "kept: the heads estimate worse"}, alone]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[2:4] == ["-0.67", "0.13"] and lines[1].endswith("with gray hair")
     assert lines[2].strip() == (
         "kept on the labels: the people it names are worse (gap +1.21, p 3e-09), the heads' "
         "estimate is not"
     )
-    assert len(lines) == 4  # the other mode gets no such line
+    assert lines[5].strip() == (
+        "kept on the labels: the people it names are worse (gap +1.21, p 3e-09), its matched "
+        "samples are not"
+    )
+    assert len(lines) == 6  # the mode kept on its samples gets no such line
 
 
 def test_the_simplest_descriptions_get_their_share_of_the_false_discovery_rate() -> None:

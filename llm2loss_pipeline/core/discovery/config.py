@@ -109,6 +109,13 @@ class DiscoverySettings(BaseModel):
         "cluster (a rank test with a cluster-robust error; core/discovery/verify.py), so that a "
         "few hard identities cannot carry a description; false: Mann-Whitney over images",
     )
+    labels_alone: bool = Field(
+        True,
+        description="where attribute labels exist, also keep a description whose images show "
+        "its words (wording 'supported') and whose named people are worse at the family-wise "
+        "level alpha / candidates, though its matched samples are not measurably worse "
+        "(core/discovery/hypotheses.py); false: matched samples must be worse",
+    )
     max_overlap: float = Field(
         0.5,
         gt=0,

@@ -35,7 +35,9 @@ it); a description is dropped when the samples whose labels hold the values it s
 measurably worse than the others (`labelled_gap` <= 0, or `labelled_p`, the matched samples' own
 identity-clustered test on them, above `alpha`: its matched samples are worse for another
 reason), and kept when the estimate alone disagrees but those people are measurably worse
-("kept on the labels");
+("kept on the labels"); with `labels_alone`, also when the matched samples are not
+measurably worse but the images show its words and those people are worse at the family-wise
+level alpha / candidates (Bonferroni: no other test stands behind it);
 kept descriptions whose matched samples overlap are grouped into failure modes (headed by the
 wording whose labelled people fare worst), and a refinement stands as its own mode only when it
 is measurably worse than its parents. Where labels exist, the values most modes' images share
@@ -75,6 +77,10 @@ from llm2loss_pipeline.core.discovery.influence import (
     unit_rms,
 )
 from llm2loss_pipeline.core.discovery.modes import (
+    SUPPORTED,
+    VOUCHED_LABELS_ALONE,
+    VOUCHED_WITH_SAMPLES,
+    Wording,
     assign_modes,
     dropped_reason,
     labelled_test,
@@ -337,7 +343,7 @@ def discover(
         for t in range(len(candidates))
     ]
     for t, row in enumerate(rows):
-        row["_p_gate"] = gate
+        row.update(_p_gate=gate, _n_tests=len(candidates))  # _n_tests: see _labels_say
         read = labels if candidates[t].scope is not None else own_labels
         row.update(
             _judge(
@@ -498,6 +504,33 @@ def _judge(
         if labels
         else (None, float("nan"), float("nan"))
     )
+    _labels_say(fields, row, words, gap, p_named, config)
+    return {
+        **fields,
+        "_named": named,  # the people its words name, for telling overlapping modes apart
+        "labelled_gap": gap,
+        "labelled_p": p_named,
+        "wording": words.verdict,
+        "shown_as": words.shown_as,
+        "shown_attributes": words.shown_attributes or None,
+        "named_precision": words.precision,
+        "named_lift": words.lift,
+        "shows": words.shows or None,
+    }
+
+
+def _labels_say(
+    fields: dict[str, Any],
+    row: dict[str, Any],
+    words: Wording,
+    gap: float,
+    p_named: float,
+    config: DiscoveryConfig,
+) -> None:
+    """What the labels say of the people a description's shown words name (labelled gap and
+    p), as updates of its `fields`: a kept one dropped when they are not measurably worse, a
+    dropped one kept on the labels (`_vouched`) when they are. Kept on the labels alone, they
+    must be worse at alpha / `row["_n_tests"]` (the candidates tested)."""
     if fields["kept"] and gap <= 0:
         fields.update(
             kept=False,
@@ -525,19 +558,23 @@ def _judge(
         # against the probes' centroid misreads single attributes (tuning world 1006's planted
         # Arched_Eyebrows: +0.05, where the report's fifteen wordings say +0.62), and it dropped
         # most of the planted attributes missing from the top k (bench/RESULTS.md, stop 22)
-        fields.update(kept=True, _vouched=True)
-    return {
-        **fields,
-        "_named": named,  # the people its words name, for telling overlapping modes apart
-        "labelled_gap": gap,
-        "labelled_p": p_named,
-        "wording": words.verdict,
-        "shown_as": words.shown_as,
-        "shown_attributes": words.shown_attributes or None,
-        "named_precision": words.precision,
-        "named_lift": words.lift,
-        "shows": words.shows or None,
-    }
+        fields.update(kept=True, _vouched=VOUCHED_WITH_SAMPLES)
+    elif (
+        not fields["kept"]
+        and "verdict" not in fields
+        and config.labels_alone
+        and words.verdict == SUPPORTED
+        and gap > 0
+        and p_named <= config.alpha / row.get("_n_tests", 1)
+    ):
+        # Its images show its words, and the people they name are worse at a family-wise level
+        # (Bonferroni over every candidate: nothing else backs it), yet its matched samples are
+        # not. The encoder's closest images for a word are its clearest cases, and those need
+        # not be the hard ones: on tuning world 1006 the 72 images most like "wearing a
+        # necklace" show necklaces at 2.2 times the base rate and are no worse (+0.13, q 0.24),
+        # while the people wearing one are worse by 0.66 (p 1e-6); planted Arched_Eyebrows on
+        # 1004 alike (bench/RESULTS.md, "Stop 31")
+        fields.update(kept=True, _vouched=VOUCHED_LABELS_ALONE)
 
 
 def _influence_inputs(

@@ -79,6 +79,12 @@ NOT_SUPPORTED = "words not supported by the images"
 UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
 KEPT_ON_LABELS = "kept on the labels"
+VOUCHED_WITH_SAMPLES = "with its samples"
+"""kept on the labels: its matched samples and its named people are worse, the estimate is not"""
+VOUCHED_LABELS_ALONE = "labels alone"
+KEPT_ON_LABELS_ALONE = f"{KEPT_ON_LABELS}: its images show its words"
+"""kept on the labels: its images show its words and its named people are worse (family-wise),
+its matched samples are not measurably worse"""
 """how the reason of a mode the labels vouch for opens (hypotheses.py `_judge`; the CLI reads it)"""
 MIN_PRECISION = 0.25
 """a value offered for a rewording must be on a quarter of the matched samples"""
@@ -498,7 +504,15 @@ def _value_set(stated: str | None) -> frozenset[str]:
 
 
 def _kept_reason(row: dict[str, Any], alpha: float) -> str:
-    if row.get("_vouched"):
+    if row.get("_vouched") == VOUCHED_LABELS_ALONE:
+        reason = (
+            f"{KEPT_ON_LABELS_ALONE} ({row['shown_attributes']} at "
+            f"{row['named_lift']:.1f} times the base rate) and the people they name are worse "
+            f"(gap {row['labelled_gap']:+.2f}, p {row['labelled_p']:.2g}, family-wise over "
+            f"every candidate), though its matched samples are not measurably worse (gap "
+            f"{row['measured_gap']:+.2f}, q {row['q_value']:.2g})"
+        )
+    elif row.get("_vouched"):
         reason = (
             f"{KEPT_ON_LABELS}: the matched samples are worse (q {row['q_value']:.2g} <= "
             f"{alpha}) and so are the people its words name ({row['shown_attributes']}: gap "
