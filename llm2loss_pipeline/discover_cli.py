@@ -42,7 +42,8 @@ A description is kept only when the heads' estimate and the matched samples both
   "estimate disagrees": the samples are worse but the heads, which generalise from the training
   split, do not rate it worse: a lead to check, not a finding. With attribute labels, such a
   description is still kept when the people its words name are measurably worse ("kept on the
-  labels").
+  labels"), and so is one whose images show its words and whose people are worse at the level
+  alpha / candidates, though its matched samples are not.
 Descriptions whose matched samples overlap are one failure mode, shown under its best wording."""
 
 
