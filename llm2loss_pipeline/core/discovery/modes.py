@@ -79,13 +79,14 @@ NOT_SUPPORTED = "words not supported by the images"
 UNVERIFIED = "unverified"
 _WORDING_ORDER = {SUPPORTED: 0, UNVERIFIED: 1, REWORDED: 2, NOT_SUPPORTED: 3}
 KEPT_ON_LABELS = "kept on the labels"
+"""how the reason of a mode the labels vouch for opens (hypotheses.py `_judge`; the CLI reads it)"""
+KEPT_ON_LABELS_ALONE = f"{KEPT_ON_LABELS}: its images show its words"
+"""how the reason opens when the labels alone vouch for it (the CLI reads it)"""
 VOUCHED_WITH_SAMPLES = "with its samples"
 """kept on the labels: its matched samples and its named people are worse, the estimate is not"""
 VOUCHED_LABELS_ALONE = "labels alone"
-KEPT_ON_LABELS_ALONE = f"{KEPT_ON_LABELS}: its images show its words"
 """kept on the labels: its images show its words and its named people are worse (family-wise),
 its matched samples are not measurably worse"""
-"""how the reason of a mode the labels vouch for opens (hypotheses.py `_judge`; the CLI reads it)"""
 MIN_PRECISION = 0.25
 """a value offered for a rewording must be on a quarter of the matched samples"""
 
