@@ -565,7 +565,7 @@ def _labels_say(
         and config.labels_alone
         and words.verdict == SUPPORTED
         and gap > 0
-        and p_named <= config.alpha / row.get("_n_tests", 1)
+        and p_named <= config.alpha / row["_n_tests"]
     ):
         # Its images show its words, and the people they name are worse at a family-wise level
         # (Bonferroni over every candidate: nothing else backs it), yet its matched samples are
